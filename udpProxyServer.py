@@ -433,7 +433,12 @@ class Server:
         except ControlError as e:
             log.warning("control from %s: %s", sender[0], e)
             return {"ok": False, "error": str(e)}
-        return action(entries, sender)
+        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], op, len(entries))
+        try:
+            return action(entries, sender)
+        except Exception as e:  # a bug costs one request its success, never its answer
+            log.exception("control from %s: %s failed", sender[0], op)
+            return {"ok": False, "op": op, "error": "internal error: %s" % e}
 
     def add(self, entries, sender):
         return self.each(entries, sender, "add", self.add_tunnel)

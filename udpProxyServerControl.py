@@ -95,7 +95,8 @@ def wait_for_reply(sock, port, timeout):
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise NoReply("no reply within %g s" % timeout)
+            raise NoReply("no reply within %g s (a daemon older than 2.0 never replies:"
+                          " --timeout 0 sends without waiting)" % timeout)
         sock.settimeout(left)
         try:
             datagram, sender = sock.recvfrom(MAX_REPLY)
