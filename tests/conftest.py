@@ -1,0 +1,28 @@
+import shutil
+
+import pytest
+
+import lab as lablib
+
+
+@pytest.fixture
+def lab():
+    """A fresh lab of network namespaces, torn down even when the test fails."""
+    if not lablib.is_root():
+        pytest.skip("needs root: creates network namespaces and TUN devices")
+    for tool in ("ip", "ping"):
+        if shutil.which(tool) is None:
+            pytest.skip("needs %r (make test installs it)" % tool)
+    with lablib.Lab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def pair(lab):
+    """Two hosts, each with a daemon, joined by one tunnel: a (10.0.1.1, udp2) <-> b (10.0.1.2, udp1)."""
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon()
+    b.start_daemon()
+    a.add_tunnel("udp2", "10.0.1.1", b)
+    b.add_tunnel("udp1", "10.0.1.2", a)
+    return a, b

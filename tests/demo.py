@@ -1,0 +1,74 @@
+"""The 2015 README's three-host mesh, built for real in network namespaces.
+
+Starts the real daemon on three test hosts, adds the six tunnels with the real
+control script from one management host, adds the routes, pings every LAN from
+every other, prints what it did and a result table, then tears it all down.
+Run as root: make demo.
+"""
+
+import re
+import signal
+import sys
+
+import lab as lablib
+
+RTT = re.compile(r"= [\d.]+/([\d.]+)/")
+
+
+def say(line=""):
+    print(line, flush=True)
+
+
+def ping_rtt(host, other):
+    """The average RTT in ms from host's LAN to other's LAN, or None when unanswered."""
+    result = host.run("ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "3",
+                      "-I", host.lan, other.lan, check=False)
+    match = RTT.search(result.stdout)
+    return float(match.group(1)) if result.returncode == 0 and match else None
+
+
+def main():
+    if not lablib.is_root():
+        say("demo: must run as root (it creates network namespaces): sudo make demo")
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # tear down on kill as on ^C
+    lab = lablib.Lab(log=lambda line: say("  " + line), show_logs=False)
+    try:
+        say("udpProxyServer demo: three hosts in network namespaces %s-*" % lab.prefix)
+        say("Hosts on an underlay switch (198.18.0.0/24), each with a LAN on a local bridge;")
+        say("daemons started, tunnels added from minion-1, routes added on each host:")
+        hosts = lablib.build_mesh(lab)
+        say()
+        say("Ping from every LAN to every other (average RTT of 3 pings):")
+        labels = ["%s (%s)" % (h.name, h.lan) for h in hosts]
+        first = max(len(label) for label in labels) + 2
+        say("  " + "from \\ to".ljust(first) + "".join(h.name.ljust(14) for h in hosts))
+        failures = 0
+        for host, label in zip(hosts, labels):
+            cells = []
+            for other in hosts:
+                if other is host:
+                    cells.append("-")
+                    continue
+                rtt = ping_rtt(host, other)
+                failures += rtt is None
+                cells.append("FAILED" if rtt is None else "ok %.2f ms" % rtt)
+            say("  " + label.ljust(first) + "".join(cell.ljust(14) for cell in cells))
+        say()
+        say("Tunnels of minion-1, as udpProxyServerControl.py -o list shows them:")
+        say(hosts[0].control("-s", hosts[0].address, "-o", "list").stdout.rstrip())
+        say()
+        pairs = len(hosts) * (len(hosts) - 1)
+        if failures:
+            lab.show_logs = True
+            say("%d of %d LAN pairs unreachable." % (failures, pairs))
+        else:
+            say("All %d LAN pairs reachable." % pairs)
+        return 1 if failures else 0
+    finally:
+        say("Tearing down: daemons stopped, namespaces %s-* deleted." % lab.prefix)
+        lab.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Test hosts in network namespaces, joined by a switch, running the real scripts.
+
+A Lab owns everything it makes: namespaces (unique per process and lab),
+processes, and a work folder holding lone copies of the two scripts, so every
+run also proves each script works when copied alone to a host. close() tears it
+all down, whatever happened before.
+"""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("udpProxyServer.py", "udpProxyServerControl.py")
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+UNDERLAY = "198.18.0.%d"
+UNDERLAY_PREFIX = 24
+# How long to wait for a process to come up or go away; never asserted on.
+PATIENCE = 20
+
+_labs = itertools.count(1)
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+class Lab:
+    def __init__(self, log=None, show_logs=True):
+        self.show_logs = show_logs
+        self.prefix = "ups%d-%d" % (os.getpid(), next(_labs))
+        self.log = log or (lambda line: None)
+        self.namespaces = []
+        self.processes = []
+        self.workdir = tempfile.mkdtemp(prefix=self.prefix + "-")
+        for script in SCRIPTS:
+            shutil.copy(os.path.join(REPO, script), self.workdir)
+        self.switch = None
+        self.hosts = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def namespace(self, role):
+        name = "%s-%s" % (self.prefix, role)
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def host(self, name, index):
+        """A host on the underlay switch at 198.18.0.<index>, with a LAN 192.168.<index>.0/24."""
+        if self.switch is None:
+            self.switch = self.namespace("switch")
+            sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+        host = Host(self, name, self.namespace(name), UNDERLAY % index)
+        port = "p%d" % index
+        sh("ip", "-n", host.ns, "link", "add", "eth0", "type", "veth",
+           "peer", "name", port, "netns", self.switch)
+        sh("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
+        host.ip("addr", "add", "%s/%d" % (host.address, UNDERLAY_PREFIX), "dev", "eth0")
+        host.ip("link", "set", "eth0", "up")
+        # This kernel has no dummy driver: an empty bridge carries the LAN address.
+        host.lan = "192.168.%d.1" % index
+        host.ip("link", "add", "lan0", "type", "bridge")
+        host.ip("addr", "add", host.lan + "/24", "dev", "lan0")
+        host.ip("link", "set", "lan0", "up")
+        self.hosts[name] = host
+        return host
+
+    def spawn(self, ns, argv, logname):
+        """Start argv in namespace ns, its output going to a log file of the lab."""
+        path = os.path.join(self.workdir, logname)
+        with open(path, "ab") as out:
+            proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = path
+        self.processes.append(proc)
+        return proc
+
+    def script(self, name):
+        return os.path.join(self.workdir, name)
+
+    def close(self):
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                proc.wait(PATIENCE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for proc in self.processes if self.show_logs else ():
+            print("--- %s (exit %s)" % (proc.log_path, proc.returncode))
+            with open(proc.log_path, errors="replace") as f:
+                print(f.read()[-5000:])
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+        self.namespaces.clear()
+        self.processes.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Host:
+    def __init__(self, lab, name, ns, address):
+        self.lab = lab
+        self.name = name
+        self.ns = ns
+        self.address = address
+        self.lan = None
+        self.daemon = None
+
+    def run(self, *argv, check=True, timeout=60, input=None):
+        """Run argv in this host's namespace and wait for it."""
+        result = subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True,
+                                text=True, timeout=timeout, input=input)
+        if check and result.returncode != 0:
+            raise AssertionError("%s on %s exited %d: %s%s" % (
+                " ".join(argv), self.name, result.returncode, result.stdout, result.stderr))
+        return result
+
+    def ip(self, *argv):
+        sh("ip", "-n", self.ns, *argv)
+
+    def start_daemon(self, *args, python=sys.executable, wait=True):
+        """Run the daemon from its lone copy, as a user would."""
+        self.lab.log("%s# udpProxyServer.py %s" % (self.name, " ".join(args)))
+        proc = self.lab.spawn(self.ns, [python, "-I", self.lab.script("udpProxyServer.py"), *args],
+                              "%s-daemon-%d.log" % (self.name, len(self.lab.processes)))
+        self.daemon = proc
+        if wait:
+            port = args[args.index("-cp") + 1] if "-cp" in args else "5001"
+            self.wait_for_daemon(proc, port)
+        return proc
+
+    def wait_for_daemon(self, proc, port="5001"):
+        deadline = time.monotonic() + PATIENCE
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError("daemon on %s exited %d:\n%s"
+                                     % (self.name, proc.returncode, open(proc.log_path).read()))
+            if self.run(*self.control_argv("127.0.0.1", "-p", port, "-o", "list", "--timeout", "0.2"),
+                        check=False).returncode == 0:
+                return
+        raise AssertionError("daemon on %s did not answer on port %s" % (self.name, port))
+
+    def stop_daemon(self, signum=signal.SIGTERM):
+        proc, self.daemon = self.daemon, None
+        proc.send_signal(signum)
+        return proc.wait(PATIENCE)
+
+    def control(self, *args, check=True):
+        """Run the control script from its lone copy with nothing but the standard library."""
+        self.lab.log("%s# udpProxyServerControl.py %s" % (self.name, " ".join(args)))
+        return self.run(*self.control_argv(*args), check=check)
+
+    def control_argv(self, *args):
+        return (sys.executable, "-I", "-S", self.lab.script("udpProxyServerControl.py"), *args)
+
+    def add_tunnel(self, name, address, remote, *extra):
+        return self.control("127.0.0.1", "-o", "add", "-n", name, "-t", address,
+                            "-r", remote.address if isinstance(remote, Host) else remote, *extra)
+
+    def tunnels(self, port="5001"):
+        """The daemon's list reply, name -> tunnel."""
+        out = self.control("127.0.0.1", "-p", port, "-o", "list", "--json").stdout
+        return {t["name"]: t for t in json.loads(out)["tunnels"]}
+
+    def link_exists(self, name):
+        return self.run("ip", "link", "show", name, check=False).returncode == 0
+
+    def ping(self, destination, size=56, source=None, count=3):
+        """True when the destination answered; -M do forbids fragmenting the probe."""
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "3", "-M", "do",
+                "-s", str(size)]
+        if source:
+            argv += ["-I", source]
+        return self.run(*argv, destination, check=False).returncode == 0
+
+    def request(self, message, port=5001):
+        """Send one control datagram (bytes, or a dict as JSON) and return the reply dict."""
+        raw = message if isinstance(message, bytes) else json.dumps(message).encode()
+        code = ("import socket,sys\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "s.settimeout(%d)\n"
+                "s.sendto(bytes.fromhex(sys.stdin.read()),('127.0.0.1',%d))\n"
+                "sys.stdout.write(s.recv(65535).decode())\n" % (PATIENCE, port))
+        return json.loads(self.run(sys.executable, "-c", code, input=raw.hex()).stdout)
+
+    def send_udp(self, destination, port, payloads):
+        """Send raw datagrams from this host."""
+        code = ("import socket,sys,json\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "for p in json.load(sys.stdin): s.sendto(bytes.fromhex(p),(%r,%d))\n"
+                % (destination, port))
+        self.run(sys.executable, "-c", code, input=json.dumps([p.hex() for p in payloads]))
+
+
+def transfer(sender, receiver, address, size, port=7000):
+    """Send size bytes over TCP from sender to receiver's address; return both (size, sha256)."""
+    helper = os.path.join(HELPERS, "transfer.py")
+    server = subprocess.Popen(["ip", "netns", "exec", receiver.ns, sys.executable, helper,
+                               "serve", address, str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening", server.stderr.read()
+        sent = sender.run(sys.executable, helper, "send", address, str(port), str(size),
+                          timeout=120).stdout.split()
+        out, err = server.communicate(timeout=120)
+        assert server.returncode == 0, err
+        received = out.split()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return (int(sent[0]), sent[1]), (int(received[0]), received[1])
+
+
+def wait_until(condition, what):
+    """Poll condition until it holds; fail naming what never happened."""
+    deadline = time.monotonic() + PATIENCE
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("never happened: %s" % what)
+
+
+def sh(*argv):
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+# The three-host mesh of the 2015 README, corrected: there host 1's tunnel to
+# host 3 pointed at host 2, host 3 had two addresses, a tunnel name was used
+# twice on one host and 10.0.2.3 is the broadcast address of 10.0.2.0/30.
+MESH_HOSTS = (("minion-1", 1), ("minion-2", 2), ("minion-3", 3))
+MESH_TUNNELS = (
+    # host, tunnel name, tunnel address, peer
+    ("minion-1", "udp2", "10.0.1.1", "minion-2"),
+    ("minion-1", "udp3", "10.0.3.1", "minion-3"),
+    ("minion-2", "udp1", "10.0.1.2", "minion-1"),
+    ("minion-2", "udp3", "10.0.2.1", "minion-3"),
+    ("minion-3", "udp1", "10.0.3.2", "minion-1"),
+    ("minion-3", "udp2", "10.0.2.2", "minion-2"),
+)
+
+
+def build_mesh(lab, manager="minion-1", daemon_args=()):
+    """Start a daemon on every host, add every tunnel from the manager host, add the routes."""
+    hosts = [lab.host(name, index) for name, index in MESH_HOSTS]
+    for host in hosts:
+        host.start_daemon(*daemon_args)
+    for name, tunnel, address, peer in MESH_TUNNELS:
+        lab.hosts[manager].control("-s", lab.hosts[name].address, "-o", "add", "-n", tunnel,
+                                   "-t", address, "-r", lab.hosts[peer].address)
+    for host in hosts:
+        for other in hosts:
+            if other is not host:
+                route = ("route", "add", other.lan.rsplit(".", 1)[0] + ".0/24",
+                         "dev", "udp" + other.name[-1])
+                lab.log("%s# ip %s" % (host.name, " ".join(route)))
+                host.ip(*route)
+    return hosts

@@ -1,0 +1,136 @@
+"""The control script without root, against a stand-in daemon on loopback."""
+
+import json
+import socket
+import threading
+
+import pytest
+
+import udpProxyServerControl as ctl
+
+
+def args(*argv):
+    return ctl.parse_args(list(argv))
+
+
+def test_add_builds_the_documented_message():
+    message = ctl.build_message(args("-s", "h", "-n", "udp2", "-t", "10.0.1.1", "-r", "198.18.0.2"))
+    assert message == {"op": "add", "tunnel": [{
+        "name": "udp2", "tunnelIP": "10.0.1.1", "netmask": "255.255.255.252",
+        "mtu": 1500, "remoteServer": "198.18.0.2"}]}
+
+
+def test_server_as_first_positional_argument_as_in_the_2015_readme():
+    parsed = args("172.100.1.1", "-o", "add", "-n", "udp0", "-t", "10.0.0.1",
+                  "-r", "172.100.1.2", "-p", "5001")
+    assert (parsed.server, parsed.port) == ("172.100.1.1", 5001)
+
+
+def test_del_needs_only_server_and_name():
+    assert ctl.build_message(args("-s", "h", "-o", "del", "-n", "udp2")) == \
+        {"op": "del", "tunnel": [{"name": "udp2"}]}
+
+
+def test_remote_port_is_sent_when_given():
+    message = ctl.build_message(args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2",
+                                     "--remote-port", "6000"))
+    assert message["tunnel"][0]["remotePort"] == 6000
+
+
+@pytest.mark.parametrize("argv, complaint", [
+    (("-o", "list"), "server is required"),
+    (("a", "-s", "b", "-o", "list"), "two servers"),
+    (("h", "-n", "udp2", "-t", "10.0.1.1"), "needs --remote"),
+    (("h", "-o", "del"), "needs --name"),
+    (("h", "-o", "move"), "invalid choice: 'move'"),
+    (("h", "-o", "list", "-p", "70000"), "70000"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
+    with pytest.raises(SystemExit) as exit:
+        ctl.parse_args(list(argv))
+    assert exit.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+@pytest.fixture
+def daemon():
+    """A stand-in daemon on loopback that answers each request with the next canned reply."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(5)
+    replies, requests = [], []
+
+    def serve():
+        for reply in replies:
+            data, sender = sock.recvfrom(65535)
+            requests.append(json.loads(data))
+            sock.sendto(b"not json", sender)  # ignored: the script waits for a JSON object
+            sock.sendto(json.dumps(reply).encode(), sender)
+
+    def start(*canned):
+        replies.extend(canned)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        return str(sock.getsockname()[1]), requests
+
+    yield start
+    sock.close()
+
+
+def test_done_exits_0(daemon, capsys):
+    port, requests = daemon({"ok": True, "op": "del", "results": [{"name": "udp2", "ok": True}]})
+    assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "udp2"]) == 0
+    assert capsys.readouterr().out == "udp2: del done\n"
+    assert requests == [{"op": "del", "tunnel": [{"name": "udp2"}]}]
+
+
+def test_refused_exits_1_and_says_why(daemon, capsys):
+    port, _ = daemon({"ok": False, "op": "add", "error": "udp2: invalid netmask '1.2.3.4'",
+                      "results": [{"name": "udp2", "ok": False,
+                                   "error": "invalid netmask '1.2.3.4'"}]})
+    assert ctl.main(["127.0.0.1", "-p", port, "-n", "udp2", "-t", "10.0.1.1",
+                     "-tm", "1.2.3.4", "-r", "198.18.0.2"]) == 1
+    assert capsys.readouterr().out == "udp2: error: invalid netmask '1.2.3.4'\n"
+
+
+def test_whole_request_refused_prints_the_error(daemon, capsys):
+    port, _ = daemon({"ok": False, "error": "request is not JSON"})
+    assert ctl.main(["127.0.0.1", "-p", port, "-o", "list"]) == 1
+    assert "error: request is not JSON" in capsys.readouterr().out
+
+
+def test_no_reply_exits_3(capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = str(silent.getsockname()[1])
+        assert ctl.main(["127.0.0.1", "-p", port, "-o", "list", "--timeout", "0.3"]) == 3
+    assert "no reply within 0.3 s" in capsys.readouterr().err
+
+
+def test_timeout_0_sends_without_waiting_for_old_daemons(capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as old:
+        old.bind(("127.0.0.1", 0))
+        port = str(old.getsockname()[1])
+        assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "u", "--timeout", "0"]) == 0
+        assert json.loads(old.recv(65535)) == {"op": "del", "tunnel": [{"name": "u"}]}
+
+
+LIST_REPLY = {"ok": True, "op": "list", "dataPort": 5000, "drops": {"unknown_source": 4},
+              "tunnels": [{"name": "udp2", "tunnelIP": "10.0.1.1", "netmask": "255.255.255.252",
+                           "mtu": 1500, "remoteServer": "198.18.0.2", "remotePort": 5000,
+                           "rx_packets": 3, "rx_bytes": 264, "tx_packets": 4, "tx_bytes": 352,
+                           "drops": {"short": 2}, "last_rx": 995.0, "last_tx": 996.0}]}
+
+
+def test_list_prints_a_table():
+    lines = ctl.format_table(LIST_REPLY, now=1000.0).splitlines()
+    assert lines[0].split()[:3] == ["NAME", "TUNNEL", "REMOTE"]
+    assert lines[1].split() == ["udp2", "10.0.1.1/30", "198.18.0.2:5000", "1500", "3", "264",
+                                "4", "352", "short=2", "5s", "ago"]
+    assert lines[2] == "dropped by the daemon: unknown_source=4"
+
+
+def test_list_json_prints_the_reply(daemon, capsys):
+    port, _ = daemon(LIST_REPLY)
+    assert ctl.main(["127.0.0.1", "-p", port, "-o", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == LIST_REPLY

@@ -1,0 +1,242 @@
+"""The daemon without root: the parser, and a Server whose devices are socketpair ends."""
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import udpProxyServer as ups
+from udpProxyServer import ControlError, Server, TunnelSpec, parse_request
+
+PACKET = b"\x00\x00\x08\x00" + b"E" + bytes(27)  # PI header and a 28-byte IPv4 packet
+
+
+def spec(**changes):
+    entry = {"name": "udp2", "tunnelIP": "10.0.1.1", "netmask": "255.255.255.252",
+             "mtu": 1500, "remoteServer": "198.18.0.2"}
+    entry.update(changes)
+    return TunnelSpec.from_entry(entry)
+
+
+def test_spec_takes_the_documented_fields():
+    s = spec()
+    assert (s.name, str(s.interface), s.mtu, str(s.remote), s.remote_port) == \
+        ("udp2", "10.0.1.1/30", 1500, "198.18.0.2", None)
+
+
+@pytest.mark.parametrize("mtu", [1400, "1400", " 1400 "])
+def test_mtu_as_int_or_numeric_string(mtu):
+    assert spec(mtu=mtu).mtu == 1400
+
+
+@pytest.mark.parametrize("mtu", [True, None, 1400.0, "14OO", "-1", [1400]])
+def test_mtu_of_another_type_is_refused(mtu):
+    with pytest.raises(ControlError, match="invalid mtu"):
+        spec(mtu=mtu)
+
+
+@pytest.mark.parametrize("netmask, prefix", [("255.255.255.0", 24), ("24", 24), (31, 31),
+                                              ("255.255.255.255", 32)])
+def test_netmask_dotted_or_prefix_length(netmask, prefix):
+    assert spec(netmask=netmask).interface.network.prefixlen == prefix
+
+
+def test_defaults_match_the_2015_control_script():
+    entry = {"name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "198.18.0.2"}
+    s = TunnelSpec.from_entry(entry)
+    assert (str(s.interface.netmask), s.mtu) == ("255.255.255.252", 1500)
+
+
+def test_fifteen_byte_name_is_the_longest():
+    assert spec(name="a" * 15).name == "a" * 15
+    with pytest.raises(ControlError, match="16 bytes, the limit is 15"):
+        spec(name="a" * 16)
+
+
+@pytest.mark.parametrize("name", ["udp%d", "a b", "a:b", ".", "..", "tun\n", "tün"])
+def test_names_the_kernel_would_refuse_or_rewrite(name):
+    with pytest.raises(ControlError, match="invalid tunnel name"):
+        spec(name=name)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_parser_refuses_any_bytes_with_control_error_only(datagram):
+    try:
+        op, entries = parse_request(datagram)
+    except ControlError:
+        return
+    assert isinstance(op, str) and isinstance(entries, list)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=10)
+entries = st.fixed_dictionaries({}, optional={k: json_values | st.text(max_size=20)
+                                              for k in ups.TUNNEL_FIELDS})
+
+
+@given(st.sampled_from(["add", "del", "list", "x"]), st.lists(entries, max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_any_json_request_gets_an_answer(op, tunnels):
+    with fake_server() as (server, _):
+        reply = server.answer(json.dumps({"op": op, "tunnel": tunnels}).encode(), ("127.0.0.1", 9))
+    assert isinstance(reply["ok"], bool)
+    assert reply["ok"] or reply["error"]
+
+
+class FakeDevices:
+    """Stands in for TUN devices: each is one end of a datagram socketpair."""
+
+    def __init__(self):
+        self.outer = {}  # name -> the end the test plays the kernel on
+        self.fail_with = None
+
+    def __call__(self, spec):
+        if self.fail_with:
+            raise OSError(self.fail_with, os.strerror(self.fail_with))
+        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        inner.setblocking(False)
+        outer.settimeout(5)
+        self.outer[spec.name] = outer
+        return inner
+
+
+def udp(port=0):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    sock.settimeout(5)
+    return sock
+
+
+@contextlib.contextmanager
+def fake_server():
+    devices = FakeDevices()
+    data, control = udp(), udp()
+    data.setblocking(False)
+    control.setblocking(False)
+    server = Server(data, control, open_device=devices)
+    try:
+        yield server, devices
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def server():
+    with fake_server() as made:
+        yield made
+
+
+def add_loopback_tunnel(server, peer):
+    """A tunnel to a peer socket on loopback, told apart by its port."""
+    reply = server.answer(json.dumps({"op": "add", "tunnel": [{
+        "name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
+        "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
+    assert reply == {"ok": True, "op": "add", "results": [{"name": "udp2", "ok": True}]}
+    return server.tunnels["udp2"]
+
+
+def test_packets_cross_both_ways_with_header_intact(server):
+    server, devices = server
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        devices.outer["udp2"].send(PACKET)
+        server.dispatch(tunnel.fd)
+        datagram, source = peer.recvfrom(65535)
+        assert datagram == PACKET and source == server.data_sock.getsockname()
+
+        peer.sendto(PACKET[::-1], server.data_sock.getsockname())
+        server.dispatch(server.data_sock.fileno())
+        assert devices.outer["udp2"].recv(65535) == PACKET[::-1]
+    assert (tunnel.tx_packets, tunnel.rx_packets) == (1, 1)
+    assert tunnel.tx_bytes == tunnel.rx_bytes == len(PACKET)
+
+
+def test_largest_packet_crosses_whole(server):
+    server, devices = server
+    packet = b"\x00\x00\x08\x00" + os.urandom(ups.MAX_MTU)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        devices.outer["udp2"].send(packet)
+        server.dispatch(tunnel.fd)
+        assert peer.recv(65535) == packet
+
+
+def test_a_handler_takes_one_batch_per_wake_up(server):
+    server, devices = server
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        for _ in range(ups.BATCH + 5):
+            devices.outer["udp2"].send(PACKET)
+        server.dispatch(tunnel.fd)
+        assert tunnel.tx_packets == ups.BATCH
+        server.dispatch(tunnel.fd)
+        assert tunnel.tx_packets == ups.BATCH + 5
+
+
+def test_datagrams_from_unknown_sources_are_counted(server):
+    server, devices = server
+    with udp() as peer, udp() as stranger:
+        add_loopback_tunnel(server, peer)
+        stranger.sendto(PACKET, server.data_sock.getsockname())
+        server.dispatch(server.data_sock.fileno())
+    assert server.drops == {"unknown_source": 1}
+
+
+def test_device_that_cannot_be_created_is_an_error_reply(server):
+    server, devices = server
+    devices.fail_with = errno.EBUSY
+    reply = server.answer(b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
+                          b' "remoteServer": "198.18.0.2"}]}', ("127.0.0.1", 9))
+    assert reply["ok"] is False
+    assert reply["results"][0]["error"] == "cannot create device 'udp2': Device or resource busy"
+    assert not server.tunnels and not server.by_remote
+
+
+def test_del_unregisters_and_closes_the_device(server):
+    server, devices = server
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+    reply = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
+    assert reply["ok"] and tunnel.fd not in server.handlers
+    assert tunnel.device.fileno() == -1
+
+
+def test_every_control_datagram_is_answered(server):
+    server, _ = server
+    with udp() as client:
+        for request in (b"nonsense", b'{"op": "list"}'):
+            client.sendto(request, server.control_sock.getsockname())
+        server.dispatch(server.control_sock.fileno())
+        first, second = (json.loads(client.recv(65535)) for _ in range(2))
+    assert first["ok"] is False and "not JSON" in first["error"]
+    assert second["ok"] is True and second["tunnels"] == []
+
+
+def test_a_ready_fd_without_handler_is_reported(server, caplog):
+    server, _ = server
+    stray, other = socket.socketpair()
+    with stray, other:
+        server.poller.register(stray.fileno())
+        with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
+            server.dispatch(stray.fileno())
+    assert "no handler" in caplog.text
+
+
+def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
+    server, _ = server
+
+    def broken():
+        raise RuntimeError("boom")
+
+    server.handlers[server.data_sock.fileno()] = broken
+    with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
+        server.dispatch(server.data_sock.fileno())
+    assert "boom" in caplog.text
