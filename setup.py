@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="udpProxyServer",
+    version="2.0.0",
+    description="A UDP tunnel mesh for Linux: TUN devices carried to peers over UDP",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    py_modules=["udpProxyServer", "udpProxyServerControl"],
+    scripts=["udpProxyServer.py", "udpProxyServerControl.py"],
+    install_requires=["python-pytun>=2.4"],
+    python_requires=">=3.8",
+    classifiers=[
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)
