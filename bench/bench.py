@@ -1,0 +1,171 @@
+"""make bench: udpProxyServer against fastd, socat and the kernel's VXLAN, then at scale.
+
+Every tunnel gets two fresh test hosts in network namespaces joined by one veth
+pair (MTU 1500) and the same link at MTU 1400 inside; each is measured the same
+way in the same run: ping RTT, one iperf3 TCP stream with the tunnel processes'
+CPU per GB, and 64-byte UDP packets per second. Then one daemon takes 2,000
+tunnels. Prints the tables, writes bench/results.json and bench/results.png.
+Run as root; everything it makes is removed when it ends, even on ^C or SIGTERM.
+"""
+
+import argparse
+import datetime
+import os
+import signal
+import subprocess
+import sys
+
+import measure
+import report
+import scale
+import tunnels
+from pair import Pair, lablib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Every length can be cut for a quick run, from the environment (make bench BENCH_SECONDS=2) or a flag.
+# iperf3's own default length: long enough for TCP to leave slow start.
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+# Enough for a p99 that is not the single worst ping.
+PINGS = int(os.environ.get("BENCH_PINGS", "200"))
+# A large mesh: one tunnel per peer, 2,000 peers.
+SCALE_TUNNELS = int(os.environ.get("BENCH_TUNNELS", "2000"))
+# Long enough for timers, if the daemon had any, to fire many times.
+IDLE_SECONDS = int(os.environ.get("BENCH_IDLE_SECONDS", "10"))
+SCALE = "scale"
+# What --only can pick: a tunnel of the comparison, or the scale part.
+PARTS = tuple(label for label, _ in tunnels.KINDS) + (SCALE,)
+# Lines kept from each process's log when a tunnel fails: the error and what led to it.
+LOG_LINES = 5
+
+
+def say(line=""):
+    print(line, flush=True)
+
+
+def measure_kind(label, start, args):
+    """One tunnel on fresh hosts: its figures, or why it was skipped."""
+    row = {"kind": label}
+    with lablib.Lab(show_logs=False) as lab:
+        try:
+            pair = Pair(lab)
+            processes = start(pair)
+            lablib.wait_until(lambda: pair.a.ping(pair.b.tunnel_address, count=1),
+                              "ping through %s" % label)
+        except tunnels.Skipped as e:
+            row["skipped"] = str(e)
+            return row
+        except Exception as e:
+            row["skipped"] = "set-up failed: %s" % tunnels.last_line(e)
+            row["logs"] = log_tails(lab)
+            return row
+        row["userspace"] = bool(processes)
+        row["ping"] = attempt(measure.ping_rtt, pair, args.pings)
+        row["tcp"] = attempt(measure.tcp_throughput, pair, processes, args.seconds)
+        row["udp64"] = attempt(measure.udp_small_packets, pair, args.seconds)
+        if any("error" in row[test] for test in ("ping", "tcp", "udp64")):
+            row["logs"] = log_tails(lab)
+    return row
+
+
+def log_tails(lab):
+    """The last lines each process of the lab wrote: what a failed row needs to be understood."""
+    tails = {}
+    for proc in lab.processes:
+        with open(proc.log_path, errors="replace") as f:
+            tails[os.path.basename(proc.log_path)] = f.read().splitlines()[-LOG_LINES:]
+    return tails
+
+
+def attempt(measurement, *args):
+    """A measurement's figures, or its error: one failed test does not lose the others."""
+    try:
+        return measurement(*args)
+    except Exception as e:
+        return {"error": tunnels.last_line(e)}
+
+
+def environment():
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kernel": os.uname().release,
+        "cpu": cpu_model(),
+        "nproc": len(os.sched_getaffinity(0)),
+        # Anything else running shares the two cores: this tells a reader whether it did.
+        "loadavg_at_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "versions": {tool: tool_version(tool, flag) for tool, flag in
+                     (("iperf3", "--version"), ("fastd", "--version"), ("socat", "-V"))},
+    }
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def tool_version(tool, flag):
+    try:
+        out = subprocess.run([tool, flag], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return None
+    lines = [line for line in out.splitlines() if "version" in line.lower() or tool in line]
+    return lines[0].strip() if lines else None
+
+
+def write_results(results, folder):
+    written = [os.path.join(folder, "results.json")]
+    report.write_json(results, written[0])
+    if any("skipped" not in row for row in results["tunnels"]):
+        written.append(os.path.join(folder, "results.png"))
+        report.draw_chart(results, written[1])
+    say()
+    say("wrote %s" % " and ".join(written))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=SECONDS,
+                        help="length of each iperf3 test (BENCH_SECONDS, default %(default)s)")
+    parser.add_argument("--pings", type=int, default=PINGS,
+                        help="pings for the RTT figures (BENCH_PINGS, default %(default)s)")
+    parser.add_argument("--tunnels", type=int, default=SCALE_TUNNELS,
+                        help="tunnels added at scale (BENCH_TUNNELS, default %(default)s)")
+    parser.add_argument("--idle-seconds", type=int, default=IDLE_SECONDS,
+                        help="how long the idle CPU is watched (BENCH_IDLE_SECONDS, default %(default)s)")
+    parser.add_argument("--only", action="append", choices=PARTS, metavar="PART",
+                        help="run only this part (repeatable): %s" % ", ".join(map(repr, PARTS)))
+    parser.add_argument("--out", default=HERE, help="folder for results.json and results.png")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not lablib.is_root():
+        say("bench: must run as root (it creates network namespaces): sudo make bench")
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # tear down on kill as on ^C
+    results = {"environment": environment(),
+               "settings": {"seconds": args.seconds, "pings": args.pings,
+                            "tunnel_mtu": tunnels.TUNNEL_MTU, "udp_payload": measure.UDP_PAYLOAD},
+               "tunnels": []}
+    parts = args.only or PARTS
+    for label, start in tunnels.KINDS:
+        if label in parts:
+            say("measuring %s ..." % label)
+            results["tunnels"].append(measure_kind(label, start, args))
+    if SCALE in parts:
+        say("adding %d tunnels to one daemon ..." % args.tunnels)
+        results["scale"] = attempt(scale.run, args.tunnels, args.idle_seconds)
+    report.add_ratios(results)
+    say()
+    report.print_tables(results, say)
+    write_results(results, args.out)
+    # The bench is of our daemon: when it could not even be set up, the run failed.
+    return 1 if any(row["kind"] == tunnels.OURS and "skipped" in row for row in results["tunnels"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The bench's results for people: a table on stdout, a JSON file, a bar chart."""
+
+import collections
+import json
+
+Metric = collections.namedtuple("Metric", "test field heading unit scale format better")
+# What each tunnel row shows, from the figures measure.py gives.
+METRICS = (
+    Metric("tcp", "mbit_s", "TCP", "Mbit/s", 1, "%.0f", "higher"),
+    Metric("udp64", "received_pps", "UDP 64 B", "kpps", 1e-3, "%.1f", "higher"),
+    Metric("udp64", "loss_pct", "UDP loss", "%", 1, "%.1f", "lower"),
+    Metric("ping", "median_ms", "RTT median", "ms", 1, "%.3f", "lower"),
+    Metric("ping", "p99_ms", "RTT p99", "ms", 1, "%.3f", "lower"),
+    Metric("tcp", "cpu_s_per_gb", "CPU", "s/GB", 1, "%.2f", "lower"),
+)
+TESTS = ("ping", "tcp", "udp64")
+# The references every figure is also given against: a userspace tunnel in C and the kernel.
+REFERENCES = (("fastd", "fastd (null)"), ("vxlan", "VXLAN (kernel)"))
+# One colour per tunnel, the same order as the table; matplotlib's default cycle.
+COLOURS = ("#1f77b4", "#aec7e8", "#ff7f0e", "#2ca02c", "#7f7f7f")
+CHART_WIDTH, CHART_HEIGHT, CHART_DPI = 12, 6.5, 100
+# Loss is often 0 for a reference, and a ratio to 0 says nothing.
+CHARTED = tuple(m for m in METRICS if m.field != "loss_pct")
+
+
+def figure(row, metric):
+    """The row's figure for metric in the table's unit, or None when it is missing."""
+    value = row.get(metric.test, {}).get(metric.field)
+    return None if value is None else value * metric.scale
+
+
+def is_kernel_cpu(row, metric):
+    """The kernel's tunnels have no process whose CPU time could be counted."""
+    return metric.field == "cpu_s_per_gb" and not row.get("userspace")
+
+
+def add_ratios(results):
+    """Put each row's figures over the references' into the row, as ratios[reference][field]."""
+    by_kind = {row["kind"]: row for row in results["tunnels"]}
+    for row in results["tunnels"]:
+        if "skipped" in row:
+            continue
+        row["ratios"] = {}
+        for key, kind in REFERENCES:
+            reference = by_kind.get(kind, {})
+            row["ratios"][key] = {m.field: ratio(figure(row, m), figure(reference, m)) for m in METRICS}
+
+
+def ratio(value, reference):
+    return value / reference if value is not None and reference else None
+
+
+# --- The table ----------------------------------------------------------------
+
+
+def print_tables(results, say):
+    if results["tunnels"]:
+        print_tunnels(results, say)
+    if "scale" in results:
+        if results["tunnels"]:
+            say()
+        print_scale(results["scale"], say)
+
+
+def print_tunnels(results, say):
+    settings = results["settings"]
+    say("Tunnels at MTU %d over a veth pair (MTU 1500); iperf3 %d s a test, %d pings"
+        % (settings["tunnel_mtu"], settings["seconds"], settings["pings"]))
+    say("Each cell: the figure (its ratio to fastd, its ratio to VXLAN)")
+    header = ["tunnel"] + ["%s %s" % (m.heading, m.unit) for m in METRICS]
+    rows = [header] + [cells(row) for row in results["tunnels"] if "skipped" not in row]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        say("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip())
+    for row in results["tunnels"]:
+        if "skipped" in row:
+            say("%s  skipped: %s" % (row["kind"].ljust(widths[0]), row["skipped"]))
+    for row in results["tunnels"]:
+        for test in TESTS:
+            if "error" in row.get(test, {}):
+                say("%s: %s failed: %s" % (row["kind"], test, row[test]["error"]))
+        for log, lines in row.get("logs", {}).items():
+            say("  %s:" % log)
+            for line in lines:
+                say("    " + line)
+
+
+def cells(row):
+    out = [row["kind"]]
+    for metric in METRICS:
+        value = figure(row, metric)
+        if is_kernel_cpu(row, metric):
+            out.append("kernel")
+        elif value is None:
+            out.append("error" if "error" in row.get(metric.test, {}) else "-")
+        else:
+            ratios = [short(row["ratios"][key][metric.field]) for key, _ in REFERENCES]
+            out.append("%s (%s, %s)" % (metric.format % value, *ratios))
+    return out
+
+
+def short(value):
+    if value is None:
+        return "-"
+    return "%.2f" % value if value < 10 else "%.0f" % value
+
+
+def print_scale(scale, say):
+    if "error" in scale:
+        say("Scale: failed: %s" % scale["error"])
+        return
+    say("Scale: one daemon, %d tunnels asked for, %d to a control message"
+        % (scale["requested"], scale["batch"]))
+    say("  added        %d (%d TUN devices) in %.2f s: %.0f tunnels/s, slowest message %.2f s"
+        % (scale["added"], scale["devices"], scale["add_seconds"], scale["tunnels_per_second"] or 0,
+           scale["slowest_batch_seconds"]))
+    if scale["first_error"]:
+        say("  refused      %d messages; first error: %s" % (scale["failed_batches"], scale["first_error"]))
+    per_tunnel = scale["rss_per_tunnel_kib"]
+    say("  memory       RSS %.1f MiB before, %.1f MiB after: %s KiB per tunnel"
+        % (scale["rss_before_kib"] / 1024, scale["rss_after_kib"] / 1024,
+           "-" if per_tunnel is None else "%.1f" % per_tunnel))
+    say("  idle CPU     %.2f s in %d s: %.2f %% of a core"
+        % (scale["idle_cpu_seconds"], scale["idle_seconds"], scale["idle_cpu_pct"]))
+    listing = scale["list"]
+    say("  -o list      %s" % ("answered with %d tunnels" % listing["tunnels"] if listing["ok"]
+                               else "failed: %s" % listing["error"]))
+    stop = scale["stop_seconds"]
+    say("  SIGTERM      %s" % ("exited after %.1f s" % stop if stop is not None
+                               else "still running after the wait; killed"))
+
+
+# --- JSON and the chart -------------------------------------------------------
+
+
+def write_json(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+
+
+def draw_chart(results, path):
+    """Bars of each figure over fastd's, on a log scale, each labelled with the figure itself."""
+    import matplotlib
+    matplotlib.use("Agg")  # no screen: draw straight to the file
+    import matplotlib.pyplot as plt
+
+    # A tunnel keeps its colour, the one of its place in the table, when another is skipped.
+    colours = {row["kind"]: COLOURS[n % len(COLOURS)] for n, row in enumerate(results["tunnels"])}
+    rows = [row for row in results["tunnels"] if "skipped" not in row]
+    fig, ax = plt.subplots(figsize=(CHART_WIDTH, CHART_HEIGHT), dpi=CHART_DPI)
+    width = 0.8 / len(rows)
+    for n, row in enumerate(rows):
+        for x, metric in enumerate(CHARTED):
+            draw_bar(ax, row, metric, x - 0.4 + n * width, width, colours[row["kind"]], x == 0)
+    draw_axes(ax, rows)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=len(rows), fontsize=9,
+              frameon=False)
+    ax.set_title(chart_title(results), fontsize=10)
+    skipped = ["%s skipped: %s" % (row["kind"], row["skipped"])
+               for row in results["tunnels"] if "skipped" in row]
+    if skipped:
+        fig.text(0.01, 0.01, "\n".join(skipped), fontsize=8, va="bottom")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def draw_bar(ax, row, metric, left, width, colour, in_legend):
+    share = row["ratios"]["fastd"][metric.field]
+    middle = left + width / 2
+    if share is None:
+        text = "kernel" if is_kernel_cpu(row, metric) else "n/a"
+        ax.text(middle, 1, text, ha="center", va="bottom", rotation=90, fontsize=8)
+        return
+    ax.bar(left, share, width, align="edge", color=colour, label=row["kind"] if in_legend else None)
+    ax.text(middle, share * 1.04, metric.format % figure(row, metric), ha="center", va="bottom",
+            rotation=90, fontsize=8)
+
+
+def draw_axes(ax, rows):
+    """A log scale in powers of two around 1 (fastd), with room for the labels above the bars."""
+    ax.set_yscale("log")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(CHARTED)))
+    ax.set_xticklabels(["%s (%s)\n%s is better" % (m.heading, m.unit, m.better) for m in CHARTED])
+    shares = [r["ratios"]["fastd"][m.field] for r in rows for m in CHARTED]
+    shares = [share for share in shares if share] or [1]
+    bottom, top = min(0.5, min(shares) / 1.5), max(2, max(shares)) * 3
+    ax.set_ylim(bottom, top)
+    ticks = [2.0 ** k for k in range(-8, 9) if bottom <= 2.0 ** k <= top]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(["%g\u00d7" % tick for tick in ticks])
+    ax.minorticks_off()
+    ax.set_ylabel("ratio to fastd (null), log scale")
+
+
+def chart_title(results):
+    env, settings = results["environment"], results["settings"]
+    return ("Point-to-point tunnels at MTU %d over a veth pair; bars: ratio to fastd, labels: the figures\n"
+            "%s, %d CPUs, Linux %s, %s; iperf3 %d s a test"
+            % (settings["tunnel_mtu"], env["cpu"], env["nproc"], env["kernel"], env["date"][:10],
+               settings["seconds"]))
