@@ -1,11 +1,13 @@
-# Set-up and checks on a fresh Debian machine. Run as root: sudo make demo, sudo make test.
+# Set-up and checks on a fresh Debian machine. Run as root: sudo make demo, sudo make test, sudo make bench.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # command:Debian package, for what the tests and the demo run.
 TOOLS := ip:iproute2 ping:iputils-ping socat:socat setpriv:util-linux unshare:util-linux
+# What only the bench runs: the load generator and the tunnel daemon it is compared with.
+BENCH_TOOLS := iperf3:iperf3 fastd:fastd sysctl:procps
 
-.PHONY: test demo tools venv clean
+.PHONY: test demo bench tools bench-tools venv bench-venv clean
 
 test: tools venv
 	$(PY) -m pytest
@@ -13,11 +15,25 @@ test: tools venv
 demo: tools venv
 	$(PY) tests/demo.py
 
+bench: bench-tools venv bench-venv
+	$(PY) bench/bench.py
+
+# The same check and install as tools, with the bench's tools added to the list for this run only.
+bench-tools:
+	@$(MAKE) --no-print-directory tools TOOLS="$(TOOLS) $(BENCH_TOOLS)"
+
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+# matplotlib draws the bench chart; it stays out of the project's own requirements.
+bench-venv: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@
 
 # apt-get update once, and only when something is missing.
