@@ -14,6 +14,9 @@ to a host.
 import argparse
 import collections
 import dataclasses
+import errno
+import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -21,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -51,6 +55,34 @@ BUFFER_SIZE = 65536 + PI_HEADER_LEN
 BATCH = 64
 # CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
 CAP_NET_ADMIN = 12
+# Socket buffers, set with SO_*BUFFORCE as root: a burst of 64 KB super-packets must not overflow them.
+SOCKET_BUFFER = 4 << 20
+# asm-generic/socket.h; Python's socket module does not name them.
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+# Offloads. With IFF_VNET_HDR every TUN read and write starts with a struct
+# virtio_net_hdr (linux/virtio_net.h), in the host's byte order for TUN.
+VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_LEN = VNET_HDR.size
+VNET_F_NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5
+# linux/if_tun.h: TUNSETOFFLOAD = _IOW('T', 208, unsigned int), and what it may enable.
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
+# linux/udp.h: send many datagrams in one sendmsg, receive many in one recvmsg.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+# The kernel takes at most 64 segments per UDP GSO send (UDP_MAX_SEGMENTS),
+# and one send is a single UDP/IPv4 datagram before it is cut.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65535 - 20 - 8
+# An IP packet, and so a packet the kernel joins from our pieces, is at most 64 KB.
+MAX_IP_PACKET = 65535
+# The packet information header we put on the wire for each IP version.
+PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
+TCP, UDP = 6, 17
+TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort")
 REQUEST_FIELDS = ("op", "tunnel")
@@ -207,13 +239,335 @@ def entry_name(entry):
     return name if isinstance(name, str) else repr(name)
 
 
+# --- Offloads: the kernel's 64 KB packets cut for the wire, and joined again --
+
+
+def ones_sum(data):
+    """The one's-complement sum (RFC 1071) of data, modulo 0xFFFF: since 2**16 == 1
+    modulo 0xFFFF, the integer of the bytes has the same remainder as the sum of its
+    words."""
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    for half, mask in folds(len(data)):
+        value = (value >> half) + (value & mask)
+    return value % 0xFFFF
+
+
+@functools.lru_cache(maxsize=256)
+def folds(size):
+    """How to fold the integer of size bytes in halves, at multiples of 16 bits, before
+    taking it modulo 0xFFFF: cheaper than one long division. Made once for each of the
+    few packet sizes a tunnel sees."""
+    steps = []
+    half = size * 4 & ~15
+    while half >= 1024:
+        steps.append((half, (1 << half) - 1))
+        half = half // 2 & ~15
+    return tuple(steps)
+
+
+def checksum(total):
+    """The checksum field for a one's-complement sum taken modulo 0xFFFF."""
+    return 0xFFFF - total if total else 0
+
+
+def pseudo_sum(packet, proto, length):
+    """The sum of the IPv4 or IPv6 pseudo-header of packet for an L4 part of length bytes."""
+    addresses = packet[12:20] if packet[0] >> 4 == 4 else packet[8:40]
+    return ones_sum(addresses) + proto + length
+
+
+def complete_checksum(packet, start, offset):
+    """Fill in a checksum the kernel left partial: the field holds the pseudo-header
+    sum, and the checksum covers everything from start on."""
+    value = checksum(ones_sum(packet[start:]))
+    if offset == 6 and value == 0:  # UDP sends a zero checksum as 0xFFFF (RFC 768)
+        value = 0xFFFF
+    struct.pack_into("!H", packet, start + offset, value)
+
+
+IPV4_VARYING = struct.Struct("!HHHHH")  # total length, id, flags+fragment, ttl+protocol, checksum
+TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, checksum
+UDP_VARYING = struct.Struct("!HH")  # length, checksum
+
+
+def split_gso(packet, proto, l4_start, gso_size, out):
+    """Cut a TCP or UDP GSO super-packet into wire datagrams (PI header and a packet
+    of at most gso_size payload bytes) laid end to end in out, each with its own IP
+    and L4 header and full checksums, as the kernel's own segmentation would.
+    Returns the length of every datagram but the last, and the total length.
+
+    Only the payload is summed for each segment: the header sums are taken once,
+    without the fields that change, and those are added as numbers."""
+    version = packet[0] >> 4
+    l4_len = (packet[l4_start + 12] >> 4) * 4 if proto == TCP else 8
+    header_len = l4_start + l4_len
+    template = bytearray(PI_BY_VERSION[version]) + packet[:header_len]
+    ip, l4 = PI_HEADER_LEN, PI_HEADER_LEN + l4_start
+    if version == 4:
+        ip_id, frag, ttl_proto = struct.unpack_from("!2xH2H", template, ip + 2)
+        template[ip + 2:ip + 6] = bytes(4)  # total length and id
+        template[ip + 10:ip + 12] = bytes(2)  # checksum
+    if proto == TCP:
+        seq, ack, offset, flags, window = struct.unpack_from("!IIBBH", template, l4 + 4)
+        template[l4 + 4:l4 + 8] = bytes(4)  # seq
+        template[l4 + 13] = 0  # flags
+        template[l4 + 16:l4 + 18] = bytes(2)  # checksum
+    else:
+        flags = 0
+        template[l4 + 4:l4 + 8] = bytes(4)  # length and checksum
+    ip_sum = ones_sum(template[ip:l4]) if version == 4 else 0
+    l4_sum = ones_sum(template[l4:]) + proto + ones_sum(
+        packet[12:20] if version == 4 else packet[8:40])
+    stride = len(template) + gso_size
+    payload_len = len(packet) - header_len
+    head = len(template)
+    pack_ipv4, pack_tcp, from_bytes = IPV4_VARYING.pack_into, TCP_VARYING.pack_into, int.from_bytes
+    middle_flags = flags & ~(TCP_FIN | TCP_PSH)  # FIN and PSH belong to the last segment
+    at = done = index = 0
+    while done < payload_len:
+        size = min(gso_size, payload_len - done)
+        end = at + head + size
+        payload = packet[header_len + done:header_len + done + size]
+        out[at:end - size] = template
+        out[end - size:end] = payload
+        segment_l4 = l4_len + size
+        if size == gso_size:
+            payload_sum = from_bytes(payload, "big")
+            for half, mask in folds(size):
+                payload_sum = (payload_sum >> half) + (payload_sum & mask)
+        else:
+            payload_sum = ones_sum(payload)
+        if version == 4:
+            total, this_id = l4_start + segment_l4, (ip_id + index) & 0xFFFF
+            value = (ip_sum + total + this_id) % 0xFFFF
+            pack_ipv4(out, at + ip + 2, total, this_id, frag, ttl_proto, 0xFFFF - value if value else 0)
+        else:
+            struct.pack_into("!H", out, at + ip + 4, l4_start - 40 + segment_l4)
+        if proto == TCP:
+            this_seq = (seq + done) & 0xFFFFFFFF
+            this_flags = middle_flags if done + size < payload_len else flags
+            if index:  # CWR belongs to the first segment, as in tcp_gso_segment
+                this_flags &= ~TCP_CWR
+            value = (l4_sum + segment_l4 + (this_seq >> 16) + (this_seq & 0xFFFF) + this_flags
+                     + payload_sum) % 0xFFFF
+            pack_tcp(out, at + l4 + 4, this_seq, ack, offset, this_flags, window,
+                     0xFFFF - value if value else 0)
+        else:
+            value = (l4_sum + 2 * segment_l4 + payload_sum) % 0xFFFF
+            UDP_VARYING.pack_into(out, at + l4 + 4, segment_l4, 0xFFFF - value if value else 0xFFFF)
+        at, done, index = end, done + size, index + 1
+    return stride, at
+
+
+# IPv4 (no options) and TCP fixed headers, but the fields that change from one
+# segment of a flow to the next (lengths, ids, sequence numbers, checksums, PSH).
+IPV4_TCP = struct.Struct("!BB4xHBB2x8s4s4x4sBB2s2x2s")
+
+
+def flow_of(packet):
+    """How packet may be joined with its neighbours: (key, header length, L4 start,
+    protocol) for a TCP or UDP packet that can be, or None. Packets join when their
+    keys are equal: the same flow, IP fields and TCP options, ack and window."""
+    if len(packet) < 28:
+        return None
+    if packet[0] == 0x45 and packet[9] == TCP and len(packet) >= 40:  # the common case, in one unpack
+        (_, tos, frag, ttl, _, addresses, ports, ack, offset, flags, window,
+         urgent) = IPV4_TCP.unpack_from(packet)
+        header_len = 20 + (offset >> 4) * 4
+        if (frag & 0x3FFF or (packet[2] << 8 | packet[3]) != len(packet) or flags & ~TCP_PSH != TCP_ACK
+                or not 40 <= header_len <= len(packet)):
+            return None
+        return (tos, ttl, addresses, ports, ack, offset, window, urgent,
+                bytes(packet[40:header_len])), header_len, 20, TCP
+    first = packet[0]
+    if first == 0x45:
+        # Not a fragment, and no more or less than its length says.
+        if packet[6] & 0x3F or packet[7] or (packet[2] << 8 | packet[3]) != len(packet):
+            return None
+        l4, proto = 20, packet[9]
+        fixed = bytes(packet[0:2]) + bytes(packet[6:10])
+    elif first >> 4 == 6 and len(packet) >= 48:
+        if (packet[4] << 8 | packet[5]) + 40 != len(packet):
+            return None
+        l4, proto = 40, packet[6]
+        fixed = bytes(packet[0:4]) + bytes(packet[6:8])
+    else:
+        return None
+    if proto == TCP:
+        if len(packet) < l4 + 20:
+            return None
+        header_len = l4 + (packet[l4 + 12] >> 4) * 4
+        if (packet[l4 + 13] & ~TCP_PSH != TCP_ACK or header_len > len(packet)
+                or header_len < l4 + 20):
+            return None
+        key = (fixed + bytes(packet[12 if l4 == 20 else 8:l4 + 4])
+               + bytes(packet[l4 + 8:l4 + 13]) + bytes(packet[l4 + 14:l4 + 16])
+               + bytes(packet[l4 + 18:header_len]))
+    elif proto == UDP:
+        header_len = l4 + 8
+        key = fixed + bytes(packet[12 if l4 == 20 else 8:l4 + 4])
+    else:
+        return None
+    return key, header_len, l4, proto
+
+
+class Joiner:
+    """Joins consecutive packets of one TCP or UDP flow into one GSO packet for a
+    single TUN write, as GRO would: same flow key, TCP sequence numbers in order,
+    every packet but the last of the same payload size, 64 KB at most."""
+
+    def __init__(self):
+        self.packets = []
+        self.flow = None
+
+    def offer(self, packet, flow):
+        """Add packet to the group if it fits; False if the group must be written first."""
+        if not self.packets:
+            self.start(packet, flow)
+            return True
+        key, header_len, l4, proto = flow
+        size = len(packet) - header_len
+        if (key != self.flow[0] or self.closed or size == 0 or size > self.gso_size
+                or self.length + size > MAX_IP_PACKET or len(self.packets) >= GSO_MAX_SEGMENTS):
+            return False
+        if proto == TCP:
+            seq, = struct.unpack_from("!I", packet, l4 + 4)
+            if seq != self.next_seq:
+                return False
+            self.next_seq = (seq + size) & 0xFFFFFFFF
+            self.closed = bool(packet[l4 + 13] & TCP_PSH)
+        self.packets.append(packet)
+        self.length += size
+        self.closed = self.closed or size < self.gso_size
+        return True
+
+    def start(self, packet, flow):
+        key, header_len, l4, proto = flow
+        self.packets = [packet]
+        self.flow = flow
+        self.gso_size = len(packet) - header_len
+        self.length = len(packet)
+        self.closed = self.gso_size == 0
+        if proto == TCP:
+            seq, = struct.unpack_from("!I", packet, l4 + 4)
+            self.next_seq = (seq + self.gso_size) & 0xFFFFFFFF
+            self.closed = self.closed or bool(packet[l4 + 13] & TCP_PSH)
+
+    def take(self):
+        """The group as one TUN write (a list of buffers for writev), and its packets."""
+        packets, self.packets = self.packets, []
+        if len(packets) == 1:
+            return [ZERO_VNET_HDR, packets[0]], packets
+        _, header_len, l4, proto = self.flow
+        header = bytearray(packets[0][:header_len])
+        l4_len = self.length - l4
+        if header[0] >> 4 == 4:
+            struct.pack_into("!H", header, 2, self.length)
+            header[10:12] = b"\0\0"
+            struct.pack_into("!H", header, 10, checksum(ones_sum(header[:20])))
+            gso_type = GSO_TCPV4 if proto == TCP else GSO_UDP_L4
+        else:
+            struct.pack_into("!H", header, 4, self.length - 40)
+            gso_type = GSO_TCPV6 if proto == TCP else GSO_UDP_L4
+        if proto == TCP:
+            header[l4 + 13] |= packets[-1][l4 + 13] & TCP_PSH
+            field = l4 + 16
+        else:
+            struct.pack_into("!H", header, l4 + 4, l4_len)
+            field = l4 + 6
+        # A partial checksum: the pseudo-header sum, which the kernel completes.
+        partial = pseudo_sum(header, proto, l4_len) % 0xFFFF
+        struct.pack_into("!H", header, field, partial or 0xFFFF)
+        vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, header_len, self.gso_size, l4, field - l4)
+        return [vnet, header] + [p[header_len:] for p in packets], packets
+
+
+ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+
+
+@dataclasses.dataclass
+class Offloads:
+    """What the kernel offers, found at start-up; a feature that fails later is turned off."""
+
+    tun_flags: int = 0  # TUNSETOFFLOAD flags; 0: plain TUN devices with the PI header
+    udp_gso: bool = False  # UDP_SEGMENT sends
+    udp_gro: bool = False  # UDP_GRO receives
+    join: bool = False  # GSO writes into TUN devices
+
+    def describe(self):
+        if not self.tun_flags:
+            return "off"
+        names = [name for flag, name in ((TUN_F_TSO4, "TSO4"), (TUN_F_TSO6, "TSO6"),
+                                         (TUN_F_USO4, "USO")) if self.tun_flags & flag]
+        names += [name for on, name in ((self.udp_gso, "UDP GSO"), (self.udp_gro, "UDP GRO"),
+                                        (self.join, "TUN GRO writes")) if on]
+        return ", ".join(names)
+
+    def turn_off(self, feature, reason):
+        if getattr(self, feature):
+            setattr(self, feature, False)
+            log.warning("offload %s turned off: %s", feature, reason)
+
+
+def probe_offloads(data_sock):
+    """Find what this kernel offers: a TUN device briefly made to ask, and the data socket."""
+    offloads = Offloads()
+    try:
+        probe = pytun.TunTapDevice(name="upsprobe%d",
+                                   flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+    except OSError as e:
+        log.warning("no TUN offloads: %s", e)
+        return offloads
+    try:
+        base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+        # USO came with Linux 6.2; older kernels refuse the whole set.
+        for flags in (base | TUN_F_USO4 | TUN_F_USO6, base):
+            try:
+                fcntl.ioctl(probe.fileno(), TUNSETOFFLOAD, flags)
+            except OSError:
+                continue
+            offloads.tun_flags = flags
+            break
+    finally:
+        probe.close()
+    try:
+        data_sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        offloads.udp_gso = True
+    except OSError:
+        pass
+    try:
+        data_sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        offloads.udp_gro = True
+    except OSError:
+        pass
+    offloads.join = bool(offloads.tun_flags)
+    return offloads
+
+
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+def gro_size(ancdata):
+    """The segment size of a datagram UDP GRO joined, from its control message, or None."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return None
+
+
 # --- The tunnel ---------------------------------------------------------------
 
 
-def open_tun(spec):
-    """Create and configure the TUN device for spec; it vanishes when closed."""
-    device = pytun.TunTapDevice(name=spec.name, flags=pytun.IFF_TUN)
+def open_tun(spec, offload_flags=0):
+    """Create and configure the TUN device for spec; it vanishes when closed.
+    With offload flags it speaks virtio headers instead of the PI header."""
+    flags = pytun.IFF_TUN | (pytun.IFF_NO_PI | pytun.IFF_VNET_HDR if offload_flags else 0)
+    device = pytun.TunTapDevice(name=spec.name, flags=flags)
     try:
+        if offload_flags:
+            fcntl.ioctl(device.fileno(), TUNSETOFFLOAD, offload_flags)
         device.addr = str(spec.interface.ip)
         device.netmask = str(spec.interface.netmask)
         device.mtu = spec.mtu
@@ -225,21 +579,37 @@ def open_tun(spec):
     return device
 
 
+class Scratch:
+    """Buffers all tunnels use in turn: the loop serves one handler at a time, and
+    each handler leaves nothing in them when it returns."""
+
+    def __init__(self):
+        self.packet = bytearray(BUFFER_SIZE)
+        self.packet_view = memoryview(self.packet)
+        self.vnet = bytearray(VNET_HDR_LEN)
+        self.out = bytearray(BUFFER_SIZE + BUFFER_SIZE // 8)  # room for a header per segment
+        self.out_view = memoryview(self.out)
+        self.small = bytearray(GSO_MAX_BYTES + BUFFER_SIZE)  # single packets waiting to go
+        self.small_view = memoryview(self.small)
+        self.joiner = Joiner()
+        self.joined = []  # the packets of the last joined write, should it be refused
+
+
 class TunnelGone(Exception):
     """The tunnel's device failed for good, e.g. deleted from outside."""
 
 
 class Tunnel:
-    """A TUN device, the peer it is joined to, and the counts of what crossed."""
+    """A TUN device that reads and writes the wire format as it is (PI header and
+    packet), the peer it is joined to, and the counts of what crossed."""
 
-    def __init__(self, spec, device, sock, data_port):
+    def __init__(self, spec, device, sock, data_port, scratch):
         self.spec = spec
         self.device = device
         self.fd = device.fileno()
         self.sock = sock
         self.peer = (str(spec.remote), spec.remote_port or data_port)
-        self.buffer = bytearray(BUFFER_SIZE)
-        self.view = memoryview(self.buffer)
+        self.scratch = scratch
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.last_rx = self.last_tx = None
         self.drops = collections.Counter()
@@ -252,37 +622,50 @@ class Tunnel:
         """Send what the kernel routed into the device to the peer, a datagram a packet."""
         for _ in range(BATCH):
             try:
-                size = os.readv(self.fd, [self.buffer])
+                size = os.readv(self.fd, [self.scratch.packet])
             except BlockingIOError:
                 return
             except OSError as e:
                 raise TunnelGone(e) from None
+            self.send(self.scratch.packet_view[:size], size)
+
+    def send(self, datagrams, stride):
+        """Send datagrams laid end to end, each stride bytes long but the last."""
+        for start in range(0, len(datagrams), stride):
+            datagram = datagrams[start:start + stride]
             try:
-                self.sock.sendto(self.view[:size], self.peer)
+                self.sock.sendto(datagram, self.peer)
             except BlockingIOError:
                 self.drops["socket_full"] += 1
             except OSError:
                 self.drops["send_error"] += 1
             else:
                 self.tx_packets += 1
-                self.tx_bytes += size
-                self.last_tx = time.time()
+                self.tx_bytes += len(datagram)
+        self.last_tx = time.time()
 
-    def deliver(self, datagram):
-        """Write a datagram from the peer into the device."""
-        if len(datagram) <= PI_HEADER_LEN:
-            self.drops["short"] += 1
-            return
+    def deliver(self, datagrams, stride):
+        """Write datagrams from the peer, laid end to end stride bytes apart, into the device."""
+        for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
+            datagram = datagrams[start:start + stride]
+            if len(datagram) <= PI_HEADER_LEN:
+                self.drops["short"] += 1
+                continue
+            self.write([datagram], 1, len(datagram))
+
+    def write(self, buffers, packets, size):
+        """One write into the device, of packets packets that took size bytes on the wire."""
         try:
-            os.write(self.fd, datagram)
-        except BlockingIOError:
-            self.drops["tun_full"] += 1
-        except OSError:
-            self.drops["tun_refused"] += 1
+            os.writev(self.fd, buffers)
+        except OSError as e:
+            self.write_failed(e, packets)
         else:
-            self.rx_packets += 1
-            self.rx_bytes += len(datagram)
+            self.rx_packets += packets
+            self.rx_bytes += size
             self.last_rx = time.time()
+
+    def write_failed(self, error, packets):
+        self.drops["tun_full" if isinstance(error, BlockingIOError) else "tun_refused"] += packets
 
     def describe(self):
         spec = self.spec
@@ -306,6 +689,122 @@ class Tunnel:
         self.device.close()
 
 
+class OffloadTunnel(Tunnel):
+    """A tunnel whose device hands over and takes whole 64 KB TCP and UDP super-packets
+    (virtio header first). On the wire nothing changes: each is cut into datagrams of
+    one packet each, sent with UDP GSO, and received ones are joined again."""
+
+    def __init__(self, spec, device, sock, data_port, scratch, offloads):
+        super().__init__(spec, device, sock, data_port, scratch)
+        self.offloads = offloads
+        self.small_len = self.small_stride = 0
+        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
+
+    def forward_from_tun(self):
+        scratch = self.scratch
+        for _ in range(BATCH):
+            try:
+                size = os.readv(self.fd, [scratch.vnet, scratch.packet]) - VNET_HDR_LEN
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise TunnelGone(e) from None
+            flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(scratch.vnet)
+            packet = scratch.packet_view[:size]
+            if gso_type != GSO_NONE:
+                self.send_small()
+                proto = UDP if gso_type == GSO_UDP_L4 else TCP
+                stride, total = split_gso(packet, proto, start, gso_size, scratch.out)
+                self.send(scratch.out_view[:total], stride)
+                continue
+            if flags & VNET_F_NEEDS_CSUM:
+                complete_checksum(packet, start, offset)
+            self.queue_small(packet)
+        self.send_small()
+
+    def queue_small(self, packet):
+        """Gather single packets of one size, to go in one GSO send."""
+        length = PI_HEADER_LEN + len(packet)
+        if self.small_len and (length > self.small_stride
+                               or self.small_len % self.small_stride
+                               or self.small_len + length > GSO_MAX_BYTES
+                               or self.small_len // self.small_stride >= GSO_MAX_SEGMENTS):
+            self.send_small()
+        if not self.small_len:
+            self.small_stride = length
+        at, small = self.small_len, self.scratch.small
+        small[at:at + PI_HEADER_LEN] = PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4])
+        small[at + PI_HEADER_LEN:at + length] = packet
+        self.small_len = at + length
+
+    def send_small(self):
+        if self.small_len:
+            self.send(self.scratch.small_view[:self.small_len], self.small_stride)
+            self.small_len = 0
+
+    def send(self, datagrams, stride):
+        if len(datagrams) <= stride or not (self.offloads.udp_gso and self.gso_fits):
+            return super().send(datagrams, stride)
+        segment = struct.pack("=H", stride)
+        step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // stride) * stride
+        for start in range(0, len(datagrams), step):
+            chunk = datagrams[start:start + step]
+            try:
+                self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.peer)
+            except BlockingIOError:
+                self.drops["socket_full"] += -(-len(chunk) // stride)
+                continue
+            except OSError as e:
+                self.gso_failed(e)
+                super().send(chunk, stride)
+                continue
+            self.tx_packets += -(-len(chunk) // stride)
+            self.tx_bytes += len(chunk)
+        self.last_tx = time.time()
+
+    def gso_failed(self, error):
+        if error.errno == errno.EIO:
+            # udp_send_skb() answers EIO where the device cannot checksum: GSO is no use here.
+            self.offloads.turn_off("udp_gso", "the underlay device refuses it (%s)" % error)
+        else:
+            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do.
+            self.gso_fits = False
+            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+
+    def deliver(self, datagrams, stride):
+        joiner = self.scratch.joiner
+        for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
+            datagram = datagrams[start:start + stride]
+            if len(datagram) <= PI_HEADER_LEN:
+                self.drops["short"] += 1
+                continue
+            packet = datagram[PI_HEADER_LEN:]
+            flow = flow_of(packet) if self.offloads.join else None
+            if flow is None:
+                self.write_joined()
+                self.write([ZERO_VNET_HDR, packet], 1, len(datagram))
+            elif not joiner.offer(packet, flow):
+                self.write_joined()
+                joiner.offer(packet, flow)
+        self.write_joined()
+
+    def write_joined(self):
+        scratch = self.scratch
+        if scratch.joiner.packets:
+            buffers, scratch.joined = scratch.joiner.take()
+            size = sum(len(p) for p in scratch.joined) + PI_HEADER_LEN * len(scratch.joined)
+            self.write(buffers, len(scratch.joined), size)
+
+    def write_failed(self, error, packets):
+        if packets > 1 and error.errno == errno.EINVAL:
+            # Some kernels refuse GSO writes into TUN: from now on write packets one by one.
+            self.offloads.turn_off("join", "the TUN device refuses joined packets (%s)" % error)
+            for packet in self.scratch.joined:
+                self.write([ZERO_VNET_HDR, packet], 1, PI_HEADER_LEN + len(packet))
+        else:
+            super().write_failed(error, packets)
+
+
 # --- The server and its loop --------------------------------------------------
 
 
@@ -327,11 +826,13 @@ def bind_udp(port, what):
 class Server:
     """The sockets, the tunnels and the one readiness loop that serves them all."""
 
-    def __init__(self, data_sock, control_sock, open_device=open_tun):
+    def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None):
         self.data_sock = data_sock
         self.control_sock = control_sock
         self.data_port = data_sock.getsockname()[1]
         self.open_device = open_device
+        self.offloads = offloads or Offloads()
+        self.scratch = Scratch()
         self.poller = select.epoll()
         self.handlers = {}
         self.retired = set()  # fds closed during the current round of events
@@ -341,20 +842,25 @@ class Server:
         self.started = time.time()
         self.running = True
         self.ops = {"add": self.add, "del": self.delete, "list": self.list}
-        self.buffer = bytearray(BUFFER_SIZE)
+        # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
+        self.buffer = bytearray(2 * BUFFER_SIZE)
         self.view = memoryview(self.buffer)
         self.watch(data_sock.fileno(), self.receive_from_peers)
         self.watch(control_sock.fileno(), self.handle_control)
 
     @classmethod
-    def bind(cls, data_port, control_port):
+    def bind(cls, data_port, control_port, offload=True):
         data_sock = bind_udp(data_port, "data")
         try:
             control_sock = bind_udp(control_port, "control")
         except StartupError:
             data_sock.close()
             raise
-        return cls(data_sock, control_sock)
+        data_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
+        data_sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+        offloads = probe_offloads(data_sock) if offload else Offloads()
+        log.info("offloads: %s", offloads.describe() if offload else "off (--no-offload)")
+        return cls(data_sock, control_sock, offloads=offloads)
 
     def watch(self, fd, handler):
         self.poller.register(fd, select.EPOLLIN)
@@ -393,14 +899,17 @@ class Server:
     def receive_from_peers(self):
         for _ in range(BATCH):
             try:
-                size, (ip, port, *_) = self.data_sock.recvfrom_into(self.buffer)
+                size, ancdata, flags, (ip, port, *_) = self.data_sock.recvmsg_into(
+                    [self.buffer], GRO_CMSG_SPACE)
             except BlockingIOError:
                 return
             tunnel = self.by_remote.get((ip, port)) or self.by_remote.get((ip, None))
             if tunnel is None:
                 self.drops["unknown_source"] += 1
-                continue
-            tunnel.deliver(self.view[:size])
+            elif flags & socket.MSG_TRUNC:
+                tunnel.drops["truncated"] += 1
+            else:
+                tunnel.deliver(self.view[:size], gro_size(ancdata) or max(size, 1))
 
     def forward(self, tunnel):
         try:
@@ -470,10 +979,14 @@ class Server:
         spec = TunnelSpec.from_entry(entry)
         self.check_free(spec)
         try:
-            device = self.open_device(spec)
+            device = self.open_device(spec, self.offloads.tun_flags)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
-        tunnel = Tunnel(spec, device, self.data_sock, self.data_port)
+        if self.offloads.tun_flags:
+            tunnel = OffloadTunnel(spec, device, self.data_sock, self.data_port, self.scratch,
+                                   self.offloads)
+        else:
+            tunnel = Tunnel(spec, device, self.data_sock, self.data_port, self.scratch)
         self.tunnels[spec.name] = tunnel
         self.by_remote[spec.remote_key] = tunnel
         self.watch(tunnel.fd, lambda: self.forward(tunnel))
@@ -587,6 +1100,8 @@ def parse_args(argv):
                         help="UDP port for tunnel data (default %(default)s)")
     parser.add_argument("-cp", "--controlPort", type=port, default=CONTROL_PORT,
                         help="UDP port for control messages (default %(default)s)")
+    parser.add_argument("--no-offload", dest="offload", action="store_false",
+                        help="plain reads and writes: no TUN, GSO or GRO offloads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser.parse_args(argv)
 
@@ -600,7 +1115,7 @@ def main(argv=None):
         return 1
     try:
         check_can_create_tun()
-        server = Server.bind(args.dataPort, args.controlPort)
+        server = Server.bind(args.dataPort, args.controlPort, args.offload)
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
