@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import socket
+import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import packets
 import udpProxyServer as ups
 from udpProxyServer import ControlError, Server, TunnelSpec, parse_request
 
@@ -98,7 +100,7 @@ class FakeDevices:
         self.outer = {}  # name -> the end the test plays the kernel on
         self.fail_with = None
 
-    def __call__(self, spec):
+    def __call__(self, spec, offload_flags=0):
         if self.fail_with:
             raise OSError(self.fail_with, os.strerror(self.fail_with))
         inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -240,3 +242,134 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
     with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
         server.dispatch(server.data_sock.fileno())
     assert "boom" in caplog.text
+
+
+# --- The offload tunnel, its device a socketpair end speaking virtio headers ------------
+
+
+@pytest.fixture
+def offload_server():
+    offloads = ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
+                            udp_gro=True, join=True)
+    devices = FakeDevices()
+    data, control = udp(), udp()
+    data.setblocking(False)
+    server = Server(data, control, open_device=devices, offloads=offloads)
+    yield server, devices
+    server.close()
+
+
+def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
+    return ups.VNET_HDR.pack(flags, gso_type, 0, gso_size, start, offset)
+
+
+def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_server):
+    server, devices = offload_server
+    payload = os.urandom(5000)
+    packet, l4 = packets.super_packet(4, ups.TCP, payload)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        assert isinstance(tunnel, ups.OffloadTunnel)
+        devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
+                                   + bytes(packet))
+        server.dispatch(tunnel.fd)
+        datagrams = [peer.recv(65535) for _ in range(5)]
+    assert all(d[:4] == b"\x00\x00\x08\x00" and packets.valid(d[4:]) for d in datagrams)
+    assert b"".join(d[4 + l4 + 32:] for d in datagrams) == payload
+    assert (tunnel.tx_packets, tunnel.tx_bytes) == (5, sum(map(len, datagrams)))
+
+
+def test_single_packets_go_out_in_order_with_checksums_completed(offload_server):
+    server, devices = offload_server
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        sent = []
+        for size in (300, 300, 300, 120):
+            packet, l4 = packets.super_packet(4, ups.UDP, os.urandom(size))
+            segment = bytearray(split_one(packet, ups.UDP, l4))
+            struct.pack_into("!H", segment, l4 + 6, ~packets.rfc1071(packets.pseudo(segment, l4))
+                             & 0xFFFF)  # partial, as the kernel leaves it
+            devices.outer["udp2"].send(vnet(start=l4, offset=6, flags=ups.VNET_F_NEEDS_CSUM)
+                                       + bytes(segment))
+            sent.append(segment)
+        server.dispatch(tunnel.fd)
+        received = [peer.recv(65535) for _ in sent]
+    assert [r[4:] for r in received] != [bytes(s) for s in sent]  # checksums were filled in
+    assert all(packets.valid(r[4:]) for r in received)
+    assert [r[4 + 28:] for r in received] == [bytes(s[28:]) for s in sent]
+
+
+def split_one(packet, proto, l4):
+    out = bytearray(ups.BUFFER_SIZE)
+    _, total = ups.split_gso(packet, proto, l4, 65535, out)
+    return out[4:total]
+
+
+def datagrams_of(payload, mss, seq=1000):
+    packet, l4 = packets.super_packet(4, ups.TCP, payload, seq=seq, flags=ups.TCP_ACK)
+    out = bytearray(ups.BUFFER_SIZE + ups.BUFFER_SIZE // 8)
+    stride, total = ups.split_gso(packet, ups.TCP, l4, mss, out)
+    return memoryview(out)[:total], stride
+
+
+def test_datagrams_of_one_flow_are_joined_into_one_write(offload_server):
+    server, devices = offload_server
+    payload = os.urandom(6000)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        view, stride = datagrams_of(payload, 1000)
+        tunnel.deliver(view, stride)
+    write = devices.outer["udp2"].recv(65535)
+    flags, gso_type, hdr_len, gso_size, start, offset = ups.VNET_HDR.unpack_from(write)
+    assert (flags, gso_type, gso_size, start, offset) == (ups.VNET_F_NEEDS_CSUM, ups.GSO_TCPV4,
+                                                          1000, 20, 16)
+    assert write[ups.VNET_HDR_LEN + hdr_len:] == payload
+    assert (tunnel.rx_packets, tunnel.rx_bytes) == (6, len(view))
+
+
+def test_a_refused_joined_write_falls_back_to_single_packets(offload_server, monkeypatch):
+    server, devices = offload_server
+    real_writev = os.writev
+
+    def refuse_joined(fd, buffers):
+        if len(buffers) > 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(ups.os, "writev", refuse_joined)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        view, stride = datagrams_of(os.urandom(3000), 1000)
+        tunnel.deliver(view, stride)
+        assert [len(devices.outer["udp2"].recv(65535)) for _ in range(3)] == \
+            [ups.VNET_HDR_LEN + stride - 4] * 3
+        assert server.offloads.join is False and not tunnel.drops
+        tunnel.deliver(view, stride)  # from now on one by one, without trying again
+        assert tunnel.rx_packets == 6
+
+
+class RefusingGSO:
+    """A data socket whose GSO sends fail as a device without checksum offload makes them."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def sendmsg(self, *args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    def sendto(self, *args):
+        return self.sock.sendto(*args)
+
+
+def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
+    server, devices = offload_server
+    packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        tunnel.sock = RefusingGSO(server.data_sock)
+        devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
+                                   + bytes(packet))
+        server.dispatch(tunnel.fd)
+        assert len([peer.recv(65535) for _ in range(3)]) == 3
+    assert server.offloads.udp_gso is False
+    assert tunnel.tx_packets == 3 and not tunnel.drops
