@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -51,6 +52,8 @@ MIN_MTU = 68
 MAX_MTU = 65535 - 20 - 8 - PI_HEADER_LEN
 # Room for any datagram, and for any packet a TUN device hands us.
 BUFFER_SIZE = 65536 + PI_HEADER_LEN
+# The largest UDP/IPv4 payload: a reply must fit in one datagram.
+MAX_REPLY = 65535 - 20 - 8
 # Packets or requests a handler takes per wake-up, so one busy fd cannot starve the rest.
 BATCH = 64
 # CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
@@ -926,9 +929,12 @@ class Server:
                 datagram, sender = self.control_sock.recvfrom(BUFFER_SIZE)
             except BlockingIOError:
                 return
-            reply = self.answer(datagram, sender)
+            reply = json.dumps(self.answer(datagram, sender)).encode()
+            if len(reply) > MAX_REPLY:
+                reply = json.dumps({"ok": False, "error": "the reply (%d bytes) does not fit in"
+                                    " one datagram" % len(reply)}).encode()
             try:
-                self.control_sock.sendto(json.dumps(reply).encode(), sender)
+                self.control_sock.sendto(reply, sender)
             except OSError as e:
                 log.error("cannot reply to %s:%d: %s", sender[0], sender[1], e)
 
@@ -1068,6 +1074,15 @@ def check_can_create_tun():
                            % e.strerror) from None
 
 
+def raise_fd_limit():
+    """Every tunnel holds a file descriptor: take all the kernel allows (the usual
+    soft limit of 1024 would stop the daemon near a thousand tunnels)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def watch_signals(server):
     """Turn SIGTERM and SIGINT into a readable fd in the loop, so shutdown is one more event."""
     reader, writer = socket.socketpair()
@@ -1115,6 +1130,7 @@ def main(argv=None):
         return 1
     try:
         check_can_create_tun()
+        log.debug("open file limit: %d", raise_fd_limit())
         server = Server.bind(args.dataPort, args.controlPort, args.offload)
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
