@@ -190,9 +190,14 @@ def draw_axes(ax, rows):
     ax.set_ylim(bottom, top)
     ticks = [2.0 ** k for k in range(-8, 9) if bottom <= 2.0 ** k <= top]
     ax.set_yticks(ticks)
-    ax.set_yticklabels(["%g\u00d7" % tick for tick in ticks])
+    ax.set_yticklabels([tick_label(tick) for tick in ticks])
     ax.minorticks_off()
     ax.set_ylabel("ratio to fastd (null), log scale")
+
+
+def tick_label(ratio):
+    """2x, 1x, 1/2x: a fraction reads better than 0.015625."""
+    return "%g\u00d7" % ratio if ratio >= 1 else "1/%g\u00d7" % (1 / ratio)
 
 
 def chart_title(results):
