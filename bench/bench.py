@@ -95,7 +95,21 @@ def environment():
         "python": sys.version.split()[0],
         "versions": {tool: tool_version(tool, flag) for tool, flag in
                      (("iperf3", "--version"), ("fastd", "--version"), ("socat", "-V"))},
+        "daemon": daemon_revision(),
     }
+
+
+def daemon_revision():
+    """The commit the measured daemon comes from, and whether its file differed from it."""
+    def git(*argv):
+        return subprocess.run(["git", "-C", lablib.REPO, *argv], capture_output=True, text=True,
+                              timeout=10)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "udpProxyServer.py").stdout.strip()
+    except OSError:  # no git here: the figures still stand
+        return None
+    return {"commit": head.stdout.strip() or None, "modified": bool(changed)}
 
 
 def cpu_model():

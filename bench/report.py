@@ -66,6 +66,7 @@ def print_tunnels(results, say):
     settings = results["settings"]
     say("Tunnels at MTU %d over a veth pair (MTU 1500); iperf3 %d s a test, %d pings"
         % (settings["tunnel_mtu"], settings["seconds"], settings["pings"]))
+    say("udpProxyServer.py %s" % daemon_label(results["environment"]))
     say("Each cell: the figure (its ratio to fastd, its ratio to VXLAN)")
     header = ["tunnel"] + ["%s %s" % (m.heading, m.unit) for m in METRICS]
     rows = [header] + [cells(row) for row in results["tunnels"] if "skipped" not in row]
@@ -195,6 +196,13 @@ def draw_axes(ax, rows):
     ax.set_ylabel("ratio to fastd (null), log scale")
 
 
+def daemon_label(environment):
+    revision = environment.get("daemon") or {}
+    if not revision.get("commit"):
+        return "from no known commit"
+    return "at commit %s%s" % (revision["commit"], ", with changes not committed" if revision["modified"] else "")
+
+
 def tick_label(ratio):
     """2x, 1x, 1/2x: a fraction reads better than 0.015625."""
     return "%g\u00d7" % ratio if ratio >= 1 else "1/%g\u00d7" % (1 / ratio)
@@ -203,6 +211,6 @@ def tick_label(ratio):
 def chart_title(results):
     env, settings = results["environment"], results["settings"]
     return ("Point-to-point tunnels at MTU %d over a veth pair; bars: ratio to fastd, labels: the figures\n"
-            "%s, %d CPUs, Linux %s, %s; iperf3 %d s a test"
+            "%s, %d CPUs, Linux %s, %s; iperf3 %d s a test; udpProxyServer.py %s"
             % (settings["tunnel_mtu"], env["cpu"], env["nproc"], env["kernel"], env["date"][:10],
-               settings["seconds"]))
+               settings["seconds"], daemon_label(env)))
