@@ -623,29 +623,61 @@ class Tunnel:
 
     def forward_from_tun(self):
         """Send what the kernel routed into the device to the peer, a datagram a packet."""
+        buffer, view, fd, sendto, peer = (self.scratch.packet, self.scratch.packet_view, self.fd,
+                                          self.sock.sendto, self.peer)
+        packets = size_sent = 0
         for _ in range(BATCH):
             try:
-                size = os.readv(self.fd, [self.scratch.packet])
+                size = os.readv(fd, [buffer])
             except BlockingIOError:
-                return
+                break
             except OSError as e:
                 raise TunnelGone(e) from None
-            self.send(self.scratch.packet_view[:size], size)
+            try:
+                sendto(view[:size], peer)
+            except OSError as e:
+                self.send_failed(e, 1)
+            else:
+                packets += 1
+                size_sent += size
+        self.sent(packets, size_sent)
+
+    def sent(self, packets, size):
+        if packets:
+            self.tx_packets += packets
+            self.tx_bytes += size
+            self.last_tx = time.time()
+
+    def send_failed(self, error, packets):
+        self.drops["socket_full" if isinstance(error, BlockingIOError) else "send_error"] += packets
 
     def send(self, datagrams, stride):
         """Send datagrams laid end to end, each stride bytes long but the last."""
+        packets = size = 0
         for start in range(0, len(datagrams), stride):
             datagram = datagrams[start:start + stride]
             try:
                 self.sock.sendto(datagram, self.peer)
-            except BlockingIOError:
-                self.drops["socket_full"] += 1
-            except OSError:
-                self.drops["send_error"] += 1
+            except OSError as e:
+                self.send_failed(e, 1)
             else:
-                self.tx_packets += 1
-                self.tx_bytes += len(datagram)
-        self.last_tx = time.time()
+                packets += 1
+                size += len(datagram)
+        self.sent(packets, size)
+
+    def deliver_one(self, datagram):
+        """Write one datagram from the peer into the device."""
+        if len(datagram) <= PI_HEADER_LEN:
+            self.drops["short"] += 1
+            return
+        try:
+            os.write(self.fd, datagram)
+        except OSError as e:
+            self.write_failed(e, 1)
+        else:
+            self.rx_packets += 1
+            self.rx_bytes += len(datagram)
+            self.last_rx = time.time()
 
     def deliver(self, datagrams, stride):
         """Write datagrams from the peer, laid end to end stride bytes apart, into the device."""
@@ -754,16 +786,13 @@ class OffloadTunnel(Tunnel):
             chunk = datagrams[start:start + step]
             try:
                 self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.peer)
-            except BlockingIOError:
-                self.drops["socket_full"] += -(-len(chunk) // stride)
-                continue
+            except BlockingIOError as e:
+                self.send_failed(e, -(-len(chunk) // stride))
             except OSError as e:
                 self.gso_failed(e)
                 super().send(chunk, stride)
-                continue
-            self.tx_packets += -(-len(chunk) // stride)
-            self.tx_bytes += len(chunk)
-        self.last_tx = time.time()
+            else:
+                self.sent(-(-len(chunk) // stride), len(chunk))
 
     def gso_failed(self, error):
         if error.errno == errno.EIO:
@@ -773,6 +802,9 @@ class OffloadTunnel(Tunnel):
             # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do.
             self.gso_fits = False
             log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+
+    def deliver_one(self, datagram):
+        self.deliver(datagram, max(len(datagram), 1))
 
     def deliver(self, datagrams, stride):
         joiner = self.scratch.joiner
@@ -900,6 +932,8 @@ class Server:
     # The data path.
 
     def receive_from_peers(self):
+        if not self.offloads.udp_gro:
+            return self.receive_one_by_one()
         for _ in range(BATCH):
             try:
                 size, ancdata, flags, (ip, port, *_) = self.data_sock.recvmsg_into(
@@ -913,6 +947,21 @@ class Server:
                 tunnel.drops["truncated"] += 1
             else:
                 tunnel.deliver(self.view[:size], gro_size(ancdata) or max(size, 1))
+
+    def receive_one_by_one(self):
+        """The data path without UDP GRO: each datagram on its own, as it came."""
+        recvfrom_into, buffer, view, by_remote = (self.data_sock.recvfrom_into, self.buffer,
+                                                  self.view, self.by_remote)
+        for _ in range(BATCH):
+            try:
+                size, (ip, port, *_) = recvfrom_into(buffer)
+            except BlockingIOError:
+                return
+            tunnel = by_remote.get((ip, port)) or by_remote.get((ip, None))
+            if tunnel is None:
+                self.drops["unknown_source"] += 1
+            else:
+                tunnel.deliver_one(view[:size])
 
     def forward(self, tunnel):
         try:

@@ -373,3 +373,14 @@ def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
         assert len([peer.recv(65535) for _ in range(3)]) == 3
     assert server.offloads.udp_gso is False
     assert tunnel.tx_packets == 3 and not tunnel.drops
+
+
+def test_without_udp_gro_an_offload_tunnel_still_writes_virtio_framing(offload_server):
+    server, devices = offload_server
+    server.offloads.udp_gro = False
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        peer.sendto(PACKET, server.data_sock.getsockname())
+        server.dispatch(server.data_sock.fileno())
+    assert devices.outer["udp2"].recv(65535) == ups.ZERO_VNET_HDR + PACKET[4:]
+    assert tunnel.rx_packets == 1
