@@ -734,6 +734,8 @@ class OffloadTunnel(Tunnel):
         self.offloads = offloads
         self.small_len = self.small_stride = 0
         self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
+        # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
+        self.join_udp = bool(offloads.tun_flags & TUN_F_USO4)
 
     def forward_from_tun(self):
         scratch = self.scratch
@@ -815,7 +817,7 @@ class OffloadTunnel(Tunnel):
                 continue
             packet = datagram[PI_HEADER_LEN:]
             flow = flow_of(packet) if self.offloads.join else None
-            if flow is None:
+            if flow is None or (flow[3] == UDP and not self.join_udp):
                 self.write_joined()
                 self.write([ZERO_VNET_HDR, packet], 1, len(datagram))
             elif not joiner.offer(packet, flow):

@@ -384,3 +384,16 @@ def test_without_udp_gro_an_offload_tunnel_still_writes_virtio_framing(offload_s
         server.dispatch(server.data_sock.fileno())
     assert devices.outer["udp2"].recv(65535) == ups.ZERO_VNET_HDR + PACKET[4:]
     assert tunnel.rx_packets == 1
+
+
+def test_udp_is_not_joined_where_the_kernel_has_no_uso(offload_server):
+    server, devices = offload_server  # TSO4 but no USO, as before Linux 6.2
+    packet, l4 = packets.super_packet(4, ups.UDP, os.urandom(3000))
+    out = bytearray(ups.BUFFER_SIZE)
+    stride, total = ups.split_gso(packet, ups.UDP, l4, 1000, out)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        tunnel.deliver(memoryview(out)[:total], stride)
+    writes = [devices.outer["udp2"].recv(65535) for _ in range(3)]
+    assert all(w[:ups.VNET_HDR_LEN] == ups.ZERO_VNET_HDR for w in writes)
+    assert server.offloads.join is True
