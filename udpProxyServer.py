@@ -17,12 +17,15 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -54,6 +57,26 @@ MAX_MTU = 65535 - 20 - 8 - PI_HEADER_LEN
 BUFFER_SIZE = 65536 + PI_HEADER_LEN
 # The largest UDP/IPv4 payload: a reply must fit in one datagram.
 MAX_REPLY = 65535 - 20 - 8
+# A list reply is cut into parts of about this many bytes of tunnels: a part,
+# sealed (its JSON quoted again inside the envelope), still fits in a datagram.
+LIST_PART_BYTES = 30000
+
+# Control-port security. A request's time may differ from ours by this much, and
+# its nonce is remembered as long, so the same request is not taken twice.
+AUTH_WINDOW = 30
+NONCE_HEX_LEN = 32
+MAC_HEX_LEN = 64
+# Authenticated requests remembered at most: 100,000 a minute is far beyond any mesh.
+MAX_NONCES = 100000
+# What HMAC-SHA256 signs is prefixed with its kind, so a reply cannot pass as a request.
+REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
+REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
+# A shared secret of fewer bytes is too easy to guess.
+MIN_SECRET_LEN = 16
+# Replies per source and second, and the burst allowed: a mesh's set-up fits; a flood does not.
+REPLY_RATE, REPLY_BURST = 100, 200
+# Sources whose reply budget is remembered; idle ones are forgotten past this.
+MAX_SOURCES = 4096
 # Packets or requests a handler takes per wake-up, so one busy fd cannot starve the rest.
 BATCH = 64
 # CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
@@ -88,7 +111,9 @@ TCP, UDP = 6, 17
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort")
-REQUEST_FIELDS = ("op", "tunnel")
+REQUEST_FIELDS = ("op", "tunnel", "part")
+ENVELOPE_FIELDS = ("auth", "payload")
+AUTH_FIELDS = ("ts", "nonce", "mac")
 
 log = logging.getLogger("udpProxyServer")
 
@@ -100,14 +125,30 @@ class ControlError(ValueError):
     """A control request the daemon refuses; the text goes back to the sender."""
 
 
-def parse_request(datagram):
-    """Return (op, entries) from a control datagram, or raise ControlError."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+    op: str
+    entries: list  # the tunnel dicts, each checked later on its own
+    part: int = 0  # which part of a list reply
+
+
+def decode(datagram, what="request"):
+    """The JSON object a datagram holds, or ControlError."""
     try:
-        request = json.loads(datagram)
+        obj = json.loads(datagram)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ControlError("request is not JSON: %s" % e) from None
+        raise ControlError("%s is not JSON: %s" % (what, e)) from None
+    except RecursionError:
+        raise ControlError("%s is nested too deeply" % what) from None
+    if not isinstance(obj, dict):
+        raise ControlError("%s must be a JSON object, got %s" % (what, type(obj).__name__))
+    return obj
+
+
+def parse_request(request):
+    """A Request from a control datagram or its decoded object, or ControlError."""
     if not isinstance(request, dict):
-        raise ControlError("request must be a JSON object, got %s" % type(request).__name__)
+        request = decode(request)
     check_fields(request, REQUEST_FIELDS, "request")
     op = request.get("op")
     if op is None:
@@ -121,7 +162,10 @@ def parse_request(datagram):
         if not isinstance(entry, dict):
             raise ControlError("each tunnel must be a JSON object, got %r" % (entry,))
         check_fields(entry, TUNNEL_FIELDS, "tunnel")
-    return op, entries
+    part = request.get("part", 0)
+    if not isinstance(part, int) or isinstance(part, bool) or part < 0:
+        raise ControlError("invalid part %r: must be a whole number from 0" % (part,))
+    return Request(op, entries, part)
 
 
 def check_fields(obj, known, where):
@@ -229,6 +273,15 @@ class TunnelSpec:
             remote=parse_remote(entry["remoteServer"]),
             remote_port=None if port is None else parse_port(port),
         )
+
+    def entry(self):
+        """The tunnel as a control message and the state file give it."""
+        entry = {"name": self.name, "tunnelIP": str(self.interface.ip),
+                 "netmask": str(self.interface.netmask), "mtu": self.mtu,
+                 "remoteServer": str(self.remote)}
+        if self.remote_port is not None:
+            entry["remotePort"] = self.remote_port
+        return entry
 
     @property
     def remote_key(self):
@@ -842,6 +895,181 @@ class OffloadTunnel(Tunnel):
             super().write_failed(error, packets)
 
 
+# --- Who may use the control port, and what survives a restart -----------------
+
+
+def read_secret(path):
+    """The shared secret in path, refused if others could read it."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise StartupError("cannot read secret file %s: %s" % (path, e.strerror)) from None
+    if mode & 0o077:
+        raise StartupError("secret file %s is readable by group or others (mode %03o):"
+                           " chmod 600 it" % (path, mode & 0o777))
+    if len(secret) < MIN_SECRET_LEN:
+        raise StartupError("secret file %s holds %d bytes; it needs at least %d"
+                           % (path, len(secret), MIN_SECRET_LEN))
+    return secret
+
+
+def request_mac(secret, ts, nonce, payload):
+    message = REQUEST_MAC_PREFIX + b"%d\n%s\n%s" % (ts, nonce.encode(), payload.encode())
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def reply_mac(secret, nonce, payload):
+    message = REPLY_MAC_PREFIX + b"%s\n%s" % (nonce.encode(), payload.encode())
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+class Gate:
+    """Who may use the control port, and how they are answered: the allow list,
+    requests authenticated with HMAC-SHA256 under a shared secret (with a time
+    window and nonces against replay), replies limited per source, and never a
+    reply larger than its request to a source that is neither trusted (loopback
+    or allowed) nor authenticated, so the port cannot amplify a spoofed flood."""
+
+    def __init__(self, secret=None, allow=(), clock=time.time):
+        self.secret = secret
+        self.allow = tuple(allow)
+        self.clock = clock
+        self.nonces = {}  # nonce -> until when it is remembered
+        self.budgets = {}  # source -> (replies it may still have, when counted)
+        self.counts = collections.Counter()
+
+    def admits(self, ip):
+        """Whether a datagram from ip is read at all; others are dropped without a reply."""
+        return not self.allow or self.trusted(ip)
+
+    def trusted(self, ip):
+        address = ipaddress.ip_address(ip)
+        return address.is_loopback or any(address in network for network in self.allow)
+
+    def may_reply(self, ip):
+        """Take one reply from ip's budget: REPLY_RATE a second, REPLY_BURST at once."""
+        now = self.clock()
+        tokens, then = self.budgets.get(ip, (REPLY_BURST, now))
+        tokens = min(REPLY_BURST, tokens + (now - then) * REPLY_RATE)
+        if len(self.budgets) >= MAX_SOURCES and ip not in self.budgets:
+            self.forget_idle(now)
+        if tokens < 1:
+            self.budgets[ip] = (tokens, now)
+            return False
+        self.budgets[ip] = (tokens - 1, now)
+        return True
+
+    def forget_idle(self, now):
+        self.budgets = {ip: (tokens, then) for ip, (tokens, then) in self.budgets.items()
+                        if tokens + (now - then) * REPLY_RATE < REPLY_BURST}
+
+    def open(self, datagram):
+        """The request a datagram holds and its nonce (None when not authenticated)."""
+        obj = decode(datagram)
+        if "auth" not in obj:
+            if self.secret is not None:
+                raise ControlError("authentication required: this daemon has a secret;"
+                                   " use udpProxyServerControl.py --secret-file")
+            return obj, None
+        if self.secret is None:
+            raise ControlError("this daemon has no secret: send the plain request")
+        check_fields(obj, ENVELOPE_FIELDS, "envelope")
+        auth, payload = obj.get("auth"), obj.get("payload")
+        if not isinstance(auth, dict) or not isinstance(payload, str):
+            raise ControlError("an envelope holds an object 'auth' and a string 'payload'")
+        check_fields(auth, AUTH_FIELDS, "auth")
+        ts, nonce, mac = auth.get("ts"), auth.get("nonce"), auth.get("mac")
+        if (not isinstance(ts, int) or isinstance(ts, bool) or not is_hex(nonce, NONCE_HEX_LEN)
+                or not is_hex(mac, MAC_HEX_LEN)):
+            raise ControlError("auth needs ts (whole seconds), nonce (%d hex digits) and mac"
+                               " (%d hex digits)" % (NONCE_HEX_LEN, MAC_HEX_LEN))
+        if not hmac.compare_digest(request_mac(self.secret, ts, nonce, payload), mac):
+            self.counts["auth_failed"] += 1
+            raise ControlError("authentication failed")
+        self.check_fresh(ts, nonce)
+        return decode(payload), nonce
+
+    def check_fresh(self, ts, nonce):
+        now = self.clock()
+        if abs(now - ts) > AUTH_WINDOW:
+            self.counts["stale"] += 1
+            raise ControlError("stale request: its time is %d s from ours (at most %d s)"
+                               % (ts - now, AUTH_WINDOW))
+        if len(self.nonces) >= MAX_NONCES:
+            self.nonces = {n: until for n, until in self.nonces.items() if until >= now}
+        if nonce in self.nonces:
+            self.counts["replayed"] += 1
+            raise ControlError("replayed request: nonce %s was seen before" % nonce)
+        if len(self.nonces) >= MAX_NONCES:
+            raise ControlError("too many authenticated requests in %d s" % AUTH_WINDOW)
+        self.nonces[nonce] = ts + AUTH_WINDOW
+
+    def seal(self, payload, nonce):
+        """The reply datagram: sealed under the secret for an authenticated request."""
+        if nonce is None:
+            return payload.encode()
+        auth = {"nonce": nonce, "mac": reply_mac(self.secret, nonce, payload)}
+        return json.dumps({"auth": auth, "payload": payload}).encode()
+
+
+def is_hex(value, length):
+    return (isinstance(value, str) and len(value) == length
+            and all(c in "0123456789abcdef" for c in value))
+
+
+class StateFile:
+    """The tunnels that were acknowledged, kept across restarts: written whole after
+    every change (temporary file, fsync, rename), read back at start-up."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def load(self):
+        """The tunnel entries in the file; what cannot be read is said, never skipped silently."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            log.info("state file %s does not exist yet: starting without tunnels", self.path)
+            return []
+        except OSError as e:
+            log.error("cannot read state file %s: %s; starting without its tunnels",
+                      self.path, e.strerror)
+            return []
+        try:
+            state = decode(data, "state file")
+            entries = state.get("tunnels")
+            if not isinstance(entries, list):
+                raise ControlError("it has no list 'tunnels'")
+        except ControlError as e:
+            kept = "%s.corrupt-%d" % (self.path, time.time())
+            shutil.copyfile(self.path, kept)
+            log.error("state file %s is corrupt (%s); kept as %s; starting without its tunnels",
+                      self.path, e, kept)
+            return []
+        good = [entry for entry in entries if isinstance(entry, dict)]
+        if len(good) < len(entries):
+            log.error("state file %s: %d entries are not objects and were skipped",
+                      self.path, len(entries) - len(good))
+        return good
+
+    def save(self, entries):
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump({"version": 1, "tunnels": entries}, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash only once this is on disk
+        finally:
+            os.close(directory)
+
+
 # --- The server and its loop --------------------------------------------------
 
 
@@ -849,10 +1077,10 @@ class StartupError(Exception):
     """The daemon cannot start; the text is the one line the user sees."""
 
 
-def bind_udp(port, what):
+def bind_udp(port, what, address="0.0.0.0"):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.bind(("0.0.0.0", port))
+        sock.bind((address, port))
     except OSError as e:
         sock.close()
         raise StartupError("cannot bind %s port %d: %s" % (what, port, e.strerror)) from None
@@ -863,12 +1091,15 @@ def bind_udp(port, what):
 class Server:
     """The sockets, the tunnels and the one readiness loop that serves them all."""
 
-    def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None):
+    def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
+                 gate=None, state=None):
         self.data_sock = data_sock
         self.control_sock = control_sock
         self.data_port = data_sock.getsockname()[1]
         self.open_device = open_device
         self.offloads = offloads or Offloads()
+        self.gate = gate or Gate()
+        self.state = state
         self.scratch = Scratch()
         self.poller = select.epoll()
         self.handlers = {}
@@ -886,10 +1117,10 @@ class Server:
         self.watch(control_sock.fileno(), self.handle_control)
 
     @classmethod
-    def bind(cls, data_port, control_port, offload=True):
+    def bind(cls, data_port, control_port, offload=True, control_address="0.0.0.0", **options):
         data_sock = bind_udp(data_port, "data")
         try:
-            control_sock = bind_udp(control_port, "control")
+            control_sock = bind_udp(control_port, "control", control_address)
         except StartupError:
             data_sock.close()
             raise
@@ -897,7 +1128,7 @@ class Server:
         data_sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
         offloads = probe_offloads(data_sock) if offload else Offloads()
         log.info("offloads: %s", offloads.describe() if offload else "off (--no-offload)")
-        return cls(data_sock, control_sock, offloads=offloads)
+        return cls(data_sock, control_sock, offloads=offloads, **options)
 
     def watch(self, fd, handler):
         self.poller.register(fd, select.EPOLLIN)
@@ -975,42 +1206,63 @@ class Server:
     # The control path.
 
     def handle_control(self):
+        gate, counts = self.gate, self.gate.counts
         for _ in range(BATCH):
             try:
                 datagram, sender = self.control_sock.recvfrom(BUFFER_SIZE)
             except BlockingIOError:
                 return
-            reply = json.dumps(self.answer(datagram, sender)).encode()
-            if len(reply) > MAX_REPLY:
-                reply = json.dumps({"ok": False, "error": "the reply (%d bytes) does not fit in"
-                                    " one datagram" % len(reply)}).encode()
+            ip = sender[0]
+            counts["requests"] += 1
+            if not gate.admits(ip):
+                counts["not_allowed"] += 1
+                continue
+            if not gate.may_reply(ip):
+                counts["rate_limited"] += 1
+                continue
+            reply, nonce = self.answer(datagram, sender)
+            sealed = gate.seal(json.dumps(reply), nonce)
+            if len(sealed) > MAX_REPLY:
+                sealed = gate.seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
+                                               " not fit in one datagram" % len(sealed)}), nonce)
+            if nonce is None and not gate.trusted(ip) and len(sealed) > len(datagram):
+                # No amplification: a spoofed source gets no more than it sent, here nothing.
+                counts["withheld"] += 1
+                continue
             try:
-                self.control_sock.sendto(reply, sender)
+                self.control_sock.sendto(sealed, sender)
             except OSError as e:
-                log.error("cannot reply to %s:%d: %s", sender[0], sender[1], e)
+                log.error("cannot reply to %s:%d: %s", ip, sender[1], e)
 
     def answer(self, datagram, sender):
-        """The reply to one control datagram; nothing in it can stop the daemon."""
+        """The reply to one control datagram and the nonce to seal it with; nothing in it
+        can stop the daemon."""
+        nonce = None
         try:
-            op, entries = parse_request(datagram)
-            action = self.ops.get(op)
+            obj, nonce = self.gate.open(datagram)
+            request = parse_request(obj)
+            action = self.ops.get(request.op)
             if action is None:
-                raise ControlError("unknown op %r (expected add, del or list)" % (op,))
+                raise ControlError("unknown op %r (expected add, del or list)" % (request.op,))
+            if request.op == "list" and nonce is None and not self.gate.trusted(sender[0]):
+                raise ControlError("list answers only loopback, allowed or authenticated sources")
         except ControlError as e:
+            self.gate.counts["refused"] += 1
             log.warning("control from %s: %s", sender[0], e)
-            return {"ok": False, "error": str(e)}
-        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], op, len(entries))
+            return {"ok": False, "error": str(e)}, nonce
+        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
+                  len(request.entries))
         try:
-            return action(entries, sender)
+            return action(request, sender), nonce
         except Exception as e:  # a bug costs one request its success, never its answer
-            log.exception("control from %s: %s failed", sender[0], op)
-            return {"ok": False, "op": op, "error": "internal error: %s" % e}
+            log.exception("control from %s: %s failed", sender[0], request.op)
+            return {"ok": False, "op": request.op, "error": "internal error: %s" % e}, nonce
 
-    def add(self, entries, sender):
-        return self.each(entries, sender, "add", self.add_tunnel)
+    def add(self, request, sender):
+        return self.each(request.entries, sender, "add", self.add_tunnel)
 
-    def delete(self, entries, sender):
-        return self.each(entries, sender, "del", self.delete_tunnel)
+    def delete(self, request, sender):
+        return self.each(request.entries, sender, "del", self.delete_tunnel)
 
     def each(self, entries, sender, op, act):
         """Apply act to every entry on its own: one bad tunnel does not stop the others."""
@@ -1030,10 +1282,68 @@ class Server:
         reply = {"ok": not errors, "op": op, "results": results}
         if errors:
             reply["error"] = "; ".join(errors)
+        if len(errors) < len(entries):
+            warning = self.save_state()
+            if warning:
+                reply["warning"] = warning
         return reply
 
+    def save_state(self):
+        """Write the tunnels to the state file before the change is acknowledged."""
+        if self.state is None:
+            return None
+        try:
+            self.state.save([tunnel.spec.entry() for tunnel in self.tunnels.values()])
+        except OSError as e:
+            log.error("cannot write state file %s: %s", self.state.path, e)
+            return "done, but not written to the state file: %s" % e
+        return None
+
+    def restore(self):
+        """Recreate the tunnels of the state file, each on its own."""
+        if self.state is None:
+            return
+        for entry in self.state.load():
+            try:
+                self.add_tunnel(entry)
+            except ControlError as e:
+                log.error("state file %s: tunnel %s not restored: %s", self.state.path,
+                          entry_name(entry), e)
+        log.info("restored %d tunnels from %s", len(self.tunnels), self.state.path)
+
+    def reload_state(self):
+        """SIGHUP: make the tunnels what the state file says, touching only the difference."""
+        if self.state is None:
+            log.warning("SIGHUP: no state file to read (--state-file)")
+            return
+        wanted = {}
+        for entry in self.state.load():
+            try:
+                spec = TunnelSpec.from_entry(entry)
+            except ControlError as e:
+                log.error("state file %s: tunnel %s skipped: %s", self.state.path,
+                          entry_name(entry), e)
+                continue
+            wanted[spec.name] = spec
+        removed = [t for t in self.tunnels.values() if wanted.get(t.name) != t.spec]
+        for tunnel in removed:
+            self.remove(tunnel)
+        added = 0
+        for name, spec in wanted.items():
+            if name in self.tunnels:
+                continue
+            try:
+                self.add_spec(spec)
+                added += 1
+            except ControlError as e:
+                log.error("state file %s: tunnel %s not added: %s", self.state.path, name, e)
+        log.info("state file re-read: %d tunnels removed, %d added, %d unchanged",
+                 len(removed), added, len(self.tunnels) - added)
+
     def add_tunnel(self, entry):
-        spec = TunnelSpec.from_entry(entry)
+        self.add_spec(TunnelSpec.from_entry(entry))
+
+    def add_spec(self, spec):
         self.check_free(spec)
         try:
             device = self.open_device(spec, self.offloads.tun_flags)
@@ -1085,14 +1395,29 @@ class Server:
         finally:
             tunnel.close()
 
-    def list(self, entries, sender):
+    def list(self, request, sender):
+        """Every tunnel with its counts, in parts that each fit in one datagram."""
+        parts, size = [[]], 0
+        for tunnel in self.tunnels.values():
+            described = tunnel.describe()
+            length = len(json.dumps(described))
+            if parts[-1] and size + length > LIST_PART_BYTES:
+                parts.append([])
+                size = 0
+            parts[-1].append(described)
+            size += length
+        if request.part >= len(parts):
+            raise ControlError("no part %d: the list has %d parts" % (request.part, len(parts)))
         return {
             "ok": True,
             "op": "list",
+            "part": request.part,
+            "parts": len(parts),
             "dataPort": self.data_port,
             "uptime": round(time.time() - self.started, 3),
             "drops": dict(self.drops),
-            "tunnels": [tunnel.describe() for tunnel in self.tunnels.values()],
+            "control": dict(self.gate.counts),
+            "tunnels": parts[request.part],
         }
 
     def close(self):
@@ -1135,17 +1460,22 @@ def raise_fd_limit():
 
 
 def watch_signals(server):
-    """Turn SIGTERM and SIGINT into a readable fd in the loop, so shutdown is one more event."""
+    """Turn SIGTERM, SIGINT and SIGHUP into a readable fd in the loop, so shutting down
+    and re-reading the state file are events like any other."""
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
 
     def on_signal():
         for signum in reader.recv(BATCH):
-            log.info("%s received, shutting down", signal.Signals(signum).name)
-            server.stop()
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received, re-reading the state file")
+                server.reload_state()
+            else:
+                log.info("%s received, shutting down", signal.Signals(signum).name)
+                server.stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: None)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     server.watch(reader.fileno(), on_signal)
@@ -1159,6 +1489,20 @@ def port(text):
     return value
 
 
+def address(text):
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid address %r" % text) from None
+
+
+def network(text):
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid network %r" % text) from None
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="UDP tunnel proxy server: carries TUN device packets to peers over UDP.")
@@ -1166,6 +1510,15 @@ def parse_args(argv):
                         help="UDP port for tunnel data (default %(default)s)")
     parser.add_argument("-cp", "--controlPort", type=port, default=CONTROL_PORT,
                         help="UDP port for control messages (default %(default)s)")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="accept only control requests authenticated with the shared secret"
+                             " in PATH (mode 600)")
+    parser.add_argument("--control-bind", type=address, default="0.0.0.0", metavar="ADDR",
+                        help="address of the control port (default %(default)s)")
+    parser.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
+                        help="take control requests only from CIDR (and loopback); repeatable")
+    parser.add_argument("--state-file", metavar="PATH",
+                        help="keep the tunnels in PATH: recreated at start-up, re-read on SIGHUP")
     parser.add_argument("--no-offload", dest="offload", action="store_false",
                         help="plain reads and writes: no TUN, GSO or GRO offloads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -1180,13 +1533,21 @@ def main(argv=None):
         print("udpProxyServer: data and control port are both %d" % args.dataPort, file=sys.stderr)
         return 1
     try:
+        secret = read_secret(args.secret_file) if args.secret_file else None
         check_can_create_tun()
         log.debug("open file limit: %d", raise_fd_limit())
-        server = Server.bind(args.dataPort, args.controlPort, args.offload)
+        state = StateFile(args.state_file) if args.state_file else None
+        server = Server.bind(args.dataPort, args.controlPort, args.offload, args.control_bind,
+                             gate=Gate(secret, args.allow), state=state)
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
+    if secret is None:
+        log.warning("no --secret-file: the control port %s:%d takes requests from anyone who"
+                    " can reach it%s", args.control_bind, args.controlPort,
+                    "" if args.allow else " (see also --allow and --control-bind)")
     signal_fds = watch_signals(server)
+    server.restore()
     try:
         server.run()
     finally:

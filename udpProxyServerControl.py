@@ -11,7 +11,11 @@ Exit status: 0 when everything was done, 1 when the daemon refused something,
 
 import argparse
 import datetime
+import hashlib
+import hmac
 import json
+import os
+import secrets
 import socket
 import sys
 import time
@@ -24,6 +28,12 @@ DEFAULT_MTU = 1500
 TIMEOUT = 2.0
 # A reply is one UDP datagram.
 MAX_REPLY = 65535
+# Authenticated requests (--secret-file): HMAC-SHA256 over the kind, time, nonce and
+# payload; the daemon's reply is signed over its kind, our nonce and its payload.
+REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
+REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
+NONCE_BYTES = 16
+MIN_SECRET_LEN = 16
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -36,6 +46,7 @@ examples:
   %(prog)s 172.100.1.1 -o add -n udp0 -t 10.0.0.1 -r 172.100.1.2 -p 5001
   %(prog)s -s 172.100.1.1 -o del -n udp2
   %(prog)s -s 172.100.1.1 -o list
+  %(prog)s -s 172.100.1.1 --secret-file /etc/udpProxyServer/secret -o list
 """
 
 
@@ -67,6 +78,64 @@ class NoReply(Exception):
     """The daemon could not be reached or did not answer in time."""
 
 
+class BadSecret(Exception):
+    """The secret file cannot be used."""
+
+
+def read_secret(path):
+    """The shared secret in path, refused if others could read it."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise BadSecret("cannot read secret file %s: %s" % (path, e.strerror)) from None
+    if mode & 0o077:
+        raise BadSecret("secret file %s is readable by group or others (mode %03o): chmod 600 it"
+                        % (path, mode & 0o777))
+    if len(secret) < MIN_SECRET_LEN:
+        raise BadSecret("secret file %s holds %d bytes; it needs at least %d"
+                        % (path, len(secret), MIN_SECRET_LEN))
+    return secret
+
+
+class Session:
+    """How requests go out and replies are believed: plain, or sealed with the secret."""
+
+    def __init__(self, secret=None, clock=time.time):
+        self.secret = secret
+        self.clock = clock
+        self.nonce = None
+
+    def seal(self, message):
+        payload = json.dumps(message)
+        if self.secret is None:
+            return payload.encode()
+        ts, self.nonce = int(self.clock()), secrets.token_hex(NONCE_BYTES)
+        text = REQUEST_MAC_PREFIX + b"%d\n%s\n%s" % (ts, self.nonce.encode(), payload.encode())
+        mac = hmac.new(self.secret, text, hashlib.sha256).hexdigest()
+        return json.dumps({"auth": {"ts": ts, "nonce": self.nonce, "mac": mac},
+                           "payload": payload}).encode()
+
+    def open(self, reply):
+        """The reply to believe, or None. With a secret, an unsigned reply is believed
+        only when it reports a failure: a forger could do no more than that."""
+        if self.secret is None or "auth" not in reply:
+            return reply if self.secret is None or reply.get("ok") is False else None
+        auth, payload = reply.get("auth"), reply.get("payload")
+        if not isinstance(auth, dict) or not isinstance(payload, str) or auth.get("nonce") != self.nonce:
+            return None
+        text = REPLY_MAC_PREFIX + b"%s\n%s" % (self.nonce.encode(), payload.encode())
+        expected = hmac.new(self.secret, text, hashlib.sha256).hexdigest()
+        if not isinstance(auth.get("mac"), str) or not hmac.compare_digest(expected, auth["mac"]):
+            return None
+        try:
+            opened = json.loads(payload)
+        except ValueError:
+            return None
+        return opened if isinstance(opened, dict) else None
+
+
 def resolve(host, port):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -76,21 +145,37 @@ def resolve(host, port):
     return family, address
 
 
-def send_request(server, port, message, timeout):
+def send_request(server, port, message, timeout, session=None):
     """Send message to the daemon; return its reply as a dict, or None when not waiting."""
+    session = session or Session()
     family, address = resolve(server, port)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:
-            sock.sendto(json.dumps(message).encode(), address)
+            sock.sendto(session.seal(message), address)
         except OSError as e:
             raise NoReply("cannot send to %s port %d: %s" % (server, port, e.strerror)) from None
         if timeout == 0:
             return None
-        return wait_for_reply(sock, port, timeout)
+        return wait_for_reply(sock, port, timeout, session)
 
 
-def wait_for_reply(sock, port, timeout):
-    """The first JSON object that comes back from the control port before the deadline."""
+def fetch_list(server, port, timeout, session):
+    """The whole list, asked for part by part: each part fits in one datagram."""
+    reply = send_request(server, port, {"op": "list"}, timeout, session)
+    tunnels = list(reply.get("tunnels", []))
+    for part in range(1, reply.get("parts", 1) if reply.get("ok") else 1):
+        more = send_request(server, port, {"op": "list", "part": part}, timeout, session)
+        if not more.get("ok"):
+            return more
+        tunnels += more.get("tunnels", [])
+    reply["tunnels"] = tunnels
+    reply.pop("part", None)
+    reply.pop("parts", None)
+    return reply
+
+
+def wait_for_reply(sock, port, timeout, session):
+    """The first reply to believe that comes back from the control port before the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -111,7 +196,9 @@ def wait_for_reply(sock, port, timeout):
         except ValueError:
             continue
         if isinstance(reply, dict):
-            return reply
+            reply = session.open(reply)
+            if reply is not None:
+                return reply
 
 
 # --- Printing -----------------------------------------------------------------
@@ -128,6 +215,8 @@ def format_reply(reply):
             lines.append("%s: %s done" % (result.get("name"), reply.get("op")))
         else:
             lines.append("%s: error: %s" % (result.get("name"), result.get("error")))
+    if reply.get("warning"):
+        lines.append("warning: %s" % reply["warning"])
     return "\n".join(lines)
 
 
@@ -160,6 +249,9 @@ def format_table(reply, now=None):
     drops = reply.get("drops")
     if drops:
         lines.append("dropped by the daemon: %s" % format_drops(drops))
+    control = reply.get("control")
+    if control:
+        lines.append("control port: %s" % format_drops(control))
     return "\n".join(lines)
 
 
@@ -222,6 +314,9 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
                         help="seconds to wait for the reply; 0 sends without waiting"
                              " (default %(default)s)")
+    parser.add_argument("--secret-file", metavar="PATH",
+                        help="authenticate with the shared secret in PATH (mode 600), as the"
+                             " daemon's --secret-file")
     parser.add_argument("--json", action="store_true", help="print the reply as it came")
     args = parser.parse_args(argv)
 
@@ -241,7 +336,15 @@ def main(argv=None):
     args = parse_args(argv)
     message = build_message(args)
     try:
-        reply = send_request(args.server, args.port, message, args.timeout)
+        session = Session(read_secret(args.secret_file) if args.secret_file else None)
+    except BadSecret as e:
+        print("udpProxyServerControl: %s" % e, file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.operation == "list" and args.timeout:
+            reply = fetch_list(args.server, args.port, args.timeout, session)
+        else:
+            reply = send_request(args.server, args.port, message, args.timeout, session)
     except NoReply as e:
         print("udpProxyServerControl: %s:%d: %s" % (args.server, args.port, e), file=sys.stderr)
         return EXIT_NO_REPLY

@@ -70,10 +70,10 @@ def test_names_the_kernel_would_refuse_or_rewrite(name):
 @settings(max_examples=300, deadline=None)
 def test_parser_refuses_any_bytes_with_control_error_only(datagram):
     try:
-        op, entries = parse_request(datagram)
+        request = parse_request(datagram)
     except ControlError:
         return
-    assert isinstance(op, str) and isinstance(entries, list)
+    assert isinstance(request.op, str) and isinstance(request.entries, list)
 
 
 json_values = st.recursive(
@@ -88,7 +88,8 @@ entries = st.fixed_dictionaries({}, optional={k: json_values | st.text(max_size=
 @settings(max_examples=300, deadline=None)
 def test_any_json_request_gets_an_answer(op, tunnels):
     with fake_server() as (server, _):
-        reply = server.answer(json.dumps({"op": op, "tunnel": tunnels}).encode(), ("127.0.0.1", 9))
+        reply, _ = server.answer(json.dumps({"op": op, "tunnel": tunnels}).encode(),
+                                 ("127.0.0.1", 9))
     assert isinstance(reply["ok"], bool)
     assert reply["ok"] or reply["error"]
 
@@ -138,7 +139,7 @@ def server():
 
 def add_loopback_tunnel(server, peer):
     """A tunnel to a peer socket on loopback, told apart by its port."""
-    reply = server.answer(json.dumps({"op": "add", "tunnel": [{
+    reply, _ = server.answer(json.dumps({"op": "add", "tunnel": [{
         "name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
         "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
     assert reply == {"ok": True, "op": "add", "results": [{"name": "udp2", "ok": True}]}
@@ -195,7 +196,7 @@ def test_datagrams_from_unknown_sources_are_counted(server):
 def test_device_that_cannot_be_created_is_an_error_reply(server):
     server, devices = server
     devices.fail_with = errno.EBUSY
-    reply = server.answer(b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
+    reply, _ = server.answer(b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
                           b' "remoteServer": "198.18.0.2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] is False
     assert reply["results"][0]["error"] == "cannot create device 'udp2': Device or resource busy"
@@ -206,7 +207,7 @@ def test_del_unregisters_and_closes_the_device(server):
     server, devices = server
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-    reply = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
+    reply, _ = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] and tunnel.fd not in server.handlers
     assert tunnel.device.fileno() == -1
 
