@@ -1217,10 +1217,10 @@ class Server:
             if not gate.admits(ip):
                 counts["not_allowed"] += 1
                 continue
+            reply, nonce = self.answer(datagram, sender)
             if not gate.may_reply(ip):
                 counts["rate_limited"] += 1
                 continue
-            reply, nonce = self.answer(datagram, sender)
             sealed = gate.seal(json.dumps(reply), nonce)
             if len(sealed) > MAX_REPLY:
                 sealed = gate.seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
