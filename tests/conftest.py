@@ -26,3 +26,19 @@ def pair(lab):
     a.add_tunnel("udp2", "10.0.1.1", b)
     b.add_tunnel("udp1", "10.0.1.2", a)
     return a, b
+
+
+FIGURES = []
+
+
+@pytest.fixture
+def figures(request):
+    """Record a line of figures a fault test measured; the run prints them at its end."""
+    return lambda line: FIGURES.append("%s: %s" % (request.node.name, line))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures the fault tests measured")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

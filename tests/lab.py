@@ -188,15 +188,18 @@ class Host:
             argv += ["-I", source]
         return self.run(*argv, destination, check=False).returncode == 0
 
-    def request(self, message, port=5001):
-        """Send one control datagram (bytes, or a dict as JSON) and return the reply dict."""
+    def request(self, message, port=5001, to="127.0.0.1", wait=PATIENCE):
+        """Send one control datagram (bytes, or a dict as JSON) and return the reply dict,
+        or None when none came within wait seconds."""
         raw = message if isinstance(message, bytes) else json.dumps(message).encode()
         code = ("import socket,sys\n"
                 "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-                "s.settimeout(%d)\n"
-                "s.sendto(bytes.fromhex(sys.stdin.read()),('127.0.0.1',%d))\n"
-                "sys.stdout.write(s.recv(65535).decode())\n" % (PATIENCE, port))
-        return json.loads(self.run(sys.executable, "-c", code, input=raw.hex()).stdout)
+                "s.settimeout(%r)\n"
+                "s.sendto(bytes.fromhex(sys.stdin.read()),(%r,%d))\n"
+                "try: sys.stdout.write(s.recv(65535).decode())\n"
+                "except socket.timeout: pass\n" % (wait, to, port))
+        out = self.run(sys.executable, "-c", code, input=raw.hex()).stdout
+        return json.loads(out) if out else None
 
     def send_udp(self, destination, port, payloads):
         """Send raw datagrams from this host."""

@@ -1,0 +1,75 @@
+"""Send a bounded barrage of random and malformed datagrams, then print what was sent.
+
+    barrage.py control|data ADDRESS PORT COUNT SEED
+
+control: broken JSON, wrong types, fake envelopes, deep nesting and plain noise;
+data: noise, datagrams too short for a packet, and a PI header before noise.
+Prints "<datagrams sent> <seconds>".
+"""
+
+import json
+import random
+import socket
+import sys
+import time
+
+# Fields a request may have, and values of every type to put in them. No value names a
+# tunnel under test: a daemon without a secret rightly obeys a well-formed del.
+FIELDS = ("op", "tunnel", "part", "auth", "payload", "name", "tunnelIP", "netmask", "mtu",
+          "remoteServer", "remotePort")
+VALUES = (None, True, -1, 0, 1500, 70000, 2**64, 1.5, "", "add", "del", "list", "udp9",
+          "10.0.1.1", "255.255.255.252", "198.18.0.2", "x" * 300, [], {}, [1, "a"])
+
+
+def control_datagram(rnd):
+    kind = rnd.randrange(6)
+    if kind == 0:
+        return rnd.randbytes(rnd.randrange(0, 1500))
+    if kind == 1:
+        text = json.dumps(request(rnd))
+        return text[:rnd.randrange(len(text) + 1)].encode()
+    if kind == 2:
+        depth = rnd.randrange(1, 5000)
+        return b"[" * depth + b"]" * rnd.randrange(depth + 1)
+    if kind == 3:
+        auth = {"ts": rnd.choice(VALUES + (int(time.time()),)), "nonce": rnd.randbytes(16).hex(),
+                "mac": rnd.randbytes(32).hex()}
+        return json.dumps({"auth": auth, "payload": json.dumps(request(rnd))}).encode()
+    return json.dumps(request(rnd)).encode()
+
+
+def request(rnd):
+    tunnel = {rnd.choice(FIELDS): rnd.choice(VALUES) for _ in range(rnd.randrange(8))}
+    message = {rnd.choice(FIELDS): rnd.choice(VALUES) for _ in range(rnd.randrange(3))}
+    message.setdefault("op", rnd.choice(("add", "del", "list", "move")))
+    message["tunnel"] = rnd.choice(([tunnel], tunnel, [tunnel, 5], "udp2"))
+    return message
+
+
+def data_datagram(rnd):
+    kind = rnd.randrange(3)
+    if kind == 0:
+        return rnd.randbytes(rnd.randrange(0, 5))
+    if kind == 1:
+        return b"\x00\x00\x08\x00" + rnd.randbytes(rnd.randrange(0, 1400))
+    return rnd.randbytes(rnd.randrange(0, 1500))
+
+
+def main(mode, address, port, count, seed):
+    rnd = random.Random(int(seed))
+    make = control_datagram if mode == "control" else data_datagram
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    started, sent = time.monotonic(), 0
+    for index in range(int(count)):
+        try:
+            sock.sendto(make(rnd), (address, int(port)))
+            sent += 1
+        except OSError:  # e.g. ENOBUFS: not sent, not counted
+            pass
+        if index % 64 == 63:
+            time.sleep(0.0002)  # let the target read some, so it parses more than it drops
+    print(sent, round(time.monotonic() - started, 2))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

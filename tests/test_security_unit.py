@@ -1,0 +1,148 @@
+"""Control-port security and the state file, without root."""
+
+import json
+import logging
+import os
+
+import pytest
+
+import udpProxyServer as ups
+import udpProxyServerControl as ctl
+from udpProxyServer import ControlError, Gate, StateFile
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+NOW = 1795000000.0
+
+
+def sealed(message, secret=SECRET, at=NOW):
+    session = ctl.Session(secret, clock=lambda: at)
+    return session.seal(message), session
+
+
+def test_an_authenticated_request_is_opened_and_its_reply_sealed_for_the_sender():
+    gate = Gate(SECRET, clock=lambda: NOW)
+    datagram, session = sealed({"op": "list"})
+    request, nonce = gate.open(datagram)
+    assert request == {"op": "list"} and nonce == session.nonce
+    reply = json.loads(gate.seal(json.dumps({"ok": True, "op": "list"}), nonce))
+    assert session.open(reply) == {"ok": True, "op": "list"}
+
+
+@pytest.mark.parametrize("datagram, complaint", [
+    (sealed({"op": "list"}, secret=b"another secret, 32 bytes long!!!")[0], "authentication failed"),
+    (sealed({"op": "list"}, at=NOW - 31)[0], "stale request: its time is -31 s from ours"),
+    (sealed({"op": "list"}, at=NOW + 31)[0], "stale request"),
+    (b'{"op": "list"}', "authentication required"),
+    (b'{"auth": {"ts": 1, "nonce": "x", "mac": "y"}, "payload": "{}"}', "auth needs ts"),
+    (b'{"auth": {}, "payload": 5}', "an envelope holds"),
+    (b'{"auth": {}, "payload": "{}", "extra": 1}', "unknown field 'extra' in envelope"),
+])
+def test_requests_that_are_not_authentic_are_refused(datagram, complaint):
+    with pytest.raises(ControlError, match=complaint):
+        Gate(SECRET, clock=lambda: NOW).open(datagram)
+
+
+def test_a_replayed_request_is_refused():
+    gate = Gate(SECRET, clock=lambda: NOW)
+    datagram, _ = sealed({"op": "list"})
+    gate.open(datagram)
+    with pytest.raises(ControlError, match="replayed request"):
+        gate.open(datagram)
+
+
+def test_nonces_are_forgotten_once_their_window_is_past():
+    clock = [NOW]
+    gate = Gate(SECRET, clock=lambda: clock[0])
+    for _ in range(5):
+        gate.open(sealed({"op": "list"}, at=clock[0])[0])
+    clock[0] += 2 * ups.AUTH_WINDOW
+    gate.check_fresh(int(clock[0]), "f" * 32)
+    assert len(gate.nonces) == 6
+    ups.MAX_NONCES, saved = 3, ups.MAX_NONCES
+    try:
+        gate.check_fresh(int(clock[0]), "e" * 32)
+    finally:
+        ups.MAX_NONCES = saved
+    assert set(gate.nonces) == {"f" * 32, "e" * 32}
+
+
+def test_without_a_secret_plain_requests_pass_and_envelopes_are_refused():
+    gate = Gate()
+    assert gate.open(b'{"op": "list"}') == ({"op": "list"}, None)
+    with pytest.raises(ControlError, match="no secret"):
+        gate.open(sealed({"op": "list"})[0])
+
+
+def test_the_control_script_believes_an_unsigned_reply_only_when_it_reports_failure():
+    session = ctl.Session(SECRET)
+    session.seal({"op": "list"})
+    assert session.open({"ok": False, "error": "authentication failed"})["ok"] is False
+    assert session.open({"ok": True, "op": "list", "tunnels": []}) is None
+    forged = {"auth": {"nonce": session.nonce, "mac": "0" * 64}, "payload": '{"ok": true}'}
+    assert session.open(forged) is None
+
+
+def test_replies_are_limited_per_source():
+    clock = [NOW]
+    gate = Gate(clock=lambda: clock[0])
+    granted = sum(gate.may_reply("198.18.0.3") for _ in range(ups.REPLY_BURST + 50))
+    assert granted == ups.REPLY_BURST
+    assert gate.may_reply("198.18.0.4")  # another source has its own budget
+    clock[0] += 1
+    assert sum(gate.may_reply("198.18.0.3") for _ in range(ups.REPLY_RATE + 50)) == ups.REPLY_RATE
+
+
+def test_the_allow_list_admits_its_networks_and_loopback_only():
+    gate = Gate(allow=[ups.ipaddress.IPv4Network("198.18.0.0/30")])
+    assert gate.admits("198.18.0.2") and gate.admits("127.0.0.1")
+    assert not gate.admits("198.18.0.5")
+    assert Gate().admits("198.18.0.5") and not Gate().trusted("198.18.0.5")
+
+
+@pytest.mark.parametrize("read", [ups.read_secret, ctl.read_secret])
+def test_a_secret_file_others_can_read_is_refused(tmp_path, read):
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET + b"\n")
+    path.chmod(0o644)
+    with pytest.raises(Exception, match="readable by group or others \\(mode 644\\): chmod 600"):
+        read(str(path))
+    path.chmod(0o600)
+    assert read(str(path)) == SECRET
+    path.write_bytes(b"short")
+    with pytest.raises(Exception, match="holds 5 bytes; it needs at least 16"):
+        read(str(path))
+
+
+ENTRY = {"name": "udp2", "tunnelIP": "10.0.1.1", "netmask": "255.255.255.252", "mtu": 1400,
+         "remoteServer": "198.18.0.2"}
+
+
+def test_the_state_file_keeps_what_was_saved(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    assert state.load() == []
+    state.save([ENTRY])
+    assert state.load() == [ENTRY]
+    assert not os.path.exists(state.path + ".tmp")
+
+
+def test_a_corrupt_state_file_is_said_and_kept(tmp_path, caplog):
+    path = tmp_path / "state.json"
+    path.write_text('{"version": 1, "tunnels": [{"name": "ud')
+    with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
+        assert StateFile(str(path)).load() == []
+    assert "is corrupt" in caplog.text and "starting without its tunnels" in caplog.text
+    kept, = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert kept.read_text() == path.read_text()
+
+
+def test_a_state_file_with_a_bad_entry_gives_the_good_ones(tmp_path, caplog):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "tunnels": [ENTRY, 42]}))
+    with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
+        assert StateFile(str(path)).load() == [ENTRY]
+    assert "1 entries are not objects" in caplog.text
+
+
+def test_spec_entry_round_trips():
+    spec = ups.TunnelSpec.from_entry(dict(ENTRY, remotePort=6000, mtu="1400"))
+    assert ups.TunnelSpec.from_entry(spec.entry()) == spec
