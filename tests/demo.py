@@ -36,8 +36,9 @@ def main():
     try:
         say("udpProxyServer demo: three hosts in network namespaces %s-*" % lab.prefix)
         say("Hosts on an underlay switch (198.18.0.0/24), each with a LAN on a local bridge;")
-        say("daemons started, tunnels added from minion-1, routes added on each host:")
-        hosts = lablib.build_mesh(lab)
+        say("daemons started with a shared secret, tunnels added from minion-1, routes added:")
+        secret = lablib.write_secret(lab)
+        hosts = lablib.build_mesh(lab, secret_file=secret)
         say()
         say("Ping from every LAN to every other (average RTT of 3 pings):")
         labels = ["%s (%s)" % (h.name, h.lan) for h in hosts]
@@ -56,7 +57,14 @@ def main():
             say("  " + label.ljust(first) + "".join(cell.ljust(14) for cell in cells))
         say()
         say("Tunnels of minion-1, as udpProxyServerControl.py -o list shows them:")
-        say(hosts[0].control("-s", hosts[0].address, "-o", "list").stdout.rstrip())
+        say(hosts[0].control("-s", hosts[0].address, "--secret-file", secret,
+                             "-o", "list").stdout.rstrip())
+        say()
+        say("Requests without the secret are refused: on the host itself with the reason,")
+        say("from another host without a reply (none larger than the request goes out):")
+        for host, server in ((hosts[0], "127.0.0.1"), (hosts[2], hosts[0].address)):
+            result = host.control("-s", server, "-o", "del", "-n", "udp2", check=False)
+            say((result.stdout + result.stderr).rstrip() + "  (exit %d)" % result.returncode)
         say()
         pairs = len(hosts) * (len(hosts) - 1)
         if failures:
