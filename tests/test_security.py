@@ -122,3 +122,10 @@ def test_a_long_list_comes_in_parts_and_whole(lab, secret_file):
     assert sorted(names) == sorted(t["name"] for t in tunnels)
     table = a.control("127.0.0.1", "--secret-file", secret_file, "-o", "list").stdout
     assert len(table.splitlines()) >= 401
+
+
+def test_control_bind_keeps_the_port_off_the_network(lab):
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon("--control-bind", "127.0.0.1")
+    assert a.control("127.0.0.1", "-o", "list").returncode == 0
+    assert b.control("-s", a.address, "-o", "list", "--timeout", "1", check=False).returncode == 3

@@ -5,6 +5,7 @@ import logging
 import os
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import udpProxyServer as ups
 import udpProxyServerControl as ctl
@@ -146,3 +147,19 @@ def test_a_state_file_with_a_bad_entry_gives_the_good_ones(tmp_path, caplog):
 def test_spec_entry_round_trips():
     spec = ups.TunnelSpec.from_entry(dict(ENTRY, remotePort=6000, mtu="1400"))
     assert ups.TunnelSpec.from_entry(spec.entry()) == spec
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3), max_leaves=8)
+
+
+@given(st.dictionaries(st.sampled_from(["ts", "nonce", "mac", "x"]), json_values, max_size=4),
+       json_values)
+@settings(max_examples=300, deadline=None)
+def test_any_envelope_is_opened_or_refused_with_control_error(auth, payload):
+    datagram = json.dumps({"auth": auth, "payload": payload}).encode()
+    for gate in (Gate(SECRET, clock=lambda: NOW), Gate()):
+        with pytest.raises(ControlError):
+            gate.open(datagram)
