@@ -36,6 +36,12 @@ try:
     import pytun
 except ImportError:  # reported by main(); the parser and tests work without it
     pytun = None
+try:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+except ImportError:  # needed only for IPv6 tunnel addresses and routes, and said so then
+    IPRoute = None
+    NetlinkError = OSError
 
 __version__ = "2.0.0"
 
@@ -43,6 +49,14 @@ DATA_PORT = 5000
 CONTROL_PORT = 5001
 DEFAULT_NETMASK = "255.255.255.252"
 DEFAULT_MTU = 1500
+# An IPv6 tunnel address without a prefix length gets the usual subnet size.
+DEFAULT_IPV6_PREFIX = 64
+# RFC 8200: IPv6 needs links of at least 1280 bytes; the kernel turns IPv6 off below.
+MIN_IPV6_MTU = 1280
+# Routes one tunnel may carry: more than a mesh of any size needs.
+MAX_ROUTES = 1000
+# Where both sockets listen by default: every address of both families.
+BIND_ANY = "::"
 
 # struct tun_pi (flags, EtherType) heads every packet of a TUN opened without
 # IFF_NO_PI; the 2015 version put it on the wire, so we keep it for interop.
@@ -79,6 +93,8 @@ REPLY_RATE, REPLY_BURST = 100, 200
 MAX_SOURCES = 4096
 # Packets or requests a handler takes per wake-up, so one busy fd cannot starve the rest.
 BATCH = 64
+# linux/if_addr.h: an address we give a tunnel is ours at once, without duplicate detection.
+IFA_F_NODAD = 0x02
 # CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
 CAP_NET_ADMIN = 12
 # Socket buffers, set with SO_*BUFFORCE as root: a burst of 64 KB super-packets must not overflow them.
@@ -110,7 +126,7 @@ PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
 TCP, UDP = 6, 17
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 
-TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort")
+TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes")
 REQUEST_FIELDS = ("op", "tunnel", "part")
 ENVELOPE_FIELDS = ("auth", "payload")
 AUTH_FIELDS = ("ts", "nonce", "mac")
@@ -194,20 +210,29 @@ def parse_address(value, field):
     if not isinstance(value, str):
         raise ControlError("invalid %s %r: must be a string" % (field, value))
     try:
-        return ipaddress.IPv4Address(value)
+        return ipaddress.ip_address(value)
     except ValueError:
-        raise ControlError("invalid %s %r: not an IPv4 address" % (field, value)) from None
+        raise ControlError("invalid %s %r: not an IP address" % (field, value)) from None
 
 
 def parse_interface(address, netmask):
-    """The tunnel's own address and prefix, from tunnelIP and a dotted netmask or a prefix length."""
+    """The tunnel's own address and prefix: IPv4 with a dotted netmask or a prefix length
+    (the 2015 way), or IPv6 with its prefix length in tunnelIP or in netmask."""
+    if isinstance(address, str) and "/" in address:
+        if netmask is not None:
+            raise ControlError("tunnelIP %r has a prefix length: give no netmask" % address)
+        address, netmask = address.split("/", 1)
     ip = parse_address(address, "tunnelIP")
+    if netmask is None:
+        netmask = DEFAULT_NETMASK if ip.version == 4 else str(DEFAULT_IPV6_PREFIX)
     if isinstance(netmask, int) and not isinstance(netmask, bool):
         netmask = str(netmask)
     if not isinstance(netmask, str):
         raise ControlError("invalid netmask %r: must be a string" % (netmask,))
+    if ip.version == 6 and not netmask.isdigit():
+        raise ControlError("invalid netmask %r: an IPv6 tunnel takes a prefix length" % netmask)
     try:
-        interface = ipaddress.IPv4Interface("%s/%s" % (ip, netmask))
+        interface = ipaddress.ip_interface("%s/%s" % (ip, netmask))
     except ValueError:
         raise ControlError("invalid netmask %r" % (netmask,)) from None
     # ipaddress also reads host masks such as 0.0.0.3; a netmask must be one.
@@ -215,11 +240,11 @@ def parse_interface(address, netmask):
         raise ControlError("invalid netmask %r" % (netmask,))
     if interface.network.prefixlen == 0:
         raise ControlError("invalid netmask %r: the tunnel would take every address" % (netmask,))
-    if interface.network.prefixlen <= 30 and ip in (interface.network.network_address,
-                                                     interface.network.broadcast_address):
+    if (ip.version == 4 and interface.network.prefixlen <= 30
+            and ip in (interface.network.network_address, interface.network.broadcast_address)):
         raise ControlError("invalid tunnelIP %r: it is not a host address of %s"
                            % (address, interface.network))
-    if ip.is_multicast or ip.is_unspecified or ip.is_loopback:
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
         raise ControlError("invalid tunnelIP %r" % (address,))
     return interface
 
@@ -239,8 +264,9 @@ def parse_mtu(value):
 
 def parse_remote(value):
     remote = parse_address(value, "remoteServer")
-    if remote.is_unspecified or remote.is_multicast or remote == ipaddress.IPv4Address("255.255.255.255"):
-        raise ControlError("invalid remoteServer %r: not a host address" % (value,))
+    if (remote.is_unspecified or remote.is_multicast or remote.is_link_local
+            or remote == ipaddress.IPv4Address("255.255.255.255")):
+        raise ControlError("invalid remoteServer %r: not a routable host address" % (value,))
     return remote
 
 
@@ -250,15 +276,33 @@ def parse_port(value):
     return value
 
 
+def parse_routes(value):
+    """The networks to route through the tunnel, e.g. ["192.168.2.0/24", "fd00:2::/64"]."""
+    if not isinstance(value, list) or not all(isinstance(route, str) for route in value):
+        raise ControlError("invalid routes %r: must be a list of networks" % (value,))
+    if len(value) > MAX_ROUTES:
+        raise ControlError("%d routes: at most %d a tunnel" % (len(value), MAX_ROUTES))
+    routes = []
+    for route in value:
+        try:
+            network = ipaddress.ip_network(route)
+        except ValueError as e:
+            raise ControlError("invalid route %r: %s" % (route, e)) from None
+        if network not in routes:
+            routes.append(network)
+    return tuple(routes)
+
+
 @dataclasses.dataclass(frozen=True)
 class TunnelSpec:
     """One tunnel as asked for, every field checked."""
 
     name: str
-    interface: ipaddress.IPv4Interface
+    interface: object  # ipaddress.IPv4Interface or IPv6Interface
     mtu: int
-    remote: ipaddress.IPv4Address
+    remote: object  # ipaddress.IPv4Address or IPv6Address
     remote_port: int = None  # None: the peer's data port is ours
+    routes: tuple = ()  # networks the daemon routes through the tunnel
 
     @classmethod
     def from_entry(cls, entry):
@@ -266,27 +310,37 @@ class TunnelSpec:
             if field not in entry:
                 raise ControlError("missing field %r" % field)
         port = entry.get("remotePort")
-        return cls(
+        spec = cls(
             name=parse_name(entry["name"]),
-            interface=parse_interface(entry["tunnelIP"], entry.get("netmask", DEFAULT_NETMASK)),
+            interface=parse_interface(entry["tunnelIP"], entry.get("netmask")),
             mtu=parse_mtu(entry.get("mtu", DEFAULT_MTU)),
             remote=parse_remote(entry["remoteServer"]),
             remote_port=None if port is None else parse_port(port),
+            routes=parse_routes(entry.get("routes", [])),
         )
+        if spec.interface.version == 6 and spec.mtu < MIN_IPV6_MTU:
+            raise ControlError("mtu %d is too small for IPv6 (at least %d)"
+                               % (spec.mtu, MIN_IPV6_MTU))
+        return spec
 
     def entry(self):
         """The tunnel as a control message and the state file give it."""
-        entry = {"name": self.name, "tunnelIP": str(self.interface.ip),
-                 "netmask": str(self.interface.netmask), "mtu": self.mtu,
-                 "remoteServer": str(self.remote)}
+        if self.interface.version == 4:
+            entry = {"name": self.name, "tunnelIP": str(self.interface.ip),
+                     "netmask": str(self.interface.netmask)}
+        else:
+            entry = {"name": self.name, "tunnelIP": str(self.interface)}
+        entry.update(mtu=self.mtu, remoteServer=str(self.remote))
         if self.remote_port is not None:
             entry["remotePort"] = self.remote_port
+        if self.routes:
+            entry["routes"] = [str(route) for route in self.routes]
         return entry
 
     @property
-    def remote_key(self):
-        """How incoming datagrams find this tunnel: by source IP, and port if one is set."""
-        return (str(self.remote), self.remote_port)
+    def needs_netlink(self):
+        """pytun sets IPv4 addresses by ioctl; IPv6 addresses and routes take netlink."""
+        return self.interface.version == 6 or bool(self.routes)
 
 
 def entry_name(entry):
@@ -624,8 +678,9 @@ def open_tun(spec, offload_flags=0):
     try:
         if offload_flags:
             fcntl.ioctl(device.fileno(), TUNSETOFFLOAD, offload_flags)
-        device.addr = str(spec.interface.ip)
-        device.netmask = str(spec.interface.netmask)
+        if spec.interface.version == 4:
+            device.addr = str(spec.interface.ip)
+            device.netmask = str(spec.interface.netmask)
         device.mtu = spec.mtu
         device.up()
         os.set_blocking(device.fileno(), False)
@@ -659,12 +714,13 @@ class Tunnel:
     """A TUN device that reads and writes the wire format as it is (PI header and
     packet), the peer it is joined to, and the counts of what crossed."""
 
-    def __init__(self, spec, device, sock, data_port, scratch):
+    def __init__(self, spec, device, sock, peer, scratch):
         self.spec = spec
         self.device = device
         self.fd = device.fileno()
+        self.index = None  # the device's interface index, once netlink has used it
         self.sock = sock
-        self.peer = (str(spec.remote), spec.remote_port or data_port)
+        self.peer = peer  # (address as the data socket names it, port)
         self.scratch = scratch
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.last_rx = self.last_tx = None
@@ -761,9 +817,11 @@ class Tunnel:
             "name": spec.name,
             "tunnelIP": str(spec.interface.ip),
             "netmask": str(spec.interface.netmask),
+            "prefixlen": spec.interface.network.prefixlen,
             "mtu": spec.mtu,
-            "remoteServer": self.peer[0],
+            "remoteServer": str(spec.remote),
             "remotePort": self.peer[1],
+            "routes": [str(route) for route in spec.routes],
             "rx_packets": self.rx_packets,
             "rx_bytes": self.rx_bytes,
             "tx_packets": self.tx_packets,
@@ -782,8 +840,8 @@ class OffloadTunnel(Tunnel):
     (virtio header first). On the wire nothing changes: each is cut into datagrams of
     one packet each, sent with UDP GSO, and received ones are joined again."""
 
-    def __init__(self, spec, device, sock, data_port, scratch, offloads):
-        super().__init__(spec, device, sock, data_port, scratch)
+    def __init__(self, spec, device, sock, peer, scratch, offloads):
+        super().__init__(spec, device, sock, peer, scratch)
         self.offloads = offloads
         self.small_len = self.small_stride = 0
         self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
@@ -945,7 +1003,7 @@ class Gate:
         return not self.allow or self.trusted(ip)
 
     def trusted(self, ip):
-        address = ipaddress.ip_address(ip)
+        address = plain_address(ip)
         return address.is_loopback or any(address in network for network in self.allow)
 
     def may_reply(self, ip):
@@ -1014,6 +1072,12 @@ class Gate:
         return json.dumps({"auth": auth, "payload": payload}).encode()
 
 
+def plain_address(host):
+    """The address a socket reports, an IPv4 one seen on a dual-stack socket as itself."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 def is_hex(value, length):
     return (isinstance(value, str) and len(value) == length
             and all(c in "0123456789abcdef" for c in value))
@@ -1077,13 +1141,24 @@ class StartupError(Exception):
     """The daemon cannot start; the text is the one line the user sees."""
 
 
-def bind_udp(port, what, address="0.0.0.0"):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def bind_udp(port, what, address=BIND_ANY):
+    """A UDP socket on address and port; on "::" it takes IPv4 and IPv6 alike."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as e:
+        if address != BIND_ANY:
+            raise StartupError("cannot open an IPv6 socket for %s: %s" % (address, e)) from None
+        family, address = socket.AF_INET, "0.0.0.0"  # a kernel without IPv6
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
         sock.bind((address, port))
     except OSError as e:
         sock.close()
-        raise StartupError("cannot bind %s port %d: %s" % (what, port, e.strerror)) from None
+        where = "" if address in (BIND_ANY, "0.0.0.0") else " on %s" % address
+        raise StartupError("cannot bind %s port %d%s: %s" % (what, port, where, e.strerror)) from None
     sock.setblocking(False)
     return sock
 
@@ -1096,7 +1171,9 @@ class Server:
         self.data_sock = data_sock
         self.control_sock = control_sock
         self.data_port = data_sock.getsockname()[1]
+        self.family = data_sock.family
         self.open_device = open_device
+        self.netlink = None  # a pyroute2 IPRoute, made when first needed
         self.offloads = offloads or Offloads()
         self.gate = gate or Gate()
         self.state = state
@@ -1105,7 +1182,7 @@ class Server:
         self.handlers = {}
         self.retired = set()  # fds closed during the current round of events
         self.tunnels = {}  # name -> Tunnel
-        self.by_remote = {}  # TunnelSpec.remote_key -> Tunnel
+        self.by_remote = {}  # Server.remote_key(spec) -> Tunnel
         self.drops = collections.Counter()  # datagrams no tunnel took
         self.started = time.time()
         self.running = True
@@ -1117,10 +1194,11 @@ class Server:
         self.watch(control_sock.fileno(), self.handle_control)
 
     @classmethod
-    def bind(cls, data_port, control_port, offload=True, control_address="0.0.0.0", **options):
-        data_sock = bind_udp(data_port, "data")
+    def bind(cls, data_port, control_port, offload=True, address=BIND_ANY, control_address=None,
+             **options):
+        data_sock = bind_udp(data_port, "data", address)
         try:
-            control_sock = bind_udp(control_port, "control", control_address)
+            control_sock = bind_udp(control_port, "control", control_address or address)
         except StartupError:
             data_sock.close()
             raise
@@ -1349,21 +1427,71 @@ class Server:
             device = self.open_device(spec, self.offloads.tun_flags)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
+        host, _ = self.remote_key(spec)
+        peer = (host, spec.remote_port or self.data_port)
         if self.offloads.tun_flags:
-            tunnel = OffloadTunnel(spec, device, self.data_sock, self.data_port, self.scratch,
-                                   self.offloads)
+            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.scratch, self.offloads)
         else:
-            tunnel = Tunnel(spec, device, self.data_sock, self.data_port, self.scratch)
+            tunnel = Tunnel(spec, device, self.data_sock, peer, self.scratch)
+        try:
+            self.configure(tunnel)
+        except ControlError:
+            tunnel.close()  # not left half-made: the device and its routes go
+            raise
         self.tunnels[spec.name] = tunnel
-        self.by_remote[spec.remote_key] = tunnel
+        self.by_remote[self.remote_key(spec)] = tunnel
         self.watch(tunnel.fd, lambda: self.forward(tunnel))
         log.info("tunnel %s added: %s -> %s:%d, mtu %d",
                  spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
 
+    def remote_key(self, spec):
+        """How datagrams from the tunnel's peer are known: by the source address as the data
+        socket gives it (an IPv4 one as ::ffff:a.b.c.d on a dual-stack socket), and by
+        the source port too when the tunnel has remotePort."""
+        if self.family == socket.AF_INET6 and spec.remote.version == 4:
+            return "::ffff:%s" % spec.remote, spec.remote_port
+        return str(spec.remote), spec.remote_port
+
+    def configure(self, tunnel):
+        """Give the device what pytun cannot, through netlink: an IPv6 address, and routes."""
+        spec = tunnel.spec
+        if not spec.needs_netlink:
+            return
+        if IPRoute is None:
+            raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
+                               " (pip install pyroute2)")
+        if self.netlink is None:
+            self.netlink = IPRoute()
+        tunnel.index = socket.if_nametoindex(spec.name)
+        if spec.interface.version == 6:
+            try:
+                self.netlink.addr("add", index=tunnel.index, address=str(spec.interface.ip),
+                                  prefixlen=spec.interface.network.prefixlen, flags=IFA_F_NODAD)
+            except NetlinkError as e:
+                raise ControlError("cannot give %s the address %s: %s"
+                                   % (spec.name, spec.interface, e)) from None
+        for route in spec.routes:
+            try:
+                self.netlink.route("add", dst=str(route), oif=tunnel.index)
+            except NetlinkError as e:
+                raise ControlError("cannot route %s through %s: %s" % (route, spec.name, e)) from None
+
+    def unroute(self, tunnel):
+        """Take the tunnel's routes away; what is gone already (the device deleted from
+        outside took them) is no error."""
+        for route in tunnel.spec.routes if tunnel.index else ():
+            try:
+                self.netlink.route("del", dst=str(route), oif=tunnel.index)
+            except NetlinkError:
+                pass
+
     def check_free(self, spec):
         if spec.name in self.tunnels:
             raise ControlError("tunnel name %r already in use" % spec.name)
-        other = self.by_remote.get(spec.remote_key)
+        if spec.remote.version == 6 and self.family != socket.AF_INET6:
+            raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
+                               % spec.remote)
+        other = self.by_remote.get(self.remote_key(spec))
         if other is not None:
             raise ControlError("remoteServer %s already in use by tunnel %r"
                                % (spec.remote, other.name))
@@ -1389,9 +1517,10 @@ class Server:
 
     def remove(self, tunnel):
         del self.tunnels[tunnel.name]
-        del self.by_remote[tunnel.spec.remote_key]
+        del self.by_remote[self.remote_key(tunnel.spec)]
         try:
             self.unwatch(tunnel.fd)
+            self.unroute(tunnel)
         finally:
             tunnel.close()
 
@@ -1428,6 +1557,8 @@ class Server:
         for sock in (self.data_sock, self.control_sock):
             self.unwatch(sock.fileno())
             sock.close()
+        if self.netlink is not None:
+            self.netlink.close()
         self.poller.close()
         log.info("closed %d tunnels", count)
 
@@ -1450,6 +1581,41 @@ def check_can_create_tun():
                            % e.strerror) from None
 
 
+def notify_systemd(state):
+    """Tell systemd how the service is (sd_notify), where it asks: Type=notify sets
+    NOTIFY_SOCKET. No dependency: it is one datagram on a Unix socket."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), path)
+    except OSError as e:
+        log.warning("cannot notify systemd (%s): %s", state, e)
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd: the level as a syslog priority prefix, which the journal reads,
+    and no time stamp, which the journal adds."""
+
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
+
+    def format(self, record):
+        return "<%d>%s" % (self.PRIORITIES.get(record.levelno, 6), super().format(record))
+
+
+def setup_logging(verbose):
+    handler = logging.StreamHandler()
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
 def raise_fd_limit():
     """Every tunnel holds a file descriptor: take all the kernel allows (the usual
     soft limit of 1024 would stop the daemon near a thousand tunnels)."""
@@ -1470,7 +1636,9 @@ def watch_signals(server):
         for signum in reader.recv(BATCH):
             if signum == signal.SIGHUP:
                 log.info("SIGHUP received, re-reading the state file")
+                notify_systemd("RELOADING=1")
                 server.reload_state()
+                notify_systemd("READY=1")
             else:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
                 server.stop()
@@ -1491,21 +1659,34 @@ def port(text):
 
 def address(text):
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.ip_address(text))
     except ValueError:
         raise argparse.ArgumentTypeError("invalid address %r" % text) from None
 
 
 def network(text):
     try:
-        return ipaddress.IPv4Network(text, strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise argparse.ArgumentTypeError("invalid network %r" % text) from None
 
 
+EXAMPLES = """\
+examples:
+  sudo %(prog)s &
+  sudo %(prog)s -dp 5000 -cp 5001 --state-file /var/lib/udpProxyServer/tunnels.json
+  sudo %(prog)s --secret-file /etc/udpProxyServer/secret --allow 172.100.0.0/16
+  sudo %(prog)s -b 2001:db8::1 --no-offload -v
+
+Tunnels are added with udpProxyServerControl.py. SIGTERM and SIGINT close them all
+and exit; SIGHUP re-reads the state file.
+"""
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="UDP tunnel proxy server: carries TUN device packets to peers over UDP.")
+        description="UDP tunnel proxy server: carries TUN device packets to peers over UDP.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-dp", "--dataPort", type=port, default=DATA_PORT,
                         help="UDP port for tunnel data (default %(default)s)")
     parser.add_argument("-cp", "--controlPort", type=port, default=CONTROL_PORT,
@@ -1513,8 +1694,11 @@ def parse_args(argv):
     parser.add_argument("--secret-file", metavar="PATH",
                         help="accept only control requests authenticated with the shared secret"
                              " in PATH (mode 600)")
-    parser.add_argument("--control-bind", type=address, default="0.0.0.0", metavar="ADDR",
-                        help="address of the control port (default %(default)s)")
+    parser.add_argument("-b", "--bind", type=address, default=BIND_ANY, metavar="ADDR",
+                        help="address both ports listen on (default %(default)s: every address,"
+                             " IPv4 and IPv6)")
+    parser.add_argument("--control-bind", type=address, metavar="ADDR",
+                        help="address of the control port (default: that of --bind)")
     parser.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
                         help="take control requests only from CIDR (and loopback); repeatable")
     parser.add_argument("--state-file", metavar="PATH",
@@ -1522,13 +1706,13 @@ def parse_args(argv):
     parser.add_argument("--no-offload", dest="offload", action="store_false",
                         help="plain reads and writes: no TUN, GSO or GRO offloads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     if args.dataPort == args.controlPort:
         print("udpProxyServer: data and control port are both %d" % args.dataPort, file=sys.stderr)
         return 1
@@ -1537,20 +1721,23 @@ def main(argv=None):
         check_can_create_tun()
         log.debug("open file limit: %d", raise_fd_limit())
         state = StateFile(args.state_file) if args.state_file else None
-        server = Server.bind(args.dataPort, args.controlPort, args.offload, args.control_bind,
-                             gate=Gate(secret, args.allow), state=state)
+        server = Server.bind(args.dataPort, args.controlPort, args.offload, args.bind,
+                             args.control_bind, gate=Gate(secret, args.allow), state=state)
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
     if secret is None:
-        log.warning("no --secret-file: the control port %s:%d takes requests from anyone who"
-                    " can reach it%s", args.control_bind, args.controlPort,
-                    "" if args.allow else " (see also --allow and --control-bind)")
+        host, port = server.control_sock.getsockname()[:2]
+        log.warning("no --secret-file: the control port %s takes requests from anyone who"
+                    " can reach it%s", "[%s]:%d" % (host, port) if ":" in host else
+                    "%s:%d" % (host, port), "" if args.allow else " (see also --allow and --control-bind)")
     signal_fds = watch_signals(server)
     server.restore()
+    notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.tunnels))
     try:
         server.run()
     finally:
+        notify_systemd("STOPPING=1")
         server.close()
         for sock in signal_fds:
             sock.close()
