@@ -10,9 +10,11 @@ Exit status: 0 when everything was done, 1 when the daemon refused something,
 """
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -23,6 +25,7 @@ import time
 __version__ = "2.0.0"
 
 CONTROL_PORT = 5001
+DATA_PORT = 5000
 DEFAULT_NETMASK = "255.255.255.252"
 DEFAULT_MTU = 1500
 TIMEOUT = 2.0
@@ -34,6 +37,12 @@ REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 NONCE_BYTES = 16
 MIN_SECRET_LEN = 16
+
+# The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
+# they are deleted when the file no longer wants them); adds go this many a message.
+MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "hosts")
+MESH_TUNNEL_PREFIX = "m-"
+MESH_BATCH = 50
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -47,6 +56,10 @@ examples:
   %(prog)s -s 172.100.1.1 -o del -n udp2
   %(prog)s -s 172.100.1.1 -o list
   %(prog)s -s 172.100.1.1 --secret-file /etc/udpProxyServer/secret -o list
+  %(prog)s -s 172.100.1.1 -o add -n udp2 -t 10.0.1.1 -r 172.100.1.2 --route 192.168.2.0/24
+  %(prog)s -s 2001:db8::1 -o add -n udp6 -t fd00:1::1/64 -r 2001:db8::2 --mtu 1400
+  %(prog)s --mesh mesh.json --dry-run
+  %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
 """
 
 
@@ -59,15 +72,16 @@ def build_message(args):
         return {"op": "list"}
     if args.operation == "del":
         return {"op": "del", "tunnel": [{"name": args.name}]}
-    tunnel = {
-        "name": args.name,
-        "tunnelIP": args.tunnel,
-        "netmask": args.mask,
-        "mtu": args.mtu,
-        "remoteServer": args.remote,
-    }
+    tunnel = {"name": args.name, "tunnelIP": args.tunnel}
+    # The 2015 default netmask goes with a bare IPv4 address; an IPv6 one or one with a
+    # prefix length carries its own.
+    if args.mask is not None or not (":" in args.tunnel or "/" in args.tunnel):
+        tunnel["netmask"] = args.mask or DEFAULT_NETMASK
+    tunnel.update(mtu=args.mtu, remoteServer=args.remote)
     if args.remote_port is not None:
         tunnel["remotePort"] = args.remote_port
+    if args.route:
+        tunnel["routes"] = args.route
     return {"op": "add", "tunnel": [tunnel]}
 
 
@@ -221,7 +235,7 @@ def format_reply(reply):
 
 
 LIST_COLUMNS = ("NAME", "TUNNEL", "REMOTE", "MTU", "RX PKTS", "RX BYTES",
-                "TX PKTS", "TX BYTES", "DROPS", "LAST RX")
+                "TX PKTS", "TX BYTES", "DROPS", "LAST RX", "ROUTES")
 
 
 def format_table(reply, now=None):
@@ -229,10 +243,12 @@ def format_table(reply, now=None):
     now = time.time() if now is None else now
     rows = [LIST_COLUMNS]
     for tunnel in reply.get("tunnels", []):
+        remote = tunnel["remoteServer"]
         rows.append((
             tunnel["name"],
-            "%s/%s" % (tunnel["tunnelIP"], netmask_bits(tunnel["netmask"])),
-            "%s:%s" % (tunnel["remoteServer"], tunnel["remotePort"]),
+            "%s/%s" % (tunnel["tunnelIP"], tunnel.get("prefixlen")
+                       or netmask_bits(tunnel["netmask"])),
+            ("[%s]:%s" if ":" in remote else "%s:%s") % (remote, tunnel["remotePort"]),
             str(tunnel["mtu"]),
             str(tunnel["rx_packets"]),
             str(tunnel["rx_bytes"]),
@@ -240,6 +256,7 @@ def format_table(reply, now=None):
             str(tunnel["tx_bytes"]),
             format_drops(tunnel.get("drops", {})),
             format_age(tunnel.get("last_rx"), now),
+            ",".join(tunnel.get("routes", [])) or "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -274,6 +291,252 @@ def format_age(stamp, now):
     return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+# --- The mesh file ------------------------------------------------------------
+
+
+class MeshError(ValueError):
+    """A mesh file that cannot be used; the text points at the entry."""
+
+
+@dataclasses.dataclass
+class MeshHost:
+    name: str
+    address: object  # ipaddress.IPv4Address or IPv6Address
+    lans: list  # ipaddress networks reached through this host
+
+
+@dataclasses.dataclass
+class Mesh:
+    hosts: list
+    tunnel_net: object  # the network the tunnels' subnets come from
+    prefix: int  # each tunnel's subnet: /30 (or /31) for IPv4, /127 (or /126) for IPv6
+    mtu: int
+    control_port: int
+
+
+def load_mesh(path):
+    """The mesh in a JSON file, checked whole before anything is sent."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise MeshError("cannot read %s: %s" % (path, e.strerror)) from None
+    except ValueError as e:
+        raise MeshError("%s is not JSON: %s" % (path, e)) from None
+    if not isinstance(data, dict):
+        raise MeshError("%s: the mesh must be a JSON object" % path)
+    unknown = sorted(set(data) - set(MESH_FIELDS))
+    if unknown:
+        raise MeshError("unknown field %r (expected %s)" % (unknown[0], ", ".join(MESH_FIELDS)))
+    tunnel_net = mesh_network(data.get("tunnelNet"), "tunnelNet")
+    prefix = data.get("tunnelPrefix", 30 if tunnel_net.version == 4 else 127)
+    if prefix not in ((30, 31) if tunnel_net.version == 4 else (126, 127)):
+        raise MeshError("tunnelPrefix %r: must be 30 or 31 for IPv4, 126 or 127 for IPv6"
+                        % (prefix,))
+    hosts = [mesh_host(entry, index) for index, entry in enumerate(data.get("hosts") or [])]
+    if len(hosts) < 2:
+        raise MeshError("a mesh needs at least two hosts in 'hosts'")
+    check_unique(hosts)
+    check_lans(hosts, tunnel_net)
+    pairs = len(hosts) * (len(hosts) - 1) // 2
+    subnets = 2 ** (prefix - tunnel_net.prefixlen) if prefix >= tunnel_net.prefixlen else 0
+    if subnets < pairs:
+        raise MeshError("tunnelNet %s holds %d /%d subnets; %d hosts need %d (one for each pair)"
+                        % (tunnel_net, subnets, prefix, len(hosts), pairs))
+    mtu, port = data.get("mtu", DEFAULT_MTU), data.get("controlPort", CONTROL_PORT)
+    if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65503:
+        raise MeshError("mtu %r: must be a whole number from 68 to 65503" % (mtu,))
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise MeshError("controlPort %r: must be a whole number from 1 to 65535" % (port,))
+    return Mesh(hosts, tunnel_net, prefix, mtu, port)
+
+
+def mesh_network(value, where):
+    try:
+        return ipaddress.ip_network(value)
+    except (TypeError, ValueError) as e:
+        raise MeshError("%s %r: not a network (%s)" % (where, value, e)) from None
+
+
+def mesh_host(entry, index):
+    where = "hosts[%d]" % index
+    if not isinstance(entry, dict):
+        raise MeshError("%s: must be an object with name, address and lan" % where)
+    unknown = sorted(set(entry) - {"name", "address", "lan"})
+    if unknown:
+        raise MeshError("%s: unknown field %r (expected name, address, lan)" % (where, unknown[0]))
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise MeshError("%s: name %r must be a non-empty string" % (where, name))
+    where = "%s (%s)" % (where, name)
+    try:
+        address = ipaddress.ip_address(entry.get("address"))
+    except ValueError:
+        raise MeshError("%s: address %r is not an IP address" % (where, entry.get("address"))) from None
+    lans = entry.get("lan", [])
+    if not isinstance(lans, list):
+        raise MeshError("%s: lan must be a list of networks" % where)
+    lans = [mesh_network(lan, "%s: lan[%d]" % (where, i)) for i, lan in enumerate(lans)]
+    return MeshHost(name, address, lans)
+
+
+def check_unique(hosts):
+    for kind in ("name", "address"):
+        seen = {}
+        for index, host in enumerate(hosts):
+            value = getattr(host, kind)
+            if value in seen:
+                raise MeshError("hosts[%d] (%s): %s %s is also that of hosts[%d]"
+                                % (index, host.name, kind, value, seen[value]))
+            seen[value] = index
+    names = {}
+    for index, host in enumerate(hosts):
+        name = tunnel_name(host.name)
+        if name in names:
+            raise MeshError("hosts[%d] (%s): its tunnel name %s is also that of hosts[%d]"
+                            % (index, host.name, name, names[name]))
+        names[name] = index
+
+
+def check_lans(hosts, tunnel_net):
+    seen = [(tunnel_net, "tunnelNet")]
+    for index, host in enumerate(hosts):
+        for i, lan in enumerate(host.lans):
+            where = "hosts[%d] (%s) lan[%d] %s" % (index, host.name, i, lan)
+            for other, other_where in seen:
+                if lan.version == other.version and lan.overlaps(other):
+                    raise MeshError("%s overlaps %s %s" % (where, other_where, other))
+            seen.append((lan, "hosts[%d] (%s) lan[%d]" % (index, host.name, i)))
+
+
+def tunnel_name(peer):
+    """The name of the tunnel to peer: m- and the peer's name, or its start and a short
+    hash when that is too long for an interface name (15 bytes)."""
+    plain = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in peer)
+    if len(plain) <= 13 and plain == peer:
+        return MESH_TUNNEL_PREFIX + plain
+    return MESH_TUNNEL_PREFIX + plain[:8] + "-" + hashlib.sha1(peer.encode()).hexdigest()[:4]
+
+
+def pair_subnets(mesh, current):
+    """The subnet of every pair of hosts: the one both its tunnels have now, if any, so
+    that applying the file again changes nothing; the free ones in a fixed order else."""
+    subnets = list(mesh.tunnel_net.subnets(new_prefix=mesh.prefix))
+    taken, chosen = set(), {}
+    for j, b in enumerate(mesh.hosts):
+        for a in mesh.hosts[:j]:
+            here = current.get(a.name, {}).get(tunnel_name(b.name))
+            there = current.get(b.name, {}).get(tunnel_name(a.name))
+            if here and there:
+                net = ipaddress.ip_interface("%s/%d" % (here["tunnelIP"], here["prefixlen"])).network
+                other = ipaddress.ip_interface("%s/%d" % (there["tunnelIP"], there["prefixlen"]))
+                if (net.prefixlen == mesh.prefix and net.subnet_of(mesh.tunnel_net)
+                        and other.network == net and net not in taken
+                        and here["tunnelIP"] != there["tunnelIP"]):
+                    chosen[a.name, b.name] = (net, here["tunnelIP"], there["tunnelIP"])
+                    taken.add(net)
+    free = (net for net in subnets if net not in taken)
+    for j, b in enumerate(mesh.hosts):  # by the later host first: adding hosts moves nothing
+        for a in mesh.hosts[:j]:
+            if (a.name, b.name) not in chosen:
+                net = next(free)
+                first, second = net.hosts() if mesh.prefix in (30, 126) else (net[0], net[1])
+                chosen[a.name, b.name] = (net, str(first), str(second))
+    return chosen
+
+
+def mesh_plan(mesh, current):
+    """For each host, the tunnels it should have: name -> control entry."""
+    wanted = {host.name: {} for host in mesh.hosts}
+    for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current).items():
+        a = next(h for h in mesh.hosts if h.name == a_name)
+        b = next(h for h in mesh.hosts if h.name == b_name)
+        for here, there, ip in ((a, b, a_ip), (b, a, b_ip)):
+            wanted[here.name][tunnel_name(there.name)] = {
+                "name": tunnel_name(there.name),
+                "tunnelIP": "%s/%d" % (ip, net.prefixlen),
+                "mtu": mesh.mtu,
+                "remoteServer": str(there.address),
+                "routes": sorted(str(lan) for lan in there.lans),
+            }
+    return wanted
+
+
+def same_tunnel(entry, listed, data_port):
+    """Whether a tunnel a daemon lists is the one the mesh wants."""
+    interface = ipaddress.ip_interface(entry["tunnelIP"])
+    return (listed["tunnelIP"] == str(interface.ip)
+            and listed.get("prefixlen") == interface.network.prefixlen
+            and listed["mtu"] == entry["mtu"]
+            and ipaddress.ip_address(listed["remoteServer"]) == ipaddress.ip_address(entry["remoteServer"])
+            and listed["remotePort"] == data_port
+            and sorted(listed.get("routes", [])) == entry["routes"])
+
+
+def apply_mesh(mesh, session, timeout, dry_run, say):
+    """Bring every daemon of the mesh to the file: each host's tunnels, only the difference."""
+    current, data_ports, unreachable = {}, {}, {}
+    for host in mesh.hosts:
+        try:
+            reply = fetch_list(str(host.address), mesh.control_port, timeout, session)
+        except NoReply as e:
+            unreachable[host.name] = str(e)
+            continue
+        if not reply.get("ok"):
+            unreachable[host.name] = reply.get("error", "refused")
+            continue
+        current[host.name] = {t["name"]: t for t in reply["tunnels"]
+                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
+        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
+    wanted = mesh_plan(mesh, current)
+    failed = {}
+    for host in mesh.hosts:
+        label = "%s (%s)" % (host.name, host.address)
+        if host.name in unreachable:
+            failed[host.name] = unreachable[host.name]
+            say("%s: FAILED: %s" % (label, unreachable[host.name]))
+            continue
+        have, want = current[host.name], wanted[host.name]
+        port = data_ports[host.name]
+        stale = sorted(name for name, listed in have.items()
+                       if name not in want or not same_tunnel(want[name], listed, port))
+        new = [want[name] for name in sorted(want) if name not in have or name in stale]
+        kept = len(want) - len(new)
+        if dry_run:
+            for name in stale:
+                say("%s: would delete %s" % (label, name))
+            for entry in new:
+                say("%s: would add %s %s -> %s, routes %s" % (
+                    label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
+                    ", ".join(entry["routes"]) or "none"))
+            say("%s: %d to add, %d to delete, %d unchanged" % (label, len(new), len(stale), kept))
+            continue
+        error = change_host(host, stale, new, mesh.control_port, timeout, session)
+        if error:
+            failed[host.name] = error
+            say("%s: FAILED: %s" % (label, error))
+        else:
+            say("%s: %d added, %d deleted, %d unchanged" % (label, len(new), len(stale), kept))
+    return failed
+
+
+def change_host(host, stale, new, port, timeout, session):
+    """Delete, then add, in messages of a bounded size; the first error, or None."""
+    messages = []
+    if stale:
+        messages.append({"op": "del", "tunnel": [{"name": name} for name in stale]})
+    for start in range(0, len(new), MESH_BATCH):
+        messages.append({"op": "add", "tunnel": new[start:start + MESH_BATCH]})
+    for message in messages:
+        try:
+            reply = send_request(str(host.address), port, message, timeout, session)
+        except NoReply as e:
+            return str(e)
+        if not reply.get("ok"):
+            return reply.get("error", "refused")
+    return None
+
+
 # --- main ---------------------------------------------------------------------
 
 
@@ -304,13 +567,22 @@ def parse_args(argv):
                         help="what to do (default %(default)s)")
     parser.add_argument("-n", "--name", help="tunnel name, at most 15 bytes")
     parser.add_argument("-t", "--tunnel", help="the tunnel's own IP address")
-    parser.add_argument("-tm", "--mask", default=DEFAULT_NETMASK,
-                        help="the tunnel's netmask (default %(default)s)")
+    parser.add_argument("-tm", "--mask",
+                        help="the tunnel's netmask or prefix length (default %s for an IPv4"
+                             " address; an IPv6 one may carry its own, as fd00::1/64)"
+                             % DEFAULT_NETMASK)
     parser.add_argument("-m", "--mtu", type=int, default=DEFAULT_MTU,
                         help="the tunnel's MTU (default %(default)s)")
     parser.add_argument("-r", "--remote", help="the IP address of the peer's daemon")
     parser.add_argument("--remote-port", type=port,
                         help="the peer's data port, when it is not this daemon's")
+    parser.add_argument("--route", action="append", metavar="CIDR",
+                        help="a network the daemon routes through the tunnel; repeatable")
+    parser.add_argument("--mesh", metavar="FILE",
+                        help="configure every daemon of the mesh in FILE (see README)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --mesh: ask the daemons for their tunnels and print what"
+                             " would change, changing nothing")
     parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
                         help="seconds to wait for the reply; 0 sends without waiting"
                              " (default %(default)s)")
@@ -318,7 +590,12 @@ def parse_args(argv):
                         help="authenticate with the shared secret in PATH (mode 600), as the"
                              " daemon's --secret-file")
     parser.add_argument("--json", action="store_true", help="print the reply as it came")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
+    if args.mesh:
+        return args
+    if args.dry_run:
+        parser.error("--dry-run goes with --mesh")
 
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))
@@ -332,14 +609,34 @@ def parse_args(argv):
     return args
 
 
+def main_mesh(args, session):
+    try:
+        mesh = load_mesh(args.mesh)
+    except MeshError as e:
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_USAGE
+    pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
+    print("mesh %s: %d hosts, %d tunnels%s" % (args.mesh, len(mesh.hosts), pairs,
+                                               " (dry run: nothing is changed)" if args.dry_run else ""))
+    failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print)
+    if failed:
+        print("mesh: %d of %d hosts failed: %s" % (len(failed), len(mesh.hosts), ", ".join(
+            "%s (%s)" % item for item in failed.items())))
+        return EXIT_REFUSED
+    print("mesh: all %d hosts %s" % (len(mesh.hosts), "planned" if args.dry_run else "done"))
+    return EXIT_OK
+
+
 def main(argv=None):
     args = parse_args(argv)
-    message = build_message(args)
     try:
         session = Session(read_secret(args.secret_file) if args.secret_file else None)
     except BadSecret as e:
         print("udpProxyServerControl: %s" % e, file=sys.stderr)
         return EXIT_USAGE
+    if args.mesh:
+        return main_mesh(args, session)
+    message = build_message(args)
     try:
         if args.operation == "list" and args.timeout:
             reply = fetch_list(args.server, args.port, args.timeout, session)
