@@ -7,8 +7,13 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     py_modules=["udpProxyServer", "udpProxyServerControl"],
+    # The commands, and the two scripts under their 2015 names for scripts that call those.
+    entry_points={"console_scripts": [
+        "udpProxyServer = udpProxyServer:main",
+        "udpProxyServerControl = udpProxyServerControl:main",
+    ]},
     scripts=["udpProxyServer.py", "udpProxyServerControl.py"],
-    install_requires=["python-pytun>=2.4"],
+    install_requires=["python-pytun>=2.4", "pyroute2>=0.7"],
     python_requires=">=3.8",
     classifiers=[
         "Operating System :: POSIX :: Linux",
