@@ -78,12 +78,13 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def spawn(self, ns, argv, logname):
+    def spawn(self, ns, argv, logname, env=None):
         """Start argv in namespace ns, its output going to a log file of the lab."""
         path = os.path.join(self.workdir, logname)
         with open(path, "ab") as out:
             proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT)
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, **env) if env else None)
         proc.log_path = path
         self.processes.append(proc)
         return proc
@@ -133,11 +134,11 @@ class Host:
     def ip(self, *argv):
         sh("ip", "-n", self.ns, *argv)
 
-    def start_daemon(self, *args, python=sys.executable, wait=True):
+    def start_daemon(self, *args, python=sys.executable, wait=True, env=None):
         """Run the daemon from its lone copy, as a user would."""
         self.lab.log("%s# udpProxyServer.py %s" % (self.name, " ".join(args)))
         proc = self.lab.spawn(self.ns, [python, "-I", self.lab.script("udpProxyServer.py"), *args],
-                              "%s-daemon-%d.log" % (self.name, len(self.lab.processes)))
+                              "%s-daemon-%d.log" % (self.name, len(self.lab.processes)), env=env)
         self.daemon = proc
         if wait:
             port = args[args.index("-cp") + 1] if "-cp" in args else "5001"
@@ -173,10 +174,15 @@ class Host:
         return self.control("127.0.0.1", "-o", "add", "-n", name, "-t", address,
                             "-r", remote.address if isinstance(remote, Host) else remote, *extra)
 
-    def tunnels(self, port="5001"):
+    def tunnels(self, port="5001", secret=None):
         """The daemon's list reply, name -> tunnel."""
-        out = self.control("127.0.0.1", "-p", port, "-o", "list", "--json").stdout
+        locked = ("--secret-file", secret) if secret else ()
+        out = self.control("127.0.0.1", "-p", port, *locked, "-o", "list", "--json").stdout
         return {t["name"]: t for t in json.loads(out)["tunnels"]}
+
+    def routes(self, *family):
+        """The host's routes, one line each, as ip shows them."""
+        return self.run("ip", *family, "route", "show").stdout
 
     def link_exists(self, name):
         return self.run("ip", "link", "show", name, check=False).returncode == 0

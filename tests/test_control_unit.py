@@ -126,7 +126,7 @@ def test_list_prints_a_table():
     lines = ctl.format_table(LIST_REPLY, now=1000.0).splitlines()
     assert lines[0].split()[:3] == ["NAME", "TUNNEL", "REMOTE"]
     assert lines[1].split() == ["udp2", "10.0.1.1/30", "198.18.0.2:5000", "1500", "3", "264",
-                                "4", "352", "short=2", "5s", "ago"]
+                                "4", "352", "short=2", "5s", "ago", "-"]
     assert lines[2] == "dropped by the daemon: unknown_source=4"
 
 
@@ -134,3 +134,83 @@ def test_list_json_prints_the_reply(daemon, capsys):
     port, _ = daemon(LIST_REPLY)
     assert ctl.main(["127.0.0.1", "-p", port, "-o", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == LIST_REPLY
+
+
+def test_ipv6_tunnels_and_routes_are_sent_as_given():
+    message = ctl.build_message(args("h", "-n", "udp6", "-t", "fd00:1::1/64", "-r", "2001:2::2",
+                                     "--route", "192.168.2.0/24", "--route", "fd00:2::/64"))
+    assert message["tunnel"][0] == {"name": "udp6", "tunnelIP": "fd00:1::1/64", "mtu": 1500,
+                                    "remoteServer": "2001:2::2",
+                                    "routes": ["192.168.2.0/24", "fd00:2::/64"]}
+
+
+def write_mesh(tmp_path, **changes):
+    mesh = {"controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24", "hosts": [
+        {"name": "minion-1", "address": "172.100.1.1", "lan": ["192.168.1.0/24"]},
+        {"name": "minion-2", "address": "172.100.1.2", "lan": ["192.168.2.0/24"]},
+        {"name": "minion-3", "address": "172.100.2.3", "lan": ["192.168.3.0/24"]}]}
+    mesh.update(changes)
+    path = tmp_path / "mesh.json"
+    path.write_text(json.dumps(mesh))
+    return str(path)
+
+
+def test_the_mesh_plan_gives_every_pair_a_subnet_and_every_host_routes(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    plan = ctl.mesh_plan(mesh, {})
+    assert sorted(plan["minion-1"]) == ["m-minion-2", "m-minion-3"]
+    assert plan["minion-1"]["m-minion-2"] == {
+        "name": "m-minion-2", "tunnelIP": "10.0.0.1/30", "mtu": 1400,
+        "remoteServer": "172.100.1.2", "routes": ["192.168.2.0/24"]}
+    assert plan["minion-2"]["m-minion-1"]["tunnelIP"] == "10.0.0.2/30"
+    assert plan["minion-3"]["m-minion-2"]["tunnelIP"] == "10.0.0.10/30"
+
+
+def test_adding_a_host_moves_no_existing_pair(tmp_path):
+    three = ctl.mesh_plan(ctl.load_mesh(write_mesh(tmp_path)), {})
+    hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"]
+    hosts.append({"name": "minion-4", "address": "172.100.2.4", "lan": []})
+    four = ctl.mesh_plan(ctl.load_mesh(write_mesh(tmp_path, hosts=hosts)), {})
+    for host, tunnels in three.items():
+        for name, entry in tunnels.items():
+            assert four[host][name] == entry
+
+
+def test_a_pair_keeps_the_subnet_its_tunnels_have(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    listed = {"tunnelIP": "10.0.0.201", "prefixlen": 30}
+    current = {"minion-1": {"m-minion-3": dict(listed)},
+               "minion-3": {"m-minion-1": dict(listed, tunnelIP="10.0.0.202")}}
+    plan = ctl.mesh_plan(mesh, current)
+    assert plan["minion-1"]["m-minion-3"]["tunnelIP"] == "10.0.0.201/30"
+    assert plan["minion-1"]["m-minion-2"]["tunnelIP"] == "10.0.0.1/30"
+
+
+@pytest.mark.parametrize("changes, complaint", [
+    ({"tunnelNet": "10.0.0.0/29"}, "tunnelNet 10.0.0.0/29 holds 2 /30 subnets; 3 hosts need 3"),
+    ({"tunnelNet": "10.0.0.1/24"}, "tunnelNet '10.0.0.1/24': not a network"),
+    ({"colour": "red"}, "unknown field 'colour'"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1"}]}, "at least two hosts"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1"}, {"name": "a", "address": "172.100.1.2"}]},
+     "hosts[1] (a): name a is also that of hosts[0]"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1"}, {"name": "b", "address": "172.100.1.1"}]},
+     "hosts[1] (b): address 172.100.1.1 is also that of hosts[0]"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.300"}, {"name": "b", "address": "::1"}]},
+     "hosts[0] (a): address '172.100.1.300' is not an IP address"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1", "lan": ["192.168.1.0/24"]},
+                {"name": "b", "address": "172.100.1.2", "lan": ["192.168.1.128/25"]}]},
+     "hosts[1] (b) lan[0] 192.168.1.128/25 overlaps hosts[0] (a) lan[0] 192.168.1.0/24"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1", "lan": ["10.0.0.0/16"]},
+                {"name": "b", "address": "172.100.1.2"}]},
+     "hosts[0] (a) lan[0] 10.0.0.0/16 overlaps tunnelNet 10.0.0.0/24"),
+])
+def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, complaint):
+    with pytest.raises(ctl.MeshError) as error:
+        ctl.load_mesh(write_mesh(tmp_path, **changes))
+    assert complaint in str(error.value)
+
+
+def test_tunnel_names_fit_and_stay_unique():
+    assert ctl.tunnel_name("minion-2") == "m-minion-2"
+    long_names = [ctl.tunnel_name("datacenter-east-%d" % i) for i in range(20)]
+    assert len(set(long_names)) == 20 and all(len(n) <= 15 for n in long_names)

@@ -82,7 +82,7 @@ def test_without_a_secret_the_daemon_warns_that_its_port_is_open(lab):
     a = lab.host("a", 1)
     a.start_daemon()
     with open(a.daemon.log_path) as log:
-        assert "no --secret-file: the control port 0.0.0.0:5001 takes requests from anyone" \
+        assert "no --secret-file: the control port [::]:5001 takes requests from anyone" \
             in log.read()
 
 

@@ -15,7 +15,8 @@ TIMEOUT = 60
 
 
 def serve(address, port):
-    with socket.create_server((address, port)) as listener:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.create_server((address, port), family=family) as listener:
         listener.settimeout(TIMEOUT)
         print("listening", flush=True)
         conn, _ = listener.accept()

@@ -1,0 +1,101 @@
+"""One command for a whole mesh: --mesh against real daemons, with routes the daemons own."""
+
+import json
+import os
+
+import pytest
+
+from lab import MESH_HOSTS, transfer, write_secret
+
+
+@pytest.fixture
+def minions(lab):
+    """The three hosts of the mesh, each running a daemon locked with the mesh's secret."""
+    secret = write_secret(lab)
+    hosts = [lab.host(name, index) for name, index in MESH_HOSTS]
+    for host in hosts:
+        host.start_daemon("--secret-file", secret)
+    return hosts, secret
+
+
+def mesh_file(lab, hosts, name="mesh.json"):
+    path = os.path.join(lab.workdir, name)
+    with open(path, "w") as f:
+        json.dump({"controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24", "hosts": [
+            {"name": h.name, "address": h.address, "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]}
+            for h in hosts]}, f)
+    return path
+
+
+def apply(manager, path, secret, *extra, check=True):
+    return manager.control("--mesh", path, "--secret-file", secret, *extra, check=check)
+
+
+def every_lan_reaches_every_other(hosts):
+    return all(a.ping(b.lan, source=a.lan) for a in hosts for b in hosts if a is not b)
+
+
+def test_one_command_builds_the_mesh_and_again_changes_nothing(lab, minions):
+    hosts, secret = minions
+    path = mesh_file(lab, hosts)
+    first = apply(hosts[0], path, secret).stdout
+    assert "minion-1 (198.18.0.1): 2 added, 0 deleted, 0 unchanged" in first
+    assert "mesh: all 3 hosts done" in first
+    assert every_lan_reaches_every_other(hosts)
+    assert "192.168.2.0/24 dev m-minion-2" in hosts[0].routes()
+    sent, received = transfer(hosts[0], hosts[2], hosts[2].lan, 4 << 20)
+    assert received == sent
+
+    counts = {h.name: h.tunnels(secret=secret) for h in hosts}
+    again = apply(hosts[0], path, secret).stdout
+    for host in hosts:
+        assert "%s (%s): 0 added, 0 deleted, 2 unchanged" % (host.name, host.address) in again
+    for host in hosts:  # the same tunnels, not made anew: their counts went on
+        for name, tunnel in host.tunnels(secret=secret).items():
+            assert tunnel["tx_packets"] >= counts[host.name][name]["tx_packets"]
+
+
+def test_a_host_removed_from_the_file_is_removed_from_the_mesh(lab, minions):
+    hosts, secret = minions
+    apply(hosts[0], mesh_file(lab, hosts), secret)
+    smaller = apply(hosts[0], mesh_file(lab, hosts[:2], "smaller.json"), secret).stdout
+    assert "minion-1 (198.18.0.1): 0 added, 1 deleted, 1 unchanged" in smaller
+    assert "minion-2 (198.18.0.2): 0 added, 1 deleted, 1 unchanged" in smaller
+    for host in hosts[:2]:
+        assert not host.link_exists("m-minion-3")
+        assert "192.168.3.0/24" not in host.routes()
+    assert every_lan_reaches_every_other(hosts[:2])
+
+
+def test_dry_run_says_what_it_would_do_and_does_nothing(lab, minions):
+    hosts, secret = minions
+    out = apply(hosts[0], mesh_file(lab, hosts), secret, "--dry-run").stdout
+    assert "minion-3 (198.18.0.3): would add m-minion-1 10.0.0.6/30 -> 198.18.0.1," \
+           " routes 192.168.1.0/24" in out
+    assert "mesh: all 3 hosts planned" in out
+    assert all(host.tunnels(secret=secret) == {} for host in hosts)
+
+
+def test_a_host_that_fails_is_named_and_the_others_are_done(lab, minions):
+    hosts, secret = minions
+    hosts[1].stop_daemon()
+    result = apply(hosts[0], mesh_file(lab, hosts), secret, "--timeout", "1", check=False)
+    assert result.returncode == 1
+    assert "minion-2 (198.18.0.2): FAILED: " in result.stdout
+    assert "mesh: 1 of 3 hosts failed: minion-2 (" in result.stdout
+    assert hosts[0].ping(hosts[2].lan, source=hosts[0].lan)
+
+
+def test_a_bad_mesh_file_is_refused_before_anything_is_sent(lab, minions):
+    hosts, secret = minions
+    path = mesh_file(lab, hosts)
+    with open(path) as f:
+        mesh = json.load(f)
+    mesh["hosts"][2]["lan"] = ["192.168.1.128/25"]
+    with open(path, "w") as f:
+        json.dump(mesh, f)
+    result = apply(hosts[0], path, secret, check=False)
+    assert result.returncode == 2
+    assert "hosts[2] (minion-3) lan[0] 192.168.1.128/25 overlaps hosts[0] (minion-1) lan[0]" \
+        in result.stderr
+    assert all(host.tunnels(secret=secret) == {} for host in hosts)

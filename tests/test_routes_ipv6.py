@@ -1,0 +1,64 @@
+"""Routes the daemon owns, and IPv6 under and inside the tunnels."""
+
+from lab import transfer, wait_until
+
+
+def test_routes_come_with_the_tunnel_and_go_with_del_and_shutdown(pair):
+    a, b = pair
+    a.control("127.0.0.1", "-o", "del", "-n", "udp2")
+    a.add_tunnel("udp2", "10.0.1.1", b, "--route", "192.168.2.0/24", "--route", "fd00:2::/64")
+    assert "192.168.2.0/24 dev udp2" in a.routes()
+    assert "fd00:2::/64 dev udp2" in a.routes("-6")
+    assert a.tunnels()["udp2"]["routes"] == ["192.168.2.0/24", "fd00:2::/64"]
+    assert "192.168.2.0/24,fd00:2::/64" in a.control("127.0.0.1", "-o", "list").stdout
+    a.control("127.0.0.1", "-o", "del", "-n", "udp2")
+    assert "192.168.2.0/24" not in a.routes() and "fd00:2::" not in a.routes("-6")
+    a.add_tunnel("udp2", "10.0.1.1", b, "--route", "192.168.2.0/24")
+    assert a.stop_daemon() == 0
+    assert "192.168.2.0/24" not in a.routes()
+
+
+def test_a_route_that_cannot_be_made_leaves_no_half_made_tunnel(pair):
+    a, b = pair
+    # The underlay's own network is routed already: the kernel refuses it twice.
+    result = a.control("127.0.0.1", "-o", "add", "-n", "udp9", "-t", "10.0.9.1", "-r",
+                       "198.18.0.9", "--route", "192.168.9.0/24", "--route", "198.18.0.0/24",
+                       check=False)
+    assert result.returncode == 1
+    assert "cannot route 198.18.0.0/24 through udp9: (17, 'File exists')" in result.stdout
+    assert not a.link_exists("udp9") and "udp9" not in a.tunnels()
+    assert "192.168.9.0/24" not in a.routes()
+
+
+def v6_host(lab, name, index):
+    """A host whose underlay also has an IPv6 address, from the benchmarking range 2001:2::/48."""
+    host = lab.host(name, index)
+    host.address6 = "2001:2::%d" % index
+    host.ip("addr", "add", host.address6 + "/64", "dev", "eth0", "nodad")
+    return host
+
+
+def test_an_ipv6_underlay_carries_ipv4_and_ipv6_traffic(lab):
+    a, b = v6_host(lab, "a", 1), v6_host(lab, "b", 2)
+    a.start_daemon()
+    b.start_daemon()
+    # Added over IPv6, to the other host's daemon.
+    a.control("-s", b.address6, "-o", "add", "-n", "udp1", "-t", "fd00:1::2/64", "-r",
+              a.address6, "--route", "192.168.1.0/24", "-m", "1400")
+    b.control("-s", a.address6, "-o", "add", "-n", "udp2", "-t", "fd00:1::1/64", "-r",
+              b.address6, "--route", "192.168.2.0/24", "-m", "1400")
+    assert a.tunnels()["udp2"]["remoteServer"] == "2001:2::2"
+    assert a.ping("fd00:1::2") and b.ping("fd00:1::1")
+    assert a.ping(b.lan, source=a.lan, size=1400 - 28)
+    for address in ("fd00:1::2", b.lan):
+        sent, received = transfer(a, b, address, 8 << 20)
+        assert received == sent
+    sent, received = transfer(b, a, "fd00:1::1", 8 << 20)
+    assert received == sent
+
+
+def test_an_ipv6_tunnel_needs_an_mtu_ipv6_can_use(pair):
+    a, _ = pair
+    result = a.control("127.0.0.1", "-o", "add", "-n", "udp6", "-t", "fd00:6::1/64", "-r",
+                       "198.18.0.6", "-m", "1200", check=False)
+    assert "mtu 1200 is too small for IPv6 (at least 1280)" in result.stdout

@@ -1,0 +1,66 @@
+"""The daemon as a service: systemd readiness, the journal, packaging, --version."""
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import udpProxyServer as ups
+from lab import REPO
+
+
+def test_the_daemon_tells_systemd_it_is_ready_reloading_and_stopping(lab):
+    a = lab.host("a", 1)
+    path = os.path.join(lab.workdir, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(path)
+        systemd.settimeout(20)
+        a.start_daemon("--state-file", os.path.join(lab.workdir, "state.json"),
+                       env={"NOTIFY_SOCKET": path})
+        assert systemd.recv(4096) == b"READY=1\nSTATUS=0 tunnels"
+        a.daemon.send_signal(signal.SIGHUP)
+        assert [systemd.recv(4096) for _ in range(2)] == [b"RELOADING=1", b"READY=1"]
+        assert a.stop_daemon() == 0
+        assert systemd.recv(4096) == b"STOPPING=1"
+
+
+def test_under_systemd_log_lines_carry_their_priority_for_the_journal():
+    formatter = ups.JournalFormatter("%(message)s")
+    record = logging.LogRecord("udpProxyServer", logging.WARNING, __file__, 1, "open port", (), None)
+    assert formatter.format(record) == "<4>open port"
+
+
+@pytest.mark.parametrize("script", ["udpProxyServer.py", "udpProxyServerControl.py"])
+def test_version(script):
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), "--version"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout == "%s %s\n" % (script, ups.__version__)
+
+
+def test_pip_install_gives_both_commands(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    build = tmp_path / "build"  # a copy, so the checkout gets no build files
+    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", ".hypothesis", ".pytest_cache", "bench"))
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", str(build)],
+                   check=True, capture_output=True)
+    for command in ("udpProxyServer", "udpProxyServerControl", "udpProxyServerControl.py"):
+        result = subprocess.run([str(venv / "bin" / command), "--version"], capture_output=True,
+                                text=True, check=True)
+        assert result.stdout.endswith(" %s\n" % ups.__version__)
+    shown = subprocess.run([str(venv / "bin" / "pip"), "show", "udpProxyServer"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "Requires: pyroute2, python-pytun" in shown
+
+
+def test_the_systemd_unit_runs_the_installed_command_as_a_notify_service():
+    with open(os.path.join(REPO, "udpProxyServer.service")) as f:
+        unit = f.read()
+    assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "ExecStart=/usr/local/bin/udpProxyServer --secret-file" in unit
