@@ -1,11 +1,15 @@
 """The 2015 README's three-host mesh, built for real in network namespaces.
 
-Starts the real daemon on three test hosts, adds the six tunnels with the real
-control script from one management host, adds the routes, pings every LAN from
-every other, prints what it did and a result table, then tears it all down.
+Starts the real daemon, locked with a shared secret, on three test hosts; one
+command of the real control script on a management host builds the whole mesh
+from a mesh file (six tunnels, and the routes, which the daemons install); then
+it pings every LAN from every other, prints what it did and a result table,
+applies the file again to show nothing changes, and tears it all down.
 Run as root: make demo.
 """
 
+import json
+import os
 import re
 import signal
 import sys
@@ -35,10 +39,26 @@ def main():
     lab = lablib.Lab(log=lambda line: say("  " + line), show_logs=False)
     try:
         say("udpProxyServer demo: three hosts in network namespaces %s-*" % lab.prefix)
-        say("Hosts on an underlay switch (198.18.0.0/24), each with a LAN on a local bridge;")
-        say("daemons started with a shared secret, tunnels added from minion-1, routes added:")
+        say("Hosts on an underlay switch (198.18.0.0/24), each with a LAN on a local bridge,")
+        say("each running the daemon with a shared secret:")
         secret = lablib.write_secret(lab)
-        hosts = lablib.build_mesh(lab, secret_file=secret)
+        hosts = [lab.host(name, index) for name, index in lablib.MESH_HOSTS]
+        for host in hosts:
+            host.start_daemon("--secret-file", secret)
+        mesh = os.path.join(lab.workdir, "mesh.json")
+        entries = ",\n".join("    " + json.dumps({"name": h.name, "address": h.address,
+                                                    "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]})
+                               for h in hosts)
+        with open(mesh, "w") as f:
+            f.write('{\n  "controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24",\n'
+                    '  "hosts": [\n%s\n  ]\n}\n' % entries)
+        say()
+        say("The mesh file, %s:" % mesh)
+        with open(mesh) as f:
+            say("  " + f.read().replace("\n", "\n  "))
+        say()
+        say("One command on minion-1 builds the whole mesh, routes included:")
+        say(hosts[0].control("--mesh", mesh, "--secret-file", secret).stdout.rstrip())
         say()
         say("Ping from every LAN to every other (average RTT of 3 pings):")
         labels = ["%s (%s)" % (h.name, h.lan) for h in hosts]
@@ -56,6 +76,9 @@ def main():
                 cells.append("FAILED" if rtt is None else "ok %.2f ms" % rtt)
             say("  " + label.ljust(first) + "".join(cell.ljust(14) for cell in cells))
         say()
+        say("The same command again changes nothing:")
+        say(hosts[0].control("--mesh", mesh, "--secret-file", secret).stdout.rstrip())
+        say()
         say("Tunnels of minion-1, as udpProxyServerControl.py -o list shows them:")
         say(hosts[0].control("-s", hosts[0].address, "--secret-file", secret,
                              "-o", "list").stdout.rstrip())
@@ -63,7 +86,7 @@ def main():
         say("Requests without the secret are refused: on the host itself with the reason,")
         say("from another host without a reply (none larger than the request goes out):")
         for host, server in ((hosts[0], "127.0.0.1"), (hosts[2], hosts[0].address)):
-            result = host.control("-s", server, "-o", "del", "-n", "udp2", check=False)
+            result = host.control("-s", server, "-o", "del", "-n", "m-minion-2", check=False)
             say((result.stdout + result.stderr).rstrip() + "  (exit %d)" % result.returncode)
         say()
         pairs = len(hosts) * (len(hosts) - 1)
