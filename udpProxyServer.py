@@ -7,8 +7,8 @@ one UDP datagram per packet, and datagrams from that server are written back
 into the device. Tunnels are added, deleted and listed at run time with JSON
 messages on the control port (see udpProxyServerControl.py).
 
-Needs the standard library and python-pytun only, so it runs when copied alone
-to a host.
+Needs the standard library and python-pytun, and pyroute2 for IPv6 tunnel
+addresses and routes, so it runs when copied alone to a host.
 """
 
 import argparse

@@ -2,8 +2,9 @@
 """udpProxyServerControl: add, delete and list the tunnels of a udpProxyServer daemon.
 
 Builds the documented control message, sends it to the daemon's control port
-over UDP, waits for the reply and prints it. Standard library only, so it runs
-when copied alone to a management host.
+over UDP, waits for the reply and prints it; with --mesh, brings every daemon of
+a mesh file to what the file says. Standard library only, so it runs when copied
+alone to a management host.
 
 Exit status: 0 when everything was done, 1 when the daemon refused something,
 2 for bad arguments, 3 when no reply came.
