@@ -124,8 +124,8 @@ def print_scale(scale, say):
     say("  idle CPU     %.2f s in %d s: %.2f %% of a core"
         % (scale["idle_cpu_seconds"], scale["idle_seconds"], scale["idle_cpu_pct"]))
     listing = scale["list"]
-    say("  -o list      %s" % ("answered with %d tunnels" % listing["tunnels"] if listing["ok"]
-                               else "failed: %s" % listing["error"]))
+    say("  -o list      %s" % ("all %d tunnels in %.2f s" % (listing["tunnels"], listing["seconds"])
+                               if listing["ok"] else "failed: %s" % listing["error"]))
     stop = scale["stop_seconds"]
     say("  SIGTERM      %s" % ("exited after %.1f s" % stop if stop is not None
                                else "still running after the wait; killed"))

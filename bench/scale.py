@@ -24,7 +24,7 @@ TUNNEL_SPACE = ipaddress.IPv4Network("10.64.0.0/16")
 TUNNEL_MTU = 1400
 # Creating 50 devices takes well under a second; a minute means the daemon is stuck.
 REPLY_TIMEOUT = 60
-# A list of every tunnel is one reply datagram; give it time but not a minute.
+# Each part of a list is one reply datagram; give each time but not a minute.
 LIST_TIMEOUT = 5
 # SIGTERM closes every device one by one; 2,000 of them take a while.
 STOP_PATIENCE = 120
@@ -104,12 +104,15 @@ def idle_cpu(daemon, seconds):
 
 
 def list_reply(host):
-    """Whether -o list still answers with every tunnel: one reply datagram must hold them all."""
-    reply = send(host, [{"op": "list"}], LIST_TIMEOUT)[0]["reply"]
-    if reply is None:
-        return {"ok": False, "error": "no reply within %d s" % LIST_TIMEOUT}
-    return {"ok": bool(reply.get("ok")), "tunnels": len(reply.get("tunnels", [])),
-            "error": reply.get("error")}
+    """-o list as a user runs it: the control script fetches every part of the list."""
+    started = time.monotonic()
+    result = host.control("127.0.0.1", "-o", "list", "--json", "--timeout", str(LIST_TIMEOUT),
+                          check=False)
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        return {"ok": False, "error": (result.stdout + result.stderr).strip()[-200:]}
+    return {"ok": True, "tunnels": len(json.loads(result.stdout)["tunnels"]),
+            "seconds": round(seconds, 2)}
 
 
 def stop(host):
