@@ -779,23 +779,12 @@ class Tunnel:
         if len(datagram) <= PI_HEADER_LEN:
             self.drops["short"] += 1
             return
-        try:
-            os.write(self.fd, datagram)
-        except OSError as e:
-            self.write_failed(e, 1)
-        else:
-            self.rx_packets += 1
-            self.rx_bytes += len(datagram)
-            self.last_rx = time.time()
+        self.write([datagram], 1, len(datagram))
 
     def deliver(self, datagrams, stride):
         """Write datagrams from the peer, laid end to end stride bytes apart, into the device."""
         for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
-            datagram = datagrams[start:start + stride]
-            if len(datagram) <= PI_HEADER_LEN:
-                self.drops["short"] += 1
-                continue
-            self.write([datagram], 1, len(datagram))
+            self.deliver_one(datagrams[start:start + stride])
 
     def write(self, buffers, packets, size):
         """One write into the device, of packets packets that took size bytes on the wire."""
