@@ -177,8 +177,10 @@ def send_request(server, port, message, timeout, session=None):
 def fetch_list(server, port, timeout, session):
     """The whole list, asked for part by part: each part fits in one datagram."""
     reply = send_request(server, port, {"op": "list"}, timeout, session)
+    if not reply.get("ok"):
+        return reply
     tunnels = list(reply.get("tunnels", []))
-    for part in range(1, reply.get("parts", 1) if reply.get("ok") else 1):
+    for part in range(1, reply.get("parts", 1)):
         more = send_request(server, port, {"op": "list", "part": part}, timeout, session)
         if not more.get("ok"):
             return more
