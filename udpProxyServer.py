@@ -87,8 +87,15 @@ REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 # A shared secret of fewer bytes is too easy to guess.
 MIN_SECRET_LEN = 16
-# Replies per source and second, and the burst allowed: a mesh's set-up fits; a flood does not.
+# Replies per source and second, and the burst allowed, to sources that have not shown they
+# receive at their address: a mesh's set-up fits; a reflected flood does not.
 REPLY_RATE, REPLY_BURST = 100, 200
+# Address validation, as DNS cookies (RFC 7873) do it: a cookie is a MAC of the source's
+# address and port and the time in periods of this many seconds, under a random key made
+# for each period; one is valid in its period and the next, so it lives 2 to 4 minutes.
+COOKIE_PERIOD = 120
+COOKIE_HEX_LEN = 32
+COOKIE_KEY_BYTES = 32
 # Sources whose reply budget is remembered; idle ones are forgotten past this.
 MAX_SOURCES = 4096
 # Packets or requests a handler takes per wake-up, so one busy fd cannot starve the rest.
@@ -127,7 +134,7 @@ TCP, UDP = 6, 17
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes")
-REQUEST_FIELDS = ("op", "tunnel", "part")
+REQUEST_FIELDS = ("op", "tunnel", "part", "cookie")
 ENVELOPE_FIELDS = ("auth", "payload")
 AUTH_FIELDS = ("ts", "nonce", "mac")
 
@@ -146,6 +153,7 @@ class Request:
     op: str
     entries: list  # the tunnel dicts, each checked later on its own
     part: int = 0  # which part of a list reply
+    cookie: str = None  # the address validation cookie the sender was given, if any
 
 
 def decode(datagram, what="request"):
@@ -181,7 +189,10 @@ def parse_request(request):
     part = request.get("part", 0)
     if not isinstance(part, int) or isinstance(part, bool) or part < 0:
         raise ControlError("invalid part %r: must be a whole number from 0" % (part,))
-    return Request(op, entries, part)
+    cookie = request.get("cookie")
+    if cookie is not None and not is_hex(cookie, COOKIE_HEX_LEN):
+        raise ControlError("invalid cookie %r: must be %d hex digits" % (cookie, COOKIE_HEX_LEN))
+    return Request(op, entries, part, cookie)
 
 
 def check_fields(obj, known, where):
@@ -975,9 +986,8 @@ def reply_mac(secret, nonce, payload):
 class Gate:
     """Who may use the control port, and how they are answered: the allow list,
     requests authenticated with HMAC-SHA256 under a shared secret (with a time
-    window and nonces against replay), replies limited per source, and never a
-    reply larger than its request to a source that is neither trusted (loopback
-    or allowed) nor authenticated, so the port cannot amplify a spoofed flood."""
+    window and nonces against replay), and the reply budget of sources that have
+    not shown they receive at their address."""
 
     def __init__(self, secret=None, allow=(), clock=time.time):
         self.secret = secret
@@ -992,8 +1002,15 @@ class Gate:
         return not self.allow or self.trusted(ip)
 
     def trusted(self, ip):
+        """Loopback, or a source --allow names."""
         address = plain_address(ip)
         return address.is_loopback or any(address in network for network in self.allow)
+
+    @staticmethod
+    def proven(ip):
+        """Loopback needs no cookie: the kernel drops datagrams from the network that
+        claim a loopback source, so nobody can spoof one."""
+        return plain_address(ip).is_loopback
 
     def may_reply(self, ip):
         """Take one reply from ip's budget: REPLY_RATE a second, REPLY_BURST at once."""
@@ -1059,6 +1076,59 @@ class Gate:
             return payload.encode()
         auth = {"nonce": nonce, "mac": reply_mac(self.secret, nonce, payload)}
         return json.dumps({"auth": auth, "payload": payload}).encode()
+
+
+class Cookies:
+    """Address validation without state per client: a source that sends back the
+    cookie it was given at its address and port has shown it receives there, so
+    what is sent to it cannot be a flood reflected at someone else."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.keys = {}  # period -> its random key: this period's and the one before
+
+    def key(self, period):
+        if period not in self.keys:
+            self.keys = {p: key for p, key in self.keys.items() if p == period - 1}
+            self.keys[period] = os.urandom(COOKIE_KEY_BYTES)
+        return self.keys[period]
+
+    def period(self):
+        return int(self.clock() // COOKIE_PERIOD)
+
+    def make(self, sender):
+        """The cookie for sender's address and port, valid for one to two periods."""
+        period = self.period()
+        return self.mac(self.key(period), sender, period)
+
+    def valid(self, cookie, sender):
+        now = self.period()
+        self.key(now)  # forget the keys of periods long past
+        return any(hmac.compare_digest(self.mac(self.keys[period], sender, period), cookie)
+                   for period in (now, now - 1) if period in self.keys)
+
+    @staticmethod
+    def mac(key, sender, period):
+        message = b"%s\n%d\n%d" % (sender[0].encode(), sender[1], period)
+        return hmac.new(key, message, hashlib.sha256).hexdigest()[:COOKIE_HEX_LEN]
+
+
+def fit_reply(reply, limit, extra):
+    """The reply as a datagram of at most limit bytes, with extra's fields: whole if it
+    fits, else cut down to its outcome (ok, op, and as much of the error as fits), or None."""
+    whole = json.dumps(dict(reply, **extra)).encode()
+    if len(whole) <= limit:
+        return whole, True
+    outcome = {key: reply[key] for key in ("ok", "op", "retry") if key in reply}
+    outcome.update(extra)
+    error = reply.get("error", "")[:limit]
+    while error:
+        cut = json.dumps(dict(outcome, error=error)).encode()
+        if len(cut) <= limit:
+            return cut, False
+        error = error[:len(error) - (len(cut) - limit)]  # each character is a byte or more
+    cut = json.dumps(outcome).encode()
+    return (cut if len(cut) <= limit else None), False
 
 
 def plain_address(host):
@@ -1156,7 +1226,7 @@ class Server:
     """The sockets, the tunnels and the one readiness loop that serves them all."""
 
     def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
-                 gate=None, state=None):
+                 gate=None, state=None, cookies=None):
         self.data_sock = data_sock
         self.control_sock = control_sock
         self.data_port = data_sock.getsockname()[1]
@@ -1165,6 +1235,7 @@ class Server:
         self.netlink = None  # a pyroute2 IPRoute, made when first needed
         self.offloads = offloads or Offloads()
         self.gate = gate or Gate()
+        self.cookies = cookies or Cookies()
         self.state = state
         self.scratch = Scratch()
         self.poller = select.epoll()
@@ -1175,7 +1246,7 @@ class Server:
         self.drops = collections.Counter()  # datagrams no tunnel took
         self.started = time.time()
         self.running = True
-        self.ops = {"add": self.add, "del": self.delete, "list": self.list}
+        self.ops = {"add": self.add, "del": self.delete, "list": self.list, "cookie": self.cookie}
         # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
         self.buffer = bytearray(2 * BUFFER_SIZE)
         self.view = memoryview(self.buffer)
@@ -1279,51 +1350,78 @@ class Server:
                 datagram, sender = self.control_sock.recvfrom(BUFFER_SIZE)
             except BlockingIOError:
                 return
-            ip = sender[0]
             counts["requests"] += 1
-            if not gate.admits(ip):
+            if not gate.admits(sender[0]):
                 counts["not_allowed"] += 1
                 continue
-            reply, nonce = self.answer(datagram, sender)
-            if not gate.may_reply(ip):
-                counts["rate_limited"] += 1
-                continue
-            sealed = gate.seal(json.dumps(reply), nonce)
-            if len(sealed) > MAX_REPLY:
-                sealed = gate.seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
-                                               " not fit in one datagram" % len(sealed)}), nonce)
-            if nonce is None and not gate.trusted(ip) and len(sealed) > len(datagram):
-                # No amplification: a spoofed source gets no more than it sent, here nothing.
-                counts["withheld"] += 1
-                continue
+            reply, nonce, proven = self.answer(datagram, sender)
+            if proven:
+                sealed = gate.seal(json.dumps(reply), nonce)
+                if len(sealed) > MAX_REPLY:
+                    sealed = gate.seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
+                                                   " not fit in one datagram" % len(sealed)}), nonce)
+            else:
+                sealed = self.unproven_reply(reply, datagram, sender)
+                if sealed is None:
+                    continue
             try:
                 self.control_sock.sendto(sealed, sender)
             except OSError as e:
-                log.error("cannot reply to %s:%d: %s", ip, sender[1], e)
+                log.error("cannot reply to %s:%d: %s", sender[0], sender[1], e)
+
+    def unproven_reply(self, reply, datagram, sender):
+        """What goes back to a source that has not shown it receives at its address: no
+        more bytes than it sent, so a spoofed flood is not amplified, within its budget,
+        so the daemon is no reflector either; and, without a secret, a cookie to prove
+        its address with, after which it gets every reply whole."""
+        counts = self.gate.counts
+        if not (self.gate.trusted(sender[0]) or self.gate.may_reply(sender[0])):
+            counts["rate_limited"] += 1
+            return None
+        extra = {} if self.gate.secret else {"cookie": self.cookies.make(sender)}
+        fitted, whole = fit_reply(reply, len(datagram), extra)
+        if fitted is None:
+            counts["withheld"] += 1
+        elif not whole:
+            counts["cut"] += 1
+        return fitted
 
     def answer(self, datagram, sender):
-        """The reply to one control datagram and the nonce to seal it with; nothing in it
-        can stop the daemon."""
-        nonce = None
+        """Act on one control datagram. Returns the reply, the nonce to seal it with and
+        whether the sender is proven (loopback, authenticated, or with a valid cookie);
+        nothing in it can stop the daemon."""
+        nonce, proven = None, self.gate.proven(sender[0])
         try:
             obj, nonce = self.gate.open(datagram)
+            proven = proven or nonce is not None
             request = parse_request(obj)
+            if request.cookie is not None:
+                if not self.cookies.valid(request.cookie, sender):
+                    # Not acted on: the sender asks again with the new cookie it gets here.
+                    self.gate.counts["bad_cookie"] += 1
+                    return ({"ok": False, "op": request.op, "retry": True,
+                             "error": "cookie expired or not for this address: send again"
+                                      " with the new one"}, nonce, proven)
+                proven = True
             action = self.ops.get(request.op)
             if action is None:
-                raise ControlError("unknown op %r (expected add, del or list)" % (request.op,))
-            if request.op == "list" and nonce is None and not self.gate.trusted(sender[0]):
-                raise ControlError("list answers only loopback, allowed or authenticated sources")
+                raise ControlError("unknown op %r (expected add, del, list or cookie)"
+                                   % (request.op,))
         except ControlError as e:
             self.gate.counts["refused"] += 1
             log.warning("control from %s: %s", sender[0], e)
-            return {"ok": False, "error": str(e)}, nonce
+            return {"ok": False, "error": str(e)}, nonce, proven
         log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
                   len(request.entries))
         try:
-            return action(request, sender), nonce
+            return action(request, sender), nonce, proven
         except Exception as e:  # a bug costs one request its success, never its answer
             log.exception("control from %s: %s failed", sender[0], request.op)
-            return {"ok": False, "op": request.op, "error": "internal error: %s" % e}, nonce
+            return {"ok": False, "op": request.op, "error": "internal error: %s" % e}, nonce, proven
+
+    def cookie(self, request, sender):
+        """The cookie that proves sender's address: the control script asks for it first."""
+        return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
 
     def add(self, request, sender):
         return self.each(request.entries, sender, "add", self.add_tunnel)

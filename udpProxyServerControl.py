@@ -38,6 +38,10 @@ REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 NONCE_BYTES = 16
 MIN_SECRET_LEN = 16
+# A daemon answers a source that has not yet shown it receives at its address with no
+# more bytes than it was sent; plain requests are padded (JSON allows trailing blanks)
+# so that the cookie that proves our address, or a refusal with its reason, fits.
+PADDED_REQUEST = 256
 
 # The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
 # they are deleted when the file no longer wants them); adds go this many a message.
@@ -160,62 +164,121 @@ def resolve(host, port):
     return family, address
 
 
+class Daemon:
+    """One daemon's control port, spoken to from one socket. Without a secret, the
+    first request asks for a cookie: it proves our address and port, so the daemon
+    then answers in full (a list too) and acts once on each request."""
+
+    def __init__(self, server, port, timeout, session=None):
+        self.server, self.port, self.timeout = server, port, timeout
+        self.session = session or Session()
+        family, self.address = resolve(server, port)
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.cookie = None
+        self.validates = self.session.secret is None  # an authenticated request needs no cookie
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+    def request(self, message):
+        """The daemon's reply to message as a dict, or None when not waiting (--timeout 0)."""
+        if self.timeout == 0:
+            self.send(message)
+            return None
+        if self.validates and self.cookie is None:
+            reply = self.exchange({"op": "cookie"})
+            if reply.get("cookie"):
+                self.cookie = reply["cookie"]
+            elif "unknown op 'cookie'" in str(reply.get("error")):
+                self.validates = False  # a 2.0 daemon: it answers without cookies
+            else:
+                return reply  # a refusal, e.g. the daemon has a secret
+        if not self.validates:
+            return self.exchange(message)
+        reply = self.exchange(dict(message, cookie=self.cookie))
+        if reply.get("retry") and reply.get("cookie"):
+            # The cookie expired (the daemon did not act on the request): once more.
+            self.cookie = reply["cookie"]
+            reply = self.exchange(dict(message, cookie=self.cookie))
+        return reply
+
+    def send(self, message):
+        datagram = self.session.seal(message)
+        if self.session.secret is None:
+            datagram = datagram.ljust(PADDED_REQUEST)
+        try:
+            self.sock.sendto(datagram, self.address)
+        except OSError as e:
+            raise NoReply("cannot send to %s port %d: %s"
+                          % (self.server, self.port, e.strerror)) from None
+
+    def exchange(self, message):
+        self.send(message)
+        return self.wait_for_reply()
+
+    def wait_for_reply(self):
+        """The first reply to believe that comes back from the control port before the deadline."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoReply(no_reply_causes(self.server, self.port, self.timeout))
+            self.sock.settimeout(left)
+            try:
+                datagram, sender = self.sock.recvfrom(MAX_REPLY)
+            except socket.timeout:
+                continue
+            except OSError as e:  # e.g. ICMP port unreachable: nothing listens there
+                raise NoReply(e.strerror) from None
+            if sender[1] != self.port:
+                continue
+            try:
+                reply = json.loads(datagram)
+            except ValueError:
+                continue
+            if isinstance(reply, dict):
+                reply = self.session.open(reply)
+                if reply is not None:
+                    return reply
+
+    def fetch_list(self):
+        """The whole list, asked for part by part: each part fits in one datagram."""
+        reply = self.request({"op": "list"})
+        if not reply.get("ok"):
+            return reply
+        tunnels = list(reply.get("tunnels", []))
+        for part in range(1, reply.get("parts", 1)):
+            more = self.request({"op": "list", "part": part})
+            if not more.get("ok"):
+                return more
+            tunnels += more.get("tunnels", [])
+        reply["tunnels"] = tunnels
+        for field in ("part", "parts", "cookie"):
+            reply.pop(field, None)
+        return reply
+
+
+def no_reply_causes(server, port, timeout):
+    """What to tell a user who got no reply: the likely causes, the likeliest first."""
+    return ("no reply within %g s. Likely causes: nothing listens at %s port %d (is the"
+            " daemon running there, on that port? -p sets it); a firewall drops UDP to port %d"
+            " (or the replies); the daemon's --allow list or --control-bind leaves this host"
+            " out; a daemon of 2.0.0 with a secret wants --secret-file; a 2015 daemon never"
+            " replies (--timeout 0 sends without waiting)" % (timeout, server, port, port))
+
+
 def send_request(server, port, message, timeout, session=None):
     """Send message to the daemon; return its reply as a dict, or None when not waiting."""
-    session = session or Session()
-    family, address = resolve(server, port)
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(session.seal(message), address)
-        except OSError as e:
-            raise NoReply("cannot send to %s port %d: %s" % (server, port, e.strerror)) from None
-        if timeout == 0:
-            return None
-        return wait_for_reply(sock, port, timeout, session)
+    with Daemon(server, port, timeout, session) as daemon:
+        return daemon.request(message)
 
 
-def fetch_list(server, port, timeout, session):
-    """The whole list, asked for part by part: each part fits in one datagram."""
-    reply = send_request(server, port, {"op": "list"}, timeout, session)
-    if not reply.get("ok"):
-        return reply
-    tunnels = list(reply.get("tunnels", []))
-    for part in range(1, reply.get("parts", 1)):
-        more = send_request(server, port, {"op": "list", "part": part}, timeout, session)
-        if not more.get("ok"):
-            return more
-        tunnels += more.get("tunnels", [])
-    reply["tunnels"] = tunnels
-    reply.pop("part", None)
-    reply.pop("parts", None)
-    return reply
-
-
-def wait_for_reply(sock, port, timeout, session):
-    """The first reply to believe that comes back from the control port before the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise NoReply("no reply within %g s (a daemon older than 2.0 never replies:"
-                          " --timeout 0 sends without waiting)" % timeout)
-        sock.settimeout(left)
-        try:
-            datagram, sender = sock.recvfrom(MAX_REPLY)
-        except socket.timeout:
-            continue
-        except OSError as e:  # e.g. ICMP port unreachable: nothing listens there
-            raise NoReply(e.strerror) from None
-        if sender[1] != port:
-            continue
-        try:
-            reply = json.loads(datagram)
-        except ValueError:
-            continue
-        if isinstance(reply, dict):
-            reply = session.open(reply)
-            if reply is not None:
-                return reply
+def fetch_list(server, port, timeout, session=None):
+    with Daemon(server, port, timeout, session) as daemon:
+        return daemon.fetch_list()
 
 
 # --- Printing -----------------------------------------------------------------
@@ -478,10 +541,20 @@ def same_tunnel(entry, listed, data_port):
 
 def apply_mesh(mesh, session, timeout, dry_run, say):
     """Bring every daemon of the mesh to the file: each host's tunnels, only the difference."""
+    daemons = {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
+               for host in mesh.hosts}
+    try:
+        return apply_to_daemons(mesh, daemons, dry_run, say)
+    finally:
+        for daemon in daemons.values():
+            daemon.sock.close()
+
+
+def apply_to_daemons(mesh, daemons, dry_run, say):
     current, data_ports, unreachable = {}, {}, {}
     for host in mesh.hosts:
         try:
-            reply = fetch_list(str(host.address), mesh.control_port, timeout, session)
+            reply = daemons[host.name].fetch_list()
         except NoReply as e:
             unreachable[host.name] = str(e)
             continue
@@ -514,7 +587,7 @@ def apply_mesh(mesh, session, timeout, dry_run, say):
                     ", ".join(entry["routes"]) or "none"))
             say("%s: %d to add, %d to delete, %d unchanged" % (label, len(new), len(stale), kept))
             continue
-        error = change_host(host, stale, new, mesh.control_port, timeout, session)
+        error = change_host(daemons[host.name], stale, new)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
@@ -523,7 +596,7 @@ def apply_mesh(mesh, session, timeout, dry_run, say):
     return failed
 
 
-def change_host(host, stale, new, port, timeout, session):
+def change_host(daemon, stale, new):
     """Delete, then add, in messages of a bounded size; the first error, or None."""
     messages = []
     if stale:
@@ -532,7 +605,7 @@ def change_host(host, stale, new, port, timeout, session):
         messages.append({"op": "add", "tunnel": new[start:start + MESH_BATCH]})
     for message in messages:
         try:
-            reply = send_request(str(host.address), port, message, timeout, session)
+            reply = daemon.request(message)
         except NoReply as e:
             return str(e)
         if not reply.get("ok"):

@@ -83,8 +83,8 @@ def main():
         say(hosts[0].control("-s", hosts[0].address, "--secret-file", secret,
                              "-o", "list").stdout.rstrip())
         say()
-        say("Requests without the secret are refused: on the host itself with the reason,")
-        say("from another host without a reply (none larger than the request goes out):")
+        say("Requests without the secret are refused with the reason, on the host itself")
+        say("and from another host (in a reply no larger than the request):")
         for host, server in ((hosts[0], "127.0.0.1"), (hosts[2], hosts[0].address)):
             result = host.control("-s", server, "-o", "del", "-n", "m-minion-2", check=False)
             say((result.stdout + result.stderr).rstrip() + "  (exit %d)" % result.returncode)

@@ -52,9 +52,13 @@ def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     assert complaint in capsys.readouterr().err
 
 
+COOKIE = "c0" * 16
+
+
 @pytest.fixture
 def daemon():
-    """A stand-in daemon on loopback that answers each request with the next canned reply."""
+    """A stand-in daemon on loopback that gives a cookie to whoever asks, and answers
+    each other request with the next canned reply."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.settimeout(5)
@@ -63,6 +67,10 @@ def daemon():
     def serve():
         for reply in replies:
             data, sender = sock.recvfrom(65535)
+            while json.loads(data) == {"op": "cookie"}:
+                sock.sendto(json.dumps({"ok": True, "op": "cookie", "cookie": COOKIE}).encode(),
+                            sender)
+                data, sender = sock.recvfrom(65535)
             requests.append(json.loads(data))
             sock.sendto(b"not json", sender)  # ignored: the script waits for a JSON object
             sock.sendto(json.dumps(reply).encode(), sender)
@@ -81,7 +89,7 @@ def test_done_exits_0(daemon, capsys):
     port, requests = daemon({"ok": True, "op": "del", "results": [{"name": "udp2", "ok": True}]})
     assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "udp2"]) == 0
     assert capsys.readouterr().out == "udp2: del done\n"
-    assert requests == [{"op": "del", "tunnel": [{"name": "udp2"}]}]
+    assert requests == [{"op": "del", "tunnel": [{"name": "udp2"}], "cookie": COOKIE}]
 
 
 def test_refused_exits_1_and_says_why(daemon, capsys):
@@ -214,3 +222,42 @@ def test_tunnel_names_fit_and_stay_unique():
     assert ctl.tunnel_name("minion-2") == "m-minion-2"
     long_names = [ctl.tunnel_name("datacenter-east-%d" % i) for i in range(20)]
     assert len(set(long_names)) == 20 and all(len(n) <= 15 for n in long_names)
+
+
+def test_a_request_whose_cookie_expired_is_sent_once_more_with_the_new_one(daemon, capsys):
+    port, requests = daemon({"ok": False, "op": "del", "retry": True, "cookie": "d1" * 16,
+                             "error": "cookie expired"},
+                            {"ok": True, "op": "del", "results": [{"name": "udp2", "ok": True}]})
+    assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "udp2"]) == 0
+    assert [r["cookie"] for r in requests] == [COOKIE, "d1" * 16]
+
+
+def test_a_daemon_that_knows_no_cookies_is_sent_the_plain_request(capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as older:
+        older.bind(("127.0.0.1", 0))
+        older.settimeout(5)
+        replies = iter([{"ok": False, "error": "unknown op 'cookie' (expected add, del or list)"},
+                        {"ok": True, "op": "del", "results": [{"name": "u", "ok": True}]}])
+        got = []
+
+        def serve():
+            for reply in replies:
+                data, sender = older.recvfrom(65535)
+                got.append(json.loads(data))
+                older.sendto(json.dumps(reply).encode(), sender)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        port = str(older.getsockname()[1])
+        assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "u"]) == 0
+        thread.join(5)
+    assert got == [{"op": "cookie"}, {"op": "del", "tunnel": [{"name": "u"}]}]
+
+
+def test_plain_requests_are_padded_so_a_cookie_or_a_refusal_fits_in_the_reply():
+    with ctl.Daemon("127.0.0.1", 9, 1) as daemon, socket.socket(socket.AF_INET,
+                                                                 socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        daemon.address = sink.getsockname()
+        daemon.send({"op": "cookie"})
+        assert len(sink.recv(65535)) == ctl.PADDED_REQUEST

@@ -88,7 +88,7 @@ entries = st.fixed_dictionaries({}, optional={k: json_values | st.text(max_size=
 @settings(max_examples=300, deadline=None)
 def test_any_json_request_gets_an_answer(op, tunnels):
     with fake_server() as (server, _):
-        reply, _ = server.answer(json.dumps({"op": op, "tunnel": tunnels}).encode(),
+        reply, _, _ = server.answer(json.dumps({"op": op, "tunnel": tunnels}).encode(),
                                  ("127.0.0.1", 9))
     assert isinstance(reply["ok"], bool)
     assert reply["ok"] or reply["error"]
@@ -139,7 +139,7 @@ def server():
 
 def add_loopback_tunnel(server, peer):
     """A tunnel to a peer socket on loopback, told apart by its port."""
-    reply, _ = server.answer(json.dumps({"op": "add", "tunnel": [{
+    reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [{
         "name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
         "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
     assert reply == {"ok": True, "op": "add", "results": [{"name": "udp2", "ok": True}]}
@@ -196,7 +196,7 @@ def test_datagrams_from_unknown_sources_are_counted(server):
 def test_device_that_cannot_be_created_is_an_error_reply(server):
     server, devices = server
     devices.fail_with = errno.EBUSY
-    reply, _ = server.answer(b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
+    reply, _, _ = server.answer(b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
                           b' "remoteServer": "198.18.0.2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] is False
     assert reply["results"][0]["error"] == "cannot create device 'udp2': Device or resource busy"
@@ -207,7 +207,7 @@ def test_del_unregisters_and_closes_the_device(server):
     server, devices = server
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-    reply, _ = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
+    reply, _, _ = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] and tunnel.fd not in server.handlers
     assert tunnel.device.fileno() == -1
 
@@ -398,3 +398,39 @@ def test_udp_is_not_joined_where_the_kernel_has_no_uso(offload_server):
     writes = [devices.outer["udp2"].recv(65535) for _ in range(3)]
     assert all(w[:ups.VNET_HDR_LEN] == ups.ZERO_VNET_HDR for w in writes)
     assert server.offloads.join is True
+
+
+MANAGER = ("198.18.0.9", 40000)
+ADD = {"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",
+                                "remoteServer": "198.18.0.2"}]}
+
+
+def test_a_valid_cookie_proves_the_sender_and_a_bad_one_is_not_acted_on():
+    clock = [1795000000.0]
+    with fake_server() as (server, _):
+        server.cookies = ups.Cookies(clock=lambda: clock[0])
+        reply, _, proven = server.answer(b'{"op": "cookie"}', MANAGER)
+        assert reply["ok"] and not proven
+        cookie = reply["cookie"]
+        reply, _, proven = server.answer(json.dumps({"op": "list", "cookie": cookie}).encode(),
+                                         MANAGER)
+        assert reply["ok"] and proven
+        for sender, later in ((("198.18.0.7", 40000), 0), (MANAGER, 2 * ups.COOKIE_PERIOD)):
+            clock[0] += later  # another address, then the cookie's own after it expired
+            reply, _, proven = server.answer(json.dumps(dict(ADD, cookie=cookie)).encode(), sender)
+            assert reply["retry"] and not reply["ok"] and not proven
+            assert "udp2" not in server.tunnels  # not acted on: the sender asks again
+        assert server.gate.counts["bad_cookie"] == 2
+        reply, _, proven = server.answer(json.dumps(ADD).encode(), MANAGER)
+        assert reply["ok"] and not proven  # a plain request, as in 2015, is acted on
+
+
+def test_an_unproven_sender_gets_no_more_than_it_sent_and_its_cookie():
+    with fake_server() as (server, _):
+        request = json.dumps({"op": "list"}).encode()
+        reply, _, _ = server.answer(request, MANAGER)
+        assert server.unproven_reply(reply, request, MANAGER) is None
+        padded = request.ljust(100)
+        cut = json.loads(server.unproven_reply(reply, padded, MANAGER))
+        assert cut == {"ok": True, "op": "list", "cookie": server.cookies.make(MANAGER)}
+        assert server.gate.counts["withheld"] == 1 and server.gate.counts["cut"] == 1

@@ -163,3 +163,45 @@ def test_any_envelope_is_opened_or_refused_with_control_error(auth, payload):
     for gate in (Gate(SECRET, clock=lambda: NOW), Gate()):
         with pytest.raises(ControlError):
             gate.open(datagram)
+
+
+def test_a_cookie_proves_one_address_and_port_for_one_to_two_periods():
+    clock = [NOW]
+    cookies = ups.Cookies(clock=lambda: clock[0])
+    manager = ("198.18.0.9", 40000)
+    cookie = cookies.make(manager)
+    assert len(cookie) == ups.COOKIE_HEX_LEN and cookies.valid(cookie, manager)
+    assert not cookies.valid(cookie, ("198.18.0.9", 40001))
+    assert not cookies.valid(cookie, ("198.18.0.8", 40000))
+    clock[0] += ups.COOKIE_PERIOD  # the next period: still valid, and a new key makes new ones
+    assert cookies.valid(cookie, manager) and cookies.make(manager) != cookie
+    clock[0] += ups.COOKIE_PERIOD  # two periods on: expired, its key forgotten
+    assert not cookies.valid(cookie, manager)
+    assert int(NOW // ups.COOKIE_PERIOD) not in cookies.keys
+
+
+def test_another_daemon_gives_other_cookies():
+    manager = ("198.18.0.9", 40000)
+    assert ups.Cookies(clock=lambda: NOW).make(manager) != ups.Cookies(clock=lambda: NOW).make(manager)
+
+
+error_texts = st.text(max_size=400)
+
+
+@given(st.booleans(), st.sampled_from([None, "add", "list", "cookie"]), error_texts,
+       st.integers(min_value=0, max_value=600), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_a_fitted_reply_never_exceeds_its_limit_and_keeps_its_outcome(ok, op, error, limit, cookie):
+    reply = {"ok": ok, "error": error, "results": [{"name": "udp%d" % i, "ok": ok}
+                                                    for i in range(20)]}
+    if op:
+        reply["op"] = op
+    extra = {"cookie": "ab" * 16} if cookie else {}
+    fitted, whole = ups.fit_reply(reply, limit, extra)
+    if fitted is None:
+        assert len(json.dumps(dict({"ok": ok}, **extra)).encode()) > limit or op
+        return
+    assert len(fitted) <= limit
+    got = json.loads(fitted)
+    assert got["ok"] is ok and got.get("op") == op and error.startswith(got.get("error", ""))
+    assert whole == ("results" in got) and (not cookie or got["cookie"] == "ab" * 16)
