@@ -1142,41 +1142,46 @@ def is_hex(value, length):
             and all(c in "0123456789abcdef" for c in value))
 
 
+class StateUnreadable(Exception):
+    """The state file cannot be read or parsed: nothing may be concluded from it."""
+
+
 class StateFile:
     """The tunnels that were acknowledged, kept across restarts: written whole after
-    every change (temporary file, fsync, rename), read back at start-up."""
+    every change (temporary file, fsync, rename), read back at start-up and on SIGHUP."""
 
     def __init__(self, path):
         self.path = path
 
     def load(self):
-        """The tunnel entries in the file; what cannot be read is said, never skipped silently."""
+        """The tunnel entries in the file, or StateUnreadable saying why; a corrupt file
+        is first copied aside, since the next save replaces it."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            log.info("state file %s does not exist yet: starting without tunnels", self.path)
-            return []
+            raise StateUnreadable("%s does not exist" % self.path) from None
         except OSError as e:
-            log.error("cannot read state file %s: %s; starting without its tunnels",
-                      self.path, e.strerror)
-            return []
+            raise StateUnreadable("cannot read %s: %s" % (self.path, e.strerror)) from None
         try:
             state = decode(data, "state file")
             entries = state.get("tunnels")
             if not isinstance(entries, list):
                 raise ControlError("it has no list 'tunnels'")
         except ControlError as e:
-            kept = "%s.corrupt-%d" % (self.path, time.time())
-            shutil.copyfile(self.path, kept)
-            log.error("state file %s is corrupt (%s); kept as %s; starting without its tunnels",
-                      self.path, e, kept)
-            return []
+            kept = self.keep_aside("corrupt")
+            raise StateUnreadable("%s is corrupt (%s); kept as %s" % (self.path, e, kept)) from None
         good = [entry for entry in entries if isinstance(entry, dict)]
         if len(good) < len(entries):
             log.error("state file %s: %d entries are not objects and were skipped",
                       self.path, len(entries) - len(good))
         return good
+
+    def keep_aside(self, why):
+        """A copy of the file as it is, before the daemon writes over it."""
+        kept = "%s.%s-%d" % (self.path, why, time.time())
+        shutil.copyfile(self.path, kept)
+        return kept
 
     def save(self, entries):
         temporary = self.path + ".tmp"
@@ -1340,6 +1345,7 @@ class Server:
         except TunnelGone as e:
             log.error("tunnel %s: device failed (%s); tunnel removed", tunnel.name, e)
             self.remove(tunnel)
+            self.save_state()
 
     # The control path.
 
@@ -1442,6 +1448,10 @@ class Server:
                 log.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
                 results.append({"name": name, "ok": False, "error": str(e)})
                 errors.append("%s: %s" % (name, e))
+            except Exception as e:  # a bug costs this tunnel its success, not the others theirs
+                log.exception("control from %s: %s %s failed", sender[0], op, name)
+                results.append({"name": name, "ok": False, "error": "internal error: %s" % e})
+                errors.append("%s: internal error: %s" % (name, e))
             else:
                 results.append({"name": name, "ok": True})
         reply = {"ok": not errors, "op": op, "results": results}
@@ -1468,24 +1478,43 @@ class Server:
         """Recreate the tunnels of the state file, each on its own."""
         if self.state is None:
             return
-        for entry in self.state.load():
+        try:
+            entries = self.state.load()
+        except StateUnreadable as e:
+            if os.path.exists(self.state.path):
+                log.error("state file: %s; starting without its tunnels", e)
+            else:
+                log.info("state file %s does not exist yet: starting without tunnels",
+                         self.state.path)
+            return
+        failed = 0
+        for entry in entries:
             try:
                 self.add_tunnel(entry)
             except ControlError as e:
+                failed += 1
                 log.error("state file %s: tunnel %s not restored: %s", self.state.path,
                           entry_name(entry), e)
         log.info("restored %d tunnels from %s", len(self.tunnels), self.state.path)
+        self.match_state_file(failed)
 
     def reload_state(self):
-        """SIGHUP: make the tunnels what the state file says, touching only the difference."""
+        """SIGHUP: make the tunnels what the state file says, touching only the difference.
+        A file that cannot be read or parsed changes nothing."""
         if self.state is None:
             log.warning("SIGHUP: no state file to read (--state-file)")
             return
-        wanted = {}
-        for entry in self.state.load():
+        try:
+            entries = self.state.load()
+        except StateUnreadable as e:
+            log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
+            return
+        wanted, failed = {}, 0
+        for entry in entries:
             try:
                 spec = TunnelSpec.from_entry(entry)
             except ControlError as e:
+                failed += 1
                 log.error("state file %s: tunnel %s skipped: %s", self.state.path,
                           entry_name(entry), e)
                 continue
@@ -1501,9 +1530,19 @@ class Server:
                 self.add_spec(spec)
                 added += 1
             except ControlError as e:
+                failed += 1
                 log.error("state file %s: tunnel %s not added: %s", self.state.path, name, e)
         log.info("state file re-read: %d tunnels removed, %d added, %d unchanged",
                  len(removed), added, len(self.tunnels) - added)
+        self.match_state_file(failed)
+
+    def match_state_file(self, failed):
+        """After tunnels of the file could not be made: keep the file as it was aside, and
+        write what the daemon has, so the state file always says that."""
+        if failed:
+            log.error("state file %s: %d tunnels could not be made; the file as it was is"
+                      " kept as %s", self.state.path, failed, self.state.keep_aside("unmade"))
+            self.save_state()
 
     def add_tunnel(self, entry):
         self.add_spec(TunnelSpec.from_entry(entry))
@@ -1522,12 +1561,12 @@ class Server:
             tunnel = Tunnel(spec, device, self.data_sock, peer, self.scratch)
         try:
             self.configure(tunnel)
-        except ControlError:
+            self.watch(tunnel.fd, lambda: self.forward(tunnel))
+        except BaseException:
             tunnel.close()  # not left half-made: the device and its routes go
             raise
         self.tunnels[spec.name] = tunnel
         self.by_remote[self.remote_key(spec)] = tunnel
-        self.watch(tunnel.fd, lambda: self.forward(tunnel))
         log.info("tunnel %s added: %s -> %s:%d, mtu %d",
                  spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
 
@@ -1547,9 +1586,12 @@ class Server:
         if IPRoute is None:
             raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
                                " (pip install pyroute2)")
-        if self.netlink is None:
-            self.netlink = IPRoute()
-        tunnel.index = socket.if_nametoindex(spec.name)
+        try:
+            if self.netlink is None:
+                self.netlink = IPRoute()
+            tunnel.index = socket.if_nametoindex(spec.name)
+        except OSError as e:
+            raise ControlError("cannot configure %s through netlink: %s" % (spec.name, e)) from None
         if spec.interface.version == 6:
             try:
                 self.netlink.addr("add", index=tunnel.index, address=str(spec.interface.ip),

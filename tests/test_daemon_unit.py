@@ -434,3 +434,104 @@ def test_an_unproven_sender_gets_no_more_than_it_sent_and_its_cookie():
         cut = json.loads(server.unproven_reply(reply, padded, MANAGER))
         assert cut == {"ok": True, "op": "list", "cookie": server.cookies.make(MANAGER)}
         assert server.gate.counts["withheld"] == 1 and server.gate.counts["cut"] == 1
+
+
+def entry(name, third, **changes):
+    return dict({"name": name, "tunnelIP": "10.0.%d.1" % third,
+                 "remoteServer": "198.18.0.%d" % third}, **changes)
+
+
+@contextlib.contextmanager
+def server_with_state(tmp_path):
+    with fake_server() as (server, devices):
+        server.state = ups.StateFile(str(tmp_path / "state.json"))
+        yield server, devices
+
+
+def saved_names(server):
+    return [e["name"] for e in server.state.load()]
+
+
+class NoNetlink:
+    def __init__(self):
+        raise OSError(errno.EPROTONOSUPPORT, "netlink is not there")
+
+
+def test_an_add_that_fails_with_any_error_leaves_nothing_and_the_others_go_on(tmp_path,
+                                                                              monkeypatch):
+    with server_with_state(tmp_path) as (server, devices):
+        monkeypatch.setattr(ups, "IPRoute", NoNetlink)
+        made = []
+        opened = server.open_device
+        server.open_device = lambda spec, flags: made.append(opened(spec, flags)) or made[-1]
+        reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [
+            entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3)]}).encode(),
+            ("127.0.0.1", 9))
+        assert [r["ok"] for r in reply["results"]] == [False, True]
+        assert "cannot configure udp2 through netlink" in reply["results"][0]["error"]
+        assert made[0].fileno() == -1  # the half-made device is closed, so the kernel deletes it
+        assert list(server.tunnels) == ["udp3"] and len(server.handlers) == 3
+        assert saved_names(server) == ["udp3"]
+
+
+def test_a_bug_while_adding_one_tunnel_costs_only_that_tunnel(tmp_path):
+    with server_with_state(tmp_path) as (server, devices):
+        opened = server.open_device
+
+        def open_device(spec, flags):
+            if spec.name == "udp2":
+                raise RuntimeError("a bug")
+            return opened(spec, flags)
+
+        server.open_device = open_device
+        reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [
+            entry("udp2", 2), entry("udp3", 3)]}).encode(), ("127.0.0.1", 9))
+        assert reply["results"][0] == {"name": "udp2", "ok": False, "error": "internal error: a bug"}
+        assert reply["results"][1]["ok"] and saved_names(server) == ["udp3"]
+
+
+def test_a_tunnel_whose_device_failed_leaves_the_state_file(tmp_path):
+    with server_with_state(tmp_path) as (server, devices):
+        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
+                      .encode(), ("127.0.0.1", 9))
+        tunnel = server.tunnels["udp2"]
+
+        def gone():
+            raise ups.TunnelGone("No such device")
+
+        tunnel.forward_from_tun = gone
+        server.dispatch(tunnel.fd)
+        assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
+
+
+@pytest.mark.parametrize("content", [None, b'{"version": 1, "tunn', b"\xff\xfe", b"[]"])
+def test_sighup_with_a_missing_or_corrupt_state_file_keeps_every_tunnel(tmp_path, content):
+    with server_with_state(tmp_path) as (server, devices):
+        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2)]}).encode(),
+                      ("127.0.0.1", 9))
+        os.remove(server.state.path)
+        if content is not None:
+            with open(server.state.path, "wb") as f:
+                f.write(content)
+        server.reload_state()
+        assert list(server.tunnels) == ["udp2"]
+
+
+def test_sighup_with_a_readable_file_listing_fewer_tunnels_removes_them(tmp_path):
+    with server_with_state(tmp_path) as (server, devices):
+        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
+                      .encode(), ("127.0.0.1", 9))
+        server.state.save([entry("udp3", 3)])
+        server.reload_state()
+        assert list(server.tunnels) == ["udp3"]
+
+
+def test_a_tunnel_that_cannot_be_made_again_is_kept_aside_and_the_file_says_what_is(tmp_path,
+                                                                                 monkeypatch):
+    with server_with_state(tmp_path) as (server, devices):
+        server.state.save([entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3)])
+        monkeypatch.setattr(ups, "IPRoute", NoNetlink)
+        server.restore()
+        assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
+        kept, = [p for p in tmp_path.iterdir() if ".unmade-" in p.name]
+        assert [e["name"] for e in json.loads(kept.read_text())["tunnels"]] == ["udp2", "udp3"]

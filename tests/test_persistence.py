@@ -128,6 +128,40 @@ def test_sighup_applies_only_the_difference(lab):
     assert a.ping("10.0.1.2")
 
 
+def test_sighup_with_a_missing_or_corrupt_state_file_changes_nothing(lab, pair):
+    a, b = pair
+    state = state_path(lab, a)
+    a.stop_daemon()
+    a.start_daemon("--state-file", state)
+    a.add_tunnel("udp2", "10.0.1.1", b)
+    os.remove(state)
+    for damage in ("missing", "corrupt"):
+        if damage == "corrupt":
+            with open(state, "w") as f:
+                f.write('{"version": 1, "tunnels": [{"na')
+        a.daemon.send_signal(signal.SIGHUP)
+        wait_until(lambda: "every tunnel kept as it is" in open(a.daemon.log_path).read()
+                   .split("SIGHUP received")[-1], "the reload refused, %s" % damage)
+        assert list(a.tunnels()) == ["udp2"] and a.ping("10.0.1.2")
+
+
+def test_a_tunnel_whose_device_is_deleted_leaves_the_state_file(lab, pair):
+    a, b = pair
+    state = state_path(lab, a)
+    a.stop_daemon()
+    a.start_daemon("--state-file", state)
+    a.add_tunnel("udp2", "10.0.1.1", b)
+    a.add_tunnel("udp3", "10.0.3.1", "198.18.0.3")
+    a.run("ip", "link", "del", "udp2")
+    a.ping("10.0.1.2", count=1)  # the device's queue wakes the daemon, which finds it gone
+    wait_until(lambda: "udp2" not in a.tunnels(), "the daemon drops the tunnel")
+    with open(state) as f:
+        assert [t["name"] for t in json.load(f)["tunnels"]] == ["udp3"]
+    a.stop_daemon()
+    a.start_daemon("--state-file", state)
+    assert list(a.tunnels()) == ["udp3"]
+
+
 def test_a_restarted_peer_with_its_state_file_carries_traffic_again(lab):
     a, b = lab.host("a", 1), lab.host("b", 2)
     a.start_daemon()
