@@ -74,6 +74,12 @@ MAX_REPLY = 65535 - 20 - 8
 # A list reply is cut into parts of about this many bytes of tunnels: a part,
 # sealed (its JSON quoted again inside the envelope), still fits in a datagram.
 LIST_PART_BYTES = 30000
+# What a tunnel's counters add to its entry in a list at most (six 20-digit counters, two
+# times, every drop reason): parts are cut by the entries alone, so they stay the same
+# while the counters grow, and a list fetched part by part shows each tunnel once.
+LIST_COUNTERS_ROOM = 512
+# Refused control requests logged one by one in each period, the rest only counted.
+REFUSALS_LOGGED, REFUSAL_LOG_PERIOD = 10, 60
 
 # Control-port security. A request's time may differ from ours by this much, and
 # its nonce is remembered as long, so the same request is not taken twice.
@@ -134,7 +140,7 @@ TCP, UDP = 6, 17
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes")
-REQUEST_FIELDS = ("op", "tunnel", "part", "cookie")
+REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
 ENVELOPE_FIELDS = ("auth", "payload")
 AUTH_FIELDS = ("ts", "nonce", "mac")
 
@@ -153,6 +159,7 @@ class Request:
     op: str
     entries: list  # the tunnel dicts, each checked later on its own
     part: int = 0  # which part of a list reply
+    generation: int = None  # of the tunnels, as part 0 of the list gave it
     cookie: str = None  # the address validation cookie the sender was given, if any
 
 
@@ -189,10 +196,13 @@ def parse_request(request):
     part = request.get("part", 0)
     if not isinstance(part, int) or isinstance(part, bool) or part < 0:
         raise ControlError("invalid part %r: must be a whole number from 0" % (part,))
+    generation = request.get("generation")
+    if generation is not None and (not isinstance(generation, int) or isinstance(generation, bool)):
+        raise ControlError("invalid generation %r: must be a whole number" % (generation,))
     cookie = request.get("cookie")
     if cookie is not None and not is_hex(cookie, COOKIE_HEX_LEN):
         raise ControlError("invalid cookie %r: must be %d hex digits" % (cookie, COOKIE_HEX_LEN))
-    return Request(op, entries, part, cookie)
+    return Request(op, entries, part, generation, cookie)
 
 
 def check_fields(obj, known, where):
@@ -1131,6 +1141,29 @@ def fit_reply(reply, limit, extra):
     return (cut if len(cut) <= limit else None), False
 
 
+class RefusalLog:
+    """Refused control requests, logged without flooding the journal under a barrage:
+    the first few of every period one by one, then how many more there were."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.since = None  # when this period began
+        self.logged = self.more = 0
+
+    def refused(self, message, *args):
+        now = self.clock()
+        if self.since is None or now - self.since >= REFUSAL_LOG_PERIOD:
+            if self.more:
+                log.warning("%d more control requests refused in %d s, not logged one by one"
+                            " (-o list counts them)", self.more, now - self.since)
+            self.since, self.logged, self.more = now, 0, 0
+        if self.logged < REFUSALS_LOGGED:
+            self.logged += 1
+            log.warning(message, *args)
+        else:
+            self.more += 1
+
+
 def plain_address(host):
     """The address a socket reports, an IPv4 one seen on a dual-stack socket as itself."""
     address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -1241,6 +1274,7 @@ class Server:
         self.offloads = offloads or Offloads()
         self.gate = gate or Gate()
         self.cookies = cookies or Cookies()
+        self.refusals = RefusalLog()
         self.state = state
         self.scratch = Scratch()
         self.poller = select.epoll()
@@ -1248,6 +1282,8 @@ class Server:
         self.retired = set()  # fds closed during the current round of events
         self.tunnels = {}  # name -> Tunnel
         self.by_remote = {}  # Server.remote_key(spec) -> Tunnel
+        self.generation = 0  # counts the changes to the tunnels, so a list can tell them
+        self.parts = (None, [])  # (generation, names in each part of the list)
         self.drops = collections.Counter()  # datagrams no tunnel took
         self.started = time.time()
         self.running = True
@@ -1414,16 +1450,21 @@ class Server:
                 raise ControlError("unknown op %r (expected add, del, list or cookie)"
                                    % (request.op,))
         except ControlError as e:
-            self.gate.counts["refused"] += 1
-            log.warning("control from %s: %s", sender[0], e)
-            return {"ok": False, "error": str(e)}, nonce, proven
+            return self.refuse(e, sender), nonce, proven
         log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
                   len(request.entries))
         try:
             return action(request, sender), nonce, proven
+        except ControlError as e:
+            return dict(self.refuse(e, sender), op=request.op), nonce, proven
         except Exception as e:  # a bug costs one request its success, never its answer
             log.exception("control from %s: %s failed", sender[0], request.op)
             return {"ok": False, "op": request.op, "error": "internal error: %s" % e}, nonce, proven
+
+    def refuse(self, error, sender):
+        self.gate.counts["refused"] += 1
+        self.refusals.refused("control from %s: %s", sender[0], error)
+        return {"ok": False, "error": str(error)}
 
     def cookie(self, request, sender):
         """The cookie that proves sender's address: the control script asks for it first."""
@@ -1445,7 +1486,7 @@ class Server:
             try:
                 act(entry)
             except ControlError as e:
-                log.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
+                self.refusals.refused("control from %s: %s %s refused: %s", sender[0], op, name, e)
                 results.append({"name": name, "ok": False, "error": str(e)})
                 errors.append("%s: %s" % (name, e))
             except Exception as e:  # a bug costs this tunnel its success, not the others theirs
@@ -1567,6 +1608,7 @@ class Server:
             raise
         self.tunnels[spec.name] = tunnel
         self.by_remote[self.remote_key(spec)] = tunnel
+        self.generation += 1
         log.info("tunnel %s added: %s -> %s:%d, mtu %d",
                  spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
 
@@ -1647,6 +1689,7 @@ class Server:
     def remove(self, tunnel):
         del self.tunnels[tunnel.name]
         del self.by_remote[self.remote_key(tunnel.spec)]
+        self.generation += 1
         try:
             self.unwatch(tunnel.fd)
             self.unroute(tunnel)
@@ -1654,16 +1697,16 @@ class Server:
             tunnel.close()
 
     def list(self, request, sender):
-        """Every tunnel with its counts, in parts that each fit in one datagram."""
-        parts, size = [[]], 0
-        for tunnel in self.tunnels.values():
-            described = tunnel.describe()
-            length = len(json.dumps(described))
-            if parts[-1] and size + length > LIST_PART_BYTES:
-                parts.append([])
-                size = 0
-            parts[-1].append(described)
-            size += length
+        """Every tunnel with its counts, in parts that each fit in one datagram. The parts
+        of one generation are the same tunnels whenever asked; a part asked for with an
+        older generation is refused, so the asker starts again rather than see a tunnel
+        twice or miss one."""
+        parts = self.list_parts()
+        if request.generation not in (None, self.generation):
+            self.gate.counts["list_changed"] += 1
+            return {"ok": False, "op": "list", "retry": True,
+                    "error": "the tunnels changed while they were listed (generation %d, now"
+                             " %d): ask again from part 0" % (request.generation, self.generation)}
         if request.part >= len(parts):
             raise ControlError("no part %d: the list has %d parts" % (request.part, len(parts)))
         return {
@@ -1671,12 +1714,28 @@ class Server:
             "op": "list",
             "part": request.part,
             "parts": len(parts),
+            "generation": self.generation,
             "dataPort": self.data_port,
             "uptime": round(time.time() - self.started, 3),
             "drops": dict(self.drops),
             "control": dict(self.gate.counts),
-            "tunnels": parts[request.part],
+            "tunnels": [self.tunnels[name].describe() for name in parts[request.part]],
         }
+
+    def list_parts(self):
+        """The names of the tunnels in each part of the list, for this generation."""
+        generation, parts = self.parts
+        if generation != self.generation:
+            parts, size = [[]], 0
+            for tunnel in self.tunnels.values():
+                length = len(json.dumps(tunnel.spec.entry())) + LIST_COUNTERS_ROOM
+                if parts[-1] and size + length > LIST_PART_BYTES:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(tunnel.name)
+                size += length
+            self.parts = (self.generation, parts)
+        return parts
 
     def close(self):
         """Close every tunnel (their devices go with them), then the sockets."""

@@ -42,6 +42,8 @@ MIN_SECRET_LEN = 16
 # more bytes than it was sent; plain requests are padded (JSON allows trailing blanks)
 # so that the cookie that proves our address, or a refusal with its reason, fits.
 PADDED_REQUEST = 256
+# A list whose tunnels change while it is fetched part by part is fetched again, this often.
+LIST_ATTEMPTS = 5
 
 # The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
 # they are deleted when the file no longer wants them); adds go this many a message.
@@ -245,20 +247,29 @@ class Daemon:
                     return reply
 
     def fetch_list(self):
-        """The whole list, asked for part by part: each part fits in one datagram."""
-        reply = self.request({"op": "list"})
-        if not reply.get("ok"):
-            return reply
-        tunnels = list(reply.get("tunnels", []))
-        for part in range(1, reply.get("parts", 1)):
-            more = self.request({"op": "list", "part": part})
-            if not more.get("ok"):
+        """The whole list, asked for part by part (each fits in one datagram), all of one
+        generation of the daemon's tunnels: when they change meanwhile, from the start."""
+        for _ in range(LIST_ATTEMPTS):
+            reply = self.request({"op": "list"})
+            if not reply.get("ok"):
+                return reply
+            tunnels = list(reply.get("tunnels", []))
+            for part in range(1, reply.get("parts", 1)):
+                message = {"op": "list", "part": part}
+                if "generation" in reply:  # a daemon of 2.0.0 has none
+                    message["generation"] = reply["generation"]
+                more = self.request(message)
+                if not more.get("ok"):
+                    break
+                tunnels += more.get("tunnels", [])
+            else:
+                reply["tunnels"] = tunnels
+                for field in ("part", "parts", "cookie"):
+                    reply.pop(field, None)
+                return reply
+            if not more.get("retry"):
                 return more
-            tunnels += more.get("tunnels", [])
-        reply["tunnels"] = tunnels
-        for field in ("part", "parts", "cookie"):
-            reply.pop(field, None)
-        return reply
+        return more
 
 
 def no_reply_causes(server, port, timeout):

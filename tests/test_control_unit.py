@@ -261,3 +261,18 @@ def test_plain_requests_are_padded_so_a_cookie_or_a_refusal_fits_in_the_reply():
         daemon.address = sink.getsockname()
         daemon.send({"op": "cookie"})
         assert len(sink.recv(65535)) == ctl.PADDED_REQUEST
+
+
+def test_a_list_whose_tunnels_changed_meanwhile_is_fetched_again_from_the_start(daemon, capsys):
+    def part(number, generation, names):
+        return {"ok": True, "op": "list", "part": number, "parts": 2, "generation": generation,
+                "tunnels": [dict(LIST_REPLY["tunnels"][0], name=name) for name in names]}
+
+    port, requests = daemon(part(0, 1, ["a"]),
+                            {"ok": False, "op": "list", "retry": True, "error": "changed"},
+                            part(0, 2, ["a", "b"]), part(1, 2, ["c"]))
+    assert ctl.main(["127.0.0.1", "-p", port, "-o", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in listed["tunnels"]] == ["a", "b", "c"]
+    assert [(r.get("part"), r.get("generation")) for r in requests] == \
+        [(None, None), (1, 1), (None, None), (1, 2)]

@@ -535,3 +535,66 @@ def test_a_tunnel_that_cannot_be_made_again_is_kept_aside_and_the_file_says_what
         assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
         kept, = [p for p in tmp_path.iterdir() if ".unmade-" in p.name]
         assert [e["name"] for e in json.loads(kept.read_text())["tunnels"]] == ["udp2", "udp3"]
+
+
+def list_of(server, **request):
+    reply, _, _ = server.answer(json.dumps(dict({"op": "list"}, **request)).encode(),
+                                ("127.0.0.1", 9))
+    return reply
+
+
+def add_many(server, count, start=0):
+    for first in range(start, start + count, 50):
+        server.answer(json.dumps({"op": "add", "tunnel": [
+            {"name": "t%d" % i, "tunnelIP": "10.64.%d.%d" % (i // 64, i % 64 * 4 + 1),
+             "remoteServer": "198.19.%d.%d" % (i // 250, i % 250 + 1)}
+            for i in range(first, min(first + 50, start + count))]})
+            .encode(), ("127.0.0.1", 9))
+
+
+def test_a_list_in_parts_shows_every_tunnel_once_while_counters_grow():
+    with fake_server() as (server, _):
+        add_many(server, 150)
+        first = list_of(server)
+        assert first["parts"] > 1
+        for tunnel in server.tunnels.values():  # counters at their largest
+            tunnel.rx_packets = tunnel.rx_bytes = tunnel.tx_packets = tunnel.tx_bytes = 2**64
+            tunnel.last_rx = tunnel.last_tx = 1795000000.123456
+            tunnel.drops.update({reason: 2**64 for reason in (
+                "short", "truncated", "tun_refused", "tun_full", "socket_full", "send_error")})
+        names = [t["name"] for part in range(first["parts"]) for t in list_of(
+            server, part=part, generation=first["generation"])["tunnels"]]
+        assert sorted(names) == sorted(server.tunnels)
+        for part in range(first["parts"]):  # each part, counters and all, fits a datagram
+            reply = list_of(server, part=part)
+            assert len(json.dumps(reply)) + len(json.dumps(json.dumps(reply))) < ups.MAX_REPLY
+
+
+def test_a_part_of_an_older_generation_is_refused_so_the_list_starts_again():
+    with fake_server() as (server, _):
+        add_many(server, 150)
+        first = list_of(server)
+        add_many(server, 1, start=150)
+        reply = list_of(server, part=1, generation=first["generation"])
+        assert reply["ok"] is False and reply["retry"] and "changed while" in reply["error"]
+
+
+def test_a_refusal_inside_an_op_is_a_refusal_not_an_internal_error(caplog):
+    with fake_server() as (server, _), caplog.at_level(logging.ERROR, logger="udpProxyServer"):
+        reply = list_of(server, part=1)
+    assert reply == {"ok": False, "op": "list", "error": "no part 1: the list has 1 parts"}
+    assert not caplog.records  # no traceback, no error line
+
+
+def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
+    clock = [0.0]
+    with fake_server() as (server, _), caplog.at_level(logging.WARNING, logger="udpProxyServer"):
+        server.refusals.clock = lambda: clock[0]
+        for _ in range(1000):
+            server.answer(b"garbage", ("198.18.0.7", 9))
+        clock[0] += ups.REFUSAL_LOG_PERIOD
+        server.answer(b"garbage", ("198.18.0.7", 9))
+        assert server.gate.counts["refused"] == 1001
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == ups.REFUSALS_LOGGED + 2
+    assert "990 more control requests refused in 60 s" in lines[-2]
