@@ -1437,13 +1437,20 @@ class Server:
             obj, nonce = self.gate.open(datagram)
             proven = proven or nonce is not None
             request = parse_request(obj)
+            if nonce is not None and request.cookie is None and request.op != "cookie":
+                # The cookie binds an authenticated request to this daemon, since it started,
+                # and to its sender: captured, it is good nowhere else and never again.
+                raise ControlError("an authenticated request must carry the cookie this daemon"
+                                   " gives ({\"op\": \"cookie\"}); udpProxyServerControl.py 2.1"
+                                   " sends it")
             if request.cookie is not None:
                 if not self.cookies.valid(request.cookie, sender):
                     # Not acted on: the sender asks again with the new cookie it gets here.
                     self.gate.counts["bad_cookie"] += 1
                     return ({"ok": False, "op": request.op, "retry": True,
-                             "error": "cookie expired or not for this address: send again"
-                                      " with the new one"}, nonce, proven)
+                             "cookie": self.cookies.make(sender),
+                             "error": "cookie expired or not for this address and this daemon:"
+                                      " send again with the new one"}, nonce, proven)
                 proven = True
             action = self.ops.get(request.op)
             if action is None:

@@ -177,7 +177,7 @@ class Daemon:
         family, self.address = resolve(server, port)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.cookie = None
-        self.validates = self.session.secret is None  # an authenticated request needs no cookie
+        self.validates = True  # false for a daemon of 2.0.0, which has no cookies
 
     def __enter__(self):
         return self
@@ -195,14 +195,14 @@ class Daemon:
             if reply.get("cookie"):
                 self.cookie = reply["cookie"]
             elif "unknown op 'cookie'" in str(reply.get("error")):
-                self.validates = False  # a 2.0 daemon: it answers without cookies
+                self.validates = False  # a daemon of 2.0.0, which has no cookies
             else:
-                return reply  # a refusal, e.g. the daemon has a secret
+                return reply  # a refusal the user must see, e.g. the daemon has a secret
         if not self.validates:
             return self.exchange(message)
         reply = self.exchange(dict(message, cookie=self.cookie))
         if reply.get("retry") and reply.get("cookie"):
-            # The cookie expired (the daemon did not act on the request): once more.
+            # The cookie expired or the daemon restarted, and it did not act: once more.
             self.cookie = reply["cookie"]
             reply = self.exchange(dict(message, cookie=self.cookie))
         return reply

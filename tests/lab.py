@@ -195,16 +195,18 @@ class Host:
             argv += ["-I", source]
         return self.run(*argv, destination, check=False).returncode == 0
 
-    def request(self, message, port=5001, to="127.0.0.1", wait=PATIENCE):
+    def request(self, message, port=5001, to="127.0.0.1", wait=PATIENCE, sport=0):
         """Send one control datagram (bytes, or a dict as JSON) and return the reply dict,
-        or None when none came within wait seconds."""
+        or None when none came within wait seconds; from source port sport if given (a
+        cookie is good for one address and port)."""
         raw = message if isinstance(message, bytes) else json.dumps(message).encode()
         code = ("import socket,sys\n"
                 "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+                "s.bind(('0.0.0.0',%d))\n"
                 "s.settimeout(%r)\n"
                 "s.sendto(bytes.fromhex(sys.stdin.read()),(%r,%d))\n"
                 "try: sys.stdout.write(s.recv(65535).decode())\n"
-                "except socket.timeout: pass\n" % (wait, to, port))
+                "except socket.timeout: pass\n" % (sport, wait, to, port))
         out = self.run(sys.executable, "-c", code, input=raw.hex()).stdout
         return json.loads(out) if out else None
 

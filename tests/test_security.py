@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from lab import wait_until
+
 import udpProxyServerControl as ctl
 
 SECRET = b"a shared secret of the mesh, 32+ bytes long"
@@ -45,8 +47,28 @@ def test_a_plain_request_is_refused_when_the_daemon_has_a_secret(locked):
     assert not a.link_exists("udp2")
 
 
+MANAGER_PORT = 40000  # a cookie is good for the address and port it was given to
+
+
+def sealed_with_cookie(sender, daemon, message, at=None):
+    """An authenticated request, as the control script makes it, for daemon from sender."""
+    clock = (lambda: at) if at else time.time
+    cookie = sender.request(ctl.Session(SECRET).seal({"op": "cookie"}), to=daemon.address,
+                            sport=MANAGER_PORT)
+    cookie = json.loads(cookie["payload"])["cookie"]
+    return ctl.Session(SECRET, clock=clock).seal(dict(message, cookie=cookie))
+
+
+def opened(reply):
+    return json.loads(reply["payload"]) if "payload" in reply else reply
+
+
+ADD_UDP9 = {"op": "add", "tunnel": [{"name": "udp9", "tunnelIP": "10.0.9.1",
+                                     "remoteServer": "198.18.0.9"}]}
+
+
 def test_a_wrong_secret_a_stale_time_and_a_replay_are_refused(locked, lab):
-    a, _, _ = locked
+    a, b, _ = locked
     wrong = os.path.join(lab.workdir, "wrong")
     with open(os.open(wrong, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
         f.write(b"not the secret of this mesh at all")
@@ -54,15 +76,69 @@ def test_a_wrong_secret_a_stale_time_and_a_replay_are_refused(locked, lab):
                        check=False)
     assert result.returncode == 1 and "authentication failed" in result.stdout
 
-    stale = ctl.Session(SECRET, clock=lambda: time.time() - 120).seal({"op": "list"})
-    assert "stale request" in a.request(stale)["error"]
+    stale = sealed_with_cookie(b, a, {"op": "list"}, at=time.time() - 120)
+    assert "stale request" in b.request(stale, to=a.address, sport=MANAGER_PORT)["error"]
 
-    fresh = ctl.Session(SECRET).seal({"op": "add", "tunnel": [{
-        "name": "udp9", "tunnelIP": "10.0.9.1", "remoteServer": "198.18.0.9"}]})
-    assert "auth" in a.request(fresh)  # sealed: accepted
+    fresh = sealed_with_cookie(b, a, ADD_UDP9)
+    assert opened(b.request(fresh, to=a.address, sport=MANAGER_PORT))["ok"]
     assert a.link_exists("udp9")
-    assert "replayed request" in a.request(fresh)["error"]
+    assert "replayed request" in b.request(fresh, to=a.address, sport=MANAGER_PORT)["error"]
     assert a.daemon.poll() is None
+
+
+def test_a_captured_request_is_good_for_no_other_daemon_and_not_after_a_restart(locked,
+                                                                               secret_file):
+    a, b, c = locked
+    c.start_daemon("--secret-file", secret_file)  # another daemon of the mesh, same secret
+    captured = sealed_with_cookie(b, a, ADD_UDP9)
+    # Replayed to another daemon, from the very address and port it came from: not done.
+    refused = opened(b.request(captured, to=c.address, sport=MANAGER_PORT))
+    assert refused["ok"] is False and refused["retry"] and "cookie" in refused["error"]
+    assert not c.link_exists("udp9")
+    # Replayed to its own daemon after a restart (same secret, within the time window).
+    a.stop_daemon()
+    a.start_daemon("--secret-file", secret_file)
+    refused = opened(b.request(captured, to=a.address, sport=MANAGER_PORT))
+    assert refused["ok"] is False and refused["retry"]
+    assert not a.link_exists("udp9")
+    # The control script, told to retry, does it once with the new cookie.
+    done = b.control("-s", a.address, "--secret-file", secret_file, "-o", "add", "-n", "udp9",
+                     "-t", "10.0.9.1", "-r", "198.18.0.9")
+    assert done.stdout == "udp9: add done\n"
+
+
+def test_an_authenticated_request_without_the_cookie_is_refused(locked):
+    a, b, _ = locked
+    reply = b.request(ctl.Session(SECRET).seal(ADD_UDP9), to=a.address)
+    assert "must carry the cookie" in opened(reply)["error"]
+    assert not a.link_exists("udp9")
+
+
+# Plain requests in b's name, about 2,000 a second for at most 10 s: far past the reply
+# budget of an unauthenticated source (100 a second), well within what the daemon reads.
+FLOOD = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(20000):
+    s.sendto(b'{"op": "list"}', (%r, 5001))
+    time.sleep(0.0005)
+"""
+
+
+def test_a_flood_in_the_managers_name_does_not_starve_its_authenticated_requests(
+        lab, locked, secret_file):
+    a, b, _ = locked
+    lab.spawn(b.ns, [sys.executable, "-c", FLOOD % a.address], "flood.log")
+
+    def limited():
+        listed = a.control("127.0.0.1", "--secret-file", secret_file, "-o", "list", "--json")
+        return json.loads(listed.stdout)["control"].get("rate_limited", 0) > 100
+
+    wait_until(limited, "the flood exhausts b's reply budget")
+    for _ in range(3):
+        listed = b.control("-s", a.address, "--secret-file", secret_file, "-o", "list", "--json")
+        assert json.loads(listed.stdout)["ok"]
+    assert limited()  # the flood went on meanwhile
 
 
 def test_a_secret_file_others_can_read_stops_both_scripts(lab, secret_file):
@@ -103,7 +179,8 @@ def test_a_long_list_comes_in_parts_and_whole(lab, secret_file):
     tunnels = [{"name": "t%d" % i, "tunnelIP": "10.64.%d.%d" % (i // 64, i % 64 * 4 + 1),
                 "remoteServer": "198.19.%d.%d" % (i // 250, i % 250 + 1)} for i in range(400)]
     for start in range(0, 400, 50):
-        assert a.request(ctl.Session(SECRET).seal({"op": "add", "tunnel": tunnels[start:start + 50]}))
+        datagram = sealed_with_cookie(a, a, {"op": "add", "tunnel": tunnels[start:start + 50]})
+        assert opened(a.request(datagram, to=a.address, sport=MANAGER_PORT))["ok"]
     listed = a.control("127.0.0.1", "--secret-file", secret_file, "-o", "list", "--json").stdout
     names = [t["name"] for t in json.loads(listed)["tunnels"]]
     assert sorted(names) == sorted(t["name"] for t in tunnels)
