@@ -92,6 +92,7 @@ def test_any_json_request_gets_an_answer(op, tunnels):
                                  ("127.0.0.1", 9))
     assert isinstance(reply["ok"], bool)
     assert reply["ok"] or reply["error"]
+    assert "internal error" not in json.dumps(reply)
 
 
 class FakeDevices:

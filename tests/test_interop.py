@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from conftest import cannot_run
 from lab import transfer, wait_until
 
 MEGABYTES = 8 << 20
@@ -16,7 +17,7 @@ MODES = {"offload": (), "no-offload": ("--no-offload",)}
 def socat_peer(lab, request):
     """Host a runs our daemon; host b runs socat, a peer that knows nothing of ours."""
     if shutil.which("socat") is None:
-        pytest.skip("needs socat (make test installs it)")
+        cannot_run("needs socat (make test installs it)")
     a, b = lab.host("a", 1), lab.host("b", 2)
     a.start_daemon(*MODES[request.param])
     a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")

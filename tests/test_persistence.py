@@ -63,12 +63,14 @@ def test_killed_at_any_moment_it_keeps_every_acknowledged_tunnel(lab, figures):
                     acknowledged.add(name)
                 index += 1
 
+        before = len(acknowledged)
         adder = threading.Thread(target=keep_adding)
         adder.start()
         time.sleep(rounds.uniform(0.2, 0.8))
         kill(a)
         stop.set()
         adder.join()
+        assert len(acknowledged) > before, "round %d acknowledged no tunnel" % round_
         a.start_daemon("--state-file", state)
         restored = set(a.tunnels())
         assert acknowledged <= restored
