@@ -469,6 +469,12 @@ def check_lans(hosts, tunnel_net):
     for index, host in enumerate(hosts):
         for i, lan in enumerate(host.lans):
             where = "hosts[%d] (%s) lan[%d] %s" % (index, host.name, i, lan)
+            # Every other host routes this LAN into its tunnel to this host: a host
+            # address inside it would send that tunnel's own packets into the tunnel.
+            for peer_index, peer in enumerate(hosts):
+                if lan.version == peer.address.version and peer.address in lan:
+                    raise MeshError("%s covers the address %s of hosts[%d] (%s)"
+                                    % (where, peer.address, peer_index, peer.name))
             for other, other_where in seen:
                 if lan.version == other.version and lan.overlaps(other):
                     raise MeshError("%s overlaps %s %s" % (where, other_where, other))

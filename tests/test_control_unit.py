@@ -211,6 +211,15 @@ def test_a_pair_keeps_the_subnet_its_tunnels_have(tmp_path):
     ({"hosts": [{"name": "a", "address": "172.100.1.1", "lan": ["10.0.0.0/16"]},
                 {"name": "b", "address": "172.100.1.2"}]},
      "hosts[0] (a) lan[0] 10.0.0.0/16 overlaps tunnelNet 10.0.0.0/24"),
+    ({"hosts": [{"name": "minion-1", "address": "172.100.1.1", "lan": ["198.18.0.0/16"]},
+                {"name": "minion-2", "address": "198.18.0.2"}]},
+     "hosts[0] (minion-1) lan[0] 198.18.0.0/16 covers the address 198.18.0.2 of hosts[1] (minion-2)"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1"},
+                {"name": "b", "address": "198.18.0.2", "lan": ["198.18.0.0/24"]}]},
+     "hosts[1] (b) lan[0] 198.18.0.0/24 covers the address 198.18.0.2 of hosts[1] (b)"),
+    ({"hosts": [{"name": "a", "address": "2001:db8::1", "lan": ["fd00:1::/64", "2001:db8::/32"]},
+                {"name": "b", "address": "2001:db8::2"}]},
+     "hosts[0] (a) lan[1] 2001:db8::/32 covers the address 2001:db8::1 of hosts[0] (a)"),
 ])
 def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, complaint):
     with pytest.raises(ctl.MeshError) as error:
