@@ -534,6 +534,27 @@ def mesh_plan(mesh, current):
     return wanted
 
 
+@dataclasses.dataclass
+class HostPlan:
+    """What applying the mesh does on one host: delete stale, then add new."""
+    stale: list  # names of the tunnels to delete
+    new: list  # control entries of the tunnels to add
+    unchanged: int  # how many of the tunnels it should have it has already
+
+
+def host_plans(mesh, current, data_ports):
+    """For each host in current, only the difference between its tunnels and the file's."""
+    wanted = mesh_plan(mesh, current)
+    plans = {}
+    for name, have in current.items():
+        want, port = wanted[name], data_ports[name]
+        stale = sorted(tunnel for tunnel, listed in have.items()
+                       if tunnel not in want or not same_tunnel(want[tunnel], listed, port))
+        new = [want[tunnel] for tunnel in sorted(want) if tunnel not in have or tunnel in stale]
+        plans[name] = HostPlan(stale, new, len(want) - len(new))
+    return plans
+
+
 def same_tunnel(entry, listed, data_port):
     """Whether a tunnel a daemon lists is the one the mesh wants."""
     interface = ipaddress.ip_interface(entry["tunnelIP"])
@@ -543,6 +564,9 @@ def same_tunnel(entry, listed, data_port):
             and ipaddress.ip_address(listed["remoteServer"]) == ipaddress.ip_address(entry["remoteServer"])
             and listed["remotePort"] == data_port
             and sorted(listed.get("routes", [])) == entry["routes"])
+
+
+# --- Applying the mesh --------------------------------------------------------
 
 
 def apply_mesh(mesh, session, timeout, dry_run, say):
@@ -557,49 +581,59 @@ def apply_mesh(mesh, session, timeout, dry_run, say):
 
 
 def apply_to_daemons(mesh, daemons, dry_run, say):
-    current, data_ports, unreachable = {}, {}, {}
-    for host in mesh.hosts:
-        try:
-            reply = daemons[host.name].fetch_list()
-        except NoReply as e:
-            unreachable[host.name] = str(e)
-            continue
-        if not reply.get("ok"):
-            unreachable[host.name] = reply.get("error", "refused")
-            continue
-        current[host.name] = {t["name"]: t for t in reply["tunnels"]
-                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
-        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
-    wanted = mesh_plan(mesh, current)
+    """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
+    current, data_ports, unanswered = read_tunnels(mesh, daemons)
+    plans = host_plans(mesh, current, data_ports)
     failed = {}
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
-        if host.name in unreachable:
-            failed[host.name] = unreachable[host.name]
-            say("%s: FAILED: %s" % (label, unreachable[host.name]))
+        if host.name in unanswered:
+            failed[host.name] = unanswered[host.name]
+            say("%s: FAILED: %s" % (label, unanswered[host.name]))
             continue
-        have, want = current[host.name], wanted[host.name]
-        port = data_ports[host.name]
-        stale = sorted(name for name, listed in have.items()
-                       if name not in want or not same_tunnel(want[name], listed, port))
-        new = [want[name] for name in sorted(want) if name not in have or name in stale]
-        kept = len(want) - len(new)
+        plan = plans[host.name]
         if dry_run:
-            for name in stale:
-                say("%s: would delete %s" % (label, name))
-            for entry in new:
-                say("%s: would add %s %s -> %s, routes %s" % (
-                    label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
-                    ", ".join(entry["routes"]) or "none"))
-            say("%s: %d to add, %d to delete, %d unchanged" % (label, len(new), len(stale), kept))
+            say_plan(label, plan, say)
             continue
-        error = change_host(daemons[host.name], stale, new)
+        error = change_host(daemons[host.name], plan.stale, plan.new)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
-            say("%s: %d added, %d deleted, %d unchanged" % (label, len(new), len(stale), kept))
+            say("%s: %d added, %d deleted, %d unchanged"
+                % (label, len(plan.new), len(plan.stale), plan.unchanged))
     return failed
+
+
+def read_tunnels(mesh, daemons):
+    """Every host's mesh tunnels (name -> listed tunnel) and data port; and the hosts that
+    gave no list: name -> why."""
+    current, data_ports, unanswered = {}, {}, {}
+    for host in mesh.hosts:
+        try:
+            reply = daemons[host.name].fetch_list()
+        except NoReply as e:
+            unanswered[host.name] = str(e)
+            continue
+        if not reply.get("ok"):
+            unanswered[host.name] = reply.get("error", "refused")
+            continue
+        current[host.name] = {t["name"]: t for t in reply["tunnels"]
+                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
+        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
+    return current, data_ports, unanswered
+
+
+def say_plan(label, plan, say):
+    """A dry run's lines for one host: what would change."""
+    for name in plan.stale:
+        say("%s: would delete %s" % (label, name))
+    for entry in plan.new:
+        say("%s: would add %s %s -> %s, routes %s" % (
+            label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
+            ", ".join(entry["routes"]) or "none"))
+    say("%s: %d to add, %d to delete, %d unchanged"
+        % (label, len(plan.new), len(plan.stale), plan.unchanged))
 
 
 def change_host(daemon, stale, new):
