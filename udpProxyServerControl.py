@@ -490,37 +490,74 @@ def tunnel_name(peer):
     return MESH_TUNNEL_PREFIX + plain[:8] + "-" + hashlib.sha1(peer.encode()).hexdigest()[:4]
 
 
-def pair_subnets(mesh, current):
-    """The subnet of every pair of hosts: the one both its tunnels have now, if any, so
-    that applying the file again changes nothing; the free ones in a fixed order else."""
+def pair_subnets(mesh, current, unanswered=frozenset()):
+    """The subnet of every pair of hosts that answered: the one both its tunnels have now,
+    if any, so that applying the file again changes nothing; the free ones in a fixed
+    order else. A pair with a host in unanswered gets none, and the subnets its answering
+    end holds go to no other pair."""
     subnets = list(mesh.tunnel_net.subnets(new_prefix=mesh.prefix))
-    taken, chosen = set(), {}
-    for j, b in enumerate(mesh.hosts):
-        for a in mesh.hosts[:j]:
-            here = current.get(a.name, {}).get(tunnel_name(b.name))
-            there = current.get(b.name, {}).get(tunnel_name(a.name))
-            if here and there:
-                net = ipaddress.ip_interface("%s/%d" % (here["tunnelIP"], here["prefixlen"])).network
-                other = ipaddress.ip_interface("%s/%d" % (there["tunnelIP"], there["prefixlen"]))
-                if (net.prefixlen == mesh.prefix and net.subnet_of(mesh.tunnel_net)
-                        and other.network == net and net not in taken
-                        and here["tunnelIP"] != there["tunnelIP"]):
-                    chosen[a.name, b.name] = (net, here["tunnelIP"], there["tunnelIP"])
-                    taken.add(net)
+    taken = held_subnets(mesh, current, held_tunnels(mesh, current, unanswered))
+    chosen = {}
+    # By the later host first: adding hosts moves nothing.
+    pairs = [(a, b) for j, b in enumerate(mesh.hosts) for a in mesh.hosts[:j]
+             if a.name not in unanswered and b.name not in unanswered]
+    for a, b in pairs:
+        here = current.get(a.name, {}).get(tunnel_name(b.name))
+        there = current.get(b.name, {}).get(tunnel_name(a.name))
+        if here and there:
+            net = listed_interface(here).network
+            if (net.prefixlen == mesh.prefix and net.subnet_of(mesh.tunnel_net)
+                    and listed_interface(there).network == net and net not in taken
+                    and here["tunnelIP"] != there["tunnelIP"]):
+                chosen[a.name, b.name] = (net, here["tunnelIP"], there["tunnelIP"])
+                taken.add(net)
     free = (net for net in subnets if net not in taken)
-    for j, b in enumerate(mesh.hosts):  # by the later host first: adding hosts moves nothing
-        for a in mesh.hosts[:j]:
-            if (a.name, b.name) not in chosen:
-                net = next(free)
-                first, second = net.hosts() if mesh.prefix in (30, 126) else (net[0], net[1])
-                chosen[a.name, b.name] = (net, str(first), str(second))
+    for a, b in pairs:
+        if (a.name, b.name) not in chosen:
+            net = next(free, None)
+            if net is None:
+                raise MeshError("tunnelNet %s has no /%d left for %s and %s: tunnels to hosts"
+                                " that did not answer hold the rest"
+                                % (mesh.tunnel_net, mesh.prefix, a.name, b.name))
+            first, second = net.hosts() if mesh.prefix in (30, 126) else (net[0], net[1])
+            chosen[a.name, b.name] = (net, str(first), str(second))
     return chosen
 
 
-def mesh_plan(mesh, current):
-    """For each host, the tunnels it should have: name -> control entry."""
+def held_tunnels(mesh, current, unanswered):
+    """For each host in current, its tunnels to hosts in unanswered: tunnel name -> the
+    peer's name. They stay as they are: remaking one end of a pair alone breaks it."""
+    silent = {tunnel_name(host.name): host.name for host in mesh.hosts if host.name in unanswered}
+    return {name: {tunnel: silent[tunnel] for tunnel in have if tunnel in silent}
+            for name, have in current.items()}
+
+
+def held_subnets(mesh, current, held):
+    """The tunnelNet subnets that held tunnels lie in or cover."""
+    taken = set()
+    for name, tunnels in held.items():
+        for tunnel in tunnels:
+            net = listed_interface(current[name][tunnel]).network
+            if net.version != mesh.tunnel_net.version or not net.overlaps(mesh.tunnel_net):
+                continue
+            if net.prefixlen >= mesh.prefix:
+                taken.add(net.supernet(new_prefix=mesh.prefix))
+            else:  # made with another tunnelPrefix, or by hand
+                inside = net if net.subnet_of(mesh.tunnel_net) else mesh.tunnel_net
+                taken.update(inside.subnets(new_prefix=mesh.prefix))
+    return taken
+
+
+def listed_interface(listed):
+    """A listed tunnel's address with its prefix length, as ipaddress sees it."""
+    return ipaddress.ip_interface("%s/%d" % (listed["tunnelIP"], listed["prefixlen"]))
+
+
+def mesh_plan(mesh, current, unanswered=frozenset()):
+    """For each host, the tunnels it should have: name -> control entry; none between a
+    host in unanswered and another (see held_tunnels)."""
     wanted = {host.name: {} for host in mesh.hosts}
-    for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current).items():
+    for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current, unanswered).items():
         a = next(h for h in mesh.hosts if h.name == a_name)
         b = next(h for h in mesh.hosts if h.name == b_name)
         for here, there, ip in ((a, b, a_ip), (b, a, b_ip)):
@@ -536,22 +573,25 @@ def mesh_plan(mesh, current):
 
 @dataclasses.dataclass
 class HostPlan:
-    """What applying the mesh does on one host: delete stale, then add new."""
+    """What applying the mesh does on one host: delete stale, then add new; held stays."""
     stale: list  # names of the tunnels to delete
     new: list  # control entries of the tunnels to add
     unchanged: int  # how many of the tunnels it should have it has already
+    held: dict  # its tunnels to hosts that did not answer, left as they are: name -> peer
 
 
-def host_plans(mesh, current, data_ports):
-    """For each host in current, only the difference between its tunnels and the file's."""
-    wanted = mesh_plan(mesh, current)
+def host_plans(mesh, current, data_ports, unanswered=frozenset()):
+    """For each host in current (those that answered), only the difference between its
+    tunnels and the file's; its tunnels to hosts in unanswered are neither deleted nor added."""
+    wanted = mesh_plan(mesh, current, unanswered)
+    held = held_tunnels(mesh, current, unanswered)
     plans = {}
     for name, have in current.items():
-        want, port = wanted[name], data_ports[name]
-        stale = sorted(tunnel for tunnel, listed in have.items()
-                       if tunnel not in want or not same_tunnel(want[tunnel], listed, port))
+        want, port, kept = wanted[name], data_ports[name], held[name]
+        stale = sorted(tunnel for tunnel, listed in have.items() if tunnel not in kept
+                       and (tunnel not in want or not same_tunnel(want[tunnel], listed, port)))
         new = [want[tunnel] for tunnel in sorted(want) if tunnel not in have or tunnel in stale]
-        plans[name] = HostPlan(stale, new, len(want) - len(new))
+        plans[name] = HostPlan(stale, new, len(want) - len(new), kept)
     return plans
 
 
@@ -583,7 +623,7 @@ def apply_mesh(mesh, session, timeout, dry_run, say):
 def apply_to_daemons(mesh, daemons, dry_run, say):
     """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
     current, data_ports, unanswered = read_tunnels(mesh, daemons)
-    plans = host_plans(mesh, current, data_ports)
+    plans = host_plans(mesh, current, data_ports, unanswered)
     failed = {}
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
@@ -600,8 +640,8 @@ def apply_to_daemons(mesh, daemons, dry_run, say):
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
-            say("%s: %d added, %d deleted, %d unchanged"
-                % (label, len(plan.new), len(plan.stale), plan.unchanged))
+            say("%s: %d added, %d deleted, %d unchanged%s"
+                % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
     return failed
 
 
@@ -632,8 +672,18 @@ def say_plan(label, plan, say):
         say("%s: would add %s %s -> %s, routes %s" % (
             label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
             ", ".join(entry["routes"]) or "none"))
-    say("%s: %d to add, %d to delete, %d unchanged"
-        % (label, len(plan.new), len(plan.stale), plan.unchanged))
+    for name, peer in sorted(plan.held.items()):
+        say("%s: would leave %s as is (no answer from %s)" % (label, name, peer))
+    say("%s: %d to add, %d to delete, %d unchanged%s"
+        % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
+
+
+def held_note(plan):
+    """What a host's line adds about the tunnels it keeps for hosts that did not answer."""
+    if not plan.held:
+        return ""
+    return ", %d left as is (no answer from %s)" % (
+        len(plan.held), ", ".join(sorted(set(plan.held.values()))))
 
 
 def change_host(daemon, stale, new):
@@ -734,7 +784,11 @@ def main_mesh(args, session):
     pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
     print("mesh %s: %d hosts, %d tunnels%s" % (args.mesh, len(mesh.hosts), pairs,
                                                " (dry run: nothing is changed)" if args.dry_run else ""))
-    failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print)
+    try:
+        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print)
+    except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_REFUSED
     if failed:
         print("mesh: %d of %d hosts failed: %s" % (len(failed), len(mesh.hosts), ", ".join(
             "%s (%s)" % item for item in failed.items())))
