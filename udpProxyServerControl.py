@@ -3,8 +3,8 @@
 
 Builds the documented control message, sends it to the daemon's control port
 over UDP, waits for the reply and prints it; with --mesh, brings every daemon of
-a mesh file to what the file says. Standard library only, so it runs when copied
-alone to a management host.
+a mesh file to what the file says, or with --down deletes the mesh's tunnels.
+Standard library only, so it runs when copied alone to a management host.
 
 Exit status: 0 when everything was done, 1 when the daemon refused something,
 2 for bad arguments, 3 when no reply came.
@@ -65,6 +65,7 @@ examples:
   %(prog)s -s 2001:db8::1 -o add -n udp6 -t fd00:1::1/64 -r 2001:db8::2 --mtu 1400
   %(prog)s --mesh mesh.json --dry-run
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
+  %(prog)s --mesh mesh.json --down --secret-file /etc/udpProxyServer/secret
 """
 
 
@@ -595,6 +596,17 @@ def host_plans(mesh, current, data_ports, unanswered=frozenset()):
     return plans
 
 
+def down_plans(mesh, current):
+    """For each host in current, the mesh tunnels the file names on it, to delete: its
+    tunnel to every other host of the file. Its other tunnels, m- ones too, stay."""
+    plans = {}
+    for host in mesh.hosts:
+        if host.name in current:
+            named = {tunnel_name(peer.name) for peer in mesh.hosts if peer is not host}
+            plans[host.name] = HostPlan(sorted(named & set(current[host.name])), [], 0, {})
+    return plans
+
+
 def same_tunnel(entry, listed, data_port):
     """Whether a tunnel a daemon lists is the one the mesh wants."""
     interface = ipaddress.ip_interface(entry["tunnelIP"])
@@ -609,21 +621,25 @@ def same_tunnel(entry, listed, data_port):
 # --- Applying the mesh --------------------------------------------------------
 
 
-def apply_mesh(mesh, session, timeout, dry_run, say):
-    """Bring every daemon of the mesh to the file: each host's tunnels, only the difference."""
+def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
+    """Bring every daemon of the mesh to the file: each host's tunnels, only the
+    difference; or, down, delete the mesh's tunnels on every host."""
     daemons = {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
                for host in mesh.hosts}
     try:
-        return apply_to_daemons(mesh, daemons, dry_run, say)
+        return apply_to_daemons(mesh, daemons, dry_run, say, down)
     finally:
         for daemon in daemons.values():
             daemon.sock.close()
 
 
-def apply_to_daemons(mesh, daemons, dry_run, say):
+def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
     """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
     current, data_ports, unanswered = read_tunnels(mesh, daemons)
-    plans = host_plans(mesh, current, data_ports, unanswered)
+    if down:
+        plans = down_plans(mesh, current)
+    else:
+        plans = host_plans(mesh, current, data_ports, unanswered)
     failed = {}
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
@@ -746,6 +762,9 @@ def parse_args(argv):
                         help="a network the daemon routes through the tunnel; repeatable")
     parser.add_argument("--mesh", metavar="FILE",
                         help="configure every daemon of the mesh in FILE (see README)")
+    parser.add_argument("--down", action="store_true",
+                        help="with --mesh: delete the mesh's tunnels (those the file names) on"
+                             " every host, leaving the others")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --mesh: ask the daemons for their tunnels and print what"
                              " would change, changing nothing")
@@ -762,6 +781,8 @@ def parse_args(argv):
         return args
     if args.dry_run:
         parser.error("--dry-run goes with --mesh")
+    if args.down:
+        parser.error("--down goes with --mesh")
 
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))
@@ -782,10 +803,11 @@ def main_mesh(args, session):
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_USAGE
     pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
-    print("mesh %s: %d hosts, %d tunnels%s" % (args.mesh, len(mesh.hosts), pairs,
-                                               " (dry run: nothing is changed)" if args.dry_run else ""))
+    print("mesh %s: %d hosts, %d tunnels%s%s" % (
+        args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
+        " (dry run: nothing is changed)" if args.dry_run else ""))
     try:
-        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print)
+        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print, args.down)
     except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_REFUSED

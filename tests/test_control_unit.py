@@ -45,6 +45,7 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "del"), "needs --name"),
     (("h", "-o", "move"), "invalid choice: 'move'"),
     (("h", "-o", "list", "-p", "70000"), "70000"),
+    (("h", "-o", "list", "--down"), "--down goes with --mesh"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -276,6 +277,31 @@ def test_applying_sends_nothing_about_the_pairs_of_a_host_that_does_not_answer(t
     assert list(ctl.apply_to_daemons(mesh, daemons, True, lines.append)) == ["minion-2"]
     assert "minion-3 (172.100.2.3): would leave m-minion-2 as is (no answer from minion-2)" in lines
     assert daemons["minion-1"].requests == [] and daemons["minion-3"].requests == []
+
+
+def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    daemons = {
+        "minion-1": StandIn({"m-minion-2": listed("10.0.0.1", "172.100.1.2", ["192.168.2.0/24"]),
+                             "m-minion-3": listed("10.0.0.5", "172.100.2.3", ["192.168.3.0/24"]),
+                             "m-minion-9": listed("10.0.0.99", "172.100.9.9", []),
+                             "udp9": listed("10.9.0.1", "172.100.9.9", [])}),
+        "minion-2": StandIn(None),
+        "minion-3": StandIn({"m-minion-1": listed("10.0.0.6", "172.100.1.1", ["192.168.1.0/24"])}),
+    }
+    lines = []
+    assert list(ctl.apply_to_daemons(mesh, daemons, True, lines.append, down=True)) == ["minion-2"]
+    assert "minion-1 (172.100.1.1): would delete m-minion-3" in lines
+    assert daemons["minion-1"].requests == []
+
+    failed = ctl.apply_to_daemons(mesh, daemons, False, lines.append, down=True)
+    assert list(failed) == ["minion-2"]
+    assert "minion-2 (172.100.1.2): FAILED: no reply within 2 s" in lines
+    # Only what the file names: m-minion-9 leads to no host of it, udp9 is not the mesh's.
+    assert daemons["minion-1"].requests == [
+        {"op": "del", "tunnel": [{"name": "m-minion-2"}, {"name": "m-minion-3"}]}]
+    assert daemons["minion-3"].requests == [{"op": "del", "tunnel": [{"name": "m-minion-1"}]}]
+    assert "minion-1 (172.100.1.1): 0 added, 2 deleted, 0 unchanged" in lines
 
 
 @pytest.mark.parametrize("changes, complaint", [

@@ -143,3 +143,30 @@ def test_a_host_that_does_not_answer_keeps_every_tunnel_it_shares(lab):
         assert not host.link_exists("m-minion-1")
     assert "192.168.44.0/24 dev m-minion-4" in three.routes()
     assert three.ping(four.lan, source=three.lan)
+
+
+def test_down_takes_every_mesh_tunnel_away_and_leaves_the_others(lab, minions):
+    hosts, secret = minions
+    one = hosts[0]
+    path = mesh_file(lab, hosts)
+    apply(one, path, secret)
+    # A tunnel of its own beside the mesh's, to a host the mesh does not know.
+    one.control("127.0.0.1", "--secret-file", secret, "-o", "add", "-n", "udp9", "-t", "10.9.0.1",
+                "-r", "198.18.0.9", "--route", "192.168.99.0/24")
+
+    dry = apply(one, path, secret, "--down", "--dry-run").stdout
+    assert "minion-1 (198.18.0.1): would delete m-minion-2" in dry
+    assert "mesh: all 3 hosts planned" in dry
+    assert sorted(one.tunnels(secret=secret)) == ["m-minion-2", "m-minion-3", "udp9"]
+
+    down = apply(one, path, secret, "--down").stdout
+    for host in hosts:
+        assert "%s (%s): 0 added, 2 deleted, 0 unchanged" % (host.name, host.address) in down
+    assert "mesh: all 3 hosts done" in down
+    for host in hosts:
+        assert not [name for name in host.tunnels(secret=secret) if name.startswith("m-")]
+        assert " dev m-" not in host.routes()
+        assert not any(host.link_exists(tunnel_name) for tunnel_name in
+                       ("m-minion-1", "m-minion-2", "m-minion-3"))
+    assert list(one.tunnels(secret=secret)) == ["udp9"]
+    assert "192.168.99.0/24 dev udp9" in one.routes()
