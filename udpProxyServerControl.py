@@ -3,8 +3,8 @@
 
 Builds the documented control message, sends it to the daemon's control port
 over UDP, waits for the reply and prints it; with --mesh, brings every daemon of
-a mesh file to what the file says. Standard library only, so it runs when copied
-alone to a management host.
+a mesh file to what the file says, or with --down deletes the mesh's tunnels.
+Standard library only, so it runs when copied alone to a management host.
 
 Exit status: 0 when everything was done, 1 when the daemon refused something,
 2 for bad arguments, 3 when no reply came.
@@ -67,6 +67,7 @@ examples:
   %(prog)s -s 2001:db8::1 -o add -n udp6 -t fd00:1::1/64 -r 2001:db8::2 --mtu 1400
   %(prog)s --mesh mesh.json --dry-run
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
+  %(prog)s --mesh mesh.json --down --secret-file /etc/udpProxyServer/secret
 """
 
 
@@ -480,6 +481,12 @@ def check_lans(hosts, tunnel_net):
     for index, host in enumerate(hosts):
         for i, lan in enumerate(host.lans):
             where = "hosts[%d] (%s) lan[%d] %s" % (index, host.name, i, lan)
+            # Every other host routes this LAN into its tunnel to this host: a host
+            # address inside it would send that tunnel's own packets into the tunnel.
+            for peer_index, peer in enumerate(hosts):
+                if lan.version == peer.address.version and peer.address in lan:
+                    raise MeshError("%s covers the address %s of hosts[%d] (%s)"
+                                    % (where, peer.address, peer_index, peer.name))
             for other, other_where in seen:
                 if lan.version == other.version and lan.overlaps(other):
                     raise MeshError("%s overlaps %s %s" % (where, other_where, other))
@@ -495,37 +502,74 @@ def tunnel_name(peer):
     return MESH_TUNNEL_PREFIX + plain[:8] + "-" + hashlib.sha1(peer.encode()).hexdigest()[:4]
 
 
-def pair_subnets(mesh, current):
-    """The subnet of every pair of hosts: the one both its tunnels have now, if any, so
-    that applying the file again changes nothing; the free ones in a fixed order else."""
+def pair_subnets(mesh, current, unanswered=frozenset()):
+    """The subnet of every pair of hosts that answered: the one both its tunnels have now,
+    if any, so that applying the file again changes nothing; the free ones in a fixed
+    order else. A pair with a host in unanswered gets none, and the subnets its answering
+    end holds go to no other pair."""
     subnets = list(mesh.tunnel_net.subnets(new_prefix=mesh.prefix))
-    taken, chosen = set(), {}
-    for j, b in enumerate(mesh.hosts):
-        for a in mesh.hosts[:j]:
-            here = current.get(a.name, {}).get(tunnel_name(b.name))
-            there = current.get(b.name, {}).get(tunnel_name(a.name))
-            if here and there:
-                net = ipaddress.ip_interface("%s/%d" % (here["tunnelIP"], here["prefixlen"])).network
-                other = ipaddress.ip_interface("%s/%d" % (there["tunnelIP"], there["prefixlen"]))
-                if (net.prefixlen == mesh.prefix and net.subnet_of(mesh.tunnel_net)
-                        and other.network == net and net not in taken
-                        and here["tunnelIP"] != there["tunnelIP"]):
-                    chosen[a.name, b.name] = (net, here["tunnelIP"], there["tunnelIP"])
-                    taken.add(net)
+    taken = held_subnets(mesh, current, held_tunnels(mesh, current, unanswered))
+    chosen = {}
+    # By the later host first: adding hosts moves nothing.
+    pairs = [(a, b) for j, b in enumerate(mesh.hosts) for a in mesh.hosts[:j]
+             if a.name not in unanswered and b.name not in unanswered]
+    for a, b in pairs:
+        here = current.get(a.name, {}).get(tunnel_name(b.name))
+        there = current.get(b.name, {}).get(tunnel_name(a.name))
+        if here and there:
+            net = listed_interface(here).network
+            if (net.prefixlen == mesh.prefix and net.subnet_of(mesh.tunnel_net)
+                    and listed_interface(there).network == net and net not in taken
+                    and here["tunnelIP"] != there["tunnelIP"]):
+                chosen[a.name, b.name] = (net, here["tunnelIP"], there["tunnelIP"])
+                taken.add(net)
     free = (net for net in subnets if net not in taken)
-    for j, b in enumerate(mesh.hosts):  # by the later host first: adding hosts moves nothing
-        for a in mesh.hosts[:j]:
-            if (a.name, b.name) not in chosen:
-                net = next(free)
-                first, second = net.hosts() if mesh.prefix in (30, 126) else (net[0], net[1])
-                chosen[a.name, b.name] = (net, str(first), str(second))
+    for a, b in pairs:
+        if (a.name, b.name) not in chosen:
+            net = next(free, None)
+            if net is None:
+                raise MeshError("tunnelNet %s has no /%d left for %s and %s: tunnels to hosts"
+                                " that did not answer hold the rest"
+                                % (mesh.tunnel_net, mesh.prefix, a.name, b.name))
+            first, second = net.hosts() if mesh.prefix in (30, 126) else (net[0], net[1])
+            chosen[a.name, b.name] = (net, str(first), str(second))
     return chosen
 
 
-def mesh_plan(mesh, current):
-    """For each host, the tunnels it should have: name -> control entry."""
+def held_tunnels(mesh, current, unanswered):
+    """For each host in current, its tunnels to hosts in unanswered: tunnel name -> the
+    peer's name. They stay as they are: remaking one end of a pair alone breaks it."""
+    silent = {tunnel_name(host.name): host.name for host in mesh.hosts if host.name in unanswered}
+    return {name: {tunnel: silent[tunnel] for tunnel in have if tunnel in silent}
+            for name, have in current.items()}
+
+
+def held_subnets(mesh, current, held):
+    """The tunnelNet subnets that held tunnels lie in or cover."""
+    taken = set()
+    for name, tunnels in held.items():
+        for tunnel in tunnels:
+            net = listed_interface(current[name][tunnel]).network
+            if net.version != mesh.tunnel_net.version or not net.overlaps(mesh.tunnel_net):
+                continue
+            if net.prefixlen >= mesh.prefix:
+                taken.add(net.supernet(new_prefix=mesh.prefix))
+            else:  # made with another tunnelPrefix, or by hand
+                inside = net if net.subnet_of(mesh.tunnel_net) else mesh.tunnel_net
+                taken.update(inside.subnets(new_prefix=mesh.prefix))
+    return taken
+
+
+def listed_interface(listed):
+    """A listed tunnel's address with its prefix length, as ipaddress sees it."""
+    return ipaddress.ip_interface("%s/%d" % (listed["tunnelIP"], listed["prefixlen"]))
+
+
+def mesh_plan(mesh, current, unanswered=frozenset()):
+    """For each host, the tunnels it should have: name -> control entry; none between a
+    host in unanswered and another (see held_tunnels)."""
     wanted = {host.name: {} for host in mesh.hosts}
-    for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current).items():
+    for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current, unanswered).items():
         a = next(h for h in mesh.hosts if h.name == a_name)
         b = next(h for h in mesh.hosts if h.name == b_name)
         for here, there, ip in ((a, b, a_ip), (b, a, b_ip)):
@@ -539,6 +583,41 @@ def mesh_plan(mesh, current):
     return wanted
 
 
+@dataclasses.dataclass
+class HostPlan:
+    """What applying the mesh does on one host: delete stale, then add new; held stays."""
+    stale: list  # names of the tunnels to delete
+    new: list  # control entries of the tunnels to add
+    unchanged: int  # how many of the tunnels it should have it has already
+    held: dict  # its tunnels to hosts that did not answer, left as they are: name -> peer
+
+
+def host_plans(mesh, current, data_ports, unanswered=frozenset()):
+    """For each host in current (those that answered), only the difference between its
+    tunnels and the file's; its tunnels to hosts in unanswered are neither deleted nor added."""
+    wanted = mesh_plan(mesh, current, unanswered)
+    held = held_tunnels(mesh, current, unanswered)
+    plans = {}
+    for name, have in current.items():
+        want, port, kept = wanted[name], data_ports[name], held[name]
+        stale = sorted(tunnel for tunnel, listed in have.items() if tunnel not in kept
+                       and (tunnel not in want or not same_tunnel(want[tunnel], listed, port)))
+        new = [want[tunnel] for tunnel in sorted(want) if tunnel not in have or tunnel in stale]
+        plans[name] = HostPlan(stale, new, len(want) - len(new), kept)
+    return plans
+
+
+def down_plans(mesh, current):
+    """For each host in current, the mesh tunnels the file names on it, to delete: its
+    tunnel to every other host of the file. Its other tunnels, m- ones too, stay."""
+    plans = {}
+    for host in mesh.hosts:
+        if host.name in current:
+            named = {tunnel_name(peer.name) for peer in mesh.hosts if peer is not host}
+            plans[host.name] = HostPlan(sorted(named & set(current[host.name])), [], 0, {})
+    return plans
+
+
 def same_tunnel(entry, listed, data_port):
     """Whether a tunnel a daemon lists is the one the mesh wants."""
     interface = ipaddress.ip_interface(entry["tunnelIP"])
@@ -550,61 +629,88 @@ def same_tunnel(entry, listed, data_port):
             and sorted(listed.get("routes", [])) == entry["routes"])
 
 
-def apply_mesh(mesh, session, timeout, dry_run, say):
-    """Bring every daemon of the mesh to the file: each host's tunnels, only the difference."""
+# --- Applying the mesh --------------------------------------------------------
+
+
+def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
+    """Bring every daemon of the mesh to the file: each host's tunnels, only the
+    difference; or, down, delete the mesh's tunnels on every host."""
     daemons = {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
                for host in mesh.hosts}
     try:
-        return apply_to_daemons(mesh, daemons, dry_run, say)
+        return apply_to_daemons(mesh, daemons, dry_run, say, down)
     finally:
         for daemon in daemons.values():
             daemon.sock.close()
 
 
-def apply_to_daemons(mesh, daemons, dry_run, say):
-    current, data_ports, unreachable = {}, {}, {}
-    for host in mesh.hosts:
-        try:
-            reply = daemons[host.name].fetch_list()
-        except NoReply as e:
-            unreachable[host.name] = str(e)
-            continue
-        if not reply.get("ok"):
-            unreachable[host.name] = reply.get("error", "refused")
-            continue
-        current[host.name] = {t["name"]: t for t in reply["tunnels"]
-                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
-        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
-    wanted = mesh_plan(mesh, current)
+def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
+    """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
+    current, data_ports, unanswered = read_tunnels(mesh, daemons)
+    if down:
+        plans = down_plans(mesh, current)
+    else:
+        plans = host_plans(mesh, current, data_ports, unanswered)
     failed = {}
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
-        if host.name in unreachable:
-            failed[host.name] = unreachable[host.name]
-            say("%s: FAILED: %s" % (label, unreachable[host.name]))
+        if host.name in unanswered:
+            failed[host.name] = unanswered[host.name]
+            say("%s: FAILED: %s" % (label, unanswered[host.name]))
             continue
-        have, want = current[host.name], wanted[host.name]
-        port = data_ports[host.name]
-        stale = sorted(name for name, listed in have.items()
-                       if name not in want or not same_tunnel(want[name], listed, port))
-        new = [want[name] for name in sorted(want) if name not in have or name in stale]
-        kept = len(want) - len(new)
+        plan = plans[host.name]
         if dry_run:
-            for name in stale:
-                say("%s: would delete %s" % (label, name))
-            for entry in new:
-                say("%s: would add %s %s -> %s, routes %s" % (
-                    label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
-                    ", ".join(entry["routes"]) or "none"))
-            say("%s: %d to add, %d to delete, %d unchanged" % (label, len(new), len(stale), kept))
+            say_plan(label, plan, say)
             continue
-        error = change_host(daemons[host.name], stale, new)
+        error = change_host(daemons[host.name], plan.stale, plan.new)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
-            say("%s: %d added, %d deleted, %d unchanged" % (label, len(new), len(stale), kept))
+            say("%s: %d added, %d deleted, %d unchanged%s"
+                % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
     return failed
+
+
+def read_tunnels(mesh, daemons):
+    """Every host's mesh tunnels (name -> listed tunnel) and data port; and the hosts that
+    gave no list: name -> why."""
+    current, data_ports, unanswered = {}, {}, {}
+    for host in mesh.hosts:
+        try:
+            reply = daemons[host.name].fetch_list()
+        except NoReply as e:
+            unanswered[host.name] = str(e)
+            continue
+        if not reply.get("ok"):
+            unanswered[host.name] = reply.get("error", "refused")
+            continue
+        current[host.name] = {t["name"]: t for t in reply["tunnels"]
+                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
+        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
+    return current, data_ports, unanswered
+
+
+def say_plan(label, plan, say):
+    """A dry run's lines for one host: what would change."""
+    for name in plan.stale:
+        say("%s: would delete %s" % (label, name))
+    for entry in plan.new:
+        say("%s: would add %s %s -> %s, routes %s" % (
+            label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
+            ", ".join(entry["routes"]) or "none"))
+    for name, peer in sorted(plan.held.items()):
+        say("%s: would leave %s as is (no answer from %s)" % (label, name, peer))
+    say("%s: %d to add, %d to delete, %d unchanged%s"
+        % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
+
+
+def held_note(plan):
+    """What a host's line adds about the tunnels it keeps for hosts that did not answer."""
+    if not plan.held:
+        return ""
+    return ", %d left as is (no answer from %s)" % (
+        len(plan.held), ", ".join(sorted(set(plan.held.values()))))
 
 
 def change_host(daemon, stale, new):
@@ -667,6 +773,9 @@ def parse_args(argv):
                         help="a network the daemon routes through the tunnel; repeatable")
     parser.add_argument("--mesh", metavar="FILE",
                         help="configure every daemon of the mesh in FILE (see README)")
+    parser.add_argument("--down", action="store_true",
+                        help="with --mesh: delete the mesh's tunnels (those the file names) on"
+                             " every host, leaving the others")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --mesh: ask the daemons for their tunnels and print what"
                              " would change, changing nothing")
@@ -683,6 +792,8 @@ def parse_args(argv):
         return args
     if args.dry_run:
         parser.error("--dry-run goes with --mesh")
+    if args.down:
+        parser.error("--down goes with --mesh")
 
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))
@@ -703,9 +814,14 @@ def main_mesh(args, session):
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_USAGE
     pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
-    print("mesh %s: %d hosts, %d tunnels%s" % (args.mesh, len(mesh.hosts), pairs,
-                                               " (dry run: nothing is changed)" if args.dry_run else ""))
-    failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print)
+    print("mesh %s: %d hosts, %d tunnels%s%s" % (
+        args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
+        " (dry run: nothing is changed)" if args.dry_run else ""))
+    try:
+        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print, args.down)
+    except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_REFUSED
     if failed:
         print("mesh: %d of %d hosts failed: %s" % (len(failed), len(mesh.hosts), ", ".join(
             "%s (%s)" % item for item in failed.items())))

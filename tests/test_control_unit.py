@@ -1,5 +1,6 @@
 """The control script without root, against a stand-in daemon on loopback."""
 
+import ipaddress
 import json
 import socket
 import threading
@@ -44,6 +45,7 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "del"), "needs --name"),
     (("h", "-o", "move"), "invalid choice: 'move'"),
     (("h", "-o", "list", "-p", "70000"), "70000"),
+    (("h", "-o", "list", "--down"), "--down goes with --mesh"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -194,6 +196,114 @@ def test_a_pair_keeps_the_subnet_its_tunnels_have(tmp_path):
     assert plan["minion-1"]["m-minion-2"]["tunnelIP"] == "10.0.0.1/30"
 
 
+def listed(ip, remote, routes):
+    """A mesh tunnel as a daemon lists it."""
+    return {"tunnelIP": ip, "prefixlen": 30, "mtu": 1400, "remoteServer": remote,
+            "remotePort": 5000, "routes": routes}
+
+
+class StandIn:
+    """A daemon as the mesh code speaks to it: it lists its tunnels (name -> listed) and
+    takes every request, recording it; one whose tunnels are None does not answer."""
+
+    def __init__(self, tunnels):
+        self.tunnels, self.requests = tunnels, []
+
+    def fetch_list(self):
+        if self.tunnels is None:
+            raise ctl.NoReply("no reply within 2 s")
+        return {"ok": True, "op": "list", "dataPort": 5000,
+                "tunnels": [dict(tunnel, name=name) for name, tunnel in self.tunnels.items()]}
+
+    def request(self, message):
+        self.requests.append(message)
+        return {"ok": True, "op": message["op"],
+                "results": [{"name": t["name"], "ok": True} for t in message["tunnel"]]}
+
+
+def test_a_host_that_does_not_answer_keeps_its_pairs_as_the_answering_ends_have_them(tmp_path):
+    hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"]
+    hosts.append({"name": "minion-4", "address": "172.100.2.4", "lan": []})
+    mesh = ctl.load_mesh(write_mesh(tmp_path, hosts=hosts))
+    # minion-1's tunnel to the silent minion-2 even routes a LAN the file no longer has.
+    current = {"minion-1": {"m-minion-2": listed("10.0.0.1", "172.100.1.2", ["192.168.200.0/24"])},
+               "minion-3": {"m-minion-2": listed("10.0.0.6", "172.100.1.2", ["192.168.2.0/24"])},
+               "minion-4": {}}
+    plans = ctl.host_plans(mesh, current, dict.fromkeys(current, 5000), {"minion-2"})
+    assert "minion-2" not in plans
+    for host in ("minion-1", "minion-3"):
+        assert plans[host].held == {"m-minion-2": "minion-2"}
+        assert plans[host].stale == []
+    # Nothing towards minion-2 is added, not even where no tunnel leads to it yet; the
+    # subnets its pairs hold now go to no other pair.
+    for host, plan in plans.items():
+        assert "m-minion-2" not in [entry["name"] for entry in plan.new]
+        for entry in plan.new:
+            assert ipaddress.ip_interface(entry["tunnelIP"]).network not in (
+                ipaddress.ip_network("10.0.0.0/30"), ipaddress.ip_network("10.0.0.4/30"))
+    assert [(e["name"], e["tunnelIP"]) for e in plans["minion-1"].new] == [
+        ("m-minion-3", "10.0.0.9/30"), ("m-minion-4", "10.0.0.13/30")]
+    assert [(e["name"], e["tunnelIP"]) for e in plans["minion-4"].new] == [
+        ("m-minion-1", "10.0.0.14/30"), ("m-minion-3", "10.0.0.18/30")]
+
+
+def test_held_tunnels_that_cover_the_whole_tunnel_net_leave_no_subnet_and_say_so(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    by_hand = dict(listed("10.0.0.1", "172.100.1.2", []), prefixlen=24)
+    with pytest.raises(ctl.MeshError) as error:
+        ctl.host_plans(mesh, {"minion-1": {"m-minion-2": by_hand}, "minion-3": {}},
+                       {"minion-1": 5000, "minion-3": 5000}, {"minion-2"})
+    assert "tunnelNet 10.0.0.0/24 has no /30 left for minion-1 and minion-3" in str(error.value)
+
+
+def test_applying_sends_nothing_about_the_pairs_of_a_host_that_does_not_answer(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    daemons = {
+        "minion-1": StandIn({"m-minion-2": listed("10.0.0.201", "172.100.1.2", ["192.168.2.0/24"]),
+                             "m-minion-3": listed("10.0.0.5", "172.100.2.3", ["192.168.3.0/24"])}),
+        "minion-2": StandIn(None),
+        "minion-3": StandIn({"m-minion-1": listed("10.0.0.6", "172.100.1.1", ["192.168.1.0/24"]),
+                             "m-minion-2": listed("10.0.0.202", "172.100.1.2", ["192.168.2.0/24"])}),
+    }
+    lines = []
+    failed = ctl.apply_to_daemons(mesh, daemons, False, lines.append)
+    assert list(failed) == ["minion-2"]
+    assert "minion-2 (172.100.1.2): FAILED: no reply within 2 s" in lines
+    assert daemons["minion-1"].requests == [] and daemons["minion-3"].requests == []
+    assert "minion-1 (172.100.1.1): 0 added, 0 deleted, 1 unchanged," \
+           " 1 left as is (no answer from minion-2)" in lines
+
+    lines.clear()
+    assert list(ctl.apply_to_daemons(mesh, daemons, True, lines.append)) == ["minion-2"]
+    assert "minion-3 (172.100.2.3): would leave m-minion-2 as is (no answer from minion-2)" in lines
+    assert daemons["minion-1"].requests == [] and daemons["minion-3"].requests == []
+
+
+def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    daemons = {
+        "minion-1": StandIn({"m-minion-2": listed("10.0.0.1", "172.100.1.2", ["192.168.2.0/24"]),
+                             "m-minion-3": listed("10.0.0.5", "172.100.2.3", ["192.168.3.0/24"]),
+                             "m-minion-9": listed("10.0.0.99", "172.100.9.9", []),
+                             "udp9": listed("10.9.0.1", "172.100.9.9", [])}),
+        "minion-2": StandIn(None),
+        "minion-3": StandIn({"m-minion-1": listed("10.0.0.6", "172.100.1.1", ["192.168.1.0/24"])}),
+    }
+    lines = []
+    assert list(ctl.apply_to_daemons(mesh, daemons, True, lines.append, down=True)) == ["minion-2"]
+    assert "minion-1 (172.100.1.1): would delete m-minion-3" in lines
+    assert daemons["minion-1"].requests == []
+
+    failed = ctl.apply_to_daemons(mesh, daemons, False, lines.append, down=True)
+    assert list(failed) == ["minion-2"]
+    assert "minion-2 (172.100.1.2): FAILED: no reply within 2 s" in lines
+    # Only what the file names: m-minion-9 leads to no host of it, udp9 is not the mesh's.
+    assert daemons["minion-1"].requests == [
+        {"op": "del", "tunnel": [{"name": "m-minion-2"}, {"name": "m-minion-3"}]}]
+    assert daemons["minion-3"].requests == [{"op": "del", "tunnel": [{"name": "m-minion-1"}]}]
+    assert "minion-1 (172.100.1.1): 0 added, 2 deleted, 0 unchanged" in lines
+
+
 @pytest.mark.parametrize("changes, complaint", [
     ({"tunnelNet": "10.0.0.0/29"}, "tunnelNet 10.0.0.0/29 holds 2 /30 subnets; 3 hosts need 3"),
     ({"tunnelNet": "10.0.0.1/24"}, "tunnelNet '10.0.0.1/24': not a network"),
@@ -211,6 +321,15 @@ def test_a_pair_keeps_the_subnet_its_tunnels_have(tmp_path):
     ({"hosts": [{"name": "a", "address": "172.100.1.1", "lan": ["10.0.0.0/16"]},
                 {"name": "b", "address": "172.100.1.2"}]},
      "hosts[0] (a) lan[0] 10.0.0.0/16 overlaps tunnelNet 10.0.0.0/24"),
+    ({"hosts": [{"name": "minion-1", "address": "172.100.1.1", "lan": ["198.18.0.0/16"]},
+                {"name": "minion-2", "address": "198.18.0.2"}]},
+     "hosts[0] (minion-1) lan[0] 198.18.0.0/16 covers the address 198.18.0.2 of hosts[1] (minion-2)"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1"},
+                {"name": "b", "address": "198.18.0.2", "lan": ["198.18.0.0/24"]}]},
+     "hosts[1] (b) lan[0] 198.18.0.0/24 covers the address 198.18.0.2 of hosts[1] (b)"),
+    ({"hosts": [{"name": "a", "address": "2001:db8::1", "lan": ["fd00:1::/64", "2001:db8::/32"]},
+                {"name": "b", "address": "2001:db8::2"}]},
+     "hosts[0] (a) lan[1] 2001:db8::/32 covers the address 2001:db8::1 of hosts[0] (a)"),
 ])
 def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, complaint):
     with pytest.raises(ctl.MeshError) as error:

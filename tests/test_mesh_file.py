@@ -18,12 +18,16 @@ def minions(lab):
     return hosts, secret
 
 
-def mesh_file(lab, hosts, name="mesh.json"):
+def mesh_file(lab, hosts, name="mesh.json", extra_lan=None):
+    """The mesh of hosts, each with its LAN; extra_lan: one more network for the last host."""
+    entries = [{"name": h.name, "address": h.address, "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]}
+               for h in hosts]
+    if extra_lan:
+        entries[-1]["lan"].append(extra_lan)
     path = os.path.join(lab.workdir, name)
     with open(path, "w") as f:
-        json.dump({"controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24", "hosts": [
-            {"name": h.name, "address": h.address, "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]}
-            for h in hosts]}, f)
+        json.dump({"controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24",
+                   "hosts": entries}, f)
     return path
 
 
@@ -99,3 +103,70 @@ def test_a_bad_mesh_file_is_refused_before_anything_is_sent(lab, minions):
     assert "hosts[2] (minion-3) lan[0] 192.168.1.128/25 overlaps hosts[0] (minion-1) lan[0]" \
         in result.stderr
     assert all(host.tunnels(secret=secret) == {} for host in hosts)
+
+
+def test_a_host_that_does_not_answer_keeps_every_tunnel_it_shares(lab):
+    """minion-2 takes control requests from minion-1 only. The mesh of four, built from
+    minion-1, is edited (minion-1 leaves it, minion-4 gets one more LAN) and applied from
+    minion-3, which minion-2 does not answer: the pairs with minion-2 keep what they
+    have on every host, the pair minion-3 - minion-4 is applied."""
+    secret = write_secret(lab)
+    hosts = [lab.host("minion-%d" % index, index) for index in range(1, 5)]
+    one, two, three, four = hosts
+    for host in hosts:
+        host.start_daemon("--secret-file", secret, *(("--allow", one.address + "/32")
+                                                      if host is two else ()))
+    apply(one, mesh_file(lab, hosts), secret)
+    for host in (three, four):
+        assert host.ping(two.lan, source=host.lan) and host.ping(two.lan, source=host.lan)
+    before = {host.name: host.tunnels(secret=secret) for host in hosts}
+
+    edited = mesh_file(lab, hosts[1:], "edited.json", extra_lan="192.168.44.0/24")
+    result = apply(three, edited, secret, "--timeout", "1", check=False)
+    assert result.returncode == 1
+    assert "minion-2 (198.18.0.2): FAILED: " in result.stdout
+    assert "mesh: 1 of 3 hosts failed: minion-2 (" in result.stdout
+    # Their ends of the pairs with minion-2: the same tunnels, their counts going on.
+    for host in (three, four):
+        tunnel, old = host.tunnels(secret=secret)["m-minion-2"], before[host.name]["m-minion-2"]
+        assert (tunnel["tunnelIP"], tunnel["prefixlen"]) == (old["tunnelIP"], old["prefixlen"])
+        assert tunnel["tx_packets"] >= old["tx_packets"] > 0
+        assert host.ping(two.lan, source=host.lan)
+    assert {name: t["tunnelIP"] for name, t in two.tunnels(secret=secret).items()} == \
+        {name: t["tunnelIP"] for name, t in before["minion-2"].items()}
+
+    assert "minion-3 (198.18.0.3): 1 added, 2 deleted, 0 unchanged, 1 left as is" \
+           " (no answer from minion-2)" in result.stdout
+    assert "minion-4 (198.18.0.4): 0 added, 1 deleted, 1 unchanged, 1 left as is" \
+           " (no answer from minion-2)" in result.stdout
+    for host in (three, four):
+        assert not host.link_exists("m-minion-1")
+    assert "192.168.44.0/24 dev m-minion-4" in three.routes()
+    assert three.ping(four.lan, source=three.lan)
+
+
+def test_down_takes_every_mesh_tunnel_away_and_leaves_the_others(lab, minions):
+    hosts, secret = minions
+    one = hosts[0]
+    path = mesh_file(lab, hosts)
+    apply(one, path, secret)
+    # A tunnel of its own beside the mesh's, to a host the mesh does not know.
+    one.control("127.0.0.1", "--secret-file", secret, "-o", "add", "-n", "udp9", "-t", "10.9.0.1",
+                "-r", "198.18.0.9", "--route", "192.168.99.0/24")
+
+    dry = apply(one, path, secret, "--down", "--dry-run").stdout
+    assert "minion-1 (198.18.0.1): would delete m-minion-2" in dry
+    assert "mesh: all 3 hosts planned" in dry
+    assert sorted(one.tunnels(secret=secret)) == ["m-minion-2", "m-minion-3", "udp9"]
+
+    down = apply(one, path, secret, "--down").stdout
+    for host in hosts:
+        assert "%s (%s): 0 added, 2 deleted, 0 unchanged" % (host.name, host.address) in down
+    assert "mesh: all 3 hosts done" in down
+    for host in hosts:
+        assert not [name for name in host.tunnels(secret=secret) if name.startswith("m-")]
+        assert " dev m-" not in host.routes()
+        assert not any(host.link_exists(tunnel_name) for tunnel_name in
+                       ("m-minion-1", "m-minion-2", "m-minion-3"))
+    assert list(one.tunnels(secret=secret)) == ["udp9"]
+    assert "192.168.99.0/24 dev udp9" in one.routes()
