@@ -477,20 +477,25 @@ def check_unique(hosts):
 
 
 def check_lans(hosts, tunnel_net):
+    # The tunnels' subnets and every LAN are routed into tunnels: a host address inside
+    # one would send a tunnel's own packets into the tunnel.
+    check_covers_no_host(tunnel_net, "tunnelNet %s" % tunnel_net, hosts)
     seen = [(tunnel_net, "tunnelNet")]
     for index, host in enumerate(hosts):
         for i, lan in enumerate(host.lans):
             where = "hosts[%d] (%s) lan[%d] %s" % (index, host.name, i, lan)
-            # Every other host routes this LAN into its tunnel to this host: a host
-            # address inside it would send that tunnel's own packets into the tunnel.
-            for peer_index, peer in enumerate(hosts):
-                if lan.version == peer.address.version and peer.address in lan:
-                    raise MeshError("%s covers the address %s of hosts[%d] (%s)"
-                                    % (where, peer.address, peer_index, peer.name))
+            check_covers_no_host(lan, where, hosts)
             for other, other_where in seen:
                 if lan.version == other.version and lan.overlaps(other):
                     raise MeshError("%s overlaps %s %s" % (where, other_where, other))
             seen.append((lan, "hosts[%d] (%s) lan[%d]" % (index, host.name, i)))
+
+
+def check_covers_no_host(network, where, hosts):
+    for index, host in enumerate(hosts):
+        if network.version == host.address.version and host.address in network:
+            raise MeshError("%s covers the address %s of hosts[%d] (%s)"
+                            % (where, host.address, index, host.name))
 
 
 def tunnel_name(peer):

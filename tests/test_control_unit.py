@@ -330,6 +330,9 @@ def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers
     ({"hosts": [{"name": "a", "address": "2001:db8::1", "lan": ["fd00:1::/64", "2001:db8::/32"]},
                 {"name": "b", "address": "2001:db8::2"}]},
      "hosts[0] (a) lan[1] 2001:db8::/32 covers the address 2001:db8::1 of hosts[0] (a)"),
+    ({"tunnelNet": "172.100.0.0/16", "hosts": [{"name": "a", "address": "172.100.1.1"},
+                                               {"name": "b", "address": "172.101.1.2"}]},
+     "tunnelNet 172.100.0.0/16 covers the address 172.100.1.1 of hosts[0] (a)"),
 ])
 def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, complaint):
     with pytest.raises(ctl.MeshError) as error:
