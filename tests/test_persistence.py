@@ -130,12 +130,18 @@ def test_sighup_applies_only_the_difference(lab):
     assert a.ping("10.0.1.2")
 
 
-def test_sighup_with_a_missing_or_corrupt_state_file_changes_nothing(lab, pair):
+def restart_with_state_file(lab, pair):
+    """The pair, with a's daemon keeping its tunnel udp2 in a state file."""
     a, b = pair
     state = state_path(lab, a)
     a.stop_daemon()
     a.start_daemon("--state-file", state)
     a.add_tunnel("udp2", "10.0.1.1", b)
+    return a, state
+
+
+def test_sighup_with_a_missing_or_corrupt_state_file_changes_nothing(lab, pair):
+    a, state = restart_with_state_file(lab, pair)
     os.remove(state)
     for damage in ("missing", "corrupt"):
         if damage == "corrupt":
@@ -148,11 +154,7 @@ def test_sighup_with_a_missing_or_corrupt_state_file_changes_nothing(lab, pair):
 
 
 def test_a_tunnel_whose_device_is_deleted_leaves_the_state_file(lab, pair):
-    a, b = pair
-    state = state_path(lab, a)
-    a.stop_daemon()
-    a.start_daemon("--state-file", state)
-    a.add_tunnel("udp2", "10.0.1.1", b)
+    a, state = restart_with_state_file(lab, pair)
     a.add_tunnel("udp3", "10.0.3.1", "198.18.0.3")
     a.run("ip", "link", "del", "udp2")
     a.ping("10.0.1.2", count=1)  # the device's queue wakes the daemon, which finds it gone
