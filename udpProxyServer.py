@@ -1012,15 +1012,11 @@ class Gate:
         return not self.allow or self.trusted(ip)
 
     def trusted(self, ip):
-        """Loopback, or a source --allow names."""
+        """Loopback, which nobody can spoof (the kernel drops datagrams from the network
+        that claim a loopback source), or a source --allow names: both get every reply
+        whole, as in 2.0, without a cookie."""
         address = plain_address(ip)
         return address.is_loopback or any(address in network for network in self.allow)
-
-    @staticmethod
-    def proven(ip):
-        """Loopback needs no cookie: the kernel drops datagrams from the network that
-        claim a loopback source, so nobody can spoof one."""
-        return plain_address(ip).is_loopback
 
     def may_reply(self, ip):
         """Take one reply from ip's budget: REPLY_RATE a second, REPLY_BURST at once."""
@@ -1123,45 +1119,56 @@ class Cookies:
         return hmac.new(key, message, hashlib.sha256).hexdigest()[:COOKIE_HEX_LEN]
 
 
-def fit_reply(reply, limit, extra):
-    """The reply as a datagram of at most limit bytes, with extra's fields: whole if it
-    fits, else cut down to its outcome (ok, op, and as much of the error as fits), or None."""
-    whole = json.dumps(dict(reply, **extra)).encode()
+def fit_reply(reply, limit, extra, seal=str.encode):
+    """The reply as a datagram of at most limit bytes once sealed, with extra's fields:
+    whole if it fits, else cut down to its outcome (ok, op, and as much of the error as
+    fits), or None."""
+    whole = seal(json.dumps(dict(reply, **extra)))
     if len(whole) <= limit:
         return whole, True
-    outcome = {key: reply[key] for key in ("ok", "op", "retry") if key in reply}
+    outcome = {key: reply[key] for key in ("ok", "op", "retry", "cookie") if key in reply}
     outcome.update(extra)
     error = reply.get("error", "")[:limit]
     while error:
-        cut = json.dumps(dict(outcome, error=error)).encode()
+        cut = seal(json.dumps(dict(outcome, error=error)))
         if len(cut) <= limit:
             return cut, False
         error = error[:len(error) - (len(cut) - limit)]  # each character is a byte or more
-    cut = json.dumps(outcome).encode()
+    cut = seal(json.dumps(outcome))
     return (cut if len(cut) <= limit else None), False
 
 
-class RefusalLog:
-    """Refused control requests, logged without flooding the journal under a barrage:
-    the first few of every period one by one, then how many more there were."""
+class QuietLog:
+    """Warnings about what any source can cause (refused requests, replies that cannot
+    be sent), logged without flooding the journal under a barrage: the first few of every
+    period one by one, then how many more there were."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, what, clock=time.monotonic):
+        self.what = what
         self.clock = clock
         self.since = None  # when this period began
         self.logged = self.more = 0
 
-    def refused(self, message, *args):
-        now = self.clock()
-        if self.since is None or now - self.since >= REFUSAL_LOG_PERIOD:
-            if self.more:
-                log.warning("%d more control requests refused in %d s, not logged one by one"
-                            " (-o list counts them)", self.more, now - self.since)
-            self.since, self.logged, self.more = now, 0, 0
+    def warning(self, message, *args):
+        self.flush()
+        if self.since is None:
+            self.since = self.clock()
         if self.logged < REFUSALS_LOGGED:
             self.logged += 1
             log.warning(message, *args)
         else:
             self.more += 1
+
+    def flush(self, force=False):
+        """Say how many were not logged once their period is over (or now, with force)."""
+        if self.since is None:
+            return
+        elapsed = self.clock() - self.since
+        if elapsed >= REFUSAL_LOG_PERIOD or force:
+            if self.more:
+                log.warning("%d more %s in %d s, not logged one by one (-o list counts them)",
+                            self.more, self.what, elapsed)
+            self.since, self.logged, self.more = None, 0, 0
 
 
 def plain_address(host):
@@ -1202,19 +1209,18 @@ class StateFile:
             if not isinstance(entries, list):
                 raise ControlError("it has no list 'tunnels'")
         except ControlError as e:
-            kept = self.keep_aside("corrupt")
-            raise StateUnreadable("%s is corrupt (%s); kept as %s" % (self.path, e, kept)) from None
-        good = [entry for entry in entries if isinstance(entry, dict)]
-        if len(good) < len(entries):
-            log.error("state file %s: %d entries are not objects and were skipped",
-                      self.path, len(entries) - len(good))
-        return good
+            raise StateUnreadable("%s is corrupt (%s); %s" % (self.path, e, self.keep_aside()))\
+                from None
+        return entries
 
-    def keep_aside(self, why):
-        """A copy of the file as it is, before the daemon writes over it."""
-        kept = "%s.%s-%d" % (self.path, why, time.time())
-        shutil.copyfile(self.path, kept)
-        return kept
+    def keep_aside(self):
+        """A copy of the corrupt file as it is, since the next save writes over it."""
+        kept = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            shutil.copyfile(self.path, kept)
+        except OSError as e:
+            return "cannot keep a copy as %s: %s" % (kept, e.strerror)
+        return "kept as %s" % kept
 
     def save(self, entries):
         temporary = self.path + ".tmp"
@@ -1274,15 +1280,20 @@ class Server:
         self.offloads = offloads or Offloads()
         self.gate = gate or Gate()
         self.cookies = cookies or Cookies()
-        self.refusals = RefusalLog()
+        self.quiet = QuietLog("refused control requests or unsent replies")
         self.state = state
         self.scratch = Scratch()
         self.poller = select.epoll()
         self.handlers = {}
         self.retired = set()  # fds closed during the current round of events
         self.tunnels = {}  # name -> Tunnel
+        # name -> entry of a tunnel acknowledged once that could not be made again after a
+        # restart or SIGHUP: kept in the state file, and tried again at the next one.
+        self.unmade = {}
         self.by_remote = {}  # Server.remote_key(spec) -> Tunnel
-        self.generation = 0  # counts the changes to the tunnels, so a list can tell them
+        # Counts the changes to the tunnels, so a list can tell them; from a random start, so
+        # that a restarted daemon's generations are not its predecessor's.
+        self.generation = int.from_bytes(os.urandom(4), "big")
         self.parts = (None, [])  # (generation, names in each part of the list)
         self.drops = collections.Counter()  # datagrams no tunnel took
         self.started = time.time()
@@ -1391,51 +1402,55 @@ class Server:
             try:
                 datagram, sender = self.control_sock.recvfrom(BUFFER_SIZE)
             except BlockingIOError:
-                return
+                break
             counts["requests"] += 1
             if not gate.admits(sender[0]):
                 counts["not_allowed"] += 1
                 continue
             reply, nonce, proven = self.answer(datagram, sender)
+            seal = functools.partial(gate.seal, nonce=nonce)
             if proven:
-                sealed = gate.seal(json.dumps(reply), nonce)
+                sealed = seal(json.dumps(reply))
                 if len(sealed) > MAX_REPLY:
-                    sealed = gate.seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
-                                                   " not fit in one datagram" % len(sealed)}), nonce)
+                    sealed = seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
+                                              " not fit in one datagram" % len(sealed)}))
             else:
-                sealed = self.unproven_reply(reply, datagram, sender)
+                sealed = self.unproven_reply(reply, datagram, sender, seal)
                 if sealed is None:
                     continue
             try:
                 self.control_sock.sendto(sealed, sender)
             except OSError as e:
-                log.error("cannot reply to %s:%d: %s", sender[0], sender[1], e)
+                self.quiet.warning("cannot reply to %s:%d: %s", sender[0], sender[1], e)
+        self.quiet.flush()
 
-    def unproven_reply(self, reply, datagram, sender):
+    def unproven_reply(self, reply, datagram, sender, seal=str.encode):
         """What goes back to a source that has not shown it receives at its address: no
-        more bytes than it sent, so a spoofed flood is not amplified, within its budget,
-        so the daemon is no reflector either; and, without a secret, a cookie to prove
-        its address with, after which it gets every reply whole."""
+        more bytes than it sent, so a spoofed flood is not amplified; within its budget,
+        so the daemon is no reflector either (but for the cookie itself, which the
+        budget must not keep from a manager a spoofer floods in its name); and, without a
+        secret, a cookie to prove its address with, after which it gets every reply whole."""
         counts = self.gate.counts
-        if not (self.gate.trusted(sender[0]) or self.gate.may_reply(sender[0])):
-            counts["rate_limited"] += 1
-            return None
         extra = {} if self.gate.secret else {"cookie": self.cookies.make(sender)}
-        fitted, whole = fit_reply(reply, len(datagram), extra)
+        fitted, whole = fit_reply(reply, len(datagram), extra, seal)
         if fitted is None:
             counts["withheld"] += 1
-        elif not whole:
+            return None
+        if not (reply.get("op") == "cookie" or reply.get("retry")) \
+                and not self.gate.may_reply(sender[0]):
+            counts["rate_limited"] += 1
+            return None
+        if not whole:
             counts["cut"] += 1
         return fitted
 
     def answer(self, datagram, sender):
         """Act on one control datagram. Returns the reply, the nonce to seal it with and
-        whether the sender is proven (loopback, authenticated, or with a valid cookie);
+        whether the sender is proven (loopback, allowed, or with a valid cookie);
         nothing in it can stop the daemon."""
-        nonce, proven = None, self.gate.proven(sender[0])
+        nonce, proven = None, self.gate.trusted(sender[0])
         try:
             obj, nonce = self.gate.open(datagram)
-            proven = proven or nonce is not None
             request = parse_request(obj)
             if nonce is not None and request.cookie is None and request.op != "cookie":
                 # The cookie binds an authenticated request to this daemon, since it started,
@@ -1470,7 +1485,7 @@ class Server:
 
     def refuse(self, error, sender):
         self.gate.counts["refused"] += 1
-        self.refusals.refused("control from %s: %s", sender[0], error)
+        self.quiet.warning("control from %s: %s", sender[0], error)
         return {"ok": False, "error": str(error)}
 
     def cookie(self, request, sender):
@@ -1493,7 +1508,7 @@ class Server:
             try:
                 act(entry)
             except ControlError as e:
-                self.refusals.refused("control from %s: %s %s refused: %s", sender[0], op, name, e)
+                self.quiet.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
                 results.append({"name": name, "ok": False, "error": str(e)})
                 errors.append("%s: %s" % (name, e))
             except Exception as e:  # a bug costs this tunnel its success, not the others theirs
@@ -1516,7 +1531,8 @@ class Server:
         if self.state is None:
             return None
         try:
-            self.state.save([tunnel.spec.entry() for tunnel in self.tunnels.values()])
+            self.state.save([tunnel.spec.entry() for tunnel in self.tunnels.values()]
+                            + list(self.unmade.values()))
         except OSError as e:
             log.error("cannot write state file %s: %s", self.state.path, e)
             return "done, but not written to the state file: %s" % e
@@ -1535,41 +1551,42 @@ class Server:
                 log.info("state file %s does not exist yet: starting without tunnels",
                          self.state.path)
             return
-        failed = 0
         for entry in entries:
             try:
+                if not isinstance(entry, dict):
+                    raise ControlError("not an object")
                 self.add_tunnel(entry)
             except ControlError as e:
-                failed += 1
-                log.error("state file %s: tunnel %s not restored: %s", self.state.path,
-                          entry_name(entry), e)
+                self.not_made(entry, e)
         log.info("restored %d tunnels from %s", len(self.tunnels), self.state.path)
-        self.match_state_file(failed)
+
+    def not_made(self, entry, error):
+        """A tunnel of the state file that cannot be made (now): said, and kept in the file
+        when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name not in self.tunnels:
+            self.unmade[name] = entry
+            log.error("state file %s: tunnel %s not made: %s; kept in the file, tried again"
+                      " at the next start or SIGHUP", self.state.path, name, error)
+        else:
+            log.error("state file %s: entry %s skipped: %s", self.state.path,
+                      json.dumps(entry)[:200], error)
 
     def reload_state(self):
         """SIGHUP: make the tunnels what the state file says, touching only the difference.
-        A file that cannot be read or parsed changes nothing."""
+        A file that cannot be read or parsed, or one with a bad entry, changes nothing."""
         if self.state is None:
             log.warning("SIGHUP: no state file to read (--state-file)")
             return
         try:
-            entries = self.state.load()
+            wanted = self.wanted_specs(self.state.load())
         except StateUnreadable as e:
             log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
             return
-        wanted, failed = {}, 0
-        for entry in entries:
-            try:
-                spec = TunnelSpec.from_entry(entry)
-            except ControlError as e:
-                failed += 1
-                log.error("state file %s: tunnel %s skipped: %s", self.state.path,
-                          entry_name(entry), e)
-                continue
-            wanted[spec.name] = spec
         removed = [t for t in self.tunnels.values() if wanted.get(t.name) != t.spec]
         for tunnel in removed:
             self.remove(tunnel)
+        self.unmade.clear()
         added = 0
         for name, spec in wanted.items():
             if name in self.tunnels:
@@ -1578,19 +1595,23 @@ class Server:
                 self.add_spec(spec)
                 added += 1
             except ControlError as e:
-                failed += 1
-                log.error("state file %s: tunnel %s not added: %s", self.state.path, name, e)
-        log.info("state file re-read: %d tunnels removed, %d added, %d unchanged",
-                 len(removed), added, len(self.tunnels) - added)
-        self.match_state_file(failed)
+                self.not_made(spec.entry(), e)
+        log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
+                 len(removed), added, len(self.tunnels) - added, len(self.unmade))
 
-    def match_state_file(self, failed):
-        """After tunnels of the file could not be made: keep the file as it was aside, and
-        write what the daemon has, so the state file always says that."""
-        if failed:
-            log.error("state file %s: %d tunnels could not be made; the file as it was is"
-                      " kept as %s", self.state.path, failed, self.state.keep_aside("unmade"))
-            self.save_state()
+    def wanted_specs(self, entries):
+        """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
+        wanted = {}
+        for index, entry in enumerate(entries):
+            try:
+                if not isinstance(entry, dict):
+                    raise ControlError("not an object")
+                spec = TunnelSpec.from_entry(entry)
+            except ControlError as e:
+                raise StateUnreadable("%s: tunnels[%d] %s: %s" % (
+                    self.state.path, index, json.dumps(entry)[:200], e)) from None
+            wanted[spec.name] = spec
+        return wanted
 
     def add_tunnel(self, entry):
         self.add_spec(TunnelSpec.from_entry(entry))
@@ -1615,6 +1636,7 @@ class Server:
             raise
         self.tunnels[spec.name] = tunnel
         self.by_remote[self.remote_key(spec)] = tunnel
+        self.unmade.pop(spec.name, None)
         self.generation += 1
         log.info("tunnel %s added: %s -> %s:%d, mtu %d",
                  spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
@@ -1688,6 +1710,10 @@ class Server:
             raise ControlError("missing field 'name'")
         name = entry["name"]
         tunnel = self.tunnels.get(name) if isinstance(name, str) else None
+        if tunnel is None and isinstance(name, str) and name in self.unmade:
+            del self.unmade[name]  # the tunnel is no longer wanted: out of the state file
+            log.info("tunnel %s (not made) deleted", name)
+            return
         if tunnel is None:
             raise ControlError("no tunnel named %r" % (name,))
         self.remove(tunnel)
@@ -1726,6 +1752,7 @@ class Server:
             "uptime": round(time.time() - self.started, 3),
             "drops": dict(self.drops),
             "control": dict(self.gate.counts),
+            "unmade": sorted(self.unmade),
             "tunnels": [self.tunnels[name].describe() for name in parts[request.part]],
         }
 
@@ -1749,6 +1776,7 @@ class Server:
         count = len(self.tunnels)
         for tunnel in list(self.tunnels.values()):
             self.remove(tunnel)
+        self.quiet.flush(force=True)
         for sock in (self.data_sock, self.control_sock):
             self.unwatch(sock.fileno())
             sock.close()

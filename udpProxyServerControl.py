@@ -41,7 +41,10 @@ MIN_SECRET_LEN = 16
 # A daemon answers a source that has not yet shown it receives at its address with no
 # more bytes than it was sent; plain requests are padded (JSON allows trailing blanks)
 # so that the cookie that proves our address, or a refusal with its reason, fits.
-PADDED_REQUEST = 256
+PADDED_REQUEST = 512
+# Asks a daemon for the cookie that proves our address; the empty tunnel list keeps a 2015
+# daemon, which takes every message as a request with tunnels, from tripping over it.
+COOKIE_REQUEST = {"op": "cookie", "tunnel": []}
 # A list whose tunnels change while it is fetched part by part is fetched again, this often.
 LIST_ATTEMPTS = 5
 
@@ -140,10 +143,14 @@ class Session:
                            "payload": payload}).encode()
 
     def open(self, reply):
-        """The reply to believe, or None. With a secret, an unsigned reply is believed
-        only when it reports a failure: a forger could do no more than that."""
-        if self.secret is None or "auth" not in reply:
-            return reply if self.secret is None or reply.get("ok") is False else None
+        """The reply to believe and whether it is authentic (signed, or no secret is used),
+        or None. With a secret, an unsigned reply is believed only when it reports a
+        failure, and only as that: a forger could do no more than make a command fail, so
+        nothing in it (a retry, a cookie) is followed."""
+        if self.secret is None:
+            return reply, True
+        if "auth" not in reply:
+            return (reply, False) if reply.get("ok") is False else None
         auth, payload = reply.get("auth"), reply.get("payload")
         if not isinstance(auth, dict) or not isinstance(payload, str) or auth.get("nonce") != self.nonce:
             return None
@@ -155,7 +162,7 @@ class Session:
             opened = json.loads(payload)
         except ValueError:
             return None
-        return opened if isinstance(opened, dict) else None
+        return (opened, True) if isinstance(opened, dict) else None
 
 
 def resolve(host, port):
@@ -192,25 +199,44 @@ class Daemon:
             self.send(message)
             return None
         if self.validates and self.cookie is None:
-            reply = self.exchange({"op": "cookie"})
-            if reply.get("cookie"):
+            try:
+                reply, authentic = self.exchange(COOKIE_REQUEST)
+            except NoReply as e:
+                return self.without_cookie(message, e)
+            if reply.get("cookie") and authentic:
                 self.cookie = reply["cookie"]
-            elif "unknown op 'cookie'" in str(reply.get("error")):
+            elif "unknown op 'cookie'" in str(reply.get("error")) and authentic:
                 self.validates = False  # a daemon of 2.0.0, which has no cookies
             else:
                 return reply  # a refusal the user must see, e.g. the daemon has a secret
         if not self.validates:
-            return self.exchange(message)
-        reply = self.exchange(dict(message, cookie=self.cookie))
-        if reply.get("retry") and reply.get("cookie"):
+            return self.exchange(message)[0]
+        reply, authentic = self.exchange(dict(message, cookie=self.cookie))
+        if reply.get("retry") and reply.get("cookie") and authentic:
             # The cookie expired or the daemon restarted, and it did not act: once more.
             self.cookie = reply["cookie"]
-            reply = self.exchange(dict(message, cookie=self.cookie))
+            reply = self.exchange(dict(message, cookie=self.cookie))[0]
+        return reply
+
+    def without_cookie(self, message, no_reply):
+        """No answer to the cookie request: a 2015 daemon never answers, and takes a plain
+        request sent once (a daemon of ours acts on it once too, and answers what fits).
+        With a secret there is no such daemon, and nothing more is sent."""
+        if self.session.secret is not None:
+            raise no_reply
+        try:
+            reply, _ = self.exchange(message)
+        except NoReply:
+            raise NoReply("%s (the request was sent once without a cookie, as a 2015 daemon"
+                          " takes it)" % no_reply) from None
+        self.cookie = reply.get("cookie")
+        if message["op"] == "list" and "tunnels" not in reply and self.cookie:
+            return self.exchange(dict(message, cookie=self.cookie))[0]  # a list is safe to ask again
         return reply
 
     def send(self, message):
         datagram = self.session.seal(message)
-        if self.session.secret is None:
+        if len(datagram) < PADDED_REQUEST:
             datagram = datagram.ljust(PADDED_REQUEST)
         try:
             self.sock.sendto(datagram, self.address)
@@ -219,6 +245,7 @@ class Daemon:
                           % (self.server, self.port, e.strerror)) from None
 
     def exchange(self, message):
+        """Send message and wait: the reply and whether it is authentic."""
         self.send(message)
         return self.wait_for_reply()
 
@@ -243,9 +270,9 @@ class Daemon:
             except ValueError:
                 continue
             if isinstance(reply, dict):
-                reply = self.session.open(reply)
-                if reply is not None:
-                    return reply
+                opened = self.session.open(reply)
+                if opened is not None:
+                    return opened
 
     def fetch_list(self):
         """The whole list, asked for part by part (each fits in one datagram), all of one

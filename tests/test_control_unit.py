@@ -1,5 +1,7 @@
 """The control script without root, against a stand-in daemon on loopback."""
 
+import hashlib
+import hmac
 import ipaddress
 import json
 import socket
@@ -69,7 +71,7 @@ def daemon():
     def serve():
         for reply in replies:
             data, sender = sock.recvfrom(65535)
-            while json.loads(data) == {"op": "cookie"}:
+            while json.loads(data) == ctl.COOKIE_REQUEST:
                 sock.sendto(json.dumps({"ok": True, "op": "cookie", "cookie": COOKIE}).encode(),
                             sender)
                 data, sender = sock.recvfrom(65535)
@@ -373,7 +375,7 @@ def test_a_daemon_that_knows_no_cookies_is_sent_the_plain_request(capsys):
         port = str(older.getsockname()[1])
         assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "u"]) == 0
         thread.join(5)
-    assert got == [{"op": "cookie"}, {"op": "del", "tunnel": [{"name": "u"}]}]
+    assert got == [ctl.COOKIE_REQUEST, {"op": "del", "tunnel": [{"name": "u"}]}]
 
 
 def test_plain_requests_are_padded_so_a_cookie_or_a_refusal_fits_in_the_reply():
@@ -398,3 +400,52 @@ def test_a_list_whose_tunnels_changed_meanwhile_is_fetched_again_from_the_start(
     assert [t["name"] for t in listed["tunnels"]] == ["a", "b", "c"]
     assert [(r.get("part"), r.get("generation")) for r in requests] == \
         [(None, None), (1, 1), (None, None), (1, 2)]
+
+
+def test_a_2015_daemon_that_never_answers_gets_the_command_once(capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as old:
+        old.bind(("127.0.0.1", 0))
+        port = str(old.getsockname()[1])
+        assert ctl.main(["127.0.0.1", "-p", port, "-o", "del", "-n", "u", "--timeout", "0.3"]) == 3
+        old.settimeout(1)
+        got = [json.loads(old.recv(65535)) for _ in range(2)]
+    assert got == [ctl.COOKIE_REQUEST, {"op": "del", "tunnel": [{"name": "u"}]}]
+    assert "sent once without a cookie" in capsys.readouterr().err
+
+
+def test_with_a_secret_an_unsigned_retry_is_not_followed(tmp_path, capsys):
+    """Someone on the path who read the cookie forges an unsigned retry: the command must
+    not be sent twice, and the forged reply is believed only as the failure it reports."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef0123456789abcdef")
+    secret.chmod(0o600)
+    got = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(("127.0.0.1", 0))
+        daemon.settimeout(5)
+
+        def serve():
+            data, sender = daemon.recvfrom(65535)
+            nonce = json.loads(data)["auth"]["nonce"]
+            payload = json.dumps({"ok": True, "op": "cookie", "cookie": COOKIE})
+            mac = hmac.new(secret.read_bytes(), ctl.REPLY_MAC_PREFIX + b"%s\n%s" % (
+                nonce.encode(), payload.encode()), hashlib.sha256).hexdigest()
+            daemon.sendto(json.dumps({"auth": {"nonce": nonce, "mac": mac},
+                                      "payload": payload}).encode(), sender)
+            data, sender = daemon.recvfrom(65535)
+            got.append(json.loads(json.loads(data)["payload"]))
+            daemon.sendto(json.dumps({"ok": False, "retry": True, "cookie": "d1" * 16,
+                                      "error": "forged"}).encode(), sender)
+            daemon.settimeout(1.5)
+            try:
+                got.append(daemon.recv(65535))
+            except socket.timeout:
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        port = str(daemon.getsockname()[1])
+        assert ctl.main(["127.0.0.1", "-p", port, "--secret-file", str(secret), "-o", "del",
+                         "-n", "u", "--timeout", "1"]) == 1
+        thread.join(10)
+    assert got == [{"op": "del", "tunnel": [{"name": "u"}], "cookie": COOKIE}]

@@ -527,15 +527,34 @@ def test_sighup_with_a_readable_file_listing_fewer_tunnels_removes_them(tmp_path
         assert list(server.tunnels) == ["udp3"]
 
 
-def test_a_tunnel_that_cannot_be_made_again_is_kept_aside_and_the_file_says_what_is(tmp_path,
-                                                                                 monkeypatch):
+def test_a_tunnel_that_cannot_be_made_again_stays_in_the_state_file_until_made_or_deleted(
+        tmp_path, monkeypatch):
     with server_with_state(tmp_path) as (server, devices):
-        server.state.save([entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3)])
-        monkeypatch.setattr(ups, "IPRoute", NoNetlink)
-        server.restore()
-        assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
-        kept, = [p for p in tmp_path.iterdir() if ".unmade-" in p.name]
-        assert [e["name"] for e in json.loads(kept.read_text())["tunnels"]] == ["udp2", "udp3"]
+        server.state.save([entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3),
+                           entry("udp4", 4)])
+        missing = monkeypatch.context()
+        with missing as patch:
+            patch.setattr(ups, "IPRoute", NoNetlink)  # e.g. pyroute2 gone after an upgrade
+            server.restore()
+        assert sorted(server.tunnels) == ["udp3", "udp4"] and list(server.unmade) == ["udp2"]
+        assert list_of(server)["unmade"] == ["udp2"]
+        server.answer(json.dumps({"op": "del", "tunnel": [{"name": "udp4"}]}).encode(),
+                      ("127.0.0.1", 9))
+        assert sorted(saved_names(server)) == ["udp2", "udp3"]  # udp2 is still wanted
+        reply, _, _ = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}',
+                                    ("127.0.0.1", 9))
+        assert reply["ok"] and saved_names(server) == ["udp3"] and not server.unmade
+
+
+@pytest.mark.parametrize("bad", [42, {"name": "udp3", "tunnelIP": "10.0.3.1", "mtu": "1400x",
+                                      "remoteServer": "198.18.0.3"}])
+def test_sighup_with_a_bad_entry_changes_nothing(tmp_path, bad):
+    with server_with_state(tmp_path) as (server, devices):
+        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
+                      .encode(), ("127.0.0.1", 9))
+        server.state.save([entry("udp2", 2), bad])
+        server.reload_state()
+        assert sorted(server.tunnels) == ["udp2", "udp3"]
 
 
 def list_of(server, **request):
@@ -590,7 +609,7 @@ def test_a_refusal_inside_an_op_is_a_refusal_not_an_internal_error(caplog):
 def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
     clock = [0.0]
     with fake_server() as (server, _), caplog.at_level(logging.WARNING, logger="udpProxyServer"):
-        server.refusals.clock = lambda: clock[0]
+        server.quiet.clock = lambda: clock[0]
         for _ in range(1000):
             server.answer(b"garbage", ("198.18.0.7", 9))
         clock[0] += ups.REFUSAL_LOG_PERIOD
@@ -598,4 +617,4 @@ def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
         assert server.gate.counts["refused"] == 1001
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == ups.REFUSALS_LOGGED + 2
-    assert "990 more control requests refused in 60 s" in lines[-2]
+    assert "990 more refused control requests or unsent replies in 60 s" in lines[-2]

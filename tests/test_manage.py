@@ -180,7 +180,7 @@ def probe_datagrams(manager_cookie):
 @pytest.mark.parametrize("locked", ["no secret", "--allow", "--secret-file"])
 def test_an_unvalidated_source_never_gets_more_bytes_than_it_sent(lab, locked):
     a, manager, prober = lab.host("a", 1), lab.host("manager", 9), lab.host("prober", 7)
-    flags = {"no secret": (), "--allow": ("--allow", "198.18.0.0/24"),
+    flags = {"no secret": (), "--allow": ("--allow", manager.address + "/32"),
              "--secret-file": ("--secret-file", write_secret(lab))}[locked]
     a.start_daemon(*flags)
     secret = locked == "--secret-file"
@@ -197,6 +197,8 @@ def test_an_unvalidated_source_never_gets_more_bytes_than_it_sent(lab, locked):
         assert replies and all(r["ok"] is False for r in replies)
         assert any("authentication required" in r.get("error", "") for r in replies)
         assert not a.link_exists("udp5")
+    elif locked == "--allow":
+        assert replies == [] and not a.link_exists("udp5")  # not allowed: dropped unread
     else:
         # Padded requests learn the cookie; the 2015 add was done though its answer was cut.
         assert any(r.get("op") == "cookie" and r.get("cookie") for r in replies)
@@ -204,13 +206,42 @@ def test_an_unvalidated_source_never_gets_more_bytes_than_it_sent(lab, locked):
         assert a.link_exists("udp5")
 
     flood = probe(prober, a.address, [padded({"op": "list"})] * 1000, burst=True)
-    assert 0 < flood["received"] <= flood["sent"]
+    assert flood["received"] <= flood["sent"]
     listed = a.control("127.0.0.1", *flags[:2] if secret else (), "-o", "list", "--json")
     counts = json.loads(listed.stdout)["control"]
     if locked == "--allow":
-        assert "rate_limited" not in counts  # an allowed source keeps every (fitted) answer
+        assert counts["not_allowed"] >= 1000 and flood["received"] == 0
+        # The allowed manager is answered whole without a cookie, as by 2.0.
+        whole = manager.request({"op": "list"}, to=a.address)
+        assert whole["ok"] and "tunnels" in whole and "cookie" not in whole
     else:
-        assert counts["rate_limited"] > 0
+        assert flood["received"] > 0 and counts["rate_limited"] > 0
+
+
+# Padded plain requests in a manager's name, about 2,000 a second for at most 10 s: each
+# gets a cut reply, so they exhaust its reply budget (100 a second) many times over.
+FLOOD = """
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(20000):
+    s.sendto(b'{"op": "list"}'.ljust(512), (%r, 5001))
+    time.sleep(0.0005)
+"""
+
+
+def test_a_flood_in_the_managers_name_does_not_keep_it_from_managing(lab, fleet):
+    (one, _, _), manager = fleet
+    lab.spawn(manager.ns, [sys.executable, "-c", FLOOD % one.address], "flood.log")
+
+    def limited():
+        counts = one.request({"op": "list"})["control"]
+        return counts.get("rate_limited", 0) > 100
+
+    wait_until(limited, "the flood exhausts the manager's reply budget")
+    for _ in range(3):  # the cookie comes through, and with it every answer whole
+        listed = manager.control("-s", one.address, "-o", "list", "--json")
+        assert "tunnels" in json.loads(listed.stdout)
+    assert limited()
 
 
 def test_no_reply_names_the_likely_causes(fleet):

@@ -53,10 +53,11 @@ MANAGER_PORT = 40000  # a cookie is good for the address and port it was given t
 def sealed_with_cookie(sender, daemon, message, at=None):
     """An authenticated request, as the control script makes it, for daemon from sender."""
     clock = (lambda: at) if at else time.time
-    cookie = sender.request(ctl.Session(SECRET).seal({"op": "cookie"}), to=daemon.address,
-                            sport=MANAGER_PORT)
+    cookie = sender.request(ctl.Session(SECRET).seal({"op": "cookie"}).ljust(ctl.PADDED_REQUEST),
+                            to=daemon.address, sport=MANAGER_PORT)
     cookie = json.loads(cookie["payload"])["cookie"]
-    return ctl.Session(SECRET, clock=clock).seal(dict(message, cookie=cookie))
+    return ctl.Session(SECRET, clock=clock).seal(dict(message, cookie=cookie)).ljust(
+        ctl.PADDED_REQUEST)
 
 
 def opened(reply):
@@ -92,7 +93,9 @@ def test_a_captured_request_is_good_for_no_other_daemon_and_not_after_a_restart(
     c.start_daemon("--secret-file", secret_file)  # another daemon of the mesh, same secret
     captured = sealed_with_cookie(b, a, ADD_UDP9)
     # Replayed to another daemon, from the very address and port it came from: not done.
-    refused = opened(b.request(captured, to=c.address, sport=MANAGER_PORT))
+    reply = b.request(captured, to=c.address, sport=MANAGER_PORT)
+    assert len(json.dumps(reply)) <= len(captured)  # the source is unproven: no amplification
+    refused = opened(reply)
     assert refused["ok"] is False and refused["retry"] and "cookie" in refused["error"]
     assert not c.link_exists("udp9")
     # Replayed to its own daemon after a restart (same secret, within the time window).
