@@ -446,6 +446,9 @@ def split_gso(packet, proto, l4_start, gso_size, out):
     head = len(template)
     pack_ipv4, pack_tcp, from_bytes = IPV4_VARYING.pack_into, TCP_VARYING.pack_into, int.from_bytes
     middle_flags = flags & ~(TCP_FIN | TCP_PSH)  # FIN and PSH belong to the last segment
+    # Full segments are summed inline, which is right for an even size only; an odd size
+    # (an odd MTU makes one) goes through ones_sum, which pads it as RFC 1071 says.
+    inline_size = gso_size if gso_size % 2 == 0 else None
     at = done = index = 0
     while done < payload_len:
         size = min(gso_size, payload_len - done)
@@ -454,7 +457,7 @@ def split_gso(packet, proto, l4_start, gso_size, out):
         out[at:end - size] = template
         out[end - size:end] = payload
         segment_l4 = l4_len + size
-        if size == gso_size:
+        if size == inline_size:
             payload_sum = from_bytes(payload, "big")
             for half, mask in folds(size):
                 payload_sum = (payload_sum >> half) + (payload_sum & mask)

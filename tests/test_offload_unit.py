@@ -45,6 +45,16 @@ def test_split_makes_valid_packets_carrying_the_payload_in_order(version, proto)
     assert carried == payload
 
 
+@pytest.mark.parametrize("version, proto", CASES)
+@pytest.mark.parametrize("mss", [9, 1349])  # an odd MTU makes an odd MSS: 1349 at MTU 1401
+def test_segments_of_an_odd_size_get_right_checksums(version, proto, mss):
+    payload = os.urandom(3 * mss + 1)
+    packet, l4 = super_packet(version, proto, payload)
+    datagrams = split(packet, proto, l4, mss)
+    assert len(datagrams) == 4
+    assert all(valid(d[4:]) for d in datagrams)
+
+
 @given(st.binary(min_size=1, max_size=20000), st.integers(200, 1400),
        st.sampled_from(CASES), st.integers(0, 2**32 - 1))
 @settings(max_examples=200, deadline=None)
