@@ -413,11 +413,15 @@ TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, 
 UDP_VARYING = struct.Struct("!HH")  # length, checksum
 
 
-def split_gso(packet, proto, l4_start, gso_size, out):
+def split_gso(packet, proto, l4_start, gso_size, out, done=0):
     """Cut a TCP or UDP GSO super-packet into wire datagrams (PI header and a packet
     of at most gso_size payload bytes) laid end to end in out, each with its own IP
     and L4 header and full checksums, as the kernel's own segmentation would.
-    Returns the length of every datagram but the last, and the total length.
+
+    One call is one round: from payload byte done on, as many datagrams as out holds
+    (at small MTUs the headers outgrow the payload, so a 64 KB packet takes several).
+    Returns the length of every datagram but the last, their total length, and where
+    the next round starts, or None once the payload is all cut.
 
     Only the payload is summed for each segment: the header sums are taken once,
     without the fields that change, and those are added as numbers."""
@@ -449,8 +453,13 @@ def split_gso(packet, proto, l4_start, gso_size, out):
     # Full segments are summed inline, which is right for an even size only; an odd size
     # (an odd MTU makes one) goes through ones_sum, which pads it as RFC 1071 says.
     inline_size = gso_size if gso_size % 2 == 0 else None
-    at = done = index = 0
-    while done < payload_len:
+    rest = payload_len - done
+    if rest + -(-rest // gso_size) * head <= len(out):
+        round_end = payload_len
+    else:  # whole segments as out holds them, at least one, so a caller's loop ends
+        round_end = min(payload_len, done + max(len(out) // stride, 1) * gso_size)
+    at, index = 0, done // gso_size  # a round starts after whole segments
+    while done < round_end:
         size = min(gso_size, payload_len - done)
         end = at + head + size
         payload = packet[header_len + done:header_len + done + size]
@@ -482,7 +491,7 @@ def split_gso(packet, proto, l4_start, gso_size, out):
             value = (l4_sum + 2 * segment_l4 + payload_sum) % 0xFFFF
             UDP_VARYING.pack_into(out, at + l4 + 4, segment_l4, 0xFFFF - value if value else 0xFFFF)
         at, done, index = end, done + size, index + 1
-    return stride, at
+    return stride, at, done if done < payload_len else None
 
 
 # IPv4 (no options) and TCP fixed headers, but the fields that change from one
@@ -712,7 +721,10 @@ class Scratch:
         self.packet = bytearray(BUFFER_SIZE)
         self.packet_view = memoryview(self.packet)
         self.vnet = bytearray(VNET_HDR_LEN)
-        self.out = bytearray(BUFFER_SIZE + BUFFER_SIZE // 8)  # room for a header per segment
+        # Room for a 64 KB super-packet cut for the wire, a header per segment, at MTUs of
+        # 502 and up (TCP over IPv4; IPv6 needs 1280); split_gso cuts for smaller MTUs in
+        # rounds, so the buffer never has to grow.
+        self.out = bytearray(BUFFER_SIZE + BUFFER_SIZE // 8)
         self.out_view = memoryview(self.out)
         self.small = bytearray(GSO_MAX_BYTES + BUFFER_SIZE)  # single packets waiting to go
         self.small_view = memoryview(self.small)
@@ -865,8 +877,11 @@ class OffloadTunnel(Tunnel):
             if gso_type != GSO_NONE:
                 self.send_small()
                 proto = UDP if gso_type == GSO_UDP_L4 else TCP
-                stride, total = split_gso(packet, proto, start, gso_size, scratch.out)
-                self.send(scratch.out_view[:total], stride)
+                done = 0
+                while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
+                    stride, total, done = split_gso(packet, proto, start, gso_size, scratch.out,
+                                                    done)
+                    self.send(scratch.out_view[:total], stride)
                 continue
             if flags & VNET_F_NEEDS_CSUM:
                 complete_checksum(packet, start, offset)

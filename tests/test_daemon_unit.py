@@ -280,6 +280,54 @@ def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_serv
     assert (tunnel.tx_packets, tunnel.tx_bytes) == (5, sum(map(len, datagrams)))
 
 
+class Wire:
+    """Stands in for the data socket: keeps every datagram sent, a GSO send cut as the
+    kernel cuts it; GSO sends fail first with the errnos in gso_errors, one a send."""
+
+    def __init__(self, gso_errors=()):
+        self.datagrams = []
+        self.gso_sends = 0
+        self.gso_errors = list(gso_errors)
+
+    def sendmsg(self, buffers, ancdata, flags, address):
+        if self.gso_errors:
+            code = self.gso_errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        (level, kind, segment), = ancdata
+        assert (level, kind) == (ups.SOL_UDP, ups.UDP_SEGMENT)
+        size, = struct.unpack("=H", segment)
+        data = b"".join(bytes(b) for b in buffers)
+        self.datagrams += [data[at:at + size] for at in range(0, len(data), size)]
+        self.gso_sends += 1
+        return len(data)
+
+    def sendto(self, data, address):
+        self.datagrams.append(bytes(data))
+        return len(data)
+
+
+# The smallest TSO segment the kernel makes: TCP sends at least 48 bytes a segment
+# (tcp_min_snd_mss), 12 of them timestamps. Its packets are 88 bytes, so at MTU 88.
+SMALLEST_MSS, ITS_MTU = 36, 88
+
+
+def test_the_largest_super_packet_in_the_smallest_segments_goes_out_whole(offload_server):
+    server, devices = offload_server
+    payload = os.urandom(ups.MAX_IP_PACKET - 52)  # IPv4 and TCP with timestamps
+    packet, l4 = packets.super_packet(4, ups.TCP, payload)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        tunnel.sock = wire = Wire()
+        devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, SMALLEST_MSS, l4, 16,
+                                        ups.VNET_F_NEEDS_CSUM) + bytes(packet))
+        server.dispatch(tunnel.fd)  # cut in the server's own shared buffers
+    count = -(-len(payload) // SMALLEST_MSS)
+    assert len(wire.datagrams) == count
+    assert all(len(d) <= 4 + ITS_MTU and packets.valid(d[4:]) for d in wire.datagrams)
+    assert b"".join(d[4 + l4 + 32:] for d in wire.datagrams) == payload
+    assert (tunnel.tx_packets, tunnel.drops) == (count, {})
+
+
 def test_single_packets_go_out_in_order_with_checksums_completed(offload_server):
     server, devices = offload_server
     with udp() as peer:
@@ -302,14 +350,14 @@ def test_single_packets_go_out_in_order_with_checksums_completed(offload_server)
 
 def split_one(packet, proto, l4):
     out = bytearray(ups.BUFFER_SIZE)
-    _, total = ups.split_gso(packet, proto, l4, 65535, out)
+    _, total, _ = ups.split_gso(packet, proto, l4, 65535, out)
     return out[4:total]
 
 
 def datagrams_of(payload, mss, seq=1000):
     packet, l4 = packets.super_packet(4, ups.TCP, payload, seq=seq, flags=ups.TCP_ACK)
     out = bytearray(ups.BUFFER_SIZE + ups.BUFFER_SIZE // 8)
-    stride, total = ups.split_gso(packet, ups.TCP, l4, mss, out)
+    stride, total, _ = ups.split_gso(packet, ups.TCP, l4, mss, out)
     return memoryview(out)[:total], stride
 
 
@@ -391,7 +439,7 @@ def test_udp_is_not_joined_where_the_kernel_has_no_uso(offload_server):
     server, devices = offload_server  # TSO4 but no USO, as before Linux 6.2
     packet, l4 = packets.super_packet(4, ups.UDP, os.urandom(3000))
     out = bytearray(ups.BUFFER_SIZE)
-    stride, total = ups.split_gso(packet, ups.UDP, l4, 1000, out)
+    stride, total, _ = ups.split_gso(packet, ups.UDP, l4, 1000, out)
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         tunnel.deliver(memoryview(out)[:total], stride)
