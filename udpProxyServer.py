@@ -917,22 +917,29 @@ class OffloadTunnel(Tunnel):
             chunk = datagrams[start:start + step]
             try:
                 self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.peer)
-            except BlockingIOError as e:
-                self.send_failed(e, -(-len(chunk) // stride))
             except OSError as e:
-                self.gso_failed(e)
-                super().send(chunk, stride)
+                if self.gso_refused(e):
+                    super().send(chunk, stride)  # nothing lost: the same datagrams one by one
+                else:  # a passing error (no route, a firewall, a full buffer): this send is lost
+                    self.send_failed(e, -(-len(chunk) // stride))
             else:
                 self.sent(-(-len(chunk) // stride), len(chunk))
 
-    def gso_failed(self, error):
+    def gso_refused(self, error):
+        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
+        if so, GSO is turned off where it cannot work, and that is logged once."""
         if error.errno == errno.EIO:
-            # udp_send_skb() answers EIO where the device cannot checksum: GSO is no use here.
-            self.offloads.turn_off("udp_gso", "the underlay device refuses it (%s)" % error)
-        else:
-            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do.
+            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
+            # every tunnel, as the tunnels of a host mostly share their underlay.
+            self.offloads.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
+        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
+            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
+            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
             self.gso_fits = False
             log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+        else:
+            return False
+        return True
 
     def deliver_one(self, datagram):
         self.deliver(datagram, max(len(datagram), 1))

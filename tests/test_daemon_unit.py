@@ -137,13 +137,13 @@ def server():
         yield made
 
 
-def add_loopback_tunnel(server, peer):
+def add_loopback_tunnel(server, peer, name="udp2", address="10.0.1.1"):
     """A tunnel to a peer socket on loopback, told apart by its port."""
     reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [{
-        "name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
+        "name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
         "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
-    assert reply == {"ok": True, "op": "add", "results": [{"name": "udp2", "ok": True}]}
-    return server.tunnels["udp2"]
+    assert reply == {"ok": True, "op": "add", "results": [{"name": name, "ok": True}]}
+    return server.tunnels[name]
 
 
 def test_packets_cross_both_ways_with_header_intact(server):
@@ -422,6 +422,46 @@ def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
         assert len([peer.recv(65535) for _ in range(3)]) == 3
     assert server.offloads.udp_gso is False
     assert tunnel.tx_packets == 3 and not tunnel.drops
+
+
+def send_super_packet(server, devices, tunnel):
+    """The device hands the tunnel 3,000 bytes of TCP to cut into three datagrams and send."""
+    packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
+    devices.outer[tunnel.name].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
+                                    + bytes(packet))
+    server.dispatch(tunnel.fd)
+
+
+# A route that flaps, a firewall rule, the kernel short of memory, a full socket buffer.
+@pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM,
+                                  errno.ENOBUFS, errno.EAGAIN], ids=errno.errorcode.get)
+def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, code):
+    server, devices = offload_server
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        tunnel.sock = wire = Wire(gso_errors=[code])
+        send_super_packet(server, devices, tunnel)  # refused, and counted
+        send_super_packet(server, devices, tunnel)  # the error has passed: one GSO send
+    assert tunnel.drops == {"socket_full" if code == errno.EAGAIN else "send_error": 3}
+    assert (wire.gso_sends, len(wire.datagrams), tunnel.tx_packets) == (1, 3, 3)
+    assert server.offloads.udp_gso
+
+
+# EMSGSIZE: datagrams larger than the underlay MTU, which GSO cannot fragment; EINVAL
+# says so too before Linux 6.14, or that the send has more segments than the kernel takes.
+@pytest.mark.parametrize("code", [errno.EMSGSIZE, errno.EINVAL], ids=errno.errorcode.get)
+def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_server, code):
+    server, devices = offload_server
+    with udp() as peer, udp() as other_peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
+        tunnel.sock = wire = Wire(gso_errors=[code])
+        other.sock = other_wire = Wire()
+        send_super_packet(server, devices, tunnel)
+        send_super_packet(server, devices, tunnel)
+        send_super_packet(server, devices, other)
+    assert (wire.gso_sends, len(wire.datagrams), tunnel.tx_packets, tunnel.drops) == (0, 6, 6, {})
+    assert (other_wire.gso_sends, len(other_wire.datagrams)) == (1, 3)
 
 
 def test_without_udp_gro_an_offload_tunnel_still_writes_virtio_framing(offload_server):
