@@ -128,6 +128,10 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65535 - 20 - 8
 # An IP packet, and so a packet the kernel joins from our pieces, is at most 64 KB.
 MAX_IP_PACKET = 65535
+# Seconds a tunnel whose joined TUN write was refused writes packets one by one before it
+# joins again: a kernel that always refuses costs one refused write a minute, and a
+# refusal that passes costs no more than a minute of single writes.
+JOIN_RETRY = 60
 # The packet information header we put on the wire for each IP version.
 PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
 TCP, UDP = 6, 17
@@ -622,12 +626,12 @@ ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
 
 @dataclasses.dataclass
 class Offloads:
-    """What the kernel offers, found at start-up; a feature that fails later is turned off."""
+    """What the kernel offers, found at start-up; UDP GSO is turned off if it fails later."""
 
     tun_flags: int = 0  # TUNSETOFFLOAD flags; 0: plain TUN devices with the PI header
     udp_gso: bool = False  # UDP_SEGMENT sends
     udp_gro: bool = False  # UDP_GRO receives
-    join: bool = False  # GSO writes into TUN devices
+    join: bool = False  # GSO writes into TUN devices; each tunnel stops and starts on its own
 
     def describe(self):
         if not self.tun_flags:
@@ -855,9 +859,13 @@ class OffloadTunnel(Tunnel):
     (virtio header first). On the wire nothing changes: each is cut into datagrams of
     one packet each, sent with UDP GSO, and received ones are joined again."""
 
-    def __init__(self, spec, device, sock, peer, scratch, offloads):
+    def __init__(self, spec, device, sock, peer, scratch, offloads, clock=time.monotonic):
         super().__init__(spec, device, sock, peer, scratch)
         self.offloads = offloads
+        self.clock = clock
+        self.join = offloads.join  # false for JOIN_RETRY seconds once a joined write is refused
+        self.join_again_at = None
+        self.join_refusal_logged = False  # later refusals are logged at debug level only
         self.small_len = self.small_stride = 0
         self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
         # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
@@ -946,13 +954,15 @@ class OffloadTunnel(Tunnel):
 
     def deliver(self, datagrams, stride):
         joiner = self.scratch.joiner
+        if self.join_again_at is not None and self.clock() >= self.join_again_at:
+            self.join, self.join_again_at = True, None
         for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
             datagram = datagrams[start:start + stride]
             if len(datagram) <= PI_HEADER_LEN:
                 self.drops["short"] += 1
                 continue
             packet = datagram[PI_HEADER_LEN:]
-            flow = flow_of(packet) if self.offloads.join else None
+            flow = flow_of(packet) if self.join else None
             if flow is None or (flow[3] == UDP and not self.join_udp):
                 self.write_joined()
                 self.write([ZERO_VNET_HDR, packet], 1, len(datagram))
@@ -970,8 +980,13 @@ class OffloadTunnel(Tunnel):
 
     def write_failed(self, error, packets):
         if packets > 1 and error.errno == errno.EINVAL:
-            # Some kernels refuse GSO writes into TUN: from now on write packets one by one.
-            self.offloads.turn_off("join", "the TUN device refuses joined packets (%s)" % error)
+            # Some kernels refuse GSO writes into TUN (a regression), or refuse one: this
+            # tunnel writes packets one by one for a while, these first.
+            self.join, self.join_again_at = False, self.clock() + JOIN_RETRY
+            log.log(logging.DEBUG if self.join_refusal_logged else logging.WARNING,
+                    "tunnel %s: the TUN device refuses joined packets (%s); writing them one"
+                    " by one for %d s", self.name, error, JOIN_RETRY)
+            self.join_refusal_logged = True
             for packet in self.scratch.joined:
                 self.write([ZERO_VNET_HDR, packet], 1, PI_HEADER_LEN + len(packet))
         else:
@@ -1251,7 +1266,7 @@ class Server:
     """The sockets, the tunnels and the one readiness loop that serves them all."""
 
     def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
-                 gate=None, state=None, cookies=None):
+                 gate=None, state=None, cookies=None, clock=time.monotonic):
         self.data_sock = data_sock
         self.control_sock = control_sock
         self.data_port = data_sock.getsockname()[1]
@@ -1262,6 +1277,7 @@ class Server:
         self.gate = gate or Gate()
         self.cookies = cookies or Cookies()
         self.state = state
+        self.clock = clock  # when the data path's fallbacks end
         self.scratch = Scratch()
         self.poller = select.epoll()
         self.handlers = {}
@@ -1542,7 +1558,8 @@ class Server:
         host, _ = self.remote_key(spec)
         peer = (host, spec.remote_port or self.data_port)
         if self.offloads.tun_flags:
-            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.scratch, self.offloads)
+            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.scratch, self.offloads,
+                                   self.clock)
         else:
             tunnel = Tunnel(spec, device, self.data_sock, peer, self.scratch)
         try:

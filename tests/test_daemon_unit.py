@@ -376,25 +376,65 @@ def test_datagrams_of_one_flow_are_joined_into_one_write(offload_server):
     assert (tunnel.rx_packets, tunnel.rx_bytes) == (6, len(view))
 
 
-def test_a_refused_joined_write_falls_back_to_single_packets(offload_server, monkeypatch):
-    server, devices = offload_server
-    real_writev = os.writev
+def refuse_joined_writes(monkeypatch, device):
+    """From now on the device refuses joined writes with EINVAL, as some kernels do; the
+    list returned counts the refusals."""
+    real_writev, refusals = os.writev, []
 
-    def refuse_joined(fd, buffers):
-        if len(buffers) > 2:
+    def writev(fd, buffers):
+        if fd == device.fileno() and len(buffers) > 2:
+            refusals.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_writev(fd, buffers)
 
-    monkeypatch.setattr(ups.os, "writev", refuse_joined)
-    with udp() as peer:
+    monkeypatch.setattr(ups.os, "writev", writev)
+    return refusals
+
+
+def test_a_refused_joined_write_turns_joining_off_for_that_tunnel_only(offload_server,
+                                                                       monkeypatch):
+    server, devices = offload_server
+    with udp() as peer, udp() as other_peer:
         tunnel = add_loopback_tunnel(server, peer)
+        other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
+        refusals = refuse_joined_writes(monkeypatch, tunnel.device)
         view, stride = datagrams_of(os.urandom(3000), 1000)
         tunnel.deliver(view, stride)
+        # Nothing lost: the refused write's packets are written one by one.
         assert [len(devices.outer["udp2"].recv(65535)) for _ in range(3)] == \
             [ups.VNET_HDR_LEN + stride - 4] * 3
-        assert server.offloads.join is False and not tunnel.drops
-        tunnel.deliver(view, stride)  # from now on one by one, without trying again
-        assert tunnel.rx_packets == 6
+        assert (tunnel.rx_packets, tunnel.drops, len(refusals)) == (3, {}, 1)
+        tunnel.deliver(view, stride)  # one by one, without trying again
+        assert (tunnel.rx_packets, len(refusals)) == (6, 1)
+        other.deliver(view, stride)  # another tunnel still joins
+        write = devices.outer["udp3"].recv(65535)
+        assert ups.VNET_HDR.unpack_from(write)[1] == ups.GSO_TCPV4
+        assert other.rx_packets == 3
+
+
+def test_a_tunnel_tries_joining_again_after_a_while(offload_server, monkeypatch):
+    server, devices = offload_server
+    clock = [1000.0]  # seconds, as time.monotonic counts them
+    server.clock = lambda: clock[0]
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        refusals = refuse_joined_writes(monkeypatch, tunnel.device)
+        view, stride = datagrams_of(os.urandom(3000), 1000)
+        tunnel.deliver(view, stride)
+        clock[0] += ups.JOIN_RETRY - 1
+        tunnel.deliver(view, stride)
+        assert len(refusals) == 1
+        clock[0] += 1
+        tunnel.deliver(view, stride)  # tried again, refused again, nothing lost
+        assert len(refusals) == 2 and tunnel.rx_packets == 9 and not tunnel.drops
+        monkeypatch.undo()  # the kernel takes joined writes again
+        clock[0] += ups.JOIN_RETRY
+        for _ in range(9):
+            devices.outer["udp2"].recv(65535)
+        tunnel.deliver(view, stride)
+        write = devices.outer["udp2"].recv(65535)
+    assert ups.VNET_HDR.unpack_from(write)[1] == ups.GSO_TCPV4
+    assert tunnel.rx_packets == 12
 
 
 class RefusingGSO:
