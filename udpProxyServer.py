@@ -134,6 +134,10 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65535 - 20 - 8
 # An IP packet, and so a packet the kernel joins from our pieces, is at most 64 KB.
 MAX_IP_PACKET = 65535
+# Seconds a tunnel whose joined TUN write was refused writes packets one by one before it
+# joins again: a kernel that always refuses costs one refused write a minute, and a
+# refusal that passes costs no more than a minute of single writes.
+JOIN_RETRY = 60
 # The packet information header we put on the wire for each IP version.
 PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
 TCP, UDP = 6, 17
@@ -423,11 +427,15 @@ TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, 
 UDP_VARYING = struct.Struct("!HH")  # length, checksum
 
 
-def split_gso(packet, proto, l4_start, gso_size, out):
+def split_gso(packet, proto, l4_start, gso_size, out, done=0):
     """Cut a TCP or UDP GSO super-packet into wire datagrams (PI header and a packet
     of at most gso_size payload bytes) laid end to end in out, each with its own IP
     and L4 header and full checksums, as the kernel's own segmentation would.
-    Returns the length of every datagram but the last, and the total length.
+
+    One call is one round: from payload byte done on, as many datagrams as out holds
+    (at small MTUs the headers outgrow the payload, so a 64 KB packet takes several).
+    Returns the length of every datagram but the last, their total length, and where
+    the next round starts, or None once the payload is all cut.
 
     Only the payload is summed for each segment: the header sums are taken once,
     without the fields that change, and those are added as numbers."""
@@ -456,15 +464,23 @@ def split_gso(packet, proto, l4_start, gso_size, out):
     head = len(template)
     pack_ipv4, pack_tcp, from_bytes = IPV4_VARYING.pack_into, TCP_VARYING.pack_into, int.from_bytes
     middle_flags = flags & ~(TCP_FIN | TCP_PSH)  # FIN and PSH belong to the last segment
-    at = done = index = 0
-    while done < payload_len:
+    # Full segments are summed inline, which is right for an even size only; an odd size
+    # (an odd MTU makes one) goes through ones_sum, which pads it as RFC 1071 says.
+    inline_size = gso_size if gso_size % 2 == 0 else None
+    rest = payload_len - done
+    if rest + -(-rest // gso_size) * head <= len(out):
+        round_end = payload_len
+    else:  # whole segments as out holds them, at least one, so a caller's loop ends
+        round_end = min(payload_len, done + max(len(out) // stride, 1) * gso_size)
+    at, index = 0, done // gso_size  # a round starts after whole segments
+    while done < round_end:
         size = min(gso_size, payload_len - done)
         end = at + head + size
         payload = packet[header_len + done:header_len + done + size]
         out[at:end - size] = template
         out[end - size:end] = payload
         segment_l4 = l4_len + size
-        if size == gso_size:
+        if size == inline_size:
             payload_sum = from_bytes(payload, "big")
             for half, mask in folds(size):
                 payload_sum = (payload_sum >> half) + (payload_sum & mask)
@@ -489,7 +505,7 @@ def split_gso(packet, proto, l4_start, gso_size, out):
             value = (l4_sum + 2 * segment_l4 + payload_sum) % 0xFFFF
             UDP_VARYING.pack_into(out, at + l4 + 4, segment_l4, 0xFFFF - value if value else 0xFFFF)
         at, done, index = end, done + size, index + 1
-    return stride, at
+    return stride, at, done if done < payload_len else None
 
 
 # IPv4 (no options) and TCP fixed headers, but the fields that change from one
@@ -620,12 +636,12 @@ ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
 
 @dataclasses.dataclass
 class Offloads:
-    """What the kernel offers, found at start-up; a feature that fails later is turned off."""
+    """What the kernel offers, found at start-up; UDP GSO is turned off if it fails later."""
 
     tun_flags: int = 0  # TUNSETOFFLOAD flags; 0: plain TUN devices with the PI header
     udp_gso: bool = False  # UDP_SEGMENT sends
     udp_gro: bool = False  # UDP_GRO receives
-    join: bool = False  # GSO writes into TUN devices
+    join: bool = False  # GSO writes into TUN devices; each tunnel stops and starts on its own
 
     def describe(self):
         if not self.tun_flags:
@@ -719,7 +735,10 @@ class Scratch:
         self.packet = bytearray(BUFFER_SIZE)
         self.packet_view = memoryview(self.packet)
         self.vnet = bytearray(VNET_HDR_LEN)
-        self.out = bytearray(BUFFER_SIZE + BUFFER_SIZE // 8)  # room for a header per segment
+        # Room for a 64 KB super-packet cut for the wire, a header per segment, at MTUs of
+        # 502 and up (TCP over IPv4; IPv6 needs 1280); split_gso cuts for smaller MTUs in
+        # rounds, so the buffer never has to grow.
+        self.out = bytearray(BUFFER_SIZE + BUFFER_SIZE // 8)
         self.out_view = memoryview(self.out)
         self.small = bytearray(GSO_MAX_BYTES + BUFFER_SIZE)  # single packets waiting to go
         self.small_view = memoryview(self.small)
@@ -850,9 +869,13 @@ class OffloadTunnel(Tunnel):
     (virtio header first). On the wire nothing changes: each is cut into datagrams of
     one packet each, sent with UDP GSO, and received ones are joined again."""
 
-    def __init__(self, spec, device, sock, peer, scratch, offloads):
+    def __init__(self, spec, device, sock, peer, scratch, offloads, clock=time.monotonic):
         super().__init__(spec, device, sock, peer, scratch)
         self.offloads = offloads
+        self.clock = clock
+        self.join = offloads.join  # false for JOIN_RETRY seconds once a joined write is refused
+        self.join_again_at = None
+        self.join_refusal_logged = False  # later refusals are logged at debug level only
         self.small_len = self.small_stride = 0
         self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
         # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
@@ -872,8 +895,11 @@ class OffloadTunnel(Tunnel):
             if gso_type != GSO_NONE:
                 self.send_small()
                 proto = UDP if gso_type == GSO_UDP_L4 else TCP
-                stride, total = split_gso(packet, proto, start, gso_size, scratch.out)
-                self.send(scratch.out_view[:total], stride)
+                done = 0
+                while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
+                    stride, total, done = split_gso(packet, proto, start, gso_size, scratch.out,
+                                                    done)
+                    self.send(scratch.out_view[:total], stride)
                 continue
             if flags & VNET_F_NEEDS_CSUM:
                 complete_checksum(packet, start, offset)
@@ -909,35 +935,44 @@ class OffloadTunnel(Tunnel):
             chunk = datagrams[start:start + step]
             try:
                 self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.peer)
-            except BlockingIOError as e:
-                self.send_failed(e, -(-len(chunk) // stride))
             except OSError as e:
-                self.gso_failed(e)
-                super().send(chunk, stride)
+                if self.gso_refused(e):
+                    super().send(chunk, stride)  # nothing lost: the same datagrams one by one
+                else:  # a passing error (no route, a firewall, a full buffer): this send is lost
+                    self.send_failed(e, -(-len(chunk) // stride))
             else:
                 self.sent(-(-len(chunk) // stride), len(chunk))
 
-    def gso_failed(self, error):
+    def gso_refused(self, error):
+        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
+        if so, GSO is turned off where it cannot work, and that is logged once."""
         if error.errno == errno.EIO:
-            # udp_send_skb() answers EIO where the device cannot checksum: GSO is no use here.
-            self.offloads.turn_off("udp_gso", "the underlay device refuses it (%s)" % error)
-        else:
-            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do.
+            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
+            # every tunnel, as the tunnels of a host mostly share their underlay.
+            self.offloads.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
+        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
+            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
+            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
             self.gso_fits = False
             log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+        else:
+            return False
+        return True
 
     def deliver_one(self, datagram):
         self.deliver(datagram, max(len(datagram), 1))
 
     def deliver(self, datagrams, stride):
         joiner = self.scratch.joiner
+        if self.join_again_at is not None and self.clock() >= self.join_again_at:
+            self.join, self.join_again_at = True, None
         for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
             datagram = datagrams[start:start + stride]
             if len(datagram) <= PI_HEADER_LEN:
                 self.drops["short"] += 1
                 continue
             packet = datagram[PI_HEADER_LEN:]
-            flow = flow_of(packet) if self.offloads.join else None
+            flow = flow_of(packet) if self.join else None
             if flow is None or (flow[3] == UDP and not self.join_udp):
                 self.write_joined()
                 self.write([ZERO_VNET_HDR, packet], 1, len(datagram))
@@ -955,8 +990,13 @@ class OffloadTunnel(Tunnel):
 
     def write_failed(self, error, packets):
         if packets > 1 and error.errno == errno.EINVAL:
-            # Some kernels refuse GSO writes into TUN: from now on write packets one by one.
-            self.offloads.turn_off("join", "the TUN device refuses joined packets (%s)" % error)
+            # Some kernels refuse GSO writes into TUN (a regression), or refuse one: this
+            # tunnel writes packets one by one for a while, these first.
+            self.join, self.join_again_at = False, self.clock() + JOIN_RETRY
+            log.log(logging.DEBUG if self.join_refusal_logged else logging.WARNING,
+                    "tunnel %s: the TUN device refuses joined packets (%s); writing them one"
+                    " by one for %d s", self.name, error, JOIN_RETRY)
+            self.join_refusal_logged = True
             for packet in self.scratch.joined:
                 self.write([ZERO_VNET_HDR, packet], 1, PI_HEADER_LEN + len(packet))
         else:
@@ -1270,7 +1310,7 @@ class Server:
     """The sockets, the tunnels and the one readiness loop that serves them all."""
 
     def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
-                 gate=None, state=None, cookies=None):
+                 gate=None, state=None, cookies=None, clock=time.monotonic):
         self.data_sock = data_sock
         self.control_sock = control_sock
         self.data_port = data_sock.getsockname()[1]
@@ -1282,6 +1322,7 @@ class Server:
         self.cookies = cookies or Cookies()
         self.quiet = QuietLog("refused control requests or unsent replies")
         self.state = state
+        self.clock = clock  # when the data path's fallbacks end
         self.scratch = Scratch()
         self.poller = select.epoll()
         self.handlers = {}
@@ -1625,7 +1666,8 @@ class Server:
         host, _ = self.remote_key(spec)
         peer = (host, spec.remote_port or self.data_port)
         if self.offloads.tun_flags:
-            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.scratch, self.offloads)
+            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.scratch, self.offloads,
+                                   self.clock)
         else:
             tunnel = Tunnel(spec, device, self.data_sock, peer, self.scratch)
         try:

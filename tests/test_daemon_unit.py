@@ -138,13 +138,13 @@ def server():
         yield made
 
 
-def add_loopback_tunnel(server, peer):
+def add_loopback_tunnel(server, peer, name="udp2", address="10.0.1.1"):
     """A tunnel to a peer socket on loopback, told apart by its port."""
     reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [{
-        "name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
+        "name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
         "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
-    assert reply == {"ok": True, "op": "add", "results": [{"name": "udp2", "ok": True}]}
-    return server.tunnels["udp2"]
+    assert reply == {"ok": True, "op": "add", "results": [{"name": name, "ok": True}]}
+    return server.tunnels[name]
 
 
 def test_packets_cross_both_ways_with_header_intact(server):
@@ -281,6 +281,54 @@ def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_serv
     assert (tunnel.tx_packets, tunnel.tx_bytes) == (5, sum(map(len, datagrams)))
 
 
+class Wire:
+    """Stands in for the data socket: keeps every datagram sent, a GSO send cut as the
+    kernel cuts it; GSO sends fail first with the errnos in gso_errors, one a send."""
+
+    def __init__(self, gso_errors=()):
+        self.datagrams = []
+        self.gso_sends = 0
+        self.gso_errors = list(gso_errors)
+
+    def sendmsg(self, buffers, ancdata, flags, address):
+        if self.gso_errors:
+            code = self.gso_errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        (level, kind, segment), = ancdata
+        assert (level, kind) == (ups.SOL_UDP, ups.UDP_SEGMENT)
+        size, = struct.unpack("=H", segment)
+        data = b"".join(bytes(b) for b in buffers)
+        self.datagrams += [data[at:at + size] for at in range(0, len(data), size)]
+        self.gso_sends += 1
+        return len(data)
+
+    def sendto(self, data, address):
+        self.datagrams.append(bytes(data))
+        return len(data)
+
+
+# The smallest TSO segment the kernel makes: TCP sends at least 48 bytes a segment
+# (tcp_min_snd_mss), 12 of them timestamps. Its packets are 88 bytes, so at MTU 88.
+SMALLEST_MSS, ITS_MTU = 36, 88
+
+
+def test_the_largest_super_packet_in_the_smallest_segments_goes_out_whole(offload_server):
+    server, devices = offload_server
+    payload = os.urandom(ups.MAX_IP_PACKET - 52)  # IPv4 and TCP with timestamps
+    packet, l4 = packets.super_packet(4, ups.TCP, payload)
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        tunnel.sock = wire = Wire()
+        devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, SMALLEST_MSS, l4, 16,
+                                        ups.VNET_F_NEEDS_CSUM) + bytes(packet))
+        server.dispatch(tunnel.fd)  # cut in the server's own shared buffers
+    count = -(-len(payload) // SMALLEST_MSS)
+    assert len(wire.datagrams) == count
+    assert all(len(d) <= 4 + ITS_MTU and packets.valid(d[4:]) for d in wire.datagrams)
+    assert b"".join(d[4 + l4 + 32:] for d in wire.datagrams) == payload
+    assert (tunnel.tx_packets, tunnel.drops) == (count, {})
+
+
 def test_single_packets_go_out_in_order_with_checksums_completed(offload_server):
     server, devices = offload_server
     with udp() as peer:
@@ -303,14 +351,14 @@ def test_single_packets_go_out_in_order_with_checksums_completed(offload_server)
 
 def split_one(packet, proto, l4):
     out = bytearray(ups.BUFFER_SIZE)
-    _, total = ups.split_gso(packet, proto, l4, 65535, out)
+    _, total, _ = ups.split_gso(packet, proto, l4, 65535, out)
     return out[4:total]
 
 
 def datagrams_of(payload, mss, seq=1000):
     packet, l4 = packets.super_packet(4, ups.TCP, payload, seq=seq, flags=ups.TCP_ACK)
     out = bytearray(ups.BUFFER_SIZE + ups.BUFFER_SIZE // 8)
-    stride, total = ups.split_gso(packet, ups.TCP, l4, mss, out)
+    stride, total, _ = ups.split_gso(packet, ups.TCP, l4, mss, out)
     return memoryview(out)[:total], stride
 
 
@@ -329,25 +377,65 @@ def test_datagrams_of_one_flow_are_joined_into_one_write(offload_server):
     assert (tunnel.rx_packets, tunnel.rx_bytes) == (6, len(view))
 
 
-def test_a_refused_joined_write_falls_back_to_single_packets(offload_server, monkeypatch):
-    server, devices = offload_server
-    real_writev = os.writev
+def refuse_joined_writes(monkeypatch, device):
+    """From now on the device refuses joined writes with EINVAL, as some kernels do; the
+    list returned counts the refusals."""
+    real_writev, refusals = os.writev, []
 
-    def refuse_joined(fd, buffers):
-        if len(buffers) > 2:
+    def writev(fd, buffers):
+        if fd == device.fileno() and len(buffers) > 2:
+            refusals.append(fd)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_writev(fd, buffers)
 
-    monkeypatch.setattr(ups.os, "writev", refuse_joined)
-    with udp() as peer:
+    monkeypatch.setattr(ups.os, "writev", writev)
+    return refusals
+
+
+def test_a_refused_joined_write_turns_joining_off_for_that_tunnel_only(offload_server,
+                                                                       monkeypatch):
+    server, devices = offload_server
+    with udp() as peer, udp() as other_peer:
         tunnel = add_loopback_tunnel(server, peer)
+        other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
+        refusals = refuse_joined_writes(monkeypatch, tunnel.device)
         view, stride = datagrams_of(os.urandom(3000), 1000)
         tunnel.deliver(view, stride)
+        # Nothing lost: the refused write's packets are written one by one.
         assert [len(devices.outer["udp2"].recv(65535)) for _ in range(3)] == \
             [ups.VNET_HDR_LEN + stride - 4] * 3
-        assert server.offloads.join is False and not tunnel.drops
-        tunnel.deliver(view, stride)  # from now on one by one, without trying again
-        assert tunnel.rx_packets == 6
+        assert (tunnel.rx_packets, tunnel.drops, len(refusals)) == (3, {}, 1)
+        tunnel.deliver(view, stride)  # one by one, without trying again
+        assert (tunnel.rx_packets, len(refusals)) == (6, 1)
+        other.deliver(view, stride)  # another tunnel still joins
+        write = devices.outer["udp3"].recv(65535)
+        assert ups.VNET_HDR.unpack_from(write)[1] == ups.GSO_TCPV4
+        assert other.rx_packets == 3
+
+
+def test_a_tunnel_tries_joining_again_after_a_while(offload_server, monkeypatch):
+    server, devices = offload_server
+    clock = [1000.0]  # seconds, as time.monotonic counts them
+    server.clock = lambda: clock[0]
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        refusals = refuse_joined_writes(monkeypatch, tunnel.device)
+        view, stride = datagrams_of(os.urandom(3000), 1000)
+        tunnel.deliver(view, stride)
+        clock[0] += ups.JOIN_RETRY - 1
+        tunnel.deliver(view, stride)
+        assert len(refusals) == 1
+        clock[0] += 1
+        tunnel.deliver(view, stride)  # tried again, refused again, nothing lost
+        assert len(refusals) == 2 and tunnel.rx_packets == 9 and not tunnel.drops
+        monkeypatch.undo()  # the kernel takes joined writes again
+        clock[0] += ups.JOIN_RETRY
+        for _ in range(9):
+            devices.outer["udp2"].recv(65535)
+        tunnel.deliver(view, stride)
+        write = devices.outer["udp2"].recv(65535)
+    assert ups.VNET_HDR.unpack_from(write)[1] == ups.GSO_TCPV4
+    assert tunnel.rx_packets == 12
 
 
 class RefusingGSO:
@@ -377,6 +465,46 @@ def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
     assert tunnel.tx_packets == 3 and not tunnel.drops
 
 
+def send_super_packet(server, devices, tunnel):
+    """The device hands the tunnel 3,000 bytes of TCP to cut into three datagrams and send."""
+    packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
+    devices.outer[tunnel.name].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
+                                    + bytes(packet))
+    server.dispatch(tunnel.fd)
+
+
+# A route that flaps, a firewall rule, the kernel short of memory, a full socket buffer.
+@pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM,
+                                  errno.ENOBUFS, errno.EAGAIN], ids=errno.errorcode.get)
+def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, code):
+    server, devices = offload_server
+    with udp() as peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        tunnel.sock = wire = Wire(gso_errors=[code])
+        send_super_packet(server, devices, tunnel)  # refused, and counted
+        send_super_packet(server, devices, tunnel)  # the error has passed: one GSO send
+    assert tunnel.drops == {"socket_full" if code == errno.EAGAIN else "send_error": 3}
+    assert (wire.gso_sends, len(wire.datagrams), tunnel.tx_packets) == (1, 3, 3)
+    assert server.offloads.udp_gso
+
+
+# EMSGSIZE: datagrams larger than the underlay MTU, which GSO cannot fragment; EINVAL
+# says so too before Linux 6.14, or that the send has more segments than the kernel takes.
+@pytest.mark.parametrize("code", [errno.EMSGSIZE, errno.EINVAL], ids=errno.errorcode.get)
+def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_server, code):
+    server, devices = offload_server
+    with udp() as peer, udp() as other_peer:
+        tunnel = add_loopback_tunnel(server, peer)
+        other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
+        tunnel.sock = wire = Wire(gso_errors=[code])
+        other.sock = other_wire = Wire()
+        send_super_packet(server, devices, tunnel)
+        send_super_packet(server, devices, tunnel)
+        send_super_packet(server, devices, other)
+    assert (wire.gso_sends, len(wire.datagrams), tunnel.tx_packets, tunnel.drops) == (0, 6, 6, {})
+    assert (other_wire.gso_sends, len(other_wire.datagrams)) == (1, 3)
+
+
 def test_without_udp_gro_an_offload_tunnel_still_writes_virtio_framing(offload_server):
     server, devices = offload_server
     server.offloads.udp_gro = False
@@ -392,7 +520,7 @@ def test_udp_is_not_joined_where_the_kernel_has_no_uso(offload_server):
     server, devices = offload_server  # TSO4 but no USO, as before Linux 6.2
     packet, l4 = packets.super_packet(4, ups.UDP, os.urandom(3000))
     out = bytearray(ups.BUFFER_SIZE)
-    stride, total = ups.split_gso(packet, ups.UDP, l4, 1000, out)
+    stride, total, _ = ups.split_gso(packet, ups.UDP, l4, 1000, out)
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         tunnel.deliver(memoryview(out)[:total], stride)
