@@ -374,6 +374,9 @@ def format_table(reply, now=None):
     control = reply.get("control")
     if control:
         lines.append("control port: %s" % format_drops(control))
+    if reply.get("unmade"):
+        lines.append("in the state file but not made (see the daemon's log): %s"
+                     % ", ".join(reply["unmade"]))
     return "\n".join(lines)
 
 

@@ -140,6 +140,8 @@ def test_list_prints_a_table():
     assert lines[1].split() == ["udp2", "10.0.1.1/30", "198.18.0.2:5000", "1500", "3", "264",
                                 "4", "352", "short=2", "5s", "ago", "-"]
     assert lines[2] == "dropped by the daemon: unknown_source=4"
+    unmade = ctl.format_table(dict(LIST_REPLY, unmade=["udp3"]), now=1000.0).splitlines()
+    assert unmade[-1] == "in the state file but not made (see the daemon's log): udp3"
 
 
 def test_list_json_prints_the_reply(daemon, capsys):
