@@ -75,8 +75,9 @@ MAX_REPLY = 65535 - 20 - 8
 # sealed (its JSON quoted again inside the envelope), still fits in a datagram.
 LIST_PART_BYTES = 30000
 # What a tunnel's counters add to its entry in a list at most (six 20-digit counters, two
-# times, every drop reason): parts are cut by the entries alone, so they stay the same
-# while the counters grow, and a list fetched part by part shows each tunnel once.
+# times, every drop reason): a list's parts are cut once per generation of the tunnels,
+# by their entries and this room, so a part still fits in a datagram however the
+# counters grow by the time it is asked for.
 LIST_COUNTERS_ROOM = 512
 # Refused control requests logged one by one in each period, the rest only counted.
 REFUSALS_LOGGED, REFUSAL_LOG_PERIOD = 10, 60

@@ -278,26 +278,29 @@ class Daemon:
         """The whole list, asked for part by part (each fits in one datagram), all of one
         generation of the daemon's tunnels: when they change meanwhile, from the start."""
         for _ in range(LIST_ATTEMPTS):
-            reply = self.request({"op": "list"})
-            if not reply.get("ok"):
+            reply = self.fetch_parts()
+            if not reply.get("retry"):
                 return reply
-            tunnels = list(reply.get("tunnels", []))
-            for part in range(1, reply.get("parts", 1)):
-                message = {"op": "list", "part": part}
-                if "generation" in reply:  # a daemon of 2.0.0 has none
-                    message["generation"] = reply["generation"]
-                more = self.request(message)
-                if not more.get("ok"):
-                    break
-                tunnels += more.get("tunnels", [])
-            else:
-                reply["tunnels"] = tunnels
-                for field in ("part", "parts", "cookie"):
-                    reply.pop(field, None)
-                return reply
-            if not more.get("retry"):
+        return reply
+
+    def fetch_parts(self):
+        """The list, or the first refusal: one with retry when the tunnels changed."""
+        reply = self.request({"op": "list"})
+        if not reply.get("ok"):
+            return reply
+        tunnels = list(reply.get("tunnels", []))
+        for part in range(1, reply.get("parts", 1)):
+            message = {"op": "list", "part": part}
+            if "generation" in reply:  # a daemon of 2.0.0 has none
+                message["generation"] = reply["generation"]
+            more = self.request(message)
+            if not more.get("ok"):
                 return more
-        return more
+            tunnels += more.get("tunnels", [])
+        reply["tunnels"] = tunnels
+        for field in ("part", "parts", "cookie"):
+            reply.pop(field, None)
+        return reply
 
 
 def no_reply_causes(server, port, timeout):

@@ -104,7 +104,8 @@ def test_the_daemon_starts_with_what_it_can_read(lab):
     a.start_daemon("--state-file", state)
     assert set(a.tunnels()) == {"udp2"}
     with open(a.daemon.log_path) as log:
-        assert "tunnel udp3 not restored: invalid netmask '255.0.255.0'" in log.read()
+        assert "tunnel udp3 not made: invalid netmask '255.0.255.0'" in log.read()
+    assert a.request({"op": "list"})["unmade"] == ["udp3"]  # kept in the file, and said
 
 
 def test_sighup_applies_only_the_difference(lab):
