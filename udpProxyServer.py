@@ -43,6 +43,10 @@ except ImportError:  # needed only for IPv6 tunnel addresses and routes, and sai
     IPRoute = None
     NetlinkError = OSError
 
+
+# --- Constants, exceptions, the logger ----------------------------------------
+
+
 __version__ = "2.0.0"
 
 DATA_PORT = 5000
@@ -143,20 +147,61 @@ JOIN_RETRY = 60
 PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
 TCP, UDP = 6, 17
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
+# Wire formats of what the packet arithmetic rewrites for each segment, and of what it reads.
+IPV4_VARYING = struct.Struct("!HHHHH")  # total length, id, flags+fragment, ttl+protocol, checksum
+TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, checksum
+UDP_VARYING = struct.Struct("!HH")  # length, checksum
+# IPv4 (no options) and TCP fixed headers, but the fields that change from one
+# segment of a flow to the next (lengths, ids, sequence numbers, checksums, PSH).
+IPV4_TCP = struct.Struct("!BB4xHBB2x8s4s4x4sBB2s2x2s")
+# What a packet written into an offload TUN device with nothing to offload starts with.
+ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+# Room for UDP GRO's control message: the segment size, an int.
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes")
 REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
 ENVELOPE_FIELDS = ("auth", "payload")
 AUTH_FIELDS = ("ts", "nonce", "mac")
+# A tunnel's counters, as list gives them after its entry.
+COUNTER_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drops", "last_rx",
+                  "last_tx")
+
+
+class ControlError(ValueError):
+    """A control request the daemon refuses; the text goes back to the sender, and
+    reason, if any, names the control port's counter it adds to besides refused."""
+
+    def __init__(self, text, reason=None):
+        super().__init__(text)
+        self.reason = reason
+
+
+class Retry(ControlError):
+    """A request not acted on that the sender should send again: fields go in the reply
+    (a new cookie), reason names the counter (it is not counted as refused)."""
+
+    def __init__(self, text, reason, **fields):
+        super().__init__(text, reason)
+        self.fields = fields
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the text is the one line the user sees."""
+
+
+class TunnelGone(Exception):
+    """The tunnel's device failed for good, e.g. deleted from outside."""
+
+
+class StateUnreadable(Exception):
+    """The state file cannot be read or parsed: nothing may be concluded from it."""
+
 
 log = logging.getLogger("udpProxyServer")
 
 
-# --- Control messages: parse, validate, then act -----------------------------
-
-
-class ControlError(ValueError):
-    """A control request the daemon refuses; the text goes back to the sender."""
+# --- Control messages: parsed and checked into frozen dataclasses -------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +420,12 @@ def entry_name(entry):
     return name if isinstance(name, str) else repr(name)
 
 
-# --- Offloads: the kernel's 64 KB packets cut for the wire, and joined again --
+def is_hex(value, length):
+    return (isinstance(value, str) and len(value) == length
+            and all(c in "0123456789abcdef" for c in value))
+
+
+# --- Packet arithmetic: checksums, super-packets cut and joined (pure functions) ---
 
 
 def ones_sum(data):
@@ -421,11 +471,6 @@ def complete_checksum(packet, start, offset):
     if offset == 6 and value == 0:  # UDP sends a zero checksum as 0xFFFF (RFC 768)
         value = 0xFFFF
     struct.pack_into("!H", packet, start + offset, value)
-
-
-IPV4_VARYING = struct.Struct("!HHHHH")  # total length, id, flags+fragment, ttl+protocol, checksum
-TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, checksum
-UDP_VARYING = struct.Struct("!HH")  # length, checksum
 
 
 def split_gso(packet, proto, l4_start, gso_size, out, done=0):
@@ -507,11 +552,6 @@ def split_gso(packet, proto, l4_start, gso_size, out, done=0):
             UDP_VARYING.pack_into(out, at + l4 + 4, segment_l4, 0xFFFF - value if value else 0xFFFF)
         at, done, index = end, done + size, index + 1
     return stride, at, done if done < payload_len else None
-
-
-# IPv4 (no options) and TCP fixed headers, but the fields that change from one
-# segment of a flow to the next (lengths, ids, sequence numbers, checksums, PSH).
-IPV4_TCP = struct.Struct("!BB4xHBB2x8s4s4x4sBB2s2x2s")
 
 
 def flow_of(packet):
@@ -632,7 +672,15 @@ class Joiner:
         return [vnet, header] + [p[header_len:] for p in packets], packets
 
 
-ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+def gro_size(ancdata):
+    """The segment size of a datagram UDP GRO joined, from its control message, or None."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return None
+
+
+# --- Offloads: what the kernel offers, and when a tunnel stops using it -------
 
 
 @dataclasses.dataclass
@@ -694,18 +742,61 @@ def probe_offloads(data_sock):
     return offloads
 
 
-GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+class TunnelOffloads:
+    """What one tunnel uses of the offloads the kernel offers, and every decision to stop
+    using one, or to start again: the data path asks, and reports what failed."""
+
+    def __init__(self, name, host, clock=time.monotonic):
+        self.name = name
+        self.host = host  # the Offloads found at start-up, shared by every tunnel
+        self.clock = clock
+        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
+        # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
+        self.join_udp = bool(host.tun_flags & TUN_F_USO4)
+        self.join_again_at = None  # while joined writes are off after a refusal: until when
+        self.join_refusal_logged = False  # later refusals are logged at debug level only
+
+    @property
+    def gso(self):
+        return self.host.udp_gso and self.gso_fits
+
+    def joining(self):
+        """Whether to join received packets into GSO writes now."""
+        if self.join_again_at is not None and self.clock() >= self.join_again_at:
+            self.join_again_at = None
+        return self.host.join and self.join_again_at is None
+
+    def gso_refused(self, error):
+        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
+        if so, GSO is turned off where it cannot work, and that is logged once."""
+        if error.errno == errno.EIO:
+            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
+            # every tunnel, as the tunnels of a host mostly share their underlay.
+            self.host.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
+        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
+            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
+            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
+            self.gso_fits = False
+            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+        else:
+            return False
+        return True
+
+    def join_refused(self, error):
+        """Whether error, on a joined write, means the TUN device refuses joined packets.
+        Some kernels do (a regression), or refuse one: this tunnel then writes packets one
+        by one for a while."""
+        if error.errno != errno.EINVAL:
+            return False
+        self.join_again_at = self.clock() + JOIN_RETRY
+        log.log(logging.DEBUG if self.join_refusal_logged else logging.WARNING,
+                "tunnel %s: the TUN device refuses joined packets (%s); writing them one"
+                " by one for %d s", self.name, error, JOIN_RETRY)
+        self.join_refusal_logged = True
+        return True
 
 
-def gro_size(ancdata):
-    """The segment size of a datagram UDP GRO joined, from its control message, or None."""
-    for level, kind, data in ancdata:
-        if level == SOL_UDP and kind == UDP_GRO:
-            return int.from_bytes(data[:4], sys.byteorder)
-    return None
-
-
-# --- The tunnel ---------------------------------------------------------------
+# --- Tunnels: the device, its peer, its counters, its send and deliver paths ---
 
 
 def open_tun(spec, offload_flags=0):
@@ -728,7 +819,7 @@ def open_tun(spec, offload_flags=0):
     return device
 
 
-class Scratch:
+class SharedBuffers:
     """Buffers all tunnels use in turn: the loop serves one handler at a time, and
     each handler leaves nothing in them when it returns."""
 
@@ -747,22 +838,18 @@ class Scratch:
         self.joined = []  # the packets of the last joined write, should it be refused
 
 
-class TunnelGone(Exception):
-    """The tunnel's device failed for good, e.g. deleted from outside."""
-
-
 class Tunnel:
     """A TUN device that reads and writes the wire format as it is (PI header and
     packet), the peer it is joined to, and the counts of what crossed."""
 
-    def __init__(self, spec, device, sock, peer, scratch):
+    def __init__(self, spec, device, sock, peer, buffers):
         self.spec = spec
         self.device = device
         self.fd = device.fileno()
         self.index = None  # the device's interface index, once netlink has used it
         self.sock = sock
         self.peer = peer  # (address as the data socket names it, port)
-        self.scratch = scratch
+        self.buffers = buffers
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.last_rx = self.last_tx = None
         self.drops = collections.Counter()
@@ -773,7 +860,7 @@ class Tunnel:
 
     def forward_from_tun(self):
         """Send what the kernel routed into the device to the peer, a datagram a packet."""
-        buffer, view, fd, sendto, peer = (self.scratch.packet, self.scratch.packet_view, self.fd,
+        buffer, view, fd, sendto, peer = (self.buffers.packet, self.buffers.packet_view, self.fd,
                                           self.sock.sendto, self.peer)
         packets = size_sent = 0
         for _ in range(BATCH):
@@ -786,19 +873,19 @@ class Tunnel:
             try:
                 sendto(view[:size], peer)
             except OSError as e:
-                self.send_failed(e, 1)
+                self.count_send_failed(e, 1)
             else:
                 packets += 1
                 size_sent += size
-        self.sent(packets, size_sent)
+        self.count_sent(packets, size_sent)
 
-    def sent(self, packets, size):
+    def count_sent(self, packets, size):
         if packets:
             self.tx_packets += packets
             self.tx_bytes += size
             self.last_tx = time.time()
 
-    def send_failed(self, error, packets):
+    def count_send_failed(self, error, packets):
         self.drops["socket_full" if isinstance(error, BlockingIOError) else "send_error"] += packets
 
     def send(self, datagrams, stride):
@@ -809,23 +896,21 @@ class Tunnel:
             try:
                 self.sock.sendto(datagram, self.peer)
             except OSError as e:
-                self.send_failed(e, 1)
+                self.count_send_failed(e, 1)
             else:
                 packets += 1
                 size += len(datagram)
-        self.sent(packets, size)
-
-    def deliver_one(self, datagram):
-        """Write one datagram from the peer into the device."""
-        if len(datagram) <= PI_HEADER_LEN:
-            self.drops["short"] += 1
-            return
-        self.write([datagram], 1, len(datagram))
+        self.count_sent(packets, size)
 
     def deliver(self, datagrams, stride):
-        """Write datagrams from the peer, laid end to end stride bytes apart, into the device."""
+        """Write datagrams from the peer, laid end to end stride bytes apart (one datagram
+        alone, or a run UDP GRO joined), into the device, a write each."""
         for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
-            self.deliver_one(datagrams[start:start + stride])
+            datagram = datagrams[start:start + stride]
+            if len(datagram) <= PI_HEADER_LEN:
+                self.drops["short"] += 1
+            else:
+                self.write([datagram], 1, len(datagram))
 
     def write(self, buffers, packets, size):
         """One write into the device, of packets packets that took size bytes on the wire."""
@@ -870,37 +955,30 @@ class OffloadTunnel(Tunnel):
     (virtio header first). On the wire nothing changes: each is cut into datagrams of
     one packet each, sent with UDP GSO, and received ones are joined again."""
 
-    def __init__(self, spec, device, sock, peer, scratch, offloads, clock=time.monotonic):
-        super().__init__(spec, device, sock, peer, scratch)
-        self.offloads = offloads
-        self.clock = clock
-        self.join = offloads.join  # false for JOIN_RETRY seconds once a joined write is refused
-        self.join_again_at = None
-        self.join_refusal_logged = False  # later refusals are logged at debug level only
+    def __init__(self, spec, device, sock, peer, buffers, offloads):
+        super().__init__(spec, device, sock, peer, buffers)
+        self.offloads = offloads  # this tunnel's TunnelOffloads
         self.small_len = self.small_stride = 0
-        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
-        # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
-        self.join_udp = bool(offloads.tun_flags & TUN_F_USO4)
 
     def forward_from_tun(self):
-        scratch = self.scratch
+        buffers = self.buffers
         for _ in range(BATCH):
             try:
-                size = os.readv(self.fd, [scratch.vnet, scratch.packet]) - VNET_HDR_LEN
+                size = os.readv(self.fd, [buffers.vnet, buffers.packet]) - VNET_HDR_LEN
             except BlockingIOError:
                 break
             except OSError as e:
                 raise TunnelGone(e) from None
-            flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(scratch.vnet)
-            packet = scratch.packet_view[:size]
+            flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
+            packet = buffers.packet_view[:size]
             if gso_type != GSO_NONE:
                 self.send_small()
                 proto = UDP if gso_type == GSO_UDP_L4 else TCP
                 done = 0
                 while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
-                    stride, total, done = split_gso(packet, proto, start, gso_size, scratch.out,
+                    stride, total, done = split_gso(packet, proto, start, gso_size, buffers.out,
                                                     done)
-                    self.send(scratch.out_view[:total], stride)
+                    self.send(buffers.out_view[:total], stride)
                 continue
             if flags & VNET_F_NEEDS_CSUM:
                 complete_checksum(packet, start, offset)
@@ -917,18 +995,18 @@ class OffloadTunnel(Tunnel):
             self.send_small()
         if not self.small_len:
             self.small_stride = length
-        at, small = self.small_len, self.scratch.small
+        at, small = self.small_len, self.buffers.small
         small[at:at + PI_HEADER_LEN] = PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4])
         small[at + PI_HEADER_LEN:at + length] = packet
         self.small_len = at + length
 
     def send_small(self):
         if self.small_len:
-            self.send(self.scratch.small_view[:self.small_len], self.small_stride)
+            self.send(self.buffers.small_view[:self.small_len], self.small_stride)
             self.small_len = 0
 
     def send(self, datagrams, stride):
-        if len(datagrams) <= stride or not (self.offloads.udp_gso and self.gso_fits):
+        if len(datagrams) <= stride or not self.offloads.gso:
             return super().send(datagrams, stride)
         segment = struct.pack("=H", stride)
         step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // stride) * stride
@@ -937,44 +1015,25 @@ class OffloadTunnel(Tunnel):
             try:
                 self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.peer)
             except OSError as e:
-                if self.gso_refused(e):
+                if self.offloads.gso_refused(e):
                     super().send(chunk, stride)  # nothing lost: the same datagrams one by one
                 else:  # a passing error (no route, a firewall, a full buffer): this send is lost
-                    self.send_failed(e, -(-len(chunk) // stride))
+                    self.count_send_failed(e, -(-len(chunk) // stride))
             else:
-                self.sent(-(-len(chunk) // stride), len(chunk))
-
-    def gso_refused(self, error):
-        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
-        if so, GSO is turned off where it cannot work, and that is logged once."""
-        if error.errno == errno.EIO:
-            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
-            # every tunnel, as the tunnels of a host mostly share their underlay.
-            self.offloads.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
-        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
-            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
-            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
-            self.gso_fits = False
-            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
-        else:
-            return False
-        return True
-
-    def deliver_one(self, datagram):
-        self.deliver(datagram, max(len(datagram), 1))
+                self.count_sent(-(-len(chunk) // stride), len(chunk))
 
     def deliver(self, datagrams, stride):
-        joiner = self.scratch.joiner
-        if self.join_again_at is not None and self.clock() >= self.join_again_at:
-            self.join, self.join_again_at = True, None
+        """Write datagrams from the peer into the device, runs of one flow joined into one
+        GSO write where the device takes it."""
+        joiner, join, join_udp = self.buffers.joiner, self.offloads.joining(), self.offloads.join_udp
         for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
             datagram = datagrams[start:start + stride]
             if len(datagram) <= PI_HEADER_LEN:
                 self.drops["short"] += 1
                 continue
             packet = datagram[PI_HEADER_LEN:]
-            flow = flow_of(packet) if self.join else None
-            if flow is None or (flow[3] == UDP and not self.join_udp):
+            flow = flow_of(packet) if join else None
+            if flow is None or (flow[3] == UDP and not join_udp):
                 self.write_joined()
                 self.write([ZERO_VNET_HDR, packet], 1, len(datagram))
             elif not joiner.offer(packet, flow):
@@ -983,28 +1042,21 @@ class OffloadTunnel(Tunnel):
         self.write_joined()
 
     def write_joined(self):
-        scratch = self.scratch
-        if scratch.joiner.packets:
-            buffers, scratch.joined = scratch.joiner.take()
-            size = sum(len(p) for p in scratch.joined) + PI_HEADER_LEN * len(scratch.joined)
-            self.write(buffers, len(scratch.joined), size)
+        buffers = self.buffers
+        if buffers.joiner.packets:
+            iov, buffers.joined = buffers.joiner.take()
+            size = sum(len(p) for p in buffers.joined) + PI_HEADER_LEN * len(buffers.joined)
+            self.write(iov, len(buffers.joined), size)
 
     def write_failed(self, error, packets):
-        if packets > 1 and error.errno == errno.EINVAL:
-            # Some kernels refuse GSO writes into TUN (a regression), or refuse one: this
-            # tunnel writes packets one by one for a while, these first.
-            self.join, self.join_again_at = False, self.clock() + JOIN_RETRY
-            log.log(logging.DEBUG if self.join_refusal_logged else logging.WARNING,
-                    "tunnel %s: the TUN device refuses joined packets (%s); writing them one"
-                    " by one for %d s", self.name, error, JOIN_RETRY)
-            self.join_refusal_logged = True
-            for packet in self.scratch.joined:
+        if packets > 1 and self.offloads.join_refused(error):
+            for packet in self.buffers.joined:  # nothing lost: these first, one by one
                 self.write([ZERO_VNET_HDR, packet], 1, PI_HEADER_LEN + len(packet))
         else:
             super().write_failed(error, packets)
 
 
-# --- Who may use the control port, and what survives a restart -----------------
+# --- Control-port policy: who may ask and what they get; the state file -------
 
 
 def read_secret(path):
@@ -1034,47 +1086,38 @@ def reply_mac(secret, nonce, payload):
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-class Gate:
-    """Who may use the control port, and how they are answered: the allow list,
-    requests authenticated with HMAC-SHA256 under a shared secret (with a time
-    window and nonces against replay), and the reply budget of sources that have
-    not shown they receive at their address."""
+def plain_address(host):
+    """The address a socket reports, an IPv4 one seen on a dual-stack socket as itself."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    return getattr(address, "ipv4_mapped", None) or address
 
-    def __init__(self, secret=None, allow=(), clock=time.time):
-        self.secret = secret
-        self.allow = tuple(allow)
-        self.clock = clock
-        self.nonces = {}  # nonce -> until when it is remembered
-        self.budgets = {}  # source -> (replies it may still have, when counted)
-        self.counts = collections.Counter()
+
+class AllowList:
+    """Who may use the control port at all (--allow, and loopback), and who is trusted with
+    every reply whole without a cookie: loopback, which nobody can spoof (the kernel drops
+    datagrams from the network that claim a loopback source), and allowed sources, as by 2.0."""
+
+    def __init__(self, networks=()):
+        self.networks = tuple(networks)
 
     def admits(self, ip):
         """Whether a datagram from ip is read at all; others are dropped without a reply."""
-        return not self.allow or self.trusted(ip)
+        return not self.networks or self.trusted(ip)
 
     def trusted(self, ip):
-        """Loopback, which nobody can spoof (the kernel drops datagrams from the network
-        that claim a loopback source), or a source --allow names: both get every reply
-        whole, as in 2.0, without a cookie."""
         address = plain_address(ip)
-        return address.is_loopback or any(address in network for network in self.allow)
+        return address.is_loopback or any(address in network for network in self.networks)
 
-    def may_reply(self, ip):
-        """Take one reply from ip's budget: REPLY_RATE a second, REPLY_BURST at once."""
-        now = self.clock()
-        tokens, then = self.budgets.get(ip, (REPLY_BURST, now))
-        tokens = min(REPLY_BURST, tokens + (now - then) * REPLY_RATE)
-        if len(self.budgets) >= MAX_SOURCES and ip not in self.budgets:
-            self.forget_idle(now)
-        if tokens < 1:
-            self.budgets[ip] = (tokens, now)
-            return False
-        self.budgets[ip] = (tokens - 1, now)
-        return True
 
-    def forget_idle(self, now):
-        self.budgets = {ip: (tokens, then) for ip, (tokens, then) in self.budgets.items()
-                        if tokens + (now - then) * REPLY_RATE < REPLY_BURST}
+class Authenticator:
+    """Requests authenticated with HMAC-SHA256 under the shared secret (--secret-file),
+    with a time window and nonces against replay, and their replies sealed; without a
+    secret, plain requests pass and envelopes are refused."""
+
+    def __init__(self, secret=None, clock=time.time):
+        self.secret = secret
+        self.clock = clock
+        self.nonces = {}  # nonce -> until when it is remembered
 
     def open(self, datagram):
         """The request a datagram holds and its nonce (None when not authenticated)."""
@@ -1097,22 +1140,19 @@ class Gate:
             raise ControlError("auth needs ts (whole seconds), nonce (%d hex digits) and mac"
                                " (%d hex digits)" % (NONCE_HEX_LEN, MAC_HEX_LEN))
         if not hmac.compare_digest(request_mac(self.secret, ts, nonce, payload), mac):
-            self.counts["auth_failed"] += 1
-            raise ControlError("authentication failed")
+            raise ControlError("authentication failed", "auth_failed")
         self.check_fresh(ts, nonce)
         return decode(payload), nonce
 
     def check_fresh(self, ts, nonce):
         now = self.clock()
         if abs(now - ts) > AUTH_WINDOW:
-            self.counts["stale"] += 1
             raise ControlError("stale request: its time is %d s from ours (at most %d s)"
-                               % (ts - now, AUTH_WINDOW))
+                               % (ts - now, AUTH_WINDOW), "stale")
         if len(self.nonces) >= MAX_NONCES:
             self.nonces = {n: until for n, until in self.nonces.items() if until >= now}
         if nonce in self.nonces:
-            self.counts["replayed"] += 1
-            raise ControlError("replayed request: nonce %s was seen before" % nonce)
+            raise ControlError("replayed request: nonce %s was seen before" % nonce, "replayed")
         if len(self.nonces) >= MAX_NONCES:
             raise ControlError("too many authenticated requests in %d s" % AUTH_WINDOW)
         self.nonces[nonce] = ts + AUTH_WINDOW
@@ -1158,6 +1198,32 @@ class Cookies:
     def mac(key, sender, period):
         message = b"%s\n%d\n%d" % (sender[0].encode(), sender[1], period)
         return hmac.new(key, message, hashlib.sha256).hexdigest()[:COOKIE_HEX_LEN]
+
+
+class ReplyBudget:
+    """Replies to sources that have not proven their address, per source: REPLY_RATE a
+    second and REPLY_BURST at once, so the port is no reflector of a spoofed flood."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.budgets = {}  # source -> (replies it may still have, when counted)
+
+    def take(self, ip):
+        """Take one reply from ip's budget; False when it has none left."""
+        now = self.clock()
+        tokens, then = self.budgets.get(ip, (REPLY_BURST, now))
+        tokens = min(REPLY_BURST, tokens + (now - then) * REPLY_RATE)
+        if len(self.budgets) >= MAX_SOURCES and ip not in self.budgets:
+            self.forget_idle(now)
+        if tokens < 1:
+            self.budgets[ip] = (tokens, now)
+            return False
+        self.budgets[ip] = (tokens - 1, now)
+        return True
+
+    def forget_idle(self, now):
+        self.budgets = {ip: (tokens, then) for ip, (tokens, then) in self.budgets.items()
+                        if tokens + (now - then) * REPLY_RATE < REPLY_BURST}
 
 
 def fit_reply(reply, limit, extra, seal=str.encode):
@@ -1212,21 +1278,6 @@ class QuietLog:
             self.since, self.logged, self.more = None, 0, 0
 
 
-def plain_address(host):
-    """The address a socket reports, an IPv4 one seen on a dual-stack socket as itself."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    return getattr(address, "ipv4_mapped", None) or address
-
-
-def is_hex(value, length):
-    return (isinstance(value, str) and len(value) == length
-            and all(c in "0123456789abcdef" for c in value))
-
-
-class StateUnreadable(Exception):
-    """The state file cannot be read or parsed: nothing may be concluded from it."""
-
-
 class StateFile:
     """The tunnels that were acknowledged, kept across restarts: written whole after
     every change (temporary file, fsync, rename), read back at start-up and on SIGHUP."""
@@ -1278,11 +1329,7 @@ class StateFile:
             os.close(directory)
 
 
-# --- The server and its loop --------------------------------------------------
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the text is the one line the user sees."""
+# --- The server: the loop, the tunnels, the control port and its ops ----------
 
 
 def bind_udp(port, what, address=BIND_ANY):
@@ -1307,60 +1354,27 @@ def bind_udp(port, what, address=BIND_ANY):
     return sock
 
 
-class Server:
-    """The sockets, the tunnels and the one readiness loop that serves them all."""
+def bind_sockets(data_port, control_port, address=BIND_ANY, control_address=None):
+    """The data and control sockets, the data socket's buffers made room for bursts."""
+    data_sock = bind_udp(data_port, "data", address)
+    try:
+        control_sock = bind_udp(control_port, "control", control_address or address)
+    except StartupError:
+        data_sock.close()
+        raise
+    data_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
+    data_sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+    return data_sock, control_sock
 
-    def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
-                 gate=None, state=None, cookies=None, clock=time.monotonic):
-        self.data_sock = data_sock
-        self.control_sock = control_sock
-        self.data_port = data_sock.getsockname()[1]
-        self.family = data_sock.family
-        self.open_device = open_device
-        self.netlink = None  # a pyroute2 IPRoute, made when first needed
-        self.offloads = offloads or Offloads()
-        self.gate = gate or Gate()
-        self.cookies = cookies or Cookies()
-        self.quiet = QuietLog("refused control requests or unsent replies")
-        self.state = state
-        self.clock = clock  # when the data path's fallbacks end
-        self.scratch = Scratch()
+
+class Loop:
+    """The one readiness loop: a dict fd -> handler, each called when its fd is ready."""
+
+    def __init__(self):
         self.poller = select.epoll()
         self.handlers = {}
         self.retired = set()  # fds closed during the current round of events
-        self.tunnels = {}  # name -> Tunnel
-        # name -> entry of a tunnel acknowledged once that could not be made again after a
-        # restart or SIGHUP: kept in the state file, and tried again at the next one.
-        self.unmade = {}
-        self.by_remote = {}  # Server.remote_key(spec) -> Tunnel
-        # Counts the changes to the tunnels, so a list can tell them; from a random start, so
-        # that a restarted daemon's generations are not its predecessor's.
-        self.generation = int.from_bytes(os.urandom(4), "big")
-        self.parts = (None, [])  # (generation, names in each part of the list)
-        self.drops = collections.Counter()  # datagrams no tunnel took
-        self.started = time.time()
         self.running = True
-        self.ops = {"add": self.add, "del": self.delete, "list": self.list, "cookie": self.cookie}
-        # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
-        self.buffer = bytearray(2 * BUFFER_SIZE)
-        self.view = memoryview(self.buffer)
-        self.watch(data_sock.fileno(), self.receive_from_peers)
-        self.watch(control_sock.fileno(), self.handle_control)
-
-    @classmethod
-    def bind(cls, data_port, control_port, offload=True, address=BIND_ANY, control_address=None,
-             **options):
-        data_sock = bind_udp(data_port, "data", address)
-        try:
-            control_sock = bind_udp(control_port, "control", control_address or address)
-        except StartupError:
-            data_sock.close()
-            raise
-        data_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
-        data_sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
-        offloads = probe_offloads(data_sock) if offload else Offloads()
-        log.info("offloads: %s", offloads.describe() if offload else "off (--no-offload)")
-        return cls(data_sock, control_sock, offloads=offloads, **options)
 
     def watch(self, fd, handler):
         self.poller.register(fd, select.EPOLLIN)
@@ -1372,8 +1386,6 @@ class Server:
         self.retired.add(fd)
 
     def run(self):
-        log.info("listening for control on UDP port %d, data on UDP port %d",
-                 self.control_sock.getsockname()[1], self.data_port)
         while self.running:
             self.retired.clear()
             for fd, _ in self.poller.poll():
@@ -1394,18 +1406,181 @@ class Server:
     def stop(self):
         self.running = False
 
-    # The data path.
+    def close(self):
+        self.poller.close()
+
+
+class Netlink:
+    """What pytun cannot give a device, through netlink: an IPv6 address, and routes."""
+
+    def __init__(self):
+        self.ipr = None  # a pyroute2 IPRoute, made when first needed
+
+    def configure(self, tunnel):
+        spec = tunnel.spec
+        if not spec.needs_netlink:
+            return
+        if IPRoute is None:
+            raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
+                               " (pip install pyroute2)")
+        try:
+            if self.ipr is None:
+                self.ipr = IPRoute()
+            tunnel.index = socket.if_nametoindex(spec.name)
+        except OSError as e:
+            raise ControlError("cannot configure %s through netlink: %s" % (spec.name, e)) from None
+        if spec.interface.version == 6:
+            try:
+                self.ipr.addr("add", index=tunnel.index, address=str(spec.interface.ip),
+                              prefixlen=spec.interface.network.prefixlen, flags=IFA_F_NODAD)
+            except NetlinkError as e:
+                raise ControlError("cannot give %s the address %s: %s"
+                                   % (spec.name, spec.interface, e)) from None
+        for route in spec.routes:
+            try:
+                self.ipr.route("add", dst=str(route), oif=tunnel.index)
+            except NetlinkError as e:
+                raise ControlError("cannot route %s through %s: %s" % (route, spec.name, e)) from None
+
+    def unroute(self, tunnel):
+        """Take the tunnel's routes away; what is gone already (the device deleted from
+        outside took them) is no error."""
+        for route in tunnel.spec.routes if tunnel.index else ():
+            try:
+                self.ipr.route("del", dst=str(route), oif=tunnel.index)
+            except NetlinkError:
+                pass
+
+    def close(self):
+        if self.ipr is not None:
+            self.ipr.close()
+
+
+class Registry:
+    """The tunnels, by name and by peer; those of the state file that could not be made;
+    and the generation of their changes, with the parts a list of them is cut into."""
+
+    def __init__(self, family):
+        self.family = family  # of the data socket, which names peers accordingly
+        self.by_name = {}  # name -> Tunnel
+        self.by_peer = {}  # peer_key(spec) -> Tunnel
+        # name -> entry of a tunnel acknowledged once that could not be made again after a
+        # restart or SIGHUP: kept in the state file, and tried again at the next one.
+        self.unmade = {}
+        # Counts the changes to the tunnels, so a list can tell them; from a random start, so
+        # that a restarted daemon's generations are not its predecessor's.
+        self.generation = int.from_bytes(os.urandom(4), "big")
+        self.parts = (None, [])  # (generation, names in each part of the list)
+
+    def peer_key(self, spec):
+        """How datagrams from the tunnel's peer are known: by the source address as the data
+        socket gives it (an IPv4 one as ::ffff:a.b.c.d on a dual-stack socket), and by
+        the source port too when the tunnel has remotePort."""
+        if self.family == socket.AF_INET6 and spec.remote.version == 4:
+            return "::ffff:%s" % spec.remote, spec.remote_port
+        return str(spec.remote), spec.remote_port
+
+    def find_by_peer(self, ip, port):
+        return self.by_peer.get((ip, port)) or self.by_peer.get((ip, None))
+
+    def check_free(self, spec):
+        if spec.name in self.by_name:
+            raise ControlError("tunnel name %r already in use" % spec.name)
+        if spec.remote.version == 6 and self.family != socket.AF_INET6:
+            raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
+                               % spec.remote)
+        other = self.by_peer.get(self.peer_key(spec))
+        if other is not None:
+            raise ControlError("remoteServer %s already in use by tunnel %r"
+                               % (spec.remote, other.name))
+        for other in self.by_name.values():
+            if other.spec.interface.ip == spec.interface.ip:
+                raise ControlError("tunnelIP %s already in use by tunnel %r"
+                                   % (spec.interface.ip, other.name))
+        try:
+            socket.if_nametoindex(spec.name)
+        except OSError:
+            return
+        raise ControlError("a device named %r already exists" % spec.name)
+
+    def add(self, tunnel):
+        self.by_name[tunnel.name] = tunnel
+        self.by_peer[self.peer_key(tunnel.spec)] = tunnel
+        self.unmade.pop(tunnel.name, None)
+        self.generation += 1
+
+    def remove(self, tunnel):
+        del self.by_name[tunnel.name]
+        del self.by_peer[self.peer_key(tunnel.spec)]
+        self.generation += 1
+
+    def entries(self):
+        """What the state file keeps: every tunnel's entry, and those not made."""
+        return [tunnel.spec.entry() for tunnel in self.by_name.values()] + list(self.unmade.values())
+
+    def list_parts(self):
+        """The names of the tunnels in each part of the list, for this generation."""
+        generation, parts = self.parts
+        if generation != self.generation:
+            parts, size = [[]], 0
+            for tunnel in self.by_name.values():
+                length = len(json.dumps(tunnel.spec.entry())) + LIST_COUNTERS_ROOM
+                if parts[-1] and size + length > LIST_PART_BYTES:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(tunnel.name)
+                size += length
+            self.parts = (self.generation, parts)
+        return parts
+
+
+class Server:
+    """The daemon: its sockets and the loop that serves them, its tunnels (made, removed,
+    and carried: the receiving side of the data path), and the state file that keeps them."""
+
+    def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
+                 state=None, clock=time.monotonic, **policy):
+        self.data_sock = data_sock
+        self.data_port = data_sock.getsockname()[1]
+        self.open_device = open_device
+        self.offloads = offloads or Offloads()
+        self.state = state
+        self.clock = clock  # when the data path's fallbacks end
+        self.loop = Loop()
+        self.registry = Registry(data_sock.family)
+        self.netlink = Netlink()
+        self.buffers = SharedBuffers()
+        self.drops = collections.Counter()  # datagrams no tunnel took
+        self.started = time.time()
+        # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
+        self.buffer = bytearray(2 * BUFFER_SIZE)
+        self.view = memoryview(self.buffer)
+        self.control = ControlPort(self, control_sock, **policy)
+        self.loop.watch(data_sock.fileno(), self.receive_from_peers)
+        self.loop.watch(control_sock.fileno(), self.control.handle)
+
+    @property
+    def tunnels(self):
+        return self.registry.by_name
+
+    def run(self):
+        log.info("listening for control on UDP port %d, data on UDP port %d",
+                 self.control.sock.getsockname()[1], self.data_port)
+        self.loop.run()
+
+    # The data path: what the peers send, to the tunnel it is for.
 
     def receive_from_peers(self):
         if not self.offloads.udp_gro:
             return self.receive_one_by_one()
+        find_by_peer = self.registry.find_by_peer
         for _ in range(BATCH):
             try:
                 size, ancdata, flags, (ip, port, *_) = self.data_sock.recvmsg_into(
                     [self.buffer], GRO_CMSG_SPACE)
             except BlockingIOError:
                 return
-            tunnel = self.by_remote.get((ip, port)) or self.by_remote.get((ip, None))
+            tunnel = find_by_peer(ip, port)
             if tunnel is None:
                 self.drops["unknown_source"] += 1
             elif flags & socket.MSG_TRUNC:
@@ -1415,18 +1590,18 @@ class Server:
 
     def receive_one_by_one(self):
         """The data path without UDP GRO: each datagram on its own, as it came."""
-        recvfrom_into, buffer, view, by_remote = (self.data_sock.recvfrom_into, self.buffer,
-                                                  self.view, self.by_remote)
+        recvfrom_into, buffer, view, find_by_peer = (self.data_sock.recvfrom_into, self.buffer,
+                                                     self.view, self.registry.find_by_peer)
         for _ in range(BATCH):
             try:
                 size, (ip, port, *_) = recvfrom_into(buffer)
             except BlockingIOError:
                 return
-            tunnel = by_remote.get((ip, port)) or by_remote.get((ip, None))
+            tunnel = find_by_peer(ip, port)
             if tunnel is None:
                 self.drops["unknown_source"] += 1
             else:
-                tunnel.deliver_one(view[:size])
+                tunnel.deliver(view[:size], max(size, 1))
 
     def forward(self, tunnel):
         try:
@@ -1436,145 +1611,65 @@ class Server:
             self.remove(tunnel)
             self.save_state()
 
-    # The control path.
+    # Tunnels made and removed.
 
-    def handle_control(self):
-        gate, counts = self.gate, self.gate.counts
-        for _ in range(BATCH):
-            try:
-                datagram, sender = self.control_sock.recvfrom(BUFFER_SIZE)
-            except BlockingIOError:
-                break
-            counts["requests"] += 1
-            if not gate.admits(sender[0]):
-                counts["not_allowed"] += 1
-                continue
-            reply, nonce, proven = self.answer(datagram, sender)
-            seal = functools.partial(gate.seal, nonce=nonce)
-            if proven:
-                sealed = seal(json.dumps(reply))
-                if len(sealed) > MAX_REPLY:
-                    sealed = seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does"
-                                              " not fit in one datagram" % len(sealed)}))
-            else:
-                sealed = self.unproven_reply(reply, datagram, sender, seal)
-                if sealed is None:
-                    continue
-            try:
-                self.control_sock.sendto(sealed, sender)
-            except OSError as e:
-                self.quiet.warning("cannot reply to %s:%d: %s", sender[0], sender[1], e)
-        self.quiet.flush()
+    def add_tunnel(self, entry):
+        self.add_spec(TunnelSpec.from_entry(entry))
 
-    def unproven_reply(self, reply, datagram, sender, seal=str.encode):
-        """What goes back to a source that has not shown it receives at its address: no
-        more bytes than it sent, so a spoofed flood is not amplified; within its budget,
-        so the daemon is no reflector either (but for the cookie itself, which the
-        budget must not keep from a manager a spoofer floods in its name); and, without a
-        secret, a cookie to prove its address with, after which it gets every reply whole."""
-        counts = self.gate.counts
-        extra = {} if self.gate.secret else {"cookie": self.cookies.make(sender)}
-        fitted, whole = fit_reply(reply, len(datagram), extra, seal)
-        if fitted is None:
-            counts["withheld"] += 1
-            return None
-        if not (reply.get("op") == "cookie" or reply.get("retry")) \
-                and not self.gate.may_reply(sender[0]):
-            counts["rate_limited"] += 1
-            return None
-        if not whole:
-            counts["cut"] += 1
-        return fitted
-
-    def answer(self, datagram, sender):
-        """Act on one control datagram. Returns the reply, the nonce to seal it with and
-        whether the sender is proven (loopback, allowed, or with a valid cookie);
-        nothing in it can stop the daemon."""
-        nonce, proven = None, self.gate.trusted(sender[0])
+    def add_spec(self, spec):
+        self.registry.check_free(spec)
         try:
-            obj, nonce = self.gate.open(datagram)
-            request = parse_request(obj)
-            if nonce is not None and request.cookie is None and request.op != "cookie":
-                # The cookie binds an authenticated request to this daemon, since it started,
-                # and to its sender: captured, it is good nowhere else and never again.
-                raise ControlError("an authenticated request must carry the cookie this daemon"
-                                   " gives ({\"op\": \"cookie\"}); udpProxyServerControl.py 2.1"
-                                   " sends it")
-            if request.cookie is not None:
-                if not self.cookies.valid(request.cookie, sender):
-                    # Not acted on: the sender asks again with the new cookie it gets here.
-                    self.gate.counts["bad_cookie"] += 1
-                    return ({"ok": False, "op": request.op, "retry": True,
-                             "cookie": self.cookies.make(sender),
-                             "error": "cookie expired or not for this address and this daemon:"
-                                      " send again with the new one"}, nonce, proven)
-                proven = True
-            action = self.ops.get(request.op)
-            if action is None:
-                raise ControlError("unknown op %r (expected add, del, list or cookie)"
-                                   % (request.op,))
-        except ControlError as e:
-            return self.refuse(e, sender), nonce, proven
-        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
-                  len(request.entries))
+            device = self.open_device(spec, self.offloads.tun_flags)
+        except OSError as e:
+            raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
+        host, _ = self.registry.peer_key(spec)
+        peer = (host, spec.remote_port or self.data_port)
+        if self.offloads.tun_flags:
+            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.buffers,
+                                   TunnelOffloads(spec.name, self.offloads, self.clock))
+        else:
+            tunnel = Tunnel(spec, device, self.data_sock, peer, self.buffers)
         try:
-            return action(request, sender), nonce, proven
-        except ControlError as e:
-            return dict(self.refuse(e, sender), op=request.op), nonce, proven
-        except Exception as e:  # a bug costs one request its success, never its answer
-            log.exception("control from %s: %s failed", sender[0], request.op)
-            return {"ok": False, "op": request.op, "error": "internal error: %s" % e}, nonce, proven
+            self.netlink.configure(tunnel)
+            self.loop.watch(tunnel.fd, lambda: self.forward(tunnel))
+        except BaseException:
+            tunnel.close()  # not left half-made: the device and its routes go
+            raise
+        self.registry.add(tunnel)
+        log.info("tunnel %s added: %s -> %s:%d, mtu %d",
+                 spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
 
-    def refuse(self, error, sender):
-        self.gate.counts["refused"] += 1
-        self.quiet.warning("control from %s: %s", sender[0], error)
-        return {"ok": False, "error": str(error)}
+    def delete_tunnel(self, entry):
+        if "name" not in entry:
+            raise ControlError("missing field 'name'")
+        name = entry["name"]
+        tunnel = self.tunnels.get(name) if isinstance(name, str) else None
+        if tunnel is None and isinstance(name, str) and name in self.registry.unmade:
+            del self.registry.unmade[name]  # no longer wanted: out of the state file
+            log.info("tunnel %s (not made) deleted", name)
+            return
+        if tunnel is None:
+            raise ControlError("no tunnel named %r" % (name,))
+        self.remove(tunnel)
+        log.info("tunnel %s deleted", name)
 
-    def cookie(self, request, sender):
-        """The cookie that proves sender's address: the control script asks for it first."""
-        return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
+    def remove(self, tunnel):
+        self.registry.remove(tunnel)
+        try:
+            self.loop.unwatch(tunnel.fd)
+            self.netlink.unroute(tunnel)
+        finally:
+            tunnel.close()
 
-    def add(self, request, sender):
-        return self.each(request.entries, sender, "add", self.add_tunnel)
-
-    def delete(self, request, sender):
-        return self.each(request.entries, sender, "del", self.delete_tunnel)
-
-    def each(self, entries, sender, op, act):
-        """Apply act to every entry on its own: one bad tunnel does not stop the others."""
-        if not entries:
-            return {"ok": False, "op": op, "error": "no tunnel given", "results": []}
-        results, errors = [], []
-        for entry in entries:
-            name = entry_name(entry)
-            try:
-                act(entry)
-            except ControlError as e:
-                self.quiet.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
-                results.append({"name": name, "ok": False, "error": str(e)})
-                errors.append("%s: %s" % (name, e))
-            except Exception as e:  # a bug costs this tunnel its success, not the others theirs
-                log.exception("control from %s: %s %s failed", sender[0], op, name)
-                results.append({"name": name, "ok": False, "error": "internal error: %s" % e})
-                errors.append("%s: internal error: %s" % (name, e))
-            else:
-                results.append({"name": name, "ok": True})
-        reply = {"ok": not errors, "op": op, "results": results}
-        if errors:
-            reply["error"] = "; ".join(errors)
-        if len(errors) < len(entries):
-            warning = self.save_state()
-            if warning:
-                reply["warning"] = warning
-        return reply
+    # What survives a restart: the state file.
 
     def save_state(self):
-        """Write the tunnels to the state file before the change is acknowledged."""
+        """Write the tunnels to the state file before the change is acknowledged; a
+        warning for the reply when it cannot be written."""
         if self.state is None:
             return None
         try:
-            self.state.save([tunnel.spec.entry() for tunnel in self.tunnels.values()]
-                            + list(self.unmade.values()))
+            self.state.save(self.registry.entries())
         except OSError as e:
             log.error("cannot write state file %s: %s", self.state.path, e)
             return "done, but not written to the state file: %s" % e
@@ -1607,7 +1702,7 @@ class Server:
         when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
         name = entry.get("name") if isinstance(entry, dict) else None
         if isinstance(name, str) and name not in self.tunnels:
-            self.unmade[name] = entry
+            self.registry.unmade[name] = entry
             log.error("state file %s: tunnel %s not made: %s; kept in the file, tried again"
                       " at the next start or SIGHUP", self.state.path, name, error)
         else:
@@ -1628,7 +1723,7 @@ class Server:
         removed = [t for t in self.tunnels.values() if wanted.get(t.name) != t.spec]
         for tunnel in removed:
             self.remove(tunnel)
-        self.unmade.clear()
+        self.registry.unmade.clear()
         added = 0
         for name, spec in wanted.items():
             if name in self.tunnels:
@@ -1639,7 +1734,7 @@ class Server:
             except ControlError as e:
                 self.not_made(spec.entry(), e)
         log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
-                 len(removed), added, len(self.tunnels) - added, len(self.unmade))
+                 len(removed), added, len(self.tunnels) - added, len(self.registry.unmade))
 
     def wanted_specs(self, entries):
         """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
@@ -1655,134 +1750,191 @@ class Server:
             wanted[spec.name] = spec
         return wanted
 
-    def add_tunnel(self, entry):
-        self.add_spec(TunnelSpec.from_entry(entry))
+    def close(self):
+        """Close every tunnel (their devices go with them), then the sockets."""
+        count = len(self.tunnels)
+        for tunnel in list(self.tunnels.values()):
+            self.remove(tunnel)
+        self.control.quiet.flush(force=True)
+        for sock in (self.data_sock, self.control.sock):
+            self.loop.unwatch(sock.fileno())
+            sock.close()
+        self.netlink.close()
+        self.loop.close()
+        log.info("closed %d tunnels", count)
 
-    def add_spec(self, spec):
-        self.check_free(spec)
-        try:
-            device = self.open_device(spec, self.offloads.tun_flags)
-        except OSError as e:
-            raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
-        host, _ = self.remote_key(spec)
-        peer = (host, spec.remote_port or self.data_port)
-        if self.offloads.tun_flags:
-            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.scratch, self.offloads,
-                                   self.clock)
-        else:
-            tunnel = Tunnel(spec, device, self.data_sock, peer, self.scratch)
-        try:
-            self.configure(tunnel)
-            self.watch(tunnel.fd, lambda: self.forward(tunnel))
-        except BaseException:
-            tunnel.close()  # not left half-made: the device and its routes go
-            raise
-        self.tunnels[spec.name] = tunnel
-        self.by_remote[self.remote_key(spec)] = tunnel
-        self.unmade.pop(spec.name, None)
-        self.generation += 1
-        log.info("tunnel %s added: %s -> %s:%d, mtu %d",
-                 spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
 
-    def remote_key(self, spec):
-        """How datagrams from the tunnel's peer are known: by the source address as the data
-        socket gives it (an IPv4 one as ::ffff:a.b.c.d on a dual-stack socket), and by
-        the source port too when the tunnel has remotePort."""
-        if self.family == socket.AF_INET6 and spec.remote.version == 4:
-            return "::ffff:%s" % spec.remote, spec.remote_port
-        return str(spec.remote), spec.remote_port
+# The outcome of one control request: the reply, the nonce to seal it with (None when
+# not authenticated), whether the sender has proven its address, and the control port's
+# counters it adds to.
+Answer = collections.namedtuple("Answer", "reply nonce proven counted")
 
-    def configure(self, tunnel):
-        """Give the device what pytun cannot, through netlink: an IPv6 address, and routes."""
-        spec = tunnel.spec
-        if not spec.needs_netlink:
-            return
-        if IPRoute is None:
-            raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
-                               " (pip install pyroute2)")
-        try:
-            if self.netlink is None:
-                self.netlink = IPRoute()
-            tunnel.index = socket.if_nametoindex(spec.name)
-        except OSError as e:
-            raise ControlError("cannot configure %s through netlink: %s" % (spec.name, e)) from None
-        if spec.interface.version == 6:
+
+class ControlPort:
+    """The control port: who may ask and what they get, the ops they ask for, and the
+    counts of it all, kept here alone."""
+
+    def __init__(self, server, sock, allow=None, auth=None, cookies=None, budget=None):
+        self.server = server
+        self.sock = sock
+        self.allow = allow or AllowList()
+        self.auth = auth or Authenticator()
+        self.cookies = cookies or Cookies()
+        self.budget = budget or ReplyBudget()
+        self.counts = collections.Counter()
+        self.quiet = QuietLog("refused control requests or unsent replies")
+        self.ops = {"add": self.add, "del": self.delete, "list": self.list, "cookie": self.cookie}
+
+    def handle(self):
+        """The loop's handler: read, answer and reply to a batch of control datagrams."""
+        for _ in range(BATCH):
             try:
-                self.netlink.addr("add", index=tunnel.index, address=str(spec.interface.ip),
-                                  prefixlen=spec.interface.network.prefixlen, flags=IFA_F_NODAD)
-            except NetlinkError as e:
-                raise ControlError("cannot give %s the address %s: %s"
-                                   % (spec.name, spec.interface, e)) from None
-        for route in spec.routes:
+                datagram, sender = self.sock.recvfrom(BUFFER_SIZE)
+            except BlockingIOError:
+                break
+            self.counts["requests"] += 1
+            if not self.allow.admits(sender[0]):
+                self.counts["not_allowed"] += 1
+                continue
+            answer = self.handle_request(datagram, sender)
+            self.counts.update(answer.counted)
+            reply, counted = self.reply_datagram(answer, len(datagram), sender)
+            self.counts.update(counted)
+            if reply is None:
+                continue
             try:
-                self.netlink.route("add", dst=str(route), oif=tunnel.index)
-            except NetlinkError as e:
-                raise ControlError("cannot route %s through %s: %s" % (route, spec.name, e)) from None
+                self.sock.sendto(reply, sender)
+            except OSError as e:
+                self.quiet.warning("cannot reply to %s:%d: %s", sender[0], sender[1], e)
+        self.quiet.flush()
 
-    def unroute(self, tunnel):
-        """Take the tunnel's routes away; what is gone already (the device deleted from
-        outside took them) is no error."""
-        for route in tunnel.spec.routes if tunnel.index else ():
+    def reply_datagram(self, answer, limit, sender):
+        """The datagram that goes back, or None, and the counters it adds to. A source that
+        has not proven its address gets no more bytes than it sent (limit), so a spoofed
+        flood is not amplified; within its budget, so the daemon is no reflector either
+        (but for the cookie itself, which the budget must not keep from a manager a
+        spoofer floods in its name); and, without a secret, a cookie to prove its address
+        with, after which it gets every reply whole."""
+        seal = functools.partial(self.auth.seal, nonce=answer.nonce)
+        reply = answer.reply
+        if answer.proven:
+            sealed = seal(json.dumps(reply))
+            if len(sealed) > MAX_REPLY:
+                sealed = seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does not"
+                                          " fit in one datagram" % len(sealed)}))
+            return sealed, ()
+        extra = {} if self.auth.secret else {"cookie": self.cookies.make(sender)}
+        fitted, whole = fit_reply(reply, limit, extra, seal)
+        if fitted is None:
+            return None, ("withheld",)
+        if not (reply.get("op") == "cookie" or reply.get("retry")) \
+                and not self.budget.take(sender[0]):
+            return None, ("rate_limited",)
+        return fitted, () if whole else ("cut",)
+
+    def handle_request(self, datagram, sender):
+        """Check one control datagram and do what it asks; the Answer. Nothing in it can
+        stop the daemon."""
+        nonce, proven = None, self.allow.trusted(sender[0])
+        try:
+            obj, nonce = self.auth.open(datagram)
+            request = parse_request(obj)
+            proven = self.check_cookie(request, nonce, sender) or proven
+            action = self.ops.get(request.op)
+            if action is None:
+                raise ControlError("unknown op %r (expected add, del, list or cookie)"
+                                   % (request.op,))
+        except ControlError as e:
+            return self.refusal(e, sender, nonce, proven)
+        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
+                  len(request.entries))
+        try:
+            return Answer(action(request, sender), nonce, proven, ())
+        except ControlError as e:
+            return self.refusal(e, sender, nonce, proven, op=request.op)
+        except Exception as e:  # a bug costs one request its success, never its answer
+            log.exception("control from %s: %s failed", sender[0], request.op)
+            return Answer({"ok": False, "op": request.op, "error": "internal error: %s" % e},
+                          nonce, proven, ())
+
+    def refusal(self, error, sender, nonce, proven, **fields):
+        """The Answer to a request refused, or not acted on and to be sent again (Retry)."""
+        if isinstance(error, Retry):
+            reply = dict({"ok": False, "retry": True, "error": str(error)}, **fields)
+            return Answer(dict(reply, **error.fields), nonce, proven, (error.reason,))
+        self.quiet.warning("control from %s: %s", sender[0], error)
+        counted = ("refused", error.reason) if error.reason else ("refused",)
+        return Answer(dict({"ok": False, "error": str(error)}, **fields), nonce, proven, counted)
+
+    def check_cookie(self, request, nonce, sender):
+        """Whether the request's cookie proves the sender's address; Retry for a cookie that
+        does not, and ControlError for an authenticated request without one."""
+        if nonce is not None and request.cookie is None and request.op != "cookie":
+            # The cookie binds an authenticated request to this daemon, since it started,
+            # and to its sender: captured, it is good nowhere else and never again.
+            raise ControlError("an authenticated request must carry the cookie this daemon"
+                               " gives ({\"op\": \"cookie\"}); udpProxyServerControl.py 2.1"
+                               " sends it")
+        if request.cookie is None:
+            return False
+        if not self.cookies.valid(request.cookie, sender):
+            # Not acted on: the sender asks again with the new cookie it gets here.
+            raise Retry("cookie expired or not for this address and this daemon: send again"
+                        " with the new one", "bad_cookie", cookie=self.cookies.make(sender))
+        return True
+
+    # The ops.
+
+    def cookie(self, request, sender):
+        """The cookie that proves sender's address: the control script asks for it first."""
+        return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
+
+    def add(self, request, sender):
+        return self.apply_to_each(request.entries, sender, "add", self.server.add_tunnel)
+
+    def delete(self, request, sender):
+        return self.apply_to_each(request.entries, sender, "del", self.server.delete_tunnel)
+
+    def apply_to_each(self, entries, sender, op, act):
+        """Apply act to every entry on its own: one bad tunnel does not stop the others;
+        the state file is written once, when any was done."""
+        if not entries:
+            return {"ok": False, "op": op, "error": "no tunnel given", "results": []}
+        results, errors = [], []
+        for entry in entries:
+            name = entry_name(entry)
             try:
-                self.netlink.route("del", dst=str(route), oif=tunnel.index)
-            except NetlinkError:
-                pass
-
-    def check_free(self, spec):
-        if spec.name in self.tunnels:
-            raise ControlError("tunnel name %r already in use" % spec.name)
-        if spec.remote.version == 6 and self.family != socket.AF_INET6:
-            raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
-                               % spec.remote)
-        other = self.by_remote.get(self.remote_key(spec))
-        if other is not None:
-            raise ControlError("remoteServer %s already in use by tunnel %r"
-                               % (spec.remote, other.name))
-        for other in self.tunnels.values():
-            if other.spec.interface.ip == spec.interface.ip:
-                raise ControlError("tunnelIP %s already in use by tunnel %r"
-                                   % (spec.interface.ip, other.name))
-        try:
-            socket.if_nametoindex(spec.name)
-        except OSError:
-            return
-        raise ControlError("a device named %r already exists" % spec.name)
-
-    def delete_tunnel(self, entry):
-        if "name" not in entry:
-            raise ControlError("missing field 'name'")
-        name = entry["name"]
-        tunnel = self.tunnels.get(name) if isinstance(name, str) else None
-        if tunnel is None and isinstance(name, str) and name in self.unmade:
-            del self.unmade[name]  # the tunnel is no longer wanted: out of the state file
-            log.info("tunnel %s (not made) deleted", name)
-            return
-        if tunnel is None:
-            raise ControlError("no tunnel named %r" % (name,))
-        self.remove(tunnel)
-        log.info("tunnel %s deleted", name)
-
-    def remove(self, tunnel):
-        del self.tunnels[tunnel.name]
-        del self.by_remote[self.remote_key(tunnel.spec)]
-        self.generation += 1
-        try:
-            self.unwatch(tunnel.fd)
-            self.unroute(tunnel)
-        finally:
-            tunnel.close()
+                act(entry)
+            except ControlError as e:
+                self.quiet.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
+                results.append({"name": name, "ok": False, "error": str(e)})
+                errors.append("%s: %s" % (name, e))
+            except Exception as e:  # a bug costs this tunnel its success, not the others theirs
+                log.exception("control from %s: %s %s failed", sender[0], op, name)
+                results.append({"name": name, "ok": False, "error": "internal error: %s" % e})
+                errors.append("%s: internal error: %s" % (name, e))
+            else:
+                results.append({"name": name, "ok": True})
+        reply = {"ok": not errors, "op": op, "results": results}
+        if errors:
+            reply["error"] = "; ".join(errors)
+        if len(errors) < len(entries):
+            warning = self.server.save_state()
+            if warning:
+                reply["warning"] = warning
+        return reply
 
     def list(self, request, sender):
         """Every tunnel with its counts, in parts that each fit in one datagram. The parts
         of one generation are the same tunnels whenever asked; a part asked for with an
         older generation is refused, so the asker starts again rather than see a tunnel
         twice or miss one."""
-        parts = self.list_parts()
-        if request.generation not in (None, self.generation):
-            self.gate.counts["list_changed"] += 1
-            return {"ok": False, "op": "list", "retry": True,
-                    "error": "the tunnels changed while they were listed (generation %d, now"
-                             " %d): ask again from part 0" % (request.generation, self.generation)}
+        server, registry = self.server, self.server.registry
+        parts = registry.list_parts()
+        if request.generation not in (None, registry.generation):
+            raise Retry("the tunnels changed while they were listed (generation %d, now %d):"
+                        " ask again from part 0" % (request.generation, registry.generation),
+                        "list_changed")
         if request.part >= len(parts):
             raise ControlError("no part %d: the list has %d parts" % (request.part, len(parts)))
         return {
@@ -1790,43 +1942,14 @@ class Server:
             "op": "list",
             "part": request.part,
             "parts": len(parts),
-            "generation": self.generation,
-            "dataPort": self.data_port,
-            "uptime": round(time.time() - self.started, 3),
-            "drops": dict(self.drops),
-            "control": dict(self.gate.counts),
-            "unmade": sorted(self.unmade),
-            "tunnels": [self.tunnels[name].describe() for name in parts[request.part]],
+            "generation": registry.generation,
+            "dataPort": server.data_port,
+            "uptime": round(time.time() - server.started, 3),
+            "drops": dict(server.drops),
+            "control": dict(self.counts),
+            "unmade": sorted(registry.unmade),
+            "tunnels": [registry.by_name[name].describe() for name in parts[request.part]],
         }
-
-    def list_parts(self):
-        """The names of the tunnels in each part of the list, for this generation."""
-        generation, parts = self.parts
-        if generation != self.generation:
-            parts, size = [[]], 0
-            for tunnel in self.tunnels.values():
-                length = len(json.dumps(tunnel.spec.entry())) + LIST_COUNTERS_ROOM
-                if parts[-1] and size + length > LIST_PART_BYTES:
-                    parts.append([])
-                    size = 0
-                parts[-1].append(tunnel.name)
-                size += length
-            self.parts = (self.generation, parts)
-        return parts
-
-    def close(self):
-        """Close every tunnel (their devices go with them), then the sockets."""
-        count = len(self.tunnels)
-        for tunnel in list(self.tunnels.values()):
-            self.remove(tunnel)
-        self.quiet.flush(force=True)
-        for sock in (self.data_sock, self.control_sock):
-            self.unwatch(sock.fileno())
-            sock.close()
-        if self.netlink is not None:
-            self.netlink.close()
-        self.poller.close()
-        log.info("closed %d tunnels", count)
 
 
 # --- Start-up -----------------------------------------------------------------
@@ -1907,12 +2030,12 @@ def watch_signals(server):
                 notify_systemd("READY=1")
             else:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
-                server.stop()
+                server.loop.stop()
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: None)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    server.watch(reader.fileno(), on_signal)
+    server.loop.watch(reader.fileno(), on_signal)
     return reader, writer
 
 
@@ -1987,13 +2110,17 @@ def main(argv=None):
         check_can_create_tun()
         log.debug("open file limit: %d", raise_fd_limit())
         state = StateFile(args.state_file) if args.state_file else None
-        server = Server.bind(args.dataPort, args.controlPort, args.offload, args.bind,
-                             args.control_bind, gate=Gate(secret, args.allow), state=state)
+        data_sock, control_sock = bind_sockets(args.dataPort, args.controlPort, args.bind,
+                                               args.control_bind)
+        offloads = probe_offloads(data_sock) if args.offload else Offloads()
+        log.info("offloads: %s", offloads.describe() if args.offload else "off (--no-offload)")
+        server = Server(data_sock, control_sock, offloads=offloads, state=state,
+                        allow=AllowList(args.allow), auth=Authenticator(secret))
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
     if secret is None:
-        host, port = server.control_sock.getsockname()[:2]
+        host, port = server.control.sock.getsockname()[:2]
         log.warning("no --secret-file: the control port %s takes requests from anyone who"
                     " can reach it%s", "[%s]:%d" % (host, port) if ":" in host else
                     "%s:%d" % (host, port), "" if args.allow else " (see also --allow and --control-bind)")

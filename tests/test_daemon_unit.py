@@ -88,7 +88,7 @@ entries = st.fixed_dictionaries({}, optional={k: json_values | st.text(max_size=
 @settings(max_examples=300, deadline=None)
 def test_any_json_request_gets_an_answer(op, tunnels):
     with fake_server() as (server, _):
-        reply, _, _ = server.answer(json.dumps({"op": op, "tunnel": tunnels}).encode(),
+        reply, _, _ = answer(server, json.dumps({"op": op, "tunnel": tunnels}).encode(),
                                  ("127.0.0.1", 9))
     assert isinstance(reply["ok"], bool)
     assert reply["ok"] or reply["error"]
@@ -119,6 +119,14 @@ def udp(port=0):
     return sock
 
 
+def answer(server, datagram, sender):
+    """What the control port makes of one datagram: its reply, the nonce to seal it with
+    and whether the sender is proven; counted as the port counts it."""
+    reply, nonce, proven, counted = server.control.handle_request(datagram, sender)
+    server.control.counts.update(counted)
+    return reply, nonce, proven
+
+
 @contextlib.contextmanager
 def fake_server():
     devices = FakeDevices()
@@ -140,7 +148,7 @@ def server():
 
 def add_loopback_tunnel(server, peer, name="udp2", address="10.0.1.1"):
     """A tunnel to a peer socket on loopback, told apart by its port."""
-    reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [{
+    reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [{
         "name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
         "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
     assert reply == {"ok": True, "op": "add", "results": [{"name": name, "ok": True}]}
@@ -152,12 +160,12 @@ def test_packets_cross_both_ways_with_header_intact(server):
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         devices.outer["udp2"].send(PACKET)
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         datagram, source = peer.recvfrom(65535)
         assert datagram == PACKET and source == server.data_sock.getsockname()
 
         peer.sendto(PACKET[::-1], server.data_sock.getsockname())
-        server.dispatch(server.data_sock.fileno())
+        server.loop.dispatch(server.data_sock.fileno())
         assert devices.outer["udp2"].recv(65535) == PACKET[::-1]
     assert (tunnel.tx_packets, tunnel.rx_packets) == (1, 1)
     assert tunnel.tx_bytes == tunnel.rx_bytes == len(PACKET)
@@ -169,7 +177,7 @@ def test_largest_packet_crosses_whole(server):
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         devices.outer["udp2"].send(packet)
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         assert peer.recv(65535) == packet
 
 
@@ -179,9 +187,9 @@ def test_a_handler_takes_one_batch_per_wake_up(server):
         tunnel = add_loopback_tunnel(server, peer)
         for _ in range(ups.BATCH + 5):
             devices.outer["udp2"].send(PACKET)
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         assert tunnel.tx_packets == ups.BATCH
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         assert tunnel.tx_packets == ups.BATCH + 5
 
 
@@ -190,26 +198,26 @@ def test_datagrams_from_unknown_sources_are_counted(server):
     with udp() as peer, udp() as stranger:
         add_loopback_tunnel(server, peer)
         stranger.sendto(PACKET, server.data_sock.getsockname())
-        server.dispatch(server.data_sock.fileno())
+        server.loop.dispatch(server.data_sock.fileno())
     assert server.drops == {"unknown_source": 1}
 
 
 def test_device_that_cannot_be_created_is_an_error_reply(server):
     server, devices = server
     devices.fail_with = errno.EBUSY
-    reply, _, _ = server.answer(b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
+    reply, _, _ = answer(server, b'{"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",'
                           b' "remoteServer": "198.18.0.2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] is False
     assert reply["results"][0]["error"] == "cannot create device 'udp2': Device or resource busy"
-    assert not server.tunnels and not server.by_remote
+    assert not server.tunnels and not server.registry.by_peer
 
 
 def test_del_unregisters_and_closes_the_device(server):
     server, devices = server
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-    reply, _, _ = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
-    assert reply["ok"] and tunnel.fd not in server.handlers
+    reply, _, _ = answer(server, b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
+    assert reply["ok"] and tunnel.fd not in server.loop.handlers
     assert tunnel.device.fileno() == -1
 
 
@@ -217,8 +225,8 @@ def test_every_control_datagram_is_answered(server):
     server, _ = server
     with udp() as client:
         for request in (b"nonsense", b'{"op": "list"}'):
-            client.sendto(request, server.control_sock.getsockname())
-        server.dispatch(server.control_sock.fileno())
+            client.sendto(request, server.control.sock.getsockname())
+        server.loop.dispatch(server.control.sock.fileno())
         first, second = (json.loads(client.recv(65535)) for _ in range(2))
     assert first["ok"] is False and "not JSON" in first["error"]
     assert second["ok"] is True and second["tunnels"] == []
@@ -228,9 +236,9 @@ def test_a_ready_fd_without_handler_is_reported(server, caplog):
     server, _ = server
     stray, other = socket.socketpair()
     with stray, other:
-        server.poller.register(stray.fileno())
+        server.loop.poller.register(stray.fileno())
         with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
-            server.dispatch(stray.fileno())
+            server.loop.dispatch(stray.fileno())
     assert "no handler" in caplog.text
 
 
@@ -240,9 +248,9 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
     def broken():
         raise RuntimeError("boom")
 
-    server.handlers[server.data_sock.fileno()] = broken
+    server.loop.handlers[server.data_sock.fileno()] = broken
     with caplog.at_level(logging.ERROR, logger="udpProxyServer"):
-        server.dispatch(server.data_sock.fileno())
+        server.loop.dispatch(server.data_sock.fileno())
     assert "boom" in caplog.text
 
 
@@ -274,7 +282,7 @@ def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_serv
         assert isinstance(tunnel, ups.OffloadTunnel)
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                    + bytes(packet))
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         datagrams = [peer.recv(65535) for _ in range(5)]
     assert all(d[:4] == b"\x00\x00\x08\x00" and packets.valid(d[4:]) for d in datagrams)
     assert b"".join(d[4 + l4 + 32:] for d in datagrams) == payload
@@ -321,7 +329,7 @@ def test_the_largest_super_packet_in_the_smallest_segments_goes_out_whole(offloa
         tunnel.sock = wire = Wire()
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, SMALLEST_MSS, l4, 16,
                                         ups.VNET_F_NEEDS_CSUM) + bytes(packet))
-        server.dispatch(tunnel.fd)  # cut in the server's own shared buffers
+        server.loop.dispatch(tunnel.fd)  # cut in the server's own shared buffers
     count = -(-len(payload) // SMALLEST_MSS)
     assert len(wire.datagrams) == count
     assert all(len(d) <= 4 + ITS_MTU and packets.valid(d[4:]) for d in wire.datagrams)
@@ -342,7 +350,7 @@ def test_single_packets_go_out_in_order_with_checksums_completed(offload_server)
             devices.outer["udp2"].send(vnet(start=l4, offset=6, flags=ups.VNET_F_NEEDS_CSUM)
                                        + bytes(segment))
             sent.append(segment)
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         received = [peer.recv(65535) for _ in sent]
     assert [r[4:] for r in received] != [bytes(s) for s in sent]  # checksums were filled in
     assert all(packets.valid(r[4:]) for r in received)
@@ -459,7 +467,7 @@ def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
         tunnel.sock = RefusingGSO(server.data_sock)
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                    + bytes(packet))
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         assert len([peer.recv(65535) for _ in range(3)]) == 3
     assert server.offloads.udp_gso is False
     assert tunnel.tx_packets == 3 and not tunnel.drops
@@ -470,7 +478,7 @@ def send_super_packet(server, devices, tunnel):
     packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
     devices.outer[tunnel.name].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                     + bytes(packet))
-    server.dispatch(tunnel.fd)
+    server.loop.dispatch(tunnel.fd)
 
 
 # A route that flaps, a firewall rule, the kernel short of memory, a full socket buffer.
@@ -511,7 +519,7 @@ def test_without_udp_gro_an_offload_tunnel_still_writes_virtio_framing(offload_s
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         peer.sendto(PACKET, server.data_sock.getsockname())
-        server.dispatch(server.data_sock.fileno())
+        server.loop.dispatch(server.data_sock.fileno())
     assert devices.outer["udp2"].recv(65535) == ups.ZERO_VNET_HDR + PACKET[4:]
     assert tunnel.rx_packets == 1
 
@@ -537,32 +545,33 @@ ADD = {"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",
 def test_a_valid_cookie_proves_the_sender_and_a_bad_one_is_not_acted_on():
     clock = [1795000000.0]
     with fake_server() as (server, _):
-        server.cookies = ups.Cookies(clock=lambda: clock[0])
-        reply, _, proven = server.answer(b'{"op": "cookie"}', MANAGER)
+        server.control.cookies = ups.Cookies(clock=lambda: clock[0])
+        reply, _, proven = answer(server, b'{"op": "cookie"}', MANAGER)
         assert reply["ok"] and not proven
         cookie = reply["cookie"]
-        reply, _, proven = server.answer(json.dumps({"op": "list", "cookie": cookie}).encode(),
+        reply, _, proven = answer(server, json.dumps({"op": "list", "cookie": cookie}).encode(),
                                          MANAGER)
         assert reply["ok"] and proven
         for sender, later in ((("198.18.0.7", 40000), 0), (MANAGER, 2 * ups.COOKIE_PERIOD)):
             clock[0] += later  # another address, then the cookie's own after it expired
-            reply, _, proven = server.answer(json.dumps(dict(ADD, cookie=cookie)).encode(), sender)
+            reply, _, proven = answer(server, json.dumps(dict(ADD, cookie=cookie)).encode(), sender)
             assert reply["retry"] and not reply["ok"] and not proven
             assert "udp2" not in server.tunnels  # not acted on: the sender asks again
-        assert server.gate.counts["bad_cookie"] == 2
-        reply, _, proven = server.answer(json.dumps(ADD).encode(), MANAGER)
+        assert server.control.counts["bad_cookie"] == 2
+        reply, _, proven = answer(server, json.dumps(ADD).encode(), MANAGER)
         assert reply["ok"] and not proven  # a plain request, as in 2015, is acted on
 
 
 def test_an_unproven_sender_gets_no_more_than_it_sent_and_its_cookie():
     with fake_server() as (server, _):
         request = json.dumps({"op": "list"}).encode()
-        reply, _, _ = server.answer(request, MANAGER)
-        assert server.unproven_reply(reply, request, MANAGER) is None
-        padded = request.ljust(100)
-        cut = json.loads(server.unproven_reply(reply, padded, MANAGER))
-        assert cut == {"ok": True, "op": "list", "cookie": server.cookies.make(MANAGER)}
-        assert server.gate.counts["withheld"] == 1 and server.gate.counts["cut"] == 1
+        unproven = ups.Answer(answer(server, request, MANAGER)[0], None, False, ())
+        assert server.control.reply_datagram(unproven, len(request), MANAGER) == \
+            (None, ("withheld",))
+        cut, counted = server.control.reply_datagram(unproven, 100, MANAGER)
+        assert json.loads(cut) == {"ok": True, "op": "list",
+                                   "cookie": server.control.cookies.make(MANAGER)}
+        assert counted == ("cut",)
 
 
 def entry(name, third, **changes):
@@ -593,13 +602,13 @@ def test_an_add_that_fails_with_any_error_leaves_nothing_and_the_others_go_on(tm
         made = []
         opened = server.open_device
         server.open_device = lambda spec, flags: made.append(opened(spec, flags)) or made[-1]
-        reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [
+        reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3)]}).encode(),
             ("127.0.0.1", 9))
         assert [r["ok"] for r in reply["results"]] == [False, True]
         assert "cannot configure udp2 through netlink" in reply["results"][0]["error"]
         assert made[0].fileno() == -1  # the half-made device is closed, so the kernel deletes it
-        assert list(server.tunnels) == ["udp3"] and len(server.handlers) == 3
+        assert list(server.tunnels) == ["udp3"] and len(server.loop.handlers) == 3
         assert saved_names(server) == ["udp3"]
 
 
@@ -613,7 +622,7 @@ def test_a_bug_while_adding_one_tunnel_costs_only_that_tunnel(tmp_path):
             return opened(spec, flags)
 
         server.open_device = open_device
-        reply, _, _ = server.answer(json.dumps({"op": "add", "tunnel": [
+        reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("udp2", 2), entry("udp3", 3)]}).encode(), ("127.0.0.1", 9))
         assert reply["results"][0] == {"name": "udp2", "ok": False, "error": "internal error: a bug"}
         assert reply["results"][1]["ok"] and saved_names(server) == ["udp3"]
@@ -621,7 +630,7 @@ def test_a_bug_while_adding_one_tunnel_costs_only_that_tunnel(tmp_path):
 
 def test_a_tunnel_whose_device_failed_leaves_the_state_file(tmp_path):
     with server_with_state(tmp_path) as (server, devices):
-        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
+        answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
                       .encode(), ("127.0.0.1", 9))
         tunnel = server.tunnels["udp2"]
 
@@ -629,14 +638,14 @@ def test_a_tunnel_whose_device_failed_leaves_the_state_file(tmp_path):
             raise ups.TunnelGone("No such device")
 
         tunnel.forward_from_tun = gone
-        server.dispatch(tunnel.fd)
+        server.loop.dispatch(tunnel.fd)
         assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
 
 
 @pytest.mark.parametrize("content", [None, b'{"version": 1, "tunn', b"\xff\xfe", b"[]"])
 def test_sighup_with_a_missing_or_corrupt_state_file_keeps_every_tunnel(tmp_path, content):
     with server_with_state(tmp_path) as (server, devices):
-        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2)]}).encode(),
+        answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2)]}).encode(),
                       ("127.0.0.1", 9))
         os.remove(server.state.path)
         if content is not None:
@@ -648,7 +657,7 @@ def test_sighup_with_a_missing_or_corrupt_state_file_keeps_every_tunnel(tmp_path
 
 def test_sighup_with_a_readable_file_listing_fewer_tunnels_removes_them(tmp_path):
     with server_with_state(tmp_path) as (server, devices):
-        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
+        answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
                       .encode(), ("127.0.0.1", 9))
         server.state.save([entry("udp3", 3)])
         server.reload_state()
@@ -664,21 +673,21 @@ def test_a_tunnel_that_cannot_be_made_again_stays_in_the_state_file_until_made_o
         with missing as patch:
             patch.setattr(ups, "IPRoute", NoNetlink)  # e.g. pyroute2 gone after an upgrade
             server.restore()
-        assert sorted(server.tunnels) == ["udp3", "udp4"] and list(server.unmade) == ["udp2"]
+        assert sorted(server.tunnels) == ["udp3", "udp4"] and list(server.registry.unmade) == ["udp2"]
         assert list_of(server)["unmade"] == ["udp2"]
-        server.answer(json.dumps({"op": "del", "tunnel": [{"name": "udp4"}]}).encode(),
+        answer(server, json.dumps({"op": "del", "tunnel": [{"name": "udp4"}]}).encode(),
                       ("127.0.0.1", 9))
         assert sorted(saved_names(server)) == ["udp2", "udp3"]  # udp2 is still wanted
-        reply, _, _ = server.answer(b'{"op": "del", "tunnel": [{"name": "udp2"}]}',
+        reply, _, _ = answer(server, b'{"op": "del", "tunnel": [{"name": "udp2"}]}',
                                     ("127.0.0.1", 9))
-        assert reply["ok"] and saved_names(server) == ["udp3"] and not server.unmade
+        assert reply["ok"] and saved_names(server) == ["udp3"] and not server.registry.unmade
 
 
 @pytest.mark.parametrize("bad", [42, {"name": "udp3", "tunnelIP": "10.0.3.1", "mtu": "1400x",
                                       "remoteServer": "198.18.0.3"}])
 def test_sighup_with_a_bad_entry_changes_nothing(tmp_path, bad):
     with server_with_state(tmp_path) as (server, devices):
-        server.answer(json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
+        answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
                       .encode(), ("127.0.0.1", 9))
         server.state.save([entry("udp2", 2), bad])
         server.reload_state()
@@ -686,14 +695,14 @@ def test_sighup_with_a_bad_entry_changes_nothing(tmp_path, bad):
 
 
 def list_of(server, **request):
-    reply, _, _ = server.answer(json.dumps(dict({"op": "list"}, **request)).encode(),
+    reply, _, _ = answer(server, json.dumps(dict({"op": "list"}, **request)).encode(),
                                 ("127.0.0.1", 9))
     return reply
 
 
 def add_many(server, count, start=0):
     for first in range(start, start + count, 50):
-        server.answer(json.dumps({"op": "add", "tunnel": [
+        answer(server, json.dumps({"op": "add", "tunnel": [
             {"name": "t%d" % i, "tunnelIP": "10.64.%d.%d" % (i // 64, i % 64 * 4 + 1),
              "remoteServer": "198.19.%d.%d" % (i // 250, i % 250 + 1)}
             for i in range(first, min(first + 50, start + count))]})
@@ -737,12 +746,12 @@ def test_a_refusal_inside_an_op_is_a_refusal_not_an_internal_error(caplog):
 def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
     clock = [0.0]
     with fake_server() as (server, _), caplog.at_level(logging.WARNING, logger="udpProxyServer"):
-        server.quiet.clock = lambda: clock[0]
+        server.control.quiet.clock = lambda: clock[0]
         for _ in range(1000):
-            server.answer(b"garbage", ("198.18.0.7", 9))
+            answer(server, b"garbage", ("198.18.0.7", 9))
         clock[0] += ups.REFUSAL_LOG_PERIOD
-        server.answer(b"garbage", ("198.18.0.7", 9))
-        assert server.gate.counts["refused"] == 1001
+        answer(server, b"garbage", ("198.18.0.7", 9))
+        assert server.control.counts["refused"] == 1001
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == ups.REFUSALS_LOGGED + 2
     assert "990 more refused control requests or unsent replies in 60 s" in lines[-2]

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import udpProxyServer as ups
 import udpProxyServerControl as ctl
-from test_daemon_unit import fake_server
+from test_daemon_unit import answer, fake_server
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 NOW = 1795000000.0
@@ -81,8 +81,8 @@ def no_internal_error(reply):
 
 def consistent(server):
     for name, tunnel in server.tunnels.items():
-        assert tunnel.name == name and server.handlers.get(tunnel.fd)
-        assert server.by_remote[server.remote_key(tunnel.spec)] is tunnel
+        assert tunnel.name == name and server.loop.handlers.get(tunnel.fd)
+        assert server.registry.by_peer[server.registry.peer_key(tunnel.spec)] is tunnel
 
 
 @given(requests())
@@ -90,7 +90,7 @@ def consistent(server):
 def test_structured_requests_are_done_or_refused_never_an_internal_error(drawn):
     request, valid = drawn
     with fake_server() as (server, _):
-        reply, _, _ = server.answer(json.dumps(request).encode(), ("127.0.0.1", 9))
+        reply, _, _ = answer(server, json.dumps(request).encode(), ("127.0.0.1", 9))
         no_internal_error(reply)
         consistent(server)
         if valid and request["op"] == "add" and distinct(request["tunnel"]):
@@ -111,7 +111,7 @@ def envelopes(draw, server):
     mostly), valid or broken in one field of the envelope or in its payload."""
     request, _ = draw(requests())
     if draw(st.integers(0, 4)):
-        request["cookie"] = server.cookies.make(SENDER)
+        request["cookie"] = server.control.cookies.make(SENDER)
     payload = draw(st.sampled_from(["request", "json", "text"]))
     session = ctl.Session(SECRET, clock=lambda: NOW + draw(st.sampled_from([0, 0, 29, -31])))
     if payload == "request":
@@ -138,8 +138,8 @@ def envelopes(draw, server):
 @contextlib.contextmanager
 def locked_server():
     with fake_server() as (server, devices):
-        server.gate = ups.Gate(SECRET, clock=lambda: NOW)
-        server.cookies = ups.Cookies(clock=lambda: NOW)
+        server.control.auth = ups.Authenticator(SECRET, clock=lambda: NOW)
+        server.control.cookies = ups.Cookies(clock=lambda: NOW)
         yield server
 
 
@@ -148,20 +148,20 @@ def locked_server():
 def test_structured_envelopes_are_done_or_refused_never_an_internal_error(data):
     with locked_server() as server:
         datagram = data.draw(envelopes(server))
-        reply, nonce, proven = server.answer(datagram, SENDER)
+        reply, nonce, proven = answer(server, datagram, SENDER)
         no_internal_error(reply)
         consistent(server)
         # Only a valid cookie proves the address: a signature alone does not (it may be
         # a captured request replayed in another's name).
-        assert not proven or server.cookies.make(SENDER).encode() in datagram
+        assert not proven or server.control.cookies.make(SENDER).encode() in datagram
 
 
 def test_the_envelope_fuzz_reaches_the_ops():
     """The fuzz above is worth something only if sealed requests get through the MAC,
     the time, the nonce and the cookie to the op itself."""
     with locked_server() as server:
-        request = {"op": "add", "cookie": server.cookies.make(SENDER), "tunnel": [
+        request = {"op": "add", "cookie": server.control.cookies.make(SENDER), "tunnel": [
             {"name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "198.18.0.2"}]}
-        reply, _, proven = server.answer(ctl.Session(SECRET, clock=lambda: NOW).seal(request),
+        reply, _, proven = answer(server, ctl.Session(SECRET, clock=lambda: NOW).seal(request),
                                          SENDER)
         assert reply["ok"] and proven and list(server.tunnels) == ["udp2"]

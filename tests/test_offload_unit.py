@@ -8,13 +8,13 @@ from hypothesis import example, given, settings, strategies as st
 
 import udpProxyServer as ups
 from packets import pseudo, rfc1071, super_packet, valid
-from udpProxyServer import Joiner, Scratch, flow_of, split_gso
+from udpProxyServer import Joiner, SharedBuffers, flow_of, split_gso
 
 
 def split(packet, proto, l4, mss):
     """The datagrams packet is cut into, round by round, in the daemon's own shared
     buffer held as the daemon holds it: it cannot grow."""
-    scratch, datagrams, done = Scratch(), [], 0
+    scratch, datagrams, done = SharedBuffers(), [], 0
     while done is not None:
         stride, total, done = split_gso(packet, proto, l4, mss, scratch.out, done)
         datagrams += [bytes(scratch.out[at:min(at + stride, total)])
@@ -154,7 +154,7 @@ def test_flow_of_takes_any_bytes(data):
 
 
 def test_scratch_buffers_hold_the_largest_split():
-    scratch = Scratch()  # held while it cuts, as the daemon holds it: its buffers cannot grow
+    scratch = SharedBuffers()  # held while it cuts, as the daemon holds it: its buffers cannot grow
     packet, l4 = super_packet(4, ups.TCP, bytes(65535 - 52))
     total, done = 0, 0
     while done is not None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import udpProxyServer as ups
 import udpProxyServerControl as ctl
-from udpProxyServer import ControlError, Gate, StateFile
+from udpProxyServer import AllowList, Authenticator, ControlError, ReplyBudget, StateFile
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 NOW = 1795000000.0
@@ -21,11 +21,11 @@ def sealed(message, secret=SECRET, at=NOW):
 
 
 def test_an_authenticated_request_is_opened_and_its_reply_sealed_for_the_sender():
-    gate = Gate(SECRET, clock=lambda: NOW)
+    auth = Authenticator(SECRET, clock=lambda: NOW)
     datagram, session = sealed({"op": "list"})
-    request, nonce = gate.open(datagram)
+    request, nonce = auth.open(datagram)
     assert request == {"op": "list"} and nonce == session.nonce
-    reply = json.loads(gate.seal(json.dumps({"ok": True, "op": "list"}), nonce))
+    reply = json.loads(auth.seal(json.dumps({"ok": True, "op": "list"}), nonce))
     assert session.open(reply) == ({"ok": True, "op": "list"}, True)
 
 
@@ -40,38 +40,38 @@ def test_an_authenticated_request_is_opened_and_its_reply_sealed_for_the_sender(
 ])
 def test_requests_that_are_not_authentic_are_refused(datagram, complaint):
     with pytest.raises(ControlError, match=complaint):
-        Gate(SECRET, clock=lambda: NOW).open(datagram)
+        Authenticator(SECRET, clock=lambda: NOW).open(datagram)
 
 
 def test_a_replayed_request_is_refused():
-    gate = Gate(SECRET, clock=lambda: NOW)
+    auth = Authenticator(SECRET, clock=lambda: NOW)
     datagram, _ = sealed({"op": "list"})
-    gate.open(datagram)
+    auth.open(datagram)
     with pytest.raises(ControlError, match="replayed request"):
-        gate.open(datagram)
+        auth.open(datagram)
 
 
 def test_nonces_are_forgotten_once_their_window_is_past():
     clock = [NOW]
-    gate = Gate(SECRET, clock=lambda: clock[0])
+    auth = Authenticator(SECRET, clock=lambda: clock[0])
     for _ in range(5):
-        gate.open(sealed({"op": "list"}, at=clock[0])[0])
+        auth.open(sealed({"op": "list"}, at=clock[0])[0])
     clock[0] += 2 * ups.AUTH_WINDOW
-    gate.check_fresh(int(clock[0]), "f" * 32)
-    assert len(gate.nonces) == 6
+    auth.check_fresh(int(clock[0]), "f" * 32)
+    assert len(auth.nonces) == 6
     ups.MAX_NONCES, saved = 3, ups.MAX_NONCES
     try:
-        gate.check_fresh(int(clock[0]), "e" * 32)
+        auth.check_fresh(int(clock[0]), "e" * 32)
     finally:
         ups.MAX_NONCES = saved
-    assert set(gate.nonces) == {"f" * 32, "e" * 32}
+    assert set(auth.nonces) == {"f" * 32, "e" * 32}
 
 
 def test_without_a_secret_plain_requests_pass_and_envelopes_are_refused():
-    gate = Gate()
-    assert gate.open(b'{"op": "list"}') == ({"op": "list"}, None)
+    auth = Authenticator()
+    assert auth.open(b'{"op": "list"}') == ({"op": "list"}, None)
     with pytest.raises(ControlError, match="no secret"):
-        gate.open(sealed({"op": "list"})[0])
+        auth.open(sealed({"op": "list"})[0])
 
 
 def test_the_control_script_believes_an_unsigned_reply_only_when_it_reports_failure():
@@ -86,19 +86,19 @@ def test_the_control_script_believes_an_unsigned_reply_only_when_it_reports_fail
 
 def test_replies_are_limited_per_source():
     clock = [NOW]
-    gate = Gate(clock=lambda: clock[0])
-    granted = sum(gate.may_reply("198.18.0.3") for _ in range(ups.REPLY_BURST + 50))
+    budget = ReplyBudget(clock=lambda: clock[0])
+    granted = sum(budget.take("198.18.0.3") for _ in range(ups.REPLY_BURST + 50))
     assert granted == ups.REPLY_BURST
-    assert gate.may_reply("198.18.0.4")  # another source has its own budget
+    assert budget.take("198.18.0.4")  # another source has its own budget
     clock[0] += 1
-    assert sum(gate.may_reply("198.18.0.3") for _ in range(ups.REPLY_RATE + 50)) == ups.REPLY_RATE
+    assert sum(budget.take("198.18.0.3") for _ in range(ups.REPLY_RATE + 50)) == ups.REPLY_RATE
 
 
 def test_the_allow_list_admits_its_networks_and_loopback_only():
-    gate = Gate(allow=[ups.ipaddress.IPv4Network("198.18.0.0/30")])
-    assert gate.admits("198.18.0.2") and gate.admits("127.0.0.1")
-    assert not gate.admits("198.18.0.5")
-    assert Gate().admits("198.18.0.5") and not Gate().trusted("198.18.0.5")
+    allow = AllowList([ups.ipaddress.IPv4Network("198.18.0.0/30")])
+    assert allow.admits("198.18.0.2") and allow.admits("127.0.0.1")
+    assert not allow.admits("198.18.0.5")
+    assert AllowList().admits("198.18.0.5") and not AllowList().trusted("198.18.0.5")
 
 
 @pytest.mark.parametrize("read", [ups.read_secret, ctl.read_secret])
@@ -159,9 +159,9 @@ json_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 def test_any_envelope_is_opened_or_refused_with_control_error(auth, payload):
     datagram = json.dumps({"auth": auth, "payload": payload}).encode()
-    for gate in (Gate(SECRET, clock=lambda: NOW), Gate()):
+    for auth in (Authenticator(SECRET, clock=lambda: NOW), Authenticator()):
         with pytest.raises(ControlError):
-            gate.open(datagram)
+            auth.open(datagram)
 
 
 def test_a_cookie_proves_one_address_and_port_for_one_to_two_periods():
