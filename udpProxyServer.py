@@ -927,24 +927,10 @@ class Tunnel:
         self.drops["tun_full" if isinstance(error, BlockingIOError) else "tun_refused"] += packets
 
     def describe(self):
-        spec = self.spec
-        return {
-            "name": spec.name,
-            "tunnelIP": str(spec.interface.ip),
-            "netmask": str(spec.interface.netmask),
-            "prefixlen": spec.interface.network.prefixlen,
-            "mtu": spec.mtu,
-            "remoteServer": str(spec.remote),
-            "remotePort": self.peer[1],
-            "routes": [str(route) for route in spec.routes],
-            "rx_packets": self.rx_packets,
-            "rx_bytes": self.rx_bytes,
-            "tx_packets": self.tx_packets,
-            "tx_bytes": self.tx_bytes,
-            "drops": dict(self.drops),
-            "last_rx": self.last_rx,
-            "last_tx": self.last_tx,
-        }
+        """The tunnel as list gives it: its entry, as it was asked for, and its counters."""
+        return dict(self.spec.entry(), rx_packets=self.rx_packets, rx_bytes=self.rx_bytes,
+                    tx_packets=self.tx_packets, tx_bytes=self.tx_bytes, drops=dict(self.drops),
+                    last_rx=self.last_rx, last_tx=self.last_tx)
 
     def close(self):
         self.device.close()

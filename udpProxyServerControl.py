@@ -354,9 +354,9 @@ def format_table(reply, now=None):
         remote = tunnel["remoteServer"]
         rows.append((
             tunnel["name"],
-            "%s/%s" % (tunnel["tunnelIP"], tunnel.get("prefixlen")
-                       or netmask_bits(tunnel["netmask"])),
-            ("[%s]:%s" if ":" in remote else "%s:%s") % (remote, tunnel["remotePort"]),
+            str(listed_interface(tunnel)),
+            ("[%s]:%s" if ":" in remote else "%s:%s") % (
+                remote, tunnel.get("remotePort", reply.get("dataPort", DATA_PORT))),
             str(tunnel["mtu"]),
             str(tunnel["rx_packets"]),
             str(tunnel["rx_bytes"]),
@@ -381,10 +381,6 @@ def format_table(reply, now=None):
         lines.append("in the state file but not made (see the daemon's log): %s"
                      % ", ".join(reply["unmade"]))
     return "\n".join(lines)
-
-
-def netmask_bits(netmask):
-    return bin(int.from_bytes(socket.inet_aton(netmask), "big")).count("1")
 
 
 def format_drops(drops):
@@ -556,10 +552,11 @@ def pair_subnets(mesh, current, unanswered=frozenset()):
         there = current.get(b.name, {}).get(tunnel_name(a.name))
         if here and there:
             net = listed_interface(here).network
+            here_ip, there_ip = listed_interface(here).ip, listed_interface(there).ip
             if (net.prefixlen == mesh.prefix and net.subnet_of(mesh.tunnel_net)
                     and listed_interface(there).network == net and net not in taken
-                    and here["tunnelIP"] != there["tunnelIP"]):
-                chosen[a.name, b.name] = (net, here["tunnelIP"], there["tunnelIP"])
+                    and here_ip != there_ip):
+                chosen[a.name, b.name] = (net, str(here_ip), str(there_ip))
                 taken.add(net)
     free = (net for net in subnets if net not in taken)
     for a, b in pairs:
@@ -599,8 +596,13 @@ def held_subnets(mesh, current, held):
 
 
 def listed_interface(listed):
-    """A listed tunnel's address with its prefix length, as ipaddress sees it."""
-    return ipaddress.ip_interface("%s/%d" % (listed["tunnelIP"], listed["prefixlen"]))
+    """A listed tunnel's address with its prefix length, from its entry: the tunnelIP with
+    its prefix length, or with its netmask (a daemon of 2.0.0 also gives prefixlen)."""
+    address = listed["tunnelIP"]
+    if "/" in address:
+        return ipaddress.ip_interface(address)
+    return ipaddress.ip_interface("%s/%s" % (address, listed.get("prefixlen")
+                                             or listed.get("netmask", DEFAULT_NETMASK)))
 
 
 def mesh_plan(mesh, current, unanswered=frozenset()):
@@ -658,12 +660,10 @@ def down_plans(mesh, current):
 
 def same_tunnel(entry, listed, data_port):
     """Whether a tunnel a daemon lists is the one the mesh wants."""
-    interface = ipaddress.ip_interface(entry["tunnelIP"])
-    return (listed["tunnelIP"] == str(interface.ip)
-            and listed.get("prefixlen") == interface.network.prefixlen
+    return (listed_interface(listed) == ipaddress.ip_interface(entry["tunnelIP"])
             and listed["mtu"] == entry["mtu"]
             and ipaddress.ip_address(listed["remoteServer"]) == ipaddress.ip_address(entry["remoteServer"])
-            and listed["remotePort"] == data_port
+            and listed.get("remotePort", data_port) == data_port
             and sorted(listed.get("routes", [])) == entry["routes"])
 
 

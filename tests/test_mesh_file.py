@@ -129,7 +129,7 @@ def test_a_host_that_does_not_answer_keeps_every_tunnel_it_shares(lab):
     # Their ends of the pairs with minion-2: the same tunnels, their counts going on.
     for host in (three, four):
         tunnel, old = host.tunnels(secret=secret)["m-minion-2"], before[host.name]["m-minion-2"]
-        assert (tunnel["tunnelIP"], tunnel["prefixlen"]) == (old["tunnelIP"], old["prefixlen"])
+        assert (tunnel["tunnelIP"], tunnel["netmask"]) == (old["tunnelIP"], old["netmask"])
         assert tunnel["tx_packets"] >= old["tx_packets"] > 0
         assert host.ping(two.lan, source=host.lan)
     assert {name: t["tunnelIP"] for name, t in two.tunnels(secret=secret).items()} == \
