@@ -74,7 +74,7 @@ examples:
 """
 
 
-# --- Building the message -----------------------------------------------------
+# --- Building and sealing a request -------------------------------------------
 
 
 def build_message(args):
@@ -94,13 +94,6 @@ def build_message(args):
     if args.route:
         tunnel["routes"] = args.route
     return {"op": "add", "tunnel": [tunnel]}
-
-
-# --- Sending and waiting for the reply ----------------------------------------
-
-
-class NoReply(Exception):
-    """The daemon could not be reached or did not answer in time."""
 
 
 class BadSecret(Exception):
@@ -163,6 +156,13 @@ class Session:
         except ValueError:
             return None
         return (opened, True) if isinstance(opened, dict) else None
+
+
+# --- Sending it and waiting for the reply, the sender's address validated -----
+
+
+class NoReply(Exception):
+    """The daemon could not be reached or did not answer in time."""
 
 
 def resolve(host, port):
@@ -342,6 +342,16 @@ def format_reply(reply):
     return "\n".join(lines)
 
 
+def listed_interface(listed):
+    """A listed tunnel's address with its prefix length, from its entry: the tunnelIP with
+    its prefix length, or with its netmask (a daemon of 2.0.0 also gives prefixlen)."""
+    address = listed["tunnelIP"]
+    if "/" in address:
+        return ipaddress.ip_interface(address)
+    return ipaddress.ip_interface("%s/%s" % (address, listed.get("prefixlen")
+                                             or listed.get("netmask", DEFAULT_NETMASK)))
+
+
 LIST_COLUMNS = ("NAME", "TUNNEL", "REMOTE", "MTU", "RX PKTS", "RX BYTES",
                 "TX PKTS", "TX BYTES", "DROPS", "LAST RX", "ROUTES")
 
@@ -398,7 +408,7 @@ def format_age(stamp, now):
     return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-# --- The mesh file ------------------------------------------------------------
+# --- The mesh: the file checked, and each host's plan from what it has (no I/O) ---
 
 
 class MeshError(ValueError):
@@ -421,17 +431,10 @@ class Mesh:
     control_port: int
 
 
-def load_mesh(path):
-    """The mesh in a JSON file, checked whole before anything is sent."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise MeshError("cannot read %s: %s" % (path, e.strerror)) from None
-    except ValueError as e:
-        raise MeshError("%s is not JSON: %s" % (path, e)) from None
+def parse_mesh(data):
+    """The Mesh a mesh file's JSON describes, checked whole before anything is sent."""
     if not isinstance(data, dict):
-        raise MeshError("%s: the mesh must be a JSON object" % path)
+        raise MeshError("the mesh must be a JSON object")
     unknown = sorted(set(data) - set(MESH_FIELDS))
     if unknown:
         raise MeshError("unknown field %r (expected %s)" % (unknown[0], ", ".join(MESH_FIELDS)))
@@ -595,16 +598,6 @@ def held_subnets(mesh, current, held):
     return taken
 
 
-def listed_interface(listed):
-    """A listed tunnel's address with its prefix length, from its entry: the tunnelIP with
-    its prefix length, or with its netmask (a daemon of 2.0.0 also gives prefixlen)."""
-    address = listed["tunnelIP"]
-    if "/" in address:
-        return ipaddress.ip_interface(address)
-    return ipaddress.ip_interface("%s/%s" % (address, listed.get("prefixlen")
-                                             or listed.get("netmask", DEFAULT_NETMASK)))
-
-
 def mesh_plan(mesh, current, unanswered=frozenset()):
     """For each host, the tunnels it should have: name -> control entry; none between a
     host in unanswered and another (see held_tunnels)."""
@@ -667,7 +660,19 @@ def same_tunnel(entry, listed, data_port):
             and sorted(listed.get("routes", [])) == entry["routes"])
 
 
-# --- Applying the mesh --------------------------------------------------------
+# --- Applying the mesh: reading the file and the daemons, changing them, saying so ---
+
+
+def load_mesh(path):
+    """The mesh in a JSON file, checked whole before anything is sent."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise MeshError("cannot read %s: %s" % (path, e.strerror)) from None
+    except ValueError as e:
+        raise MeshError("%s is not JSON: %s" % (path, e)) from None
+    return parse_mesh(data)
 
 
 def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
@@ -768,6 +773,29 @@ def change_host(daemon, stale, new):
     return None
 
 
+def main_mesh(args, session):
+    try:
+        mesh = load_mesh(args.mesh)
+    except MeshError as e:
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_USAGE
+    pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
+    print("mesh %s: %d hosts, %d tunnels%s%s" % (
+        args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
+        " (dry run: nothing is changed)" if args.dry_run else ""))
+    try:
+        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print, args.down)
+    except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_REFUSED
+    if failed:
+        print("mesh: %d of %d hosts failed: %s" % (len(failed), len(mesh.hosts), ", ".join(
+            "%s (%s)" % item for item in failed.items())))
+        return EXIT_REFUSED
+    print("mesh: all %d hosts %s" % (len(mesh.hosts), "planned" if args.dry_run else "done"))
+    return EXIT_OK
+
+
 # --- main ---------------------------------------------------------------------
 
 
@@ -843,29 +871,6 @@ def parse_args(argv):
         if getattr(args, field) is None:
             parser.error("-o %s needs --%s" % (args.operation, field))
     return args
-
-
-def main_mesh(args, session):
-    try:
-        mesh = load_mesh(args.mesh)
-    except MeshError as e:
-        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
-        return EXIT_USAGE
-    pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
-    print("mesh %s: %d hosts, %d tunnels%s%s" % (
-        args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
-        " (dry run: nothing is changed)" if args.dry_run else ""))
-    try:
-        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print, args.down)
-    except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
-        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
-        return EXIT_REFUSED
-    if failed:
-        print("mesh: %d of %d hosts failed: %s" % (len(failed), len(mesh.hosts), ", ".join(
-            "%s (%s)" % item for item in failed.items())))
-        return EXIT_REFUSED
-    print("mesh: all %d hosts %s" % (len(mesh.hosts), "planned" if args.dry_run else "done"))
-    return EXIT_OK
 
 
 def main(argv=None):
