@@ -1521,8 +1521,8 @@ class Registry:
 
 
 class Server:
-    """The daemon: its sockets and the loop that serves them, its tunnels (made, removed,
-    and carried: the receiving side of the data path), and the state file that keeps them."""
+    """The daemon: its sockets and the loop that serves them, and its tunnels: made,
+    removed, and carried (the receiving side of the data path)."""
 
     def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
                  state=None, clock=time.monotonic, **policy):
@@ -1530,7 +1530,7 @@ class Server:
         self.data_port = data_sock.getsockname()[1]
         self.open_device = open_device
         self.offloads = offloads or Offloads()
-        self.state = state
+        self.keeper = StateKeeper(self, state)
         self.clock = clock  # when the data path's fallbacks end
         self.loop = Loop()
         self.registry = Registry(data_sock.family)
@@ -1595,7 +1595,7 @@ class Server:
         except TunnelGone as e:
             log.error("tunnel %s: device failed (%s); tunnel removed", tunnel.name, e)
             self.remove(tunnel)
-            self.save_state()
+            self.keeper.save()
 
     # Tunnels made and removed.
 
@@ -1647,15 +1647,35 @@ class Server:
         finally:
             tunnel.close()
 
-    # What survives a restart: the state file.
+    def close(self):
+        """Close every tunnel (their devices go with them), then the sockets."""
+        count = len(self.tunnels)
+        for tunnel in list(self.tunnels.values()):
+            self.remove(tunnel)
+        self.control.quiet.flush(force=True)
+        for sock in (self.data_sock, self.control.sock):
+            self.loop.unwatch(sock.fileno())
+            sock.close()
+        self.netlink.close()
+        self.loop.close()
+        log.info("closed %d tunnels", count)
 
-    def save_state(self):
+
+class StateKeeper:
+    """What survives a restart: the server's tunnels written to the state file on every
+    change, made again from it at start-up, and made what it says on SIGHUP."""
+
+    def __init__(self, server, state=None):
+        self.server = server
+        self.state = state  # a StateFile, or None without --state-file
+
+    def save(self):
         """Write the tunnels to the state file before the change is acknowledged; a
         warning for the reply when it cannot be written."""
         if self.state is None:
             return None
         try:
-            self.state.save(self.registry.entries())
+            self.state.save(self.server.registry.entries())
         except OSError as e:
             log.error("cannot write state file %s: %s", self.state.path, e)
             return "done, but not written to the state file: %s" % e
@@ -1678,24 +1698,24 @@ class Server:
             try:
                 if not isinstance(entry, dict):
                     raise ControlError("not an object")
-                self.add_tunnel(entry)
+                self.server.add_tunnel(entry)
             except ControlError as e:
                 self.not_made(entry, e)
-        log.info("restored %d tunnels from %s", len(self.tunnels), self.state.path)
+        log.info("restored %d tunnels from %s", len(self.server.tunnels), self.state.path)
 
     def not_made(self, entry, error):
         """A tunnel of the state file that cannot be made (now): said, and kept in the file
         when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
         name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name not in self.tunnels:
-            self.registry.unmade[name] = entry
+        if isinstance(name, str) and name not in self.server.tunnels:
+            self.server.registry.unmade[name] = entry
             log.error("state file %s: tunnel %s not made: %s; kept in the file, tried again"
                       " at the next start or SIGHUP", self.state.path, name, error)
         else:
             log.error("state file %s: entry %s skipped: %s", self.state.path,
                       json.dumps(entry)[:200], error)
 
-    def reload_state(self):
+    def reload(self):
         """SIGHUP: make the tunnels what the state file says, touching only the difference.
         A file that cannot be read or parsed, or one with a bad entry, changes nothing."""
         if self.state is None:
@@ -1706,21 +1726,21 @@ class Server:
         except StateUnreadable as e:
             log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
             return
-        removed = [t for t in self.tunnels.values() if wanted.get(t.name) != t.spec]
+        removed = [t for t in self.server.tunnels.values() if wanted.get(t.name) != t.spec]
         for tunnel in removed:
-            self.remove(tunnel)
-        self.registry.unmade.clear()
+            self.server.remove(tunnel)
+        self.server.registry.unmade.clear()
         added = 0
         for name, spec in wanted.items():
-            if name in self.tunnels:
+            if name in self.server.tunnels:
                 continue
             try:
-                self.add_spec(spec)
+                self.server.add_spec(spec)
                 added += 1
             except ControlError as e:
                 self.not_made(spec.entry(), e)
         log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
-                 len(removed), added, len(self.tunnels) - added, len(self.registry.unmade))
+                 len(removed), added, len(self.server.tunnels) - added, len(self.server.registry.unmade))
 
     def wanted_specs(self, entries):
         """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
@@ -1736,18 +1756,6 @@ class Server:
             wanted[spec.name] = spec
         return wanted
 
-    def close(self):
-        """Close every tunnel (their devices go with them), then the sockets."""
-        count = len(self.tunnels)
-        for tunnel in list(self.tunnels.values()):
-            self.remove(tunnel)
-        self.control.quiet.flush(force=True)
-        for sock in (self.data_sock, self.control.sock):
-            self.loop.unwatch(sock.fileno())
-            sock.close()
-        self.netlink.close()
-        self.loop.close()
-        log.info("closed %d tunnels", count)
 
 
 # The outcome of one control request: the reply, the nonce to seal it with (None when
@@ -1905,7 +1913,7 @@ class ControlPort:
         if errors:
             reply["error"] = "; ".join(errors)
         if len(errors) < len(entries):
-            warning = self.server.save_state()
+            warning = self.server.keeper.save()
             if warning:
                 reply["warning"] = warning
         return reply
@@ -2012,7 +2020,7 @@ def watch_signals(server):
             if signum == signal.SIGHUP:
                 log.info("SIGHUP received, re-reading the state file")
                 notify_systemd("RELOADING=1")
-                server.reload_state()
+                server.keeper.reload()
                 notify_systemd("READY=1")
             else:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
@@ -2111,7 +2119,7 @@ def main(argv=None):
                     " can reach it%s", "[%s]:%d" % (host, port) if ":" in host else
                     "%s:%d" % (host, port), "" if args.allow else " (see also --allow and --control-bind)")
     signal_fds = watch_signals(server)
-    server.restore()
+    server.keeper.restore()
     notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.tunnels))
     try:
         server.run()

@@ -582,12 +582,12 @@ def entry(name, third, **changes):
 @contextlib.contextmanager
 def server_with_state(tmp_path):
     with fake_server() as (server, devices):
-        server.state = ups.StateFile(str(tmp_path / "state.json"))
+        server.keeper.state = ups.StateFile(str(tmp_path / "state.json"))
         yield server, devices
 
 
 def saved_names(server):
-    return [e["name"] for e in server.state.load()]
+    return [e["name"] for e in server.keeper.state.load()]
 
 
 class NoNetlink:
@@ -647,11 +647,11 @@ def test_sighup_with_a_missing_or_corrupt_state_file_keeps_every_tunnel(tmp_path
     with server_with_state(tmp_path) as (server, devices):
         answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2)]}).encode(),
                       ("127.0.0.1", 9))
-        os.remove(server.state.path)
+        os.remove(server.keeper.state.path)
         if content is not None:
-            with open(server.state.path, "wb") as f:
+            with open(server.keeper.state.path, "wb") as f:
                 f.write(content)
-        server.reload_state()
+        server.keeper.reload()
         assert list(server.tunnels) == ["udp2"]
 
 
@@ -659,20 +659,20 @@ def test_sighup_with_a_readable_file_listing_fewer_tunnels_removes_them(tmp_path
     with server_with_state(tmp_path) as (server, devices):
         answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
                       .encode(), ("127.0.0.1", 9))
-        server.state.save([entry("udp3", 3)])
-        server.reload_state()
+        server.keeper.state.save([entry("udp3", 3)])
+        server.keeper.reload()
         assert list(server.tunnels) == ["udp3"]
 
 
 def test_a_tunnel_that_cannot_be_made_again_stays_in_the_state_file_until_made_or_deleted(
         tmp_path, monkeypatch):
     with server_with_state(tmp_path) as (server, devices):
-        server.state.save([entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3),
+        server.keeper.state.save([entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3),
                            entry("udp4", 4)])
         missing = monkeypatch.context()
         with missing as patch:
             patch.setattr(ups, "IPRoute", NoNetlink)  # e.g. pyroute2 gone after an upgrade
-            server.restore()
+            server.keeper.restore()
         assert sorted(server.tunnels) == ["udp3", "udp4"] and list(server.registry.unmade) == ["udp2"]
         assert list_of(server)["unmade"] == ["udp2"]
         answer(server, json.dumps({"op": "del", "tunnel": [{"name": "udp4"}]}).encode(),
@@ -689,8 +689,8 @@ def test_sighup_with_a_bad_entry_changes_nothing(tmp_path, bad):
     with server_with_state(tmp_path) as (server, devices):
         answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
                       .encode(), ("127.0.0.1", 9))
-        server.state.save([entry("udp2", 2), bad])
-        server.reload_state()
+        server.keeper.state.save([entry("udp2", 2), bad])
+        server.keeper.reload()
         assert sorted(server.tunnels) == ["udp2", "udp3"]
 
 

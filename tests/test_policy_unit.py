@@ -1,4 +1,5 @@
-"""Control-port security and the state file, without root."""
+"""Control-port policy and the state file, without root: authentication, cookies, the
+reply budget, the amplification rule."""
 
 import json
 import logging
