@@ -29,12 +29,7 @@ def lab():
 @pytest.fixture
 def pair(lab):
     """Two hosts, each with a daemon, joined by one tunnel: a (10.0.1.1, udp2) <-> b (10.0.1.2, udp1)."""
-    a, b = lab.host("a", 1), lab.host("b", 2)
-    a.start_daemon()
-    b.start_daemon()
-    a.add_tunnel("udp2", "10.0.1.1", b)
-    b.add_tunnel("udp1", "10.0.1.2", a)
-    return a, b
+    return lablib.tunnel_pair(lab)
 
 
 FIGURES = []

@@ -219,6 +219,18 @@ class Host:
         self.run(sys.executable, "-c", code, input=json.dumps([p.hex() for p in payloads]))
 
 
+def tunnel_pair(lab, mtu=None):
+    """Two hosts, each running a daemon, joined by one tunnel (of mtu, if given):
+    a (10.0.1.1, udp2) <-> b (10.0.1.2, udp1)."""
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon()
+    b.start_daemon()
+    extra = ("-m", str(mtu)) if mtu else ()
+    a.add_tunnel("udp2", "10.0.1.1", b, *extra)
+    b.add_tunnel("udp1", "10.0.1.2", a, *extra)
+    return a, b
+
+
 def transfer(sender, receiver, address, size, port=7000):
     """Send size bytes over TCP from sender to receiver's address; return both (size, sha256)."""
     helper = os.path.join(HELPERS, "transfer.py")

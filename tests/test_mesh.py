@@ -2,7 +2,7 @@
 
 import pytest
 
-from lab import build_mesh, transfer, wait_until
+from lab import build_mesh, transfer, tunnel_pair, wait_until
 
 MEGABYTES = 8 << 20
 
@@ -24,11 +24,7 @@ def test_tcp_between_lans_arrives_intact(lab):
 
 @pytest.mark.parametrize("mtu", [1500, 1400, 9000])
 def test_full_size_packets_cross_both_ways(lab, mtu):
-    a, b = lab.host("a", 1), lab.host("b", 2)
-    a.start_daemon()
-    b.start_daemon()
-    a.add_tunnel("udp2", "10.0.1.1", b, "-m", str(mtu))
-    b.add_tunnel("udp1", "10.0.1.2", a, "-m", str(mtu))
+    a, b = tunnel_pair(lab, mtu)
     # An IP packet of exactly the tunnel MTU: 28 bytes of IPv4 and ICMP headers plus the payload.
     assert a.ping("10.0.1.2", size=mtu - 28)
     assert b.ping("10.0.1.1", size=mtu - 28)

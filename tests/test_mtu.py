@@ -2,7 +2,7 @@
 
 import pytest
 
-from lab import transfer
+from lab import transfer, tunnel_pair
 
 MEGABYTES = 8 << 20
 # 68 is the smallest MTU IPv4 allows. TCP sends no segment under 88 bytes (20 of IPv4, 32
@@ -15,11 +15,7 @@ MTUS = [68, 88, 300, 576, 1280, 1400, 1500, 9000]
 
 @pytest.mark.parametrize("mtu", MTUS)
 def test_tcp_crosses_intact_at_any_mtu(lab, mtu):
-    a, b = lab.host("a", 1), lab.host("b", 2)
-    a.start_daemon()
-    b.start_daemon()
-    a.add_tunnel("udp2", "10.0.1.1", b, "-m", str(mtu))
-    b.add_tunnel("udp1", "10.0.1.2", a, "-m", str(mtu))
+    a, b = tunnel_pair(lab, mtu)
     # An IP packet of exactly the tunnel MTU: 28 bytes of IPv4 and ICMP headers plus the payload.
     assert a.ping("10.0.1.2", size=mtu - 28) and b.ping("10.0.1.1", size=mtu - 28)
     sent, received = transfer(a, b, "10.0.1.2", MEGABYTES)

@@ -2,7 +2,6 @@
 reply budget, the amplification rule."""
 
 import json
-import logging
 import os
 
 import pytest

@@ -1,6 +1,6 @@
 """Routes the daemon owns, and IPv6 under and inside the tunnels."""
 
-from lab import transfer, wait_until
+from lab import transfer
 
 
 def test_routes_come_with_the_tunnel_and_go_with_del_and_shutdown(pair):
