@@ -13,7 +13,7 @@ setup(
         "udpProxyServerControl = udpProxyServerControl:main",
     ]},
     scripts=["udpProxyServer.py", "udpProxyServerControl.py"],
-    install_requires=["python-pytun>=2.4", "pyroute2>=0.7"],
+    install_requires=["python-pytun>=2.4", "pyroute2>=0.7", "cryptography>=41"],
     python_requires=">=3.8",
     classifiers=[
         "Operating System :: POSIX :: Linux",
