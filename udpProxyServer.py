@@ -7,11 +7,14 @@ one UDP datagram per packet, and datagrams from that server are written back
 into the device. Tunnels are added, deleted and listed at run time with JSON
 messages on the control port (see udpProxyServerControl.py).
 
-Needs the standard library and python-pytun, and pyroute2 for IPv6 tunnel
-addresses and routes, so it runs when copied alone to a host.
+Needs the standard library and python-pytun, pyroute2 for IPv6 tunnel
+addresses and routes, and cryptography for encrypted tunnels (WireGuard), so it
+runs when copied alone to a host.
 """
 
 import argparse
+import base64
+import binascii
 import collections
 import dataclasses
 import errno
@@ -42,6 +45,10 @@ try:
 except ImportError:  # needed only for IPv6 tunnel addresses and routes, and said so then
     IPRoute = None
     NetlinkError = OSError
+try:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+except ImportError:  # needed only for encrypted tunnels, and said so then
+    X25519PrivateKey = None
 
 
 # --- Constants, exceptions, the logger ----------------------------------------
@@ -98,6 +105,8 @@ REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 # A shared secret of fewer bytes is too easy to guess.
 MIN_SECRET_LEN = 16
+# Curve25519 keys, as wg genkey and wg pubkey write them: 32 bytes in base64.
+KEY_LEN = 32
 # Replies per source and second, and the burst allowed, to sources that have not shown they
 # receive at their address: a mesh's set-up fits; a reflected flood does not.
 REPLY_RATE, REPLY_BURST = 100, 200
@@ -188,6 +197,14 @@ class Retry(ControlError):
 
 class StartupError(Exception):
     """The daemon cannot start; the text is the one line the user sees."""
+
+
+class NeedsCryptography(ControlError, StartupError):
+    """What needs the cryptography package, where it is missing: said with what to install."""
+
+    def __init__(self, what="encrypted tunnels"):
+        super().__init__("the cryptography package is needed for %s (pip install"
+                         " cryptography)" % what)
 
 
 class TunnelGone(Exception):
@@ -418,6 +435,18 @@ def entry_name(entry):
     """The name to report a result under, whatever its validity."""
     name = entry.get("name")
     return name if isinstance(name, str) else repr(name)
+
+
+def parse_key(value, field):
+    """A Curve25519 key (or a preshared key) given in base64, as wg writes them."""
+    try:
+        key = base64.b64decode(value, validate=True) if isinstance(value, str) else None
+    except (binascii.Error, ValueError):
+        key = None
+    if key is None or len(key) != KEY_LEN:
+        raise ControlError("invalid %s %r: must be %d bytes in base64, as wg genkey writes"
+                           % (field, value, KEY_LEN))
+    return key
 
 
 def is_hex(value, length):
@@ -1062,6 +1091,43 @@ def read_secret(path):
     return secret
 
 
+def read_key_file(path, generate=False):
+    """The Curve25519 private key in path, as wg genkey writes it (base64), refused if
+    others could read it; with generate, a missing file is made first (mode 600)."""
+    if X25519PrivateKey is None:
+        raise NeedsCryptography("--key-file")
+    if generate and not os.path.exists(path):
+        key = X25519PrivateKey.generate().private_bytes_raw()
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(base64.b64encode(key) + b"\n")
+        except OSError as e:
+            raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
+        log.info("key file %s made", path)
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise StartupError("cannot read key file %s: %s%s" % (
+            path, e.strerror, " (--generate-key makes one)" if not os.path.exists(path) else "")
+        ) from None
+    if mode & 0o077:
+        raise StartupError("key file %s is readable by group or others (mode %03o):"
+                           " chmod 600 it" % (path, mode & 0o777))
+    try:
+        return parse_key(text.decode("ascii"), "private key")
+    except (ControlError, UnicodeDecodeError):
+        raise StartupError("key file %s does not hold a base64 Curve25519 private key"
+                           " (as wg genkey writes)" % path) from None
+
+
+def public_key(private):
+    """The base64 public key of a private key, as wg pubkey gives it."""
+    key = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    return base64.b64encode(key).decode()
+
+
 def request_mac(secret, ts, nonce, payload):
     message = REQUEST_MAC_PREFIX + b"%d\n%s\n%s" % (ts, nonce.encode(), payload.encode())
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
@@ -1302,7 +1368,8 @@ class StateFile:
 
     def save(self, entries):
         temporary = self.path + ".tmp"
-        with open(temporary, "w") as f:
+        # Readable by root alone: the entries of encrypted tunnels hold preshared keys.
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump({"version": 1, "tunnels": entries}, f, indent=1)
             f.write("\n")
             f.flush()
@@ -1525,12 +1592,13 @@ class Server:
     removed, and carried (the receiving side of the data path)."""
 
     def __init__(self, data_sock, control_sock, open_device=open_tun, offloads=None,
-                 state=None, clock=time.monotonic, **policy):
+                 state=None, clock=time.monotonic, private_key=None, **policy):
         self.data_sock = data_sock
         self.data_port = data_sock.getsockname()[1]
         self.open_device = open_device
         self.offloads = offloads or Offloads()
         self.keeper = StateKeeper(self, state)
+        self.private_key = private_key  # this host's WireGuard identity, from --key-file
         self.clock = clock  # when the data path's fallbacks end
         self.loop = Loop()
         self.registry = Registry(data_sock.family)
@@ -1942,6 +2010,7 @@ class ControlPort:
             "drops": dict(server.drops),
             "control": dict(self.counts),
             "unmade": sorted(registry.unmade),
+            "publicKey": public_key(server.private_key) if server.private_key else None,
             "tunnels": [registry.by_name[name].describe() for name in parts[request.part]],
         }
 
@@ -2060,6 +2129,8 @@ examples:
   sudo %(prog)s -dp 5000 -cp 5001 --state-file /var/lib/udpProxyServer/tunnels.json
   sudo %(prog)s --secret-file /etc/udpProxyServer/secret --allow 172.100.0.0/16
   sudo %(prog)s -b 2001:db8::1 --no-offload -v
+  sudo %(prog)s --key-file /etc/udpProxyServer/private.key --generate-key
+  %(prog)s --public-key --key-file /etc/udpProxyServer/private.key
 
 Tunnels are added with udpProxyServerControl.py. SIGTERM and SIGINT close them all
 and exit; SIGHUP re-reads the state file.
@@ -2086,11 +2157,31 @@ def parse_args(argv):
                         help="take control requests only from CIDR (and loopback); repeatable")
     parser.add_argument("--state-file", metavar="PATH",
                         help="keep the tunnels in PATH: recreated at start-up, re-read on SIGHUP")
+    parser.add_argument("--key-file", metavar="PATH",
+                        help="this host's WireGuard private key (base64, as wg genkey writes it;"
+                             " mode 600), for encrypted tunnels")
+    parser.add_argument("--generate-key", action="store_true",
+                        help="with --key-file: make the key file when it does not exist")
+    parser.add_argument("--public-key", action="store_true",
+                        help="with --key-file: print the public key (as wg pubkey) and exit")
     parser.add_argument("--no-offload", dest="offload", action="store_false",
                         help="plain reads and writes: no TUN, GSO or GRO offloads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.generate_key or args.public_key) and not args.key_file:
+        parser.error("--generate-key and --public-key go with --key-file")
+    return args
+
+
+def print_public_key(args):
+    """--public-key: the public key of --key-file, as wg pubkey prints it."""
+    try:
+        print(public_key(read_key_file(args.key_file, args.generate_key)))
+    except StartupError as e:
+        print("udpProxyServer: %s" % e, file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None):
@@ -2099,7 +2190,10 @@ def main(argv=None):
     if args.dataPort == args.controlPort:
         print("udpProxyServer: data and control port are both %d" % args.dataPort, file=sys.stderr)
         return 1
+    if args.public_key:
+        return print_public_key(args)
     try:
+        private_key = read_key_file(args.key_file, args.generate_key) if args.key_file else None
         secret = read_secret(args.secret_file) if args.secret_file else None
         check_can_create_tun()
         log.debug("open file limit: %d", raise_fd_limit())
@@ -2109,7 +2203,8 @@ def main(argv=None):
         offloads = probe_offloads(data_sock) if args.offload else Offloads()
         log.info("offloads: %s", offloads.describe() if args.offload else "off (--no-offload)")
         server = Server(data_sock, control_sock, offloads=offloads, state=state,
-                        allow=AllowList(args.allow), auth=Authenticator(secret))
+                        private_key=private_key, allow=AllowList(args.allow),
+                        auth=Authenticator(secret))
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
@@ -2118,6 +2213,8 @@ def main(argv=None):
         log.warning("no --secret-file: the control port %s takes requests from anyone who"
                     " can reach it%s", "[%s]:%d" % (host, port) if ":" in host else
                     "%s:%d" % (host, port), "" if args.allow else " (see also --allow and --control-bind)")
+    if private_key is not None:
+        log.info("public key: %s", public_key(private_key))
     signal_fds = watch_signals(server)
     server.keeper.restore()
     notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.tunnels))

@@ -204,3 +204,35 @@ def test_a_fitted_reply_never_exceeds_its_limit_and_keeps_its_outcome(ok, op, er
     got = json.loads(fitted)
     assert got["ok"] is ok and got.get("op") == op and error.startswith(got.get("error", ""))
     assert whole == ("results" in got) and (not cookie or got["cookie"] == "ab" * 16)
+
+
+WG_PRIVATE = "cGFzc3dvcmQgaXMgbm90IGEga2V5IGJ1dCBpdCBpcyA="  # 32 bytes in base64
+
+
+def test_keys_are_32_bytes_of_base64_as_wg_writes_them():
+    assert len(ups.parse_key(WG_PRIVATE, "publicKey")) == 32
+    for bad in ("", "abc", WG_PRIVATE[:-4], WG_PRIVATE + "AAAA", "!" * 44, 42, None):
+        with pytest.raises(ControlError, match="invalid publicKey"):
+            ups.parse_key(bad, "publicKey")
+
+
+def test_a_key_file_is_made_read_and_refused_like_a_secret(tmp_path):
+    path = str(tmp_path / "private.key")
+    with pytest.raises(ups.StartupError, match="--generate-key makes one"):
+        ups.read_key_file(path)
+    key = ups.read_key_file(path, generate=True)
+    assert os.stat(path).st_mode & 0o777 == 0o600 and ups.read_key_file(path) == key
+    assert len(ups.public_key(key)) == 44
+    os.chmod(path, 0o640)
+    with pytest.raises(ups.StartupError, match="readable by group or others .mode 640.: chmod 600"):
+        ups.read_key_file(path)
+    with open(os.open(str(tmp_path / "bad.key"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write("not a key\n")
+    with pytest.raises(ups.StartupError, match="does not hold a base64 Curve25519 private key"):
+        ups.read_key_file(str(tmp_path / "bad.key"))
+
+
+def test_the_state_file_is_readable_by_its_owner_alone(tmp_path):
+    state = StateFile(str(tmp_path / "state.json"))
+    state.save([ENTRY])
+    assert os.stat(state.path).st_mode & 0o777 == 0o600

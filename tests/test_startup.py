@@ -56,6 +56,15 @@ def test_no_pytun(host):
     assert "python-pytun is not installed" in one_line(result)
 
 
+def test_no_cryptography_for_a_key_file(host):
+    # Without site-packages: neither pytun nor cryptography; the key file is read first.
+    result = host.run(sys.executable, "-I", "-S", host.lab.script("udpProxyServer.py"),
+                      "--key-file", "/nonexistent", check=False)
+    assert result.returncode == 1
+    assert "the cryptography package is needed for --key-file (pip install cryptography)" \
+        in one_line(result)
+
+
 def test_bad_port_argument(host):
     result = start(host, "-dp", "70000")
     assert result.returncode == 2 and "70000" in result.stderr
