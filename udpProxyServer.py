@@ -1315,6 +1315,190 @@ class StateFile:
             os.close(directory)
 
 
+# --- WireGuard: sessions, counters and the replay window ----------------------
+
+
+# The protocol's limits, named as the WireGuard paper names them (Donenfeld, NDSS 2017,
+# section 6.1) so the code can be held against it. Times are in seconds.
+# A keypair is replaced after this many messages, long before its nonces could wrap.
+REKEY_AFTER_MESSAGES = 2 ** 60
+# Counters from here on are never sent nor taken: 2**13 below 2**64, the replay window's room.
+REJECT_AFTER_MESSAGES = 2 ** 64 - 2 ** 13 - 1
+# The initiator of a session starts the next one when it sends with a keypair this old.
+REKEY_AFTER_TIME = 120
+# A keypair this old is used for nothing: it neither sends nor receives.
+REJECT_AFTER_TIME = 180
+# Unanswered initiations are sent again for this long, then given up (until there is data again).
+REKEY_ATTEMPT_TIME = 90
+# An initiation is sent again after this long unanswered; none is sent more often.
+REKEY_TIMEOUT = 5
+# Data received and nothing sent for this long: a keepalive tells the peer we are here.
+KEEPALIVE_TIMEOUT = 10
+# A cookie from a cookie reply serves this long (section 5.4.7).
+COOKIE_REFRESH_TIME = 120
+# The jitter added to REKEY_TIMEOUT, drawn in ms below this as wireguard-go does (under 1/3 s),
+# so two peers that started together do not retry in step.
+REKEY_TIMEOUT_JITTER_MAX_MS = 334
+# REKEY_ATTEMPT_TIME in retries, as the kernel and wireguard-go count it: the first
+# initiation and this many + 1 retries, 5 s apart, then the give-up.
+MAX_TIMER_HANDSHAKES = REKEY_ATTEMPT_TIME // REKEY_TIMEOUT
+# RFC 6479's replay window, sized as the kernel and wireguard-go size it: 128 blocks of 64
+# bits. A sender encrypting on many cores reorders its packets by thousands, and the paper's
+# REJECT_AFTER_MESSAGES keeps 2**13 counters free for this window below 2**64.
+REPLAY_BLOCK_BITS = 64
+REPLAY_BLOCKS = 128
+# How far behind the newest counter one is still told apart: the newest's own block is
+# partly ahead of it, so one block of the ring is not window (RFC 6479's redundant block).
+REPLAY_WINDOW = (REPLAY_BLOCKS - 1) * REPLAY_BLOCK_BITS
+
+
+class KeypairExhausted(Exception):
+    """A keypair has sent REJECT_AFTER_MESSAGES messages: no counter is left for sending."""
+
+
+class ReplayWindow:
+    """The receive counters of one keypair already taken, as RFC 6479 keeps them: a ring of
+    bit blocks behind the newest counter. Ask only about an authenticated message, or a
+    forged counter would move the window."""
+
+    def __init__(self):
+        self.newest = 0
+        self.blocks = [0] * REPLAY_BLOCKS
+
+    def accept(self, counter):
+        """True if counter is new, and it is taken; False for a replay, for a counter more
+        than REPLAY_WINDOW behind the newest, and for one at REJECT_AFTER_MESSAGES or beyond."""
+        if not 0 <= counter < REJECT_AFTER_MESSAGES:
+            return False
+        block, bit = divmod(counter, REPLAY_BLOCK_BITS)
+        if counter > self.newest:
+            self._clear_blocks_up_to(block)
+            self.newest = counter
+        elif self.newest - counter > REPLAY_WINDOW:
+            return False
+        slot, mask = block % REPLAY_BLOCKS, 1 << bit
+        if self.blocks[slot] & mask:
+            return False
+        self.blocks[slot] |= mask
+        return True
+
+    def _clear_blocks_up_to(self, block):
+        """Empty the blocks the window moves onto: they last held counters now too old."""
+        newest_block = self.newest // REPLAY_BLOCK_BITS
+        for passed in range(newest_block + 1, min(block, newest_block + REPLAY_BLOCKS) + 1):
+            self.blocks[passed % REPLAY_BLOCKS] = 0
+
+
+class Keypair:
+    """One session with a peer (wireguard-go's keypair.go): the keys seal_transport and
+    open_transport are given, the indices, the next counter to send with, and the window
+    of counters received. The AEAD is the caller's."""
+
+    def __init__(self, send_key, receive_key, local_index, remote_index, is_initiator, created):
+        self.send_key = bytearray(send_key)  # bytearrays, so that erase() can overwrite them
+        self.receive_key = bytearray(receive_key)
+        self.local_index = local_index  # the receiver index the peer puts on what it sends us
+        self.remote_index = remote_index  # the receiver index we put on what we send the peer
+        self.is_initiator = is_initiator
+        self.created = created  # a time of the injected clock
+        self.send_counter = 0  # the counter the next message sent gets
+        self.replay_window = ReplayWindow()
+
+    def next_counter(self):
+        """The counter for the next message sent, refused with KeypairExhausted once
+        REJECT_AFTER_MESSAGES are sent."""
+        counter = self.send_counter
+        if counter >= REJECT_AFTER_MESSAGES:
+            raise KeypairExhausted("keypair %d has sent all its messages" % self.local_index)
+        self.send_counter = counter + 1
+        return counter
+
+    @property
+    def rekey_after_messages_reached(self):
+        """REKEY_AFTER_MESSAGES are sent: time for a new session, whoever initiated this one."""
+        return self.send_counter >= REKEY_AFTER_MESSAGES
+
+    def expired(self, now):
+        """REJECT_AFTER_TIME old: it may neither send nor receive."""
+        return now >= self.created + REJECT_AFTER_TIME
+
+    def may_send(self, now):
+        return self.send_counter < REJECT_AFTER_MESSAGES and not self.expired(now)
+
+    def erase(self):
+        """Overwrite the keys: as far as Python lets us, which is not the AEAD's own copies."""
+        self.send_key[:] = bytes(len(self.send_key))
+        self.receive_key[:] = bytes(len(self.receive_key))
+
+
+class Keypairs:
+    """A peer's keypairs as wireguard-go keeps them: current; previous, the one it replaced,
+    still taken for the packets already on their way; and next, a responder's new keypair,
+    which becomes current only when the first message sent with it arrives: until then the
+    responder cannot know the initiator has its keys. retire is told of each keypair let go
+    (its keys erased), so that its index can leave the device's table."""
+
+    def __init__(self, clock, retire=lambda keypair: None):
+        self.clock = clock
+        self.retire = retire
+        self.previous = self.current = self.next = None
+
+    def begin_session(self, send_key, receive_key, local_index, remote_index, is_initiator):
+        """Put in place the keypair a completed handshake derived, created now: the
+        initiator's is current at once (the response shows the peer has it), the
+        responder's is next. Returns the new keypair."""
+        keypair = Keypair(send_key, receive_key, local_index, remote_index, is_initiator,
+                          self.clock())
+        if is_initiator:
+            if self.next is not None:  # the peer may be sending with our unconfirmed one: keep it
+                gone = (self.previous, self.current)
+                self.previous, self.next = self.next, None
+            else:
+                gone = (self.previous,)
+                self.previous = self.current
+            self.current = keypair
+        else:
+            gone = (self.next, self.previous)
+            self.next, self.previous = keypair, None
+        self._retire(*gone)
+        return keypair
+
+    def received_with(self, keypair):
+        """An authenticated message came with keypair: True when that confirms the next
+        keypair, which is then current (the responder's session begins)."""
+        if keypair is None or keypair is not self.next:
+            return False
+        self._retire(self.previous)
+        self.previous, self.current, self.next = self.current, keypair, None
+        return True
+
+    def lookup(self, local_index):
+        """The keypair a transport message with this receiver index is opened with: None
+        when the index is none of ours or its keypair is REJECT_AFTER_TIME old."""
+        now = self.clock()
+        for keypair in (self.current, self.previous, self.next):
+            if keypair is not None and keypair.local_index == local_index:
+                return None if keypair.expired(now) else keypair
+        return None
+
+    def current_for_sending(self):
+        """The current keypair if it may still send; None when there is none, or it is
+        REJECT_AFTER_TIME old, or its counters are spent: then the packet waits for a
+        handshake (PeerTimers.on_packet_staged)."""
+        keypair = self.current
+        return keypair if keypair is not None and keypair.may_send(self.clock()) else None
+
+    def clear(self):
+        self._retire(self.previous, self.current, self.next)
+        self.previous = self.current = self.next = None
+
+    def _retire(self, *keypairs):
+        for keypair in keypairs:
+            if keypair is not None:
+                keypair.erase()
+                self.retire(keypair)
+
+
 # --- The server: the loop, the tunnels, the control port and its ops ----------
 
 
