@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import resource
 import select
 import shutil
@@ -1497,6 +1498,256 @@ class Keypairs:
             if keypair is not None:
                 keypair.erase()
                 self.retire(keypair)
+
+
+# --- WireGuard: timers --------------------------------------------------------
+
+
+# What PeerTimers.due asks of the data path, in the order it must be done.
+DROP_KEYS = "drop_keys"  # the keypairs are erased: erase the handshake state too
+FLUSH_STAGED = "flush_staged"  # drop the packets waiting for a keypair: no handshake came
+SEND_INITIATION = "send_initiation"  # a new initiation, new ephemeral; then on_initiation_sent
+SEND_STAGED = "send_staged"  # the keypair just confirmed is current: send what waited for one
+SEND_KEEPALIVE = "send_keepalive"  # a keepalive, unless packets are staged; then what is staged
+TIMER_ACTIONS = (DROP_KEYS, FLUSH_STAGED, SEND_INITIATION, SEND_STAGED, SEND_KEEPALIVE)
+
+
+class PeerTimers:
+    """The timers of one peer (the paper's section 6, wireguard-go's timers.go) as
+    decisions, for a loop without threads: the data path tells what happened through the
+    on_* hooks, does what due(now) lists, and sleeps until next_wakeup(). Deadlines are
+    times of the injected clock; the jitter comes from the injected randbelow."""
+
+    def __init__(self, keypairs, clock, randbelow=random.randrange, persistent_keepalive=0):
+        self.keypairs = keypairs
+        self.clock = clock
+        self.randbelow = randbelow
+        # The five timers of timers.go: the deadline of each one pending, and its expiry.
+        self.deadlines = {}
+        self.expiries = {"retransmit_handshake": self._expired_retransmit_handshake,
+                         "send_keepalive": self._expired_send_keepalive,
+                         "new_handshake": self._expired_new_handshake,
+                         "zero_key_material": self._expired_zero_key_material,
+                         "persistent_keepalive": self._expired_persistent_keepalive}
+        self.wanted = {}  # action -> when a hook or an expiry asked for it
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_lastminute_handshake = False
+        self.last_sent_handshake = None  # our last initiation or response: initiations' pace
+        self.last_handshake = None  # when a handshake last completed
+        self.persistent_keepalive_interval = 0
+        self.set_persistent_keepalive(persistent_keepalive)
+
+    def set_persistent_keepalive(self, interval):
+        """Send a keepalive whenever no authenticated packet crossed for interval seconds
+        (0: never); turned on, one goes at once, as wireguard-go does when told or brought up."""
+        if interval and not self.persistent_keepalive_interval:
+            self._want(SEND_KEEPALIVE, self.clock())
+        if not interval:
+            self.deadlines.pop("persistent_keepalive", None)
+        self.persistent_keepalive_interval = interval
+
+    def due(self, now):
+        """What to do now, in TIMER_ACTIONS order: the expired timers' and the hooks' wishes.
+        Call when next_wakeup() has come, and after handling a batch of events."""
+        while True:
+            expired = [(deadline, name) for name, deadline in self.deadlines.items()
+                       if deadline <= now]
+            if not expired:
+                break
+            name = min(expired)[1]  # the earliest first: an expiry may stop another timer
+            del self.deadlines[name]
+            self.expiries[name](now)
+        wanted, self.wanted = self.wanted, {}
+        if SEND_INITIATION in wanted:
+            if self._initiation_paced(now):
+                del wanted[SEND_INITIATION]  # one is under way, and its retries go on
+            else:
+                self.last_sent_handshake = now
+        return [action for action in TIMER_ACTIONS if action in wanted]
+
+    def next_wakeup(self):
+        """When due() next has something to do (a time of the clock, perhaps already
+        past); None when nothing is pending."""
+        return min([*self.deadlines.values(), *self.wanted.values()], default=None)
+
+    # The hooks: what the data path tells, each where it meets it.
+
+    def on_packet_staged(self):
+        """A packet or keepalive waits, as Keypairs.current_for_sending() gave None: a
+        handshake is wanted, and its retries count from zero again."""
+        self._want_initiation(self.clock(), retry=False)
+
+    def on_initiation_sent(self):
+        """A handshake initiation went out, a first one or a retry."""
+        now = self.clock()
+        self.last_sent_handshake = now
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._handshake_initiated(now)
+
+    def on_initiation_received(self):
+        """A valid initiation from the peer was consumed; the response goes out next."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+
+    def on_response_sent(self):
+        """Our response went out, its keypair in place (Keypairs.begin_session as responder)."""
+        now = self.clock()
+        self.last_sent_handshake = now
+        self._session_derived(now)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+
+    def on_response_received(self):
+        """A valid response to our initiation was consumed, its keypair in place
+        (Keypairs.begin_session as initiator): the handshake is complete, and a keepalive
+        (or what is staged) confirms the session to the responder."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+        self._session_derived(now)
+        self._handshake_complete(now)
+        self._want(SEND_KEEPALIVE, now)
+
+    def on_data_sent(self):
+        """Transport data messages went out: once per batch is enough."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._data_sent(now)
+        self._keep_key_fresh_sending(now)
+
+    def on_keepalive_sent(self):
+        """A keepalive (a transport message without data) went out."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._keep_key_fresh_sending(now)
+
+    def on_data_received(self, keypair):
+        """A transport data message was opened with keypair, its counter accepted."""
+        now = self.clock()
+        self._transport_received(keypair, now)
+        self._data_received(now)
+
+    def on_keepalive_received(self, keypair):
+        """A keepalive was opened with keypair, its counter accepted."""
+        self._transport_received(keypair, self.clock())
+
+    # The paper's rules for a new handshake, and for a message received.
+
+    def _keep_key_fresh_sending(self, now):
+        """Sending: a new session after REKEY_AFTER_MESSAGES, or after REKEY_AFTER_TIME when
+        we initiated this one (only the initiator rekeys on time: no thundering herd)."""
+        keypair = self.keypairs.current
+        if keypair is not None and (keypair.rekey_after_messages_reached or (
+                keypair.is_initiator and now >= keypair.created + REKEY_AFTER_TIME)):
+            self._want_initiation(now, retry=False)
+
+    def _keep_key_fresh_receiving(self, now):
+        """Receiving, once a session: an initiator that only receives renews it in time for
+        a handshake (with one retry) to finish before REJECT_AFTER_TIME."""
+        keypair = self.keypairs.current
+        if self.sent_lastminute_handshake or keypair is None or not keypair.is_initiator:
+            return
+        if now >= keypair.created + REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT:
+            self.sent_lastminute_handshake = True
+            self._want_initiation(now, retry=False)
+
+    def _transport_received(self, keypair, now):
+        if self.keypairs.received_with(keypair):
+            self._handshake_complete(now)
+            self._want(SEND_STAGED, now)
+        self._keep_key_fresh_receiving(now)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+
+    # timers.go's events, which the hooks above combine.
+
+    def _data_sent(self, now):
+        if "new_handshake" not in self.deadlines:
+            self._mod("new_handshake", now, KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+
+    def _data_received(self, now):
+        if "send_keepalive" not in self.deadlines:
+            self._mod("send_keepalive", now, KEEPALIVE_TIMEOUT)
+        else:
+            self.need_another_keepalive = True
+
+    def _any_authenticated_packet_sent(self):
+        self.deadlines.pop("send_keepalive", None)
+
+    def _any_authenticated_packet_received(self):
+        self.deadlines.pop("new_handshake", None)
+
+    def _any_authenticated_packet_traversal(self, now):
+        if self.persistent_keepalive_interval:
+            self._mod("persistent_keepalive", now, self.persistent_keepalive_interval)
+
+    def _handshake_initiated(self, now):
+        self._mod("retransmit_handshake", now, REKEY_TIMEOUT + self._jitter())
+
+    def _handshake_complete(self, now):
+        self.deadlines.pop("retransmit_handshake", None)
+        self.handshake_attempts = 0
+        self.sent_lastminute_handshake = False
+        self.last_handshake = now
+
+    def _session_derived(self, now):
+        self._mod("zero_key_material", now, REJECT_AFTER_TIME * 3)
+
+    # What each timer does when it expires.
+
+    def _expired_retransmit_handshake(self, now):
+        if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
+            # Given up: what waited is dropped, and any half-made session erased in time.
+            self.deadlines.pop("send_keepalive", None)
+            self._want(FLUSH_STAGED, now)
+            if "zero_key_material" not in self.deadlines:
+                self._mod("zero_key_material", now, REJECT_AFTER_TIME * 3)
+        else:
+            self.handshake_attempts += 1
+            self._want_initiation(now, retry=True)
+
+    def _expired_send_keepalive(self, now):
+        self._want(SEND_KEEPALIVE, now)
+        if self.need_another_keepalive:
+            self.need_another_keepalive = False
+            self._mod("send_keepalive", now, KEEPALIVE_TIMEOUT)
+
+    def _expired_new_handshake(self, now):
+        self._want_initiation(now, retry=False)
+
+    def _expired_zero_key_material(self, now):
+        self.keypairs.clear()
+        self._want(DROP_KEYS, now)
+        self._want(FLUSH_STAGED, now)
+
+    def _expired_persistent_keepalive(self, now):
+        self._want(SEND_KEEPALIVE, now)
+
+    # Small parts.
+
+    def _want_initiation(self, now, retry):
+        if not retry:
+            self.handshake_attempts = 0
+        self._want(SEND_INITIATION, now)
+
+    def _initiation_paced(self, now):
+        """Less than REKEY_TIMEOUT since our last initiation or response: none is sent."""
+        last = self.last_sent_handshake
+        return last is not None and now < last + REKEY_TIMEOUT
+
+    def _want(self, action, now):
+        self.wanted.setdefault(action, now)
+
+    def _mod(self, name, now, delay):
+        self.deadlines[name] = now + delay
+
+    def _jitter(self):
+        return self.randbelow(REKEY_TIMEOUT_JITTER_MAX_MS) / 1000
 
 
 # --- The server: the loop, the tunnels, the control port and its ops ----------

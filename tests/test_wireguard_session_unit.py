@@ -1,5 +1,6 @@
-"""WireGuard sessions without root and without sleeping: the replay window at its edges,
-a keypair's counters and limits, and the keypairs' rotation, on an injected clock."""
+"""WireGuard sessions and timers without root and without sleeping: the replay window at
+its edges, a keypair's counters and limits, the keypairs' rotation, and every timer of the
+paper's section 6 on an injected clock that the tests set."""
 
 import random
 
@@ -7,10 +8,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import udpProxyServer as ups
-from udpProxyServer import (KEEPALIVE_TIMEOUT, REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME,
-                            REKEY_AFTER_MESSAGES, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME,
-                            REKEY_TIMEOUT, REPLAY_BLOCK_BITS, REPLAY_BLOCKS, REPLAY_WINDOW, Keypair,
-                            KeypairExhausted, Keypairs, ReplayWindow)
+from udpProxyServer import (DROP_KEYS, FLUSH_STAGED, KEEPALIVE_TIMEOUT, MAX_TIMER_HANDSHAKES,
+                            REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME, REKEY_AFTER_MESSAGES,
+                            REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME, REKEY_TIMEOUT, REPLAY_BLOCK_BITS,
+                            REPLAY_BLOCKS, REPLAY_WINDOW, SEND_INITIATION, SEND_KEEPALIVE,
+                            SEND_STAGED, Keypair, KeypairExhausted, Keypairs, PeerTimers,
+                            ReplayWindow)
 
 T0 = 1000.0
 TICK = 0.001  # "just before" a boundary
@@ -260,3 +263,368 @@ def test_clear_retires_every_keypair():
     assert (keypairs.previous, keypairs.current, keypairs.next) == (None, None, None)
     assert sorted(pair.local_index for pair in retired) == [1, 2, 3]
     assert all(pair.send_key == bytes(32) for pair in pairs)
+
+
+# --- The timers -----------------------------------------------------------------
+
+
+class Peer:
+    """One peer's keypairs and timers on the injected clock, with a stand-in for the
+    daemon's data path: it does what due() lists and calls the hooks back, as the daemon
+    will; what it does is logged as (time, action)."""
+
+    def __init__(self, jitter_ms=0, randbelow=None, persistent_keepalive=0):
+        self.clock = Clock()
+        self.retired = []
+        self.keypairs = Keypairs(self.clock, retire=self.retired.append)
+        self.timers = PeerTimers(self.keypairs, self.clock, randbelow or (lambda n: jitter_ms),
+                                 persistent_keepalive)
+        self.staged, self.sent, self.log = [], [], []
+        self.indices = iter(range(1, 1000))
+
+    def run_to(self, until):
+        """The daemon's loop from now to until: wake at each next_wakeup(), do what due()
+        lists. Returns what was done."""
+        assert until >= self.clock.now, "the clock goes forward only"
+        start = len(self.log)
+        for _ in range(10000):
+            wakeup = self.timers.next_wakeup()
+            if wakeup is None or wakeup > until:
+                break
+            self.clock.now = max(self.clock.now, wakeup)
+            for action in self.timers.due(self.clock.now):
+                self.log.append((self.clock.now, action))
+                self.act(action)
+        else:
+            pytest.fail("the timers never settle")
+        self.clock.now = until
+        return self.log[start:]
+
+    def act(self, action):
+        if action == ups.SEND_INITIATION:
+            self.timers.on_initiation_sent()
+        elif action == ups.SEND_KEEPALIVE and self.staged:
+            self.send_staged()
+        elif action == ups.SEND_KEEPALIVE:
+            self.send(b"")
+        elif action == ups.SEND_STAGED:
+            self.send_staged()
+        elif action == ups.FLUSH_STAGED:
+            self.staged.clear()
+
+    def send(self, packet=b"data"):
+        pair = self.keypairs.current_for_sending()
+        if pair is None:
+            self.staged.append(packet)
+            self.timers.on_packet_staged()
+            return
+        self.sent.append((pair.local_index, pair.next_counter(), packet))
+        if packet:
+            self.timers.on_data_sent()
+        else:
+            self.timers.on_keepalive_sent()
+
+    def send_staged(self):
+        staged, self.staged = self.staged, []
+        for packet in staged:
+            self.send(packet)
+
+    def at(self, when):
+        self.clock.now = when
+        return self
+
+    def response_arrives(self):
+        pair = self.keypairs.begin_session(KEY, OTHER_KEY, next(self.indices), 1, True)
+        self.timers.on_response_received()
+        return pair
+
+    def initiation_arrives(self):
+        self.timers.on_initiation_received()
+        pair = self.keypairs.begin_session(KEY, OTHER_KEY, next(self.indices), 1, False)
+        self.timers.on_response_sent()
+        return pair
+
+    def receive(self, pair, packet=b"data"):
+        """A transport message with pair, opened; its counter as the peer would count."""
+        assert self.keypairs.lookup(pair.local_index) is pair
+        assert pair.replay_window.accept(pair.replay_window.newest + 1)
+        (self.timers.on_data_received if packet else self.timers.on_keepalive_received)(pair)
+
+    def session(self, is_initiator=True):
+        """A keypair in place without the handshake's timers, for the rules that read it."""
+        pair = self.keypairs.begin_session(KEY, OTHER_KEY, next(self.indices), 1, is_initiator)
+        self.keypairs.received_with(pair)
+        return pair
+
+    def initiations(self):
+        return [when for when, action in self.log if action == SEND_INITIATION]
+
+
+def test_a_new_peer_sleeps_until_told_something():
+    peer = Peer()
+    assert peer.timers.next_wakeup() is None and peer.timers.due(T0) == []
+
+
+def test_data_without_a_keypair_is_staged_and_asks_for_an_initiation_at_once():
+    peer = Peer()
+    peer.send()
+    assert peer.staged == [b"data"] and peer.timers.next_wakeup() == T0
+    assert peer.run_to(T0) == [(T0, SEND_INITIATION)]
+
+
+def test_initiations_are_sent_rekey_timeout_apart_at_most():
+    peer = Peer(jitter_ms=200)
+    for when in (T0, T0 + 1, T0 + REKEY_TIMEOUT - TICK):
+        peer.at(when).send()
+        peer.run_to(when)
+    retry = T0 + REKEY_TIMEOUT + 0.2
+    assert peer.run_to(retry - TICK) == [] and peer.initiations() == [T0]
+    assert peer.run_to(retry) == [(retry, SEND_INITIATION)]
+
+
+def test_after_our_response_we_wait_rekey_timeout_before_initiating():
+    """The initiator's first message will confirm our keypair: no crossing handshakes."""
+    peer = Peer()
+    peer.initiation_arrives()
+    peer.at(T0 + REKEY_TIMEOUT - TICK).send()
+    assert peer.run_to(T0 + REKEY_TIMEOUT - TICK) == []
+    peer.at(T0 + REKEY_TIMEOUT).send()
+    assert peer.run_to(T0 + REKEY_TIMEOUT) == [(T0 + REKEY_TIMEOUT, SEND_INITIATION)]
+
+
+@pytest.mark.parametrize("jitter_ms", [0, 333])
+def test_an_unanswered_initiation_is_sent_again_after_rekey_timeout_and_jitter(jitter_ms):
+    peer = Peer(jitter_ms=jitter_ms)
+    peer.send()
+    retry = T0 + REKEY_TIMEOUT + jitter_ms / 1000
+    assert peer.run_to(retry - TICK) == [(T0, SEND_INITIATION)]
+    assert peer.run_to(retry) == [(retry, SEND_INITIATION)]
+    assert peer.staged == [b"data"]
+
+
+def test_the_retry_jitter_is_drawn_below_a_third_of_a_second():
+    asked = []
+    draw = random.Random(7).randrange
+
+    def randbelow(n):
+        asked.append(n)
+        return draw(n)
+
+    peer = Peer(randbelow=randbelow)
+    peer.send()
+    peer.run_to(T0 + 200)
+    sent = peer.initiations()
+    gaps = [later - earlier for earlier, later in zip(sent, sent[1:])]
+    assert len(gaps) == MAX_TIMER_HANDSHAKES + 1
+    assert all(REKEY_TIMEOUT - 1e-9 <= gap < REKEY_TIMEOUT + 1 / 3 for gap in gaps)
+    assert len(set(gaps)) > 1 and set(asked) == {ups.REKEY_TIMEOUT_JITTER_MAX_MS}
+
+
+def test_unanswered_initiations_are_given_up_after_rekey_attempt_time_and_the_packets_dropped():
+    peer = Peer()
+    peer.send()
+    give_up = T0 + (MAX_TIMER_HANDSHAKES + 2) * REKEY_TIMEOUT
+    peer.run_to(give_up - TICK)
+    sent = peer.initiations()
+    assert sent == [T0 + n * REKEY_TIMEOUT for n in range(MAX_TIMER_HANDSHAKES + 2)]
+    assert sent[-1] - sent[1] == REKEY_ATTEMPT_TIME  # retried for that long
+    assert peer.staged == [b"data"]
+    assert peer.run_to(give_up) == [(give_up, FLUSH_STAGED)]
+    assert peer.staged == []
+    assert peer.timers.next_wakeup() == give_up + 3 * REJECT_AFTER_TIME  # the residue's erasure
+
+
+def test_new_data_restarts_the_attempts():
+    peer = Peer()
+    peer.send()
+    peer.run_to(T0 + 52)
+    peer.send()  # paced (the retry of T0 + 50 is under way) but the count starts again
+    peer.run_to(T0 + 52 + 100)
+    assert (T0 + 100, FLUSH_STAGED) not in peer.log
+    assert peer.log[-1] == (T0 + 150, FLUSH_STAGED) and len(peer.initiations()) == 30
+
+
+def test_a_response_ends_the_retries_and_sends_what_waited():
+    peer = Peer()
+    peer.send()
+    peer.run_to(T0 + 2)
+    pair = peer.at(T0 + 2).response_arrives()
+    assert peer.run_to(T0 + 2) == [(T0 + 2, SEND_KEEPALIVE)]
+    assert peer.sent == [(pair.local_index, 0, b"data")] and peer.staged == []
+    done = peer.run_to(T0 + 2 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT - TICK)
+    assert SEND_INITIATION not in [action for _, action in done]
+
+
+def test_a_response_with_nothing_staged_sends_a_keepalive():
+    peer = Peer()
+    peer.timers.on_initiation_sent()
+    pair = peer.at(T0 + 1).response_arrives()
+    assert peer.run_to(T0 + 1) == [(T0 + 1, SEND_KEEPALIVE)]
+    assert peer.sent == [(pair.local_index, 0, b"")]
+
+
+def test_the_responder_sends_what_waited_once_its_keypair_is_confirmed():
+    peer = Peer()
+    pair = peer.initiation_arrives()
+    peer.at(T0 + 1).send()
+    assert peer.run_to(T0 + 1) == [] and peer.staged == [b"data"]
+    peer.receive(pair, b"")
+    assert peer.run_to(T0 + 1) == [(T0 + 1, SEND_STAGED)]
+    assert peer.sent == [(pair.local_index, 0, b"data")] and peer.keypairs.current is pair
+
+
+@pytest.mark.parametrize("is_initiator, rekeys", [(True, True), (False, False)])
+def test_the_initiator_rekeys_when_it_sends_with_a_keypair_rekey_after_time_old(is_initiator, rekeys):
+    peer = Peer()
+    peer.session(is_initiator)
+    peer.at(T0 + REKEY_AFTER_TIME - TICK).send()
+    assert peer.run_to(T0 + REKEY_AFTER_TIME - TICK) == []
+    peer.at(T0 + REKEY_AFTER_TIME).send()
+    assert peer.run_to(T0 + REKEY_AFTER_TIME) == ([(T0 + REKEY_AFTER_TIME, SEND_INITIATION)] if rekeys else [])
+
+
+@pytest.mark.parametrize("is_initiator", [True, False])
+def test_either_side_rekeys_after_rekey_after_messages(is_initiator):
+    peer = Peer()
+    pair = peer.session(is_initiator)
+    pair.send_counter = REKEY_AFTER_MESSAGES - 1
+    peer.send()  # the message with counter REKEY_AFTER_MESSAGES - 1
+    assert peer.run_to(T0) == [(T0, SEND_INITIATION)]
+    other = Peer()
+    other.session(is_initiator).send_counter = REKEY_AFTER_MESSAGES - 2
+    other.send()
+    assert other.run_to(T0) == []
+
+
+@pytest.mark.parametrize("is_initiator, rekeys", [(True, True), (False, False)])
+def test_an_initiator_that_receives_rekeys_before_reject_after_time(is_initiator, rekeys):
+    """Receiving, the initiator starts a new session while there is time for a handshake
+    and a retry: at REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT, and once."""
+    peer = Peer()
+    pair = peer.session(is_initiator)
+    last_minute = T0 + REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+    peer.at(last_minute - TICK).receive(pair)
+    assert peer.timers.due(last_minute - TICK) == []
+    peer.at(last_minute).receive(pair)
+    assert peer.timers.due(last_minute) == ([SEND_INITIATION] if rekeys else [])
+    peer.at(last_minute + REKEY_TIMEOUT + 1).receive(pair)
+    assert peer.timers.due(last_minute + REKEY_TIMEOUT + 1) == []
+
+
+def test_the_last_minute_rekey_is_allowed_again_in_the_next_session():
+    peer = Peer()
+    pair = peer.session(True)
+    peer.at(T0 + 165).receive(pair)
+    assert peer.timers.due(T0 + 165) == [SEND_INITIATION]
+    peer.timers.on_initiation_sent()
+    new = peer.at(T0 + 166).response_arrives()
+    peer.timers.due(T0 + 166)
+    peer.at(T0 + 166 + 165).receive(new)
+    assert peer.timers.due(T0 + 166 + 165) == [SEND_INITIATION]
+
+
+def test_data_received_and_nothing_sent_gets_a_keepalive_after_keepalive_timeout():
+    peer = Peer()
+    pair = peer.session()
+    peer.receive(pair)
+    peer.at(T0 + 4).receive(pair)  # does not push the keepalive back
+    assert peer.run_to(T0 + KEEPALIVE_TIMEOUT - TICK) == []
+    assert peer.run_to(T0 + KEEPALIVE_TIMEOUT) == [(T0 + KEEPALIVE_TIMEOUT, SEND_KEEPALIVE)]
+    assert peer.sent == [(pair.local_index, 0, b"")]
+
+
+def test_anything_sent_makes_the_keepalive_unneeded():
+    peer = Peer()
+    pair = peer.session()
+    peer.receive(pair)
+    peer.at(T0 + 3).send()
+    assert SEND_KEEPALIVE not in [action for _, action in peer.run_to(T0 + 30)]
+
+
+def test_a_keepalive_received_asks_for_no_keepalive():
+    peer = Peer()
+    pair = peer.session()
+    peer.receive(pair, b"")
+    assert peer.run_to(T0 + 60) == []
+
+
+@pytest.mark.parametrize("jitter_ms", [0, 333])
+def test_data_sent_and_nothing_received_starts_a_new_handshake(jitter_ms):
+    peer = Peer(jitter_ms=jitter_ms)
+    peer.session()
+    peer.send()
+    peer.at(T0 + 5).send()  # does not push the deadline back
+    deadline = T0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter_ms / 1000
+    assert peer.run_to(deadline - TICK) == []
+    assert peer.run_to(deadline) == [(deadline, SEND_INITIATION)]
+
+
+def test_anything_received_makes_the_new_handshake_unneeded():
+    peer = Peer()
+    pair = peer.session()
+    peer.send()
+    peer.at(T0 + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT - TICK).receive(pair, b"")
+    assert peer.run_to(T0 + 60) == []
+
+
+def test_a_persistent_keepalive_goes_when_nothing_crossed_for_its_interval():
+    peer = Peer()
+    pair = peer.session()
+    peer.timers.set_persistent_keepalive(25)
+    assert peer.run_to(T0) == [(T0, SEND_KEEPALIVE)]  # at once, when turned on
+    assert peer.run_to(T0 + 25 - TICK) == []
+    assert peer.run_to(T0 + 25) == [(T0 + 25, SEND_KEEPALIVE)]
+    peer.at(T0 + 30).receive(pair, b"")  # anything authenticated pushes it back
+    assert peer.run_to(T0 + 55 - TICK) == []
+    assert peer.run_to(T0 + 55) == [(T0 + 55, SEND_KEEPALIVE)]
+    peer.timers.set_persistent_keepalive(0)
+    assert peer.timers.next_wakeup() is None
+
+
+def test_a_persistent_keepalive_without_a_keypair_starts_a_handshake():
+    peer = Peer(persistent_keepalive=25)
+    assert peer.run_to(T0) == [(T0, SEND_KEEPALIVE), (T0, SEND_INITIATION)]
+    assert peer.staged == [b""]
+
+
+def test_every_key_is_erased_after_three_reject_after_times_without_a_new_session():
+    peer = Peer()
+    first = peer.initiation_arrives()
+    peer.receive(first, b"")
+    second = peer.at(T0 + 300).initiation_arrives()
+    zero = T0 + 300 + 3 * REJECT_AFTER_TIME
+    peer.run_to(zero - TICK)
+    assert DROP_KEYS not in [action for _, action in peer.log] and second.send_key == KEY
+    assert peer.run_to(zero) == [(zero, DROP_KEYS), (zero, FLUSH_STAGED)]
+    assert (peer.keypairs.previous, peer.keypairs.current, peer.keypairs.next) == (None, None, None)
+    assert set(peer.retired) == {first, second} and second.send_key == bytes(32)
+
+
+def test_a_keypair_reject_after_time_old_sends_and_receives_nothing():
+    peer = Peer()
+    pair = peer.session()
+    peer.at(T0 + REJECT_AFTER_TIME - TICK).send()
+    assert peer.sent and peer.keypairs.lookup(pair.local_index) is pair
+    peer.at(T0 + REJECT_AFTER_TIME).send()
+    assert peer.staged == [b"data"] and peer.keypairs.lookup(pair.local_index) is None
+    assert SEND_INITIATION in peer.timers.due(T0 + REJECT_AFTER_TIME)
+
+
+def test_keys_are_erased_before_a_new_initiation_is_made():
+    peer = Peer()
+    peer.initiation_arrives()
+    zero = T0 + 3 * REJECT_AFTER_TIME
+    peer.at(zero).timers.on_packet_staged()
+    assert peer.timers.due(zero) == [DROP_KEYS, FLUSH_STAGED, SEND_INITIATION]
+
+
+def test_next_wakeup_is_the_earliest_deadline():
+    peer = Peer(jitter_ms=100)
+    peer.session()
+    peer.send()  # a new handshake if nothing comes back
+    peer.timers.on_initiation_sent()  # and a retry
+    assert peer.timers.next_wakeup() == T0 + REKEY_TIMEOUT + 0.1
+    peer.timers.on_response_received()
+    assert peer.timers.next_wakeup() == T0  # the keepalive the response asks for
+    peer.run_to(T0)
+    assert peer.timers.next_wakeup() == T0 + 3 * REJECT_AFTER_TIME  # the session's erasure
