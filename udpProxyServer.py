@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import resource
 import select
 import shutil
@@ -1380,6 +1381,440 @@ class StateFile:
             os.fsync(directory)  # the rename itself survives a crash only once this is on disk
         finally:
             os.close(directory)
+
+
+# --- WireGuard: sessions, counters and the replay window ----------------------
+
+
+# The protocol's limits, named as the WireGuard paper names them (Donenfeld, NDSS 2017,
+# section 6.1) so the code can be held against it. Times are in seconds.
+# A keypair is replaced after this many messages, long before its nonces could wrap.
+REKEY_AFTER_MESSAGES = 2 ** 60
+# Counters from here on are never sent nor taken: 2**13 below 2**64, the replay window's room.
+REJECT_AFTER_MESSAGES = 2 ** 64 - 2 ** 13 - 1
+# The initiator of a session starts the next one when it sends with a keypair this old.
+REKEY_AFTER_TIME = 120
+# A keypair this old is used for nothing: it neither sends nor receives.
+REJECT_AFTER_TIME = 180
+# Unanswered initiations are sent again for this long, then given up (until there is data again).
+REKEY_ATTEMPT_TIME = 90
+# An initiation is sent again after this long unanswered; none is sent more often.
+REKEY_TIMEOUT = 5
+# Data received and nothing sent for this long: a keepalive tells the peer we are here.
+KEEPALIVE_TIMEOUT = 10
+# A cookie from a cookie reply serves this long (section 5.4.7).
+COOKIE_REFRESH_TIME = 120
+# The jitter added to REKEY_TIMEOUT, drawn in ms below this as wireguard-go does (under 1/3 s),
+# so two peers that started together do not retry in step.
+REKEY_TIMEOUT_JITTER_MAX_MS = 334
+# REKEY_ATTEMPT_TIME in retries, as the kernel and wireguard-go count it: the first
+# initiation and this many + 1 retries, 5 s apart, then the give-up.
+MAX_TIMER_HANDSHAKES = REKEY_ATTEMPT_TIME // REKEY_TIMEOUT
+# RFC 6479's replay window, sized as the kernel and wireguard-go size it: 128 blocks of 64
+# bits. A sender encrypting on many cores reorders its packets by thousands, and the paper's
+# REJECT_AFTER_MESSAGES keeps 2**13 counters free for this window below 2**64.
+REPLAY_BLOCK_BITS = 64
+REPLAY_BLOCKS = 128
+# How far behind the newest counter one is still told apart: the newest's own block is
+# partly ahead of it, so one block of the ring is not window (RFC 6479's redundant block).
+REPLAY_WINDOW = (REPLAY_BLOCKS - 1) * REPLAY_BLOCK_BITS
+
+
+class KeypairExhausted(Exception):
+    """A keypair has sent REJECT_AFTER_MESSAGES messages: no counter is left for sending."""
+
+
+class ReplayWindow:
+    """The receive counters of one keypair already taken, as RFC 6479 keeps them: a ring of
+    bit blocks behind the newest counter. Ask only about an authenticated message, or a
+    forged counter would move the window."""
+
+    def __init__(self):
+        self.newest = 0
+        self.blocks = [0] * REPLAY_BLOCKS
+
+    def accept(self, counter):
+        """True if counter is new, and it is taken; False for a replay, for a counter more
+        than REPLAY_WINDOW behind the newest, and for one at REJECT_AFTER_MESSAGES or beyond."""
+        if not 0 <= counter < REJECT_AFTER_MESSAGES:
+            return False
+        block, bit = divmod(counter, REPLAY_BLOCK_BITS)
+        if counter > self.newest:
+            self._clear_blocks_up_to(block)
+            self.newest = counter
+        elif self.newest - counter > REPLAY_WINDOW:
+            return False
+        slot, mask = block % REPLAY_BLOCKS, 1 << bit
+        if self.blocks[slot] & mask:
+            return False
+        self.blocks[slot] |= mask
+        return True
+
+    def _clear_blocks_up_to(self, block):
+        """Empty the blocks the window moves onto: they last held counters now too old."""
+        newest_block = self.newest // REPLAY_BLOCK_BITS
+        for passed in range(newest_block + 1, min(block, newest_block + REPLAY_BLOCKS) + 1):
+            self.blocks[passed % REPLAY_BLOCKS] = 0
+
+
+class Keypair:
+    """One session with a peer (wireguard-go's keypair.go): the keys seal_transport and
+    open_transport are given, the indices, the next counter to send with, and the window
+    of counters received. The AEAD is the caller's."""
+
+    def __init__(self, send_key, receive_key, local_index, remote_index, is_initiator, created):
+        self.send_key = bytearray(send_key)  # bytearrays, so that erase() can overwrite them
+        self.receive_key = bytearray(receive_key)
+        self.local_index = local_index  # the receiver index the peer puts on what it sends us
+        self.remote_index = remote_index  # the receiver index we put on what we send the peer
+        self.is_initiator = is_initiator
+        self.created = created  # a time of the injected clock
+        self.send_counter = 0  # the counter the next message sent gets
+        self.replay_window = ReplayWindow()
+
+    def next_counter(self):
+        """The counter for the next message sent, refused with KeypairExhausted once
+        REJECT_AFTER_MESSAGES are sent."""
+        counter = self.send_counter
+        if counter >= REJECT_AFTER_MESSAGES:
+            raise KeypairExhausted("keypair %d has sent all its messages" % self.local_index)
+        self.send_counter = counter + 1
+        return counter
+
+    @property
+    def rekey_after_messages_reached(self):
+        """REKEY_AFTER_MESSAGES are sent: time for a new session, whoever initiated this one."""
+        return self.send_counter >= REKEY_AFTER_MESSAGES
+
+    def expired(self, now):
+        """REJECT_AFTER_TIME old: it may neither send nor receive."""
+        return now >= self.created + REJECT_AFTER_TIME
+
+    def may_send(self, now):
+        return self.send_counter < REJECT_AFTER_MESSAGES and not self.expired(now)
+
+    def erase(self):
+        """Overwrite the keys: as far as Python lets us, which is not the AEAD's own copies."""
+        self.send_key[:] = bytes(len(self.send_key))
+        self.receive_key[:] = bytes(len(self.receive_key))
+
+
+class Keypairs:
+    """A peer's keypairs as wireguard-go keeps them: current; previous, the one it replaced,
+    still taken for the packets already on their way; and next, a responder's new keypair,
+    which becomes current only when the first message sent with it arrives: until then the
+    responder cannot know the initiator has its keys. retire is told of each keypair let go
+    (its keys erased), so that its index can leave the device's table."""
+
+    def __init__(self, clock, retire=lambda keypair: None):
+        self.clock = clock
+        self.retire = retire
+        self.previous = self.current = self.next = None
+
+    def begin_session(self, send_key, receive_key, local_index, remote_index, is_initiator):
+        """Put in place the keypair a completed handshake derived, created now: the
+        initiator's is current at once (the response shows the peer has it), the
+        responder's is next. Returns the new keypair."""
+        keypair = Keypair(send_key, receive_key, local_index, remote_index, is_initiator,
+                          self.clock())
+        if is_initiator:
+            if self.next is not None:  # the peer may be sending with our unconfirmed one: keep it
+                gone = (self.previous, self.current)
+                self.previous, self.next = self.next, None
+            else:
+                gone = (self.previous,)
+                self.previous = self.current
+            self.current = keypair
+        else:
+            gone = (self.next, self.previous)
+            self.next, self.previous = keypair, None
+        self._retire(*gone)
+        return keypair
+
+    def received_with(self, keypair):
+        """An authenticated message came with keypair: True when that confirms the next
+        keypair, which is then current (the responder's session begins)."""
+        if keypair is None or keypair is not self.next:
+            return False
+        self._retire(self.previous)
+        self.previous, self.current, self.next = self.current, keypair, None
+        return True
+
+    def lookup(self, local_index):
+        """The keypair a transport message with this receiver index is opened with: None
+        when the index is none of ours or its keypair is REJECT_AFTER_TIME old."""
+        now = self.clock()
+        for keypair in (self.current, self.previous, self.next):
+            if keypair is not None and keypair.local_index == local_index:
+                return None if keypair.expired(now) else keypair
+        return None
+
+    def current_for_sending(self):
+        """The current keypair if it may still send; None when there is none, or it is
+        REJECT_AFTER_TIME old, or its counters are spent: then the packet waits for a
+        handshake (PeerTimers.on_packet_staged)."""
+        keypair = self.current
+        return keypair if keypair is not None and keypair.may_send(self.clock()) else None
+
+    def clear(self):
+        self._retire(self.previous, self.current, self.next)
+        self.previous = self.current = self.next = None
+
+    def _retire(self, *keypairs):
+        for keypair in keypairs:
+            if keypair is not None:
+                keypair.erase()
+                self.retire(keypair)
+
+
+# --- WireGuard: timers --------------------------------------------------------
+
+
+# What PeerTimers.due asks of the data path, in the order it must be done.
+DROP_KEYS = "drop_keys"  # the keypairs are erased: erase the handshake state too
+FLUSH_STAGED = "flush_staged"  # drop the packets waiting for a keypair: no handshake came
+SEND_INITIATION = "send_initiation"  # a new initiation, new ephemeral; then on_initiation_sent
+SEND_STAGED = "send_staged"  # the keypair just confirmed is current: send what waited for one
+SEND_KEEPALIVE = "send_keepalive"  # a keepalive, unless packets are staged; then what is staged
+TIMER_ACTIONS = (DROP_KEYS, FLUSH_STAGED, SEND_INITIATION, SEND_STAGED, SEND_KEEPALIVE)
+
+
+class PeerTimers:
+    """The timers of one peer (the paper's section 6, wireguard-go's timers.go) as
+    decisions, for a loop without threads: the data path tells what happened through the
+    on_* hooks, does what due(now) lists, and sleeps until next_wakeup(). Deadlines are
+    times of the injected clock; the jitter comes from the injected randbelow."""
+
+    def __init__(self, keypairs, clock, randbelow=random.randrange, persistent_keepalive=0):
+        self.keypairs = keypairs
+        self.clock = clock
+        self.randbelow = randbelow
+        # The five timers of timers.go: the deadline of each one pending, and its expiry.
+        self.deadlines = {}
+        self.expiries = {"retransmit_handshake": self._expired_retransmit_handshake,
+                         "send_keepalive": self._expired_send_keepalive,
+                         "new_handshake": self._expired_new_handshake,
+                         "zero_key_material": self._expired_zero_key_material,
+                         "persistent_keepalive": self._expired_persistent_keepalive}
+        self.wanted = {}  # action -> when a hook or an expiry asked for it
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_lastminute_handshake = False
+        self.last_sent_handshake = None  # our last initiation or response: initiations' pace
+        self.last_handshake = None  # when a handshake last completed
+        self.persistent_keepalive_interval = 0
+        self.set_persistent_keepalive(persistent_keepalive)
+
+    def set_persistent_keepalive(self, interval):
+        """Send a keepalive whenever no authenticated packet crossed for interval seconds
+        (0: never); turned on, one goes at once, as wireguard-go does when told or brought up."""
+        if interval and not self.persistent_keepalive_interval:
+            self._want(SEND_KEEPALIVE, self.clock())
+        if not interval:
+            self.deadlines.pop("persistent_keepalive", None)
+        self.persistent_keepalive_interval = interval
+
+    def due(self, now):
+        """What to do now, in TIMER_ACTIONS order: the expired timers' and the hooks' wishes.
+        Call when next_wakeup() has come, and after handling a batch of events."""
+        while True:
+            expired = [(deadline, name) for name, deadline in self.deadlines.items()
+                       if deadline <= now]
+            if not expired:
+                break
+            name = min(expired)[1]  # the earliest first: an expiry may stop another timer
+            del self.deadlines[name]
+            self.expiries[name](now)
+        wanted, self.wanted = self.wanted, {}
+        if SEND_INITIATION in wanted:
+            if self._initiation_paced(now):
+                del wanted[SEND_INITIATION]  # one is under way, and its retries go on
+            else:
+                self.last_sent_handshake = now
+        return [action for action in TIMER_ACTIONS if action in wanted]
+
+    def next_wakeup(self):
+        """When due() next has something to do (a time of the clock, perhaps already
+        past); None when nothing is pending."""
+        return min([*self.deadlines.values(), *self.wanted.values()], default=None)
+
+    # The hooks: what the data path tells, each where it meets it.
+
+    def on_packet_staged(self):
+        """A packet or keepalive waits, as Keypairs.current_for_sending() gave None: a
+        handshake is wanted, and its retries count from zero again."""
+        self._want_initiation(self.clock(), retry=False)
+
+    def on_initiation_sent(self):
+        """A handshake initiation went out, a first one or a retry."""
+        now = self.clock()
+        self.last_sent_handshake = now
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._handshake_initiated(now)
+
+    def on_initiation_received(self):
+        """A valid initiation from the peer was consumed; the response goes out next."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+
+    def on_response_sent(self):
+        """Our response went out, its keypair in place (Keypairs.begin_session as responder)."""
+        now = self.clock()
+        self.last_sent_handshake = now
+        self._session_derived(now)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+
+    def on_response_received(self):
+        """A valid response to our initiation was consumed, its keypair in place
+        (Keypairs.begin_session as initiator): the handshake is complete, and a keepalive
+        (or what is staged) confirms the session to the responder."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+        self._session_derived(now)
+        self._handshake_complete(now)
+        self._want(SEND_KEEPALIVE, now)
+
+    def on_data_sent(self):
+        """Transport data messages went out: once per batch is enough."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._data_sent(now)
+        self._keep_key_fresh_sending(now)
+
+    def on_keepalive_sent(self):
+        """A keepalive (a transport message without data) went out."""
+        now = self.clock()
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_sent()
+        self._keep_key_fresh_sending(now)
+
+    def on_data_received(self, keypair):
+        """A transport data message was opened with keypair, its counter accepted."""
+        now = self.clock()
+        self._transport_received(keypair, now)
+        self._data_received(now)
+
+    def on_keepalive_received(self, keypair):
+        """A keepalive was opened with keypair, its counter accepted."""
+        self._transport_received(keypair, self.clock())
+
+    # The paper's rules for a new handshake, and for a message received.
+
+    def _keep_key_fresh_sending(self, now):
+        """Sending: a new session after REKEY_AFTER_MESSAGES, or after REKEY_AFTER_TIME when
+        we initiated this one (only the initiator rekeys on time: no thundering herd)."""
+        keypair = self.keypairs.current
+        if keypair is not None and (keypair.rekey_after_messages_reached or (
+                keypair.is_initiator and now >= keypair.created + REKEY_AFTER_TIME)):
+            self._want_initiation(now, retry=False)
+
+    def _keep_key_fresh_receiving(self, now):
+        """Receiving, once a session: an initiator that only receives renews it in time for
+        a handshake (with one retry) to finish before REJECT_AFTER_TIME."""
+        keypair = self.keypairs.current
+        if self.sent_lastminute_handshake or keypair is None or not keypair.is_initiator:
+            return
+        if now >= keypair.created + REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT:
+            self.sent_lastminute_handshake = True
+            self._want_initiation(now, retry=False)
+
+    def _transport_received(self, keypair, now):
+        if self.keypairs.received_with(keypair):
+            self._handshake_complete(now)
+            self._want(SEND_STAGED, now)
+        self._keep_key_fresh_receiving(now)
+        self._any_authenticated_packet_traversal(now)
+        self._any_authenticated_packet_received()
+
+    # timers.go's events, which the hooks above combine.
+
+    def _data_sent(self, now):
+        if "new_handshake" not in self.deadlines:
+            self._mod("new_handshake", now, KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+
+    def _data_received(self, now):
+        if "send_keepalive" not in self.deadlines:
+            self._mod("send_keepalive", now, KEEPALIVE_TIMEOUT)
+        else:
+            self.need_another_keepalive = True
+
+    def _any_authenticated_packet_sent(self):
+        self.deadlines.pop("send_keepalive", None)
+
+    def _any_authenticated_packet_received(self):
+        self.deadlines.pop("new_handshake", None)
+
+    def _any_authenticated_packet_traversal(self, now):
+        if self.persistent_keepalive_interval:
+            self._mod("persistent_keepalive", now, self.persistent_keepalive_interval)
+
+    def _handshake_initiated(self, now):
+        self._mod("retransmit_handshake", now, REKEY_TIMEOUT + self._jitter())
+
+    def _handshake_complete(self, now):
+        self.deadlines.pop("retransmit_handshake", None)
+        self.handshake_attempts = 0
+        self.sent_lastminute_handshake = False
+        self.last_handshake = now
+
+    def _session_derived(self, now):
+        self._mod("zero_key_material", now, REJECT_AFTER_TIME * 3)
+
+    # What each timer does when it expires.
+
+    def _expired_retransmit_handshake(self, now):
+        if self.handshake_attempts > MAX_TIMER_HANDSHAKES:
+            # Given up: what waited is dropped, and any half-made session erased in time.
+            self.deadlines.pop("send_keepalive", None)
+            self._want(FLUSH_STAGED, now)
+            if "zero_key_material" not in self.deadlines:
+                self._mod("zero_key_material", now, REJECT_AFTER_TIME * 3)
+        else:
+            self.handshake_attempts += 1
+            self._want_initiation(now, retry=True)
+
+    def _expired_send_keepalive(self, now):
+        self._want(SEND_KEEPALIVE, now)
+        if self.need_another_keepalive:
+            self.need_another_keepalive = False
+            self._mod("send_keepalive", now, KEEPALIVE_TIMEOUT)
+
+    def _expired_new_handshake(self, now):
+        self._want_initiation(now, retry=False)
+
+    def _expired_zero_key_material(self, now):
+        self.keypairs.clear()
+        self._want(DROP_KEYS, now)
+        self._want(FLUSH_STAGED, now)
+
+    def _expired_persistent_keepalive(self, now):
+        self._want(SEND_KEEPALIVE, now)
+
+    # Small parts.
+
+    def _want_initiation(self, now, retry):
+        if not retry:
+            self.handshake_attempts = 0
+        self._want(SEND_INITIATION, now)
+
+    def _initiation_paced(self, now):
+        """Less than REKEY_TIMEOUT since our last initiation or response: none is sent."""
+        last = self.last_sent_handshake
+        return last is not None and now < last + REKEY_TIMEOUT
+
+    def _want(self, action, now):
+        self.wanted.setdefault(action, now)
+
+    def _mod(self, name, now, delay):
+        self.deadlines[name] = now + delay
+
+    def _jitter(self):
+        return self.randbelow(REKEY_TIMEOUT_JITTER_MAX_MS) / 1000
 
 
 # --- The server: the loop, the tunnels, the control port and its ops ----------
