@@ -12,6 +12,7 @@ addresses and routes, so it runs when copied alone to a host.
 """
 
 import argparse
+import base64
 import collections
 import dataclasses
 import errno
@@ -42,6 +43,14 @@ try:
 except ImportError:  # needed only for IPv6 tunnel addresses and routes, and said so then
     IPRoute = None
     NetlinkError = OSError
+try:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+except ImportError:  # needed only for encrypted tunnels: need_cryptography() says so then
+    InvalidTag = X25519PrivateKey = X25519PublicKey = Cipher = algorithms = None
+    ChaCha20Poly1305 = None
 
 
 # --- Constants, exceptions, the logger ----------------------------------------
@@ -1040,6 +1049,293 @@ class OffloadTunnel(Tunnel):
                 self.write([ZERO_VNET_HDR, packet], 1, PI_HEADER_LEN + len(packet))
         else:
             super().write_failed(error, packets)
+
+
+# --- WireGuard: keys and the handshake ----------------------------------------
+
+
+# The specification is the WireGuard paper (Donenfeld, NDSS 2017, section 5.4) and
+# wireguard-go's device/noise-protocol.go; names are the paper's, to be held against it.
+
+# The Noise protocol's name: its hash is the first chaining key, so no other construction agrees.
+CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+# Hashed in next, so the transcript is WireGuard v1's and no other protocol's.
+IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+# Put before a peer's public key to make the key of mac1, and that of the cookie reply's sealing.
+LABEL_MAC1 = b"mac1----"
+LABEL_COOKIE = b"cookie--"
+# A message's first four bytes: its type and three zero bytes, read as a little-endian number.
+MESSAGE_INITIATION, MESSAGE_RESPONSE, MESSAGE_COOKIE_REPLY, MESSAGE_TRANSPORT = 1, 2, 3, 4
+# Each handshake message has one size: a datagram of another size is not one.
+INITIATION_SIZE, RESPONSE_SIZE, COOKIE_REPLY_SIZE = 148, 92, 64
+# Type, receiver index and counter, before a transport message's sealed packet.
+TRANSPORT_HEADER_SIZE = 16
+# X25519 keys, preshared keys, BLAKE2s hashes and ChaCha20 keys: 32 bytes each.
+KEY_LEN = 32
+# mac1, mac2 and cookies are BLAKE2s cut to 16 bytes; a Poly1305 tag is 16 bytes too.
+MAC_LEN = TAG_LEN = 16
+# Type, sender, ephemeral, static (sealed), timestamp (sealed), mac1, mac2.
+INITIATION = struct.Struct("<II32s48s28s16s16s")
+# Type, sender, receiver, ephemeral, empty (sealed), mac1, mac2.
+RESPONSE = struct.Struct("<III32s16s16s16s")
+# ChaCha20-Poly1305's 96-bit nonce in WireGuard: 32 zero bits, then the 64-bit counter.
+AEAD_NONCE = struct.Struct("<4xQ")
+# TAI64N: the TAI64 label of the second (2**62 is 1970, when TAI was 10 s ahead of UTC),
+# then the nanoseconds, both big-endian, so labels compare as bytes as times do.
+TAI64N = struct.Struct(">QI")
+TAI64_EPOCH = 2 ** 62 + 10
+# Nanoseconds are rounded down to 2**24 (about 17 ms), as wireguard-go and the kernel do, so
+# an initiation does not tell our clock to the nanosecond; it is finer than 50 initiations a second.
+TAI64N_WHITENER = 2 ** 24
+
+
+class CryptographyMissing(RuntimeError):
+    """An encrypted tunnel was asked for on a host without the cryptography package."""
+
+
+class WireGuardRefused(ValueError):
+    """A WireGuard message not taken; the text says why, and never holds a key."""
+
+
+def need_cryptography():
+    """Raise the one clear error when the cryptography package is missing: plain tunnels
+    never call this, so the daemon runs them without it."""
+    if ChaCha20Poly1305 is None:
+        raise CryptographyMissing(
+            "encrypted tunnels need the cryptography package (pip install cryptography)")
+
+
+def HASH(data):
+    """BLAKE2s-256."""
+    return hashlib.blake2s(data).digest()
+
+
+def MAC(key, data):
+    """BLAKE2s keyed with key, cut to 16 bytes."""
+    return hashlib.blake2s(data, digest_size=MAC_LEN, key=key).digest()
+
+
+def HMAC(key, data):
+    """HMAC (RFC 2104) over BLAKE2s, with its 64-byte blocks."""
+    return hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def KDF(n, key, data):
+    """HKDF (RFC 5869) over HMAC-BLAKE2s: the paper's KDF_n, its n 32-byte outputs."""
+    secret = HMAC(key, data)
+    outputs, previous = [], b""
+    for i in range(1, n + 1):
+        previous = HMAC(secret, previous + bytes([i]))
+        outputs.append(previous)
+    return outputs
+
+
+def KDF1(key, data):
+    return KDF(1, key, data)[0]
+
+
+def KDF2(key, data):
+    return tuple(KDF(2, key, data))
+
+
+def KDF3(key, data):
+    return tuple(KDF(3, key, data))
+
+
+def AEAD(key, counter, plaintext, authtext):
+    """ChaCha20-Poly1305 (RFC 8439) with WireGuard's nonce made of the counter."""
+    need_cryptography()
+    return ChaCha20Poly1305(key).encrypt(AEAD_NONCE.pack(counter), plaintext, authtext)
+
+
+def AEAD_OPEN(key, counter, ciphertext, authtext, what):
+    """The plaintext AEAD sealed, or WireGuardRefused naming what did not open."""
+    need_cryptography()
+    try:
+        return ChaCha20Poly1305(key).decrypt(AEAD_NONCE.pack(counter), ciphertext, authtext)
+    except InvalidTag:
+        raise WireGuardRefused("%s does not authenticate" % what) from None
+
+
+def DH(private, public):
+    """X25519; a public key of small order, whose result is all zero, is refused."""
+    need_cryptography()
+    try:
+        return X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise WireGuardRefused("a public key of small order or of the wrong size") from None
+
+
+def generate_private_key(random=os.urandom):
+    """A new private key as `wg genkey` makes one: random bytes, clamped for X25519."""
+    key = bytearray(random(KEY_LEN))
+    key[0] &= 248
+    key[31] = (key[31] & 127) | 64
+    return bytes(key)
+
+
+def public_key(private):
+    """The public key of a private key, as `wg pubkey` gives it (raw bytes)."""
+    need_cryptography()
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def key_from_base64(text):
+    """A key, private, public or preshared, from the base64 `wg genkey`, `wg pubkey` and
+    `wg genpsk` write; the error never quotes the text, which may be a private key."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        raise ValueError("a key is %d bytes in base64; this is not base64" % KEY_LEN) from None
+    if len(key) != KEY_LEN:
+        raise ValueError("a key is %d bytes in base64; this is %d bytes" % (KEY_LEN, len(key)))
+    return key
+
+
+def key_to_base64(key):
+    return base64.b64encode(key).decode("ascii")
+
+
+def tai64n(unix_ns):
+    """The TAI64N timestamp of a time in nanoseconds since 1970 (time.time_ns()): a later
+    time never has a smaller one, and timestamps compare as bytes as their times do."""
+    seconds, nanoseconds = divmod(unix_ns, 10 ** 9)
+    return TAI64N.pack(TAI64_EPOCH + seconds, nanoseconds - nanoseconds % TAI64N_WHITENER)
+
+
+def zero_psk(preshared_key):
+    """The preshared key mixed in (psk2): all zero when the tunnel has none."""
+    if preshared_key is None:
+        return bytes(KEY_LEN)
+    if len(preshared_key) != KEY_LEN:
+        raise ValueError("a preshared key is %d bytes" % KEY_LEN)
+    return preshared_key
+
+
+# C and H before anything of a handshake is mixed in: the same for every handshake.
+INITIAL_CHAINING_KEY = HASH(CONSTRUCTION)
+INITIAL_HASH = HASH(INITIAL_CHAINING_KEY + IDENTIFIER)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitiationSent:
+    """The initiator's handshake between its initiation and the peer's response."""
+    local_index: int
+    remote_public: bytes
+    local_private: bytes = dataclasses.field(repr=False)
+    ephemeral_private: bytes = dataclasses.field(repr=False)
+    chaining_key: bytes = dataclasses.field(repr=False)
+    hash: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitiationReceived:
+    """What the responder learnt from an initiation: the sender's static public key (to find
+    its tunnel), its timestamp (take it only if newer than that peer's last), its index, and
+    the handshake so far, to answer it."""
+    remote_public: bytes
+    timestamp: bytes
+    remote_index: int
+    remote_ephemeral: bytes
+    chaining_key: bytes = dataclasses.field(repr=False)
+    hash: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportKeys:
+    """What a handshake gives each side: the keys it seals and opens transport messages
+    with, the index the peer puts in the messages it sends us (local_index), and the one
+    we put in the messages we send it (remote_index)."""
+    local_index: int
+    remote_index: int
+    is_initiator: bool
+    send_key: bytes = dataclasses.field(repr=False)
+    receive_key: bytes = dataclasses.field(repr=False)
+
+
+def check_message_kind(message, kind, size):
+    if len(message) != size or struct.unpack_from("<I", message)[0] != kind:
+        raise WireGuardRefused("not a handshake message of type %d and %d bytes" % (kind, size))
+
+
+def create_initiation(local_private, remote_public, sender_index, timestamp,
+                      ephemeral_private=None):
+    """The first handshake message to the peer of remote_public, sent under sender_index,
+    with timestamp (tai64n of now), and the state to read its response with. Its mac1 and
+    mac2 are zero: the cookie section's add_macs fills them in before it is sent."""
+    ephemeral_private = ephemeral_private or generate_private_key()
+    ephemeral = public_key(ephemeral_private)
+    transcript = HASH(INITIAL_HASH + remote_public)
+    chaining_key = KDF1(INITIAL_CHAINING_KEY, ephemeral)
+    transcript = HASH(transcript + ephemeral)
+    chaining_key, key = KDF2(chaining_key, DH(ephemeral_private, remote_public))
+    static = AEAD(key, 0, public_key(local_private), transcript)
+    transcript = HASH(transcript + static)
+    chaining_key, key = KDF2(chaining_key, DH(local_private, remote_public))
+    sealed_timestamp = AEAD(key, 0, timestamp, transcript)
+    transcript = HASH(transcript + sealed_timestamp)
+    message = INITIATION.pack(MESSAGE_INITIATION, sender_index, ephemeral, static,
+                              sealed_timestamp, bytes(MAC_LEN), bytes(MAC_LEN))
+    return InitiationSent(sender_index, remote_public, local_private, ephemeral_private,
+                          chaining_key, transcript), message
+
+
+def consume_initiation(local_private, message, local_public=None):
+    """What an initiation to us says (InitiationReceived), or WireGuardRefused. Its mac1 is
+    the caller's to check first (CookieChecker.check_mac1), as that costs no DH."""
+    check_message_kind(message, MESSAGE_INITIATION, INITIATION_SIZE)
+    _, sender, ephemeral, static, sealed_timestamp, _, _ = INITIATION.unpack(message)
+    transcript = HASH(INITIAL_HASH + (local_public or public_key(local_private)))
+    chaining_key = KDF1(INITIAL_CHAINING_KEY, ephemeral)
+    transcript = HASH(transcript + ephemeral)
+    chaining_key, key = KDF2(chaining_key, DH(local_private, ephemeral))
+    remote_public = AEAD_OPEN(key, 0, static, transcript, "the initiation's static key")
+    transcript = HASH(transcript + static)
+    chaining_key, key = KDF2(chaining_key, DH(local_private, remote_public))
+    timestamp = AEAD_OPEN(key, 0, sealed_timestamp, transcript, "the initiation's timestamp")
+    transcript = HASH(transcript + sealed_timestamp)
+    return InitiationReceived(remote_public, timestamp, sender, ephemeral, chaining_key,
+                              transcript)
+
+
+def create_response(received, sender_index, preshared_key=None, ephemeral_private=None):
+    """The response to a consumed initiation, sent under sender_index, with the tunnel's
+    preshared key (None: none), and the responder's transport keys. Its mac1 and mac2 are
+    zero, for add_macs."""
+    ephemeral_private = ephemeral_private or generate_private_key()
+    ephemeral = public_key(ephemeral_private)
+    chaining_key = KDF1(received.chaining_key, ephemeral)
+    transcript = HASH(received.hash + ephemeral)
+    chaining_key = KDF1(chaining_key, DH(ephemeral_private, received.remote_ephemeral))
+    chaining_key = KDF1(chaining_key, DH(ephemeral_private, received.remote_public))
+    chaining_key, tau, key = KDF3(chaining_key, zero_psk(preshared_key))
+    transcript = HASH(transcript + tau)
+    empty = AEAD(key, 0, b"", transcript)
+    message = RESPONSE.pack(MESSAGE_RESPONSE, sender_index, received.remote_index, ephemeral,
+                            empty, bytes(MAC_LEN), bytes(MAC_LEN))
+    receive_key, send_key = KDF2(chaining_key, b"")
+    return TransportKeys(sender_index, received.remote_index, False, send_key,
+                         receive_key), message
+
+
+def consume_response(sent, message, preshared_key=None):
+    """The initiator's transport keys from the response to its initiation, with the
+    tunnel's preshared key (None: none), or WireGuardRefused. Its mac1 is the caller's
+    to check first."""
+    check_message_kind(message, MESSAGE_RESPONSE, RESPONSE_SIZE)
+    _, sender, receiver, ephemeral, empty, _, _ = RESPONSE.unpack(message)
+    if receiver != sent.local_index:
+        raise WireGuardRefused("a response to another initiation")
+    chaining_key = KDF1(sent.chaining_key, ephemeral)
+    transcript = HASH(sent.hash + ephemeral)
+    chaining_key = KDF1(chaining_key, DH(sent.ephemeral_private, ephemeral))
+    chaining_key = KDF1(chaining_key, DH(sent.local_private, ephemeral))
+    chaining_key, tau, key = KDF3(chaining_key, zero_psk(preshared_key))
+    transcript = HASH(transcript + tau)
+    AEAD_OPEN(key, 0, empty, transcript, "the response")
+    send_key, receive_key = KDF2(chaining_key, b"")
+    return TransportKeys(sent.local_index, sender, True, send_key, receive_key)
 
 
 # --- Control-port policy: who may ask and what they get; the state file -------
