@@ -1338,6 +1338,151 @@ def consume_response(sent, message, preshared_key=None):
     return TransportKeys(sent.local_index, sender, True, send_key, receive_key)
 
 
+# --- WireGuard: cookies under load --------------------------------------------
+
+
+# The paper's sections 5.4.4 and 5.4.7, and wireguard-go's device/cookie.go: mac1 shows a
+# handshake message was made by someone who knows our public key; under load, mac2 shows
+# its sender receives at its address, with a cookie we sent it there.
+
+# The responder's cookie secret lasts two minutes; so does a cookie for the initiator.
+COOKIE_REFRESH_TIME = 120
+# XChaCha20's nonce: long enough to be drawn at random for every cookie reply.
+COOKIE_NONCE_LEN = 24
+# Type, receiver (the index of the message it answers), nonce, cookie (sealed).
+COOKIE_REPLY = struct.Struct("<II24s32s")
+# The first four words of every ChaCha state: "expand 32-byte k".
+CHACHA_CONSTANTS = struct.unpack("<4I", b"expand 32-byte k")
+
+
+def hchacha20(key, nonce):
+    """HChaCha20 (draft-irtf-cfrg-xchacha, 2.2) of a 32-byte key and 16-byte nonce, from
+    cryptography's ChaCha20 (we write no primitive): its one keystream block for that
+    nonce as the four state words after the key is the rounds' output plus the input
+    state; taking the input away again leaves the rounds' output, whose words 0..3 and
+    12..15 are HChaCha20's."""
+    need_cryptography()
+    block = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(64))
+    words = struct.unpack("<16I", block)
+    inputs = CHACHA_CONSTANTS + struct.unpack("<4I", nonce)
+    return struct.pack("<8I", *((word - given) & 0xFFFFFFFF
+                                for word, given in zip(words[:4] + words[12:], inputs)))
+
+
+def xchacha_parts(key, nonce):
+    """AEAD_XChaCha20_Poly1305 (draft-irtf-cfrg-xchacha, 2.3) as ChaCha20-Poly1305 under a
+    subkey: the ChaCha20-Poly1305 and its 12-byte nonce for a 24-byte nonce."""
+    if len(nonce) != COOKIE_NONCE_LEN:
+        raise ValueError("an XChaCha20 nonce is %d bytes" % COOKIE_NONCE_LEN)
+    return ChaCha20Poly1305(hchacha20(key, nonce[:16])), bytes(4) + nonce[16:]
+
+
+def XAEAD(key, nonce, plaintext, authtext):
+    cipher, short_nonce = xchacha_parts(key, nonce)
+    return cipher.encrypt(short_nonce, plaintext, authtext)
+
+
+def XAEAD_OPEN(key, nonce, ciphertext, authtext, what):
+    cipher, short_nonce = xchacha_parts(key, nonce)
+    try:
+        return cipher.decrypt(short_nonce, ciphertext, authtext)
+    except InvalidTag:
+        raise WireGuardRefused("%s does not authenticate" % what) from None
+
+
+def add_macs(message, receiver_public, cookie=None):
+    """A handshake message with its mac1, keyed by the receiver's public key, and its mac2,
+    keyed by the cookie the receiver gave us (all zero when we hold none)."""
+    body = bytes(message[:-2 * MAC_LEN])
+    mac1 = MAC(HASH(LABEL_MAC1 + receiver_public), body)
+    mac2 = MAC(cookie, body + mac1) if cookie else bytes(MAC_LEN)
+    return body + mac1 + mac2
+
+
+def mac1_valid(message, local_public):
+    mac1 = MAC(HASH(LABEL_MAC1 + local_public), message[:-2 * MAC_LEN])
+    return hmac.compare_digest(mac1, message[-2 * MAC_LEN:-MAC_LEN])
+
+
+def mac2_valid(message, cookie):
+    return hmac.compare_digest(MAC(cookie, message[:-MAC_LEN]), message[-MAC_LEN:])
+
+
+def make_cookie(secret, address, port):
+    """The cookie of a sender's address and port under the secret: what its mac2 must be
+    keyed by. The address is packed and the port big-endian, as the kernel module does."""
+    return MAC(secret, ipaddress.ip_address(address).packed + struct.pack("!H", port))
+
+
+def create_cookie_reply(message, cookie, local_public, nonce):
+    """The cookie reply to a handshake message: to its sender's index, the cookie sealed
+    with a key from our public key and bound to the message's mac1."""
+    sender, = struct.unpack_from("<I", message, 4)
+    sealed = XAEAD(HASH(LABEL_COOKIE + local_public), nonce, cookie,
+                   message[-2 * MAC_LEN:-MAC_LEN])
+    return COOKIE_REPLY.pack(MESSAGE_COOKIE_REPLY, sender, nonce, sealed)
+
+
+def consume_cookie_reply(reply, remote_public, mac1):
+    """The cookie in a peer's reply to the handshake message we sent with mac1, or
+    WireGuardRefused."""
+    check_message_kind(reply, MESSAGE_COOKIE_REPLY, COOKIE_REPLY_SIZE)
+    _, _, nonce, sealed = COOKIE_REPLY.unpack(reply)
+    return XAEAD_OPEN(HASH(LABEL_COOKIE + remote_public), nonce, sealed, mac1,
+                      "the cookie reply")
+
+
+class CookieChecker:
+    """The side that receives handshake messages, for one static key of ours: checks their
+    mac1, and under load their mac2 against the cookie of their source, and answers one
+    without it with a cookie reply. now is any clock in seconds (time.monotonic())."""
+
+    def __init__(self, local_public, random=os.urandom):
+        self.local_public = local_public
+        self.random = random
+        self.secret = None
+        self.secret_made = None
+
+    def check_mac1(self, message):
+        return mac1_valid(message, self.local_public)
+
+    def cookie(self, address, port, now):
+        if self.secret is None or now - self.secret_made >= COOKIE_REFRESH_TIME:
+            self.secret, self.secret_made = self.random(KEY_LEN), now
+        return make_cookie(self.secret, address, port)
+
+    def check_mac2(self, message, address, port, now):
+        return mac2_valid(message, self.cookie(address, port, now))
+
+    def create_reply(self, message, address, port, now):
+        return create_cookie_reply(message, self.cookie(address, port, now), self.local_public,
+                                   self.random(COOKIE_NONCE_LEN))
+
+
+class CookieGenerator:
+    """The side that sends handshake messages to one peer: fills in their mac1, and mac2
+    while it holds a cookie of that peer younger than COOKIE_REFRESH_TIME; it takes a cookie
+    reply only to the last message it sent. now is the clock CookieChecker's is."""
+
+    def __init__(self, remote_public):
+        self.remote_public = remote_public
+        self.cookie = None
+        self.cookie_received = None
+        self.last_mac1 = None
+
+    def add_macs(self, message, now):
+        fresh = self.cookie is not None and now - self.cookie_received < COOKIE_REFRESH_TIME
+        message = add_macs(message, self.remote_public, self.cookie if fresh else None)
+        self.last_mac1 = message[-2 * MAC_LEN:-MAC_LEN]
+        return message
+
+    def consume_reply(self, reply, now):
+        if self.last_mac1 is None:
+            raise WireGuardRefused("a cookie reply to no message of ours")
+        self.cookie = consume_cookie_reply(reply, self.remote_public, self.last_mac1)
+        self.cookie_received = now
+
+
 # --- Control-port policy: who may ask and what they get; the state file -------
 
 

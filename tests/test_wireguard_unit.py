@@ -227,3 +227,175 @@ def test_without_cryptography_plain_tunnels_load_and_encrypted_ones_say_what_is_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.abspath(ups.__file__))).stdout
     assert out == "encrypted tunnels need the cryptography package (pip install cryptography)\n"
+
+
+# --- Cookies under load -------------------------------------------------------------------
+
+# draft-irtf-cfrg-xchacha-03, section 2.2.1: HChaCha20.
+HCHACHA_KEY = bytes(range(32))
+HCHACHA_NONCE = bytes.fromhex("000000090000004a0000000031415927")
+HCHACHA_SUBKEY = bytes.fromhex("82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc")
+# The same draft, appendix A.3.1: AEAD_XChaCha20_Poly1305.
+XCHACHA_KEY = bytes(range(0x80, 0xA0))
+XCHACHA_NONCE = bytes(range(0x40, 0x58))
+XCHACHA_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+XCHACHA_PLAINTEXT = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one"
+                     b" tip for the future, sunscreen would be it.")
+XCHACHA_SEALED = bytes.fromhex(
+    "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"
+    "731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b452"
+    "2f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
+    "21f9664c97637da9768812f615c68b13b52e"
+    "c0875924c1c7987947deafd8780acf49")  # the tag
+# mac1 of the pinned initiation, and mac1 and mac2 (under the cookie 0x66...) of the response.
+PINNED_INITIATION_MAC1 = "93bcc82f5db3b8466ea6d8fb567bf96b"
+PINNED_RESPONSE_MACS = "a0c1e8d7649bfee7d31931b4c794c309e623a359653c09d92ed67b23495507a1"
+SOURCE, OTHER_SOURCE = ("198.18.0.1", 51820), ("198.18.0.3", 51820)
+
+
+def counting_random(n):
+    """Random bytes that differ from call to call, the same from run to run."""
+    counting_random.calls += 1
+    return bytes([counting_random.calls % 256]) * n
+
+
+counting_random.calls = 0
+
+
+def test_hchacha20_matches_the_drafts_vector():
+    assert ups.hchacha20(HCHACHA_KEY, HCHACHA_NONCE) == HCHACHA_SUBKEY
+
+
+def test_xchacha20_poly1305_matches_the_drafts_vector():
+    assert ups.XAEAD(XCHACHA_KEY, XCHACHA_NONCE, XCHACHA_PLAINTEXT, XCHACHA_AAD) == XCHACHA_SEALED
+    assert ups.XAEAD_OPEN(XCHACHA_KEY, XCHACHA_NONCE, XCHACHA_SEALED, XCHACHA_AAD,
+                          "the vector") == XCHACHA_PLAINTEXT
+
+
+def test_xchacha20_poly1305_refuses_any_change():
+    for key, nonce, sealed, aad in (
+            (XCHACHA_KEY, XCHACHA_NONCE, flipped(XCHACHA_SEALED, 0), XCHACHA_AAD),
+            (XCHACHA_KEY, XCHACHA_NONCE, flipped(XCHACHA_SEALED, len(XCHACHA_SEALED) * 8 - 1),
+             XCHACHA_AAD),
+            (XCHACHA_KEY, flipped(XCHACHA_NONCE, 0), XCHACHA_SEALED, XCHACHA_AAD),
+            (XCHACHA_KEY, flipped(XCHACHA_NONCE, 190), XCHACHA_SEALED, XCHACHA_AAD),
+            (flipped(XCHACHA_KEY, 0), XCHACHA_NONCE, XCHACHA_SEALED, XCHACHA_AAD),
+            (XCHACHA_KEY, XCHACHA_NONCE, XCHACHA_SEALED, flipped(XCHACHA_AAD, 0))):
+        with pytest.raises(WireGuardRefused):
+            ups.XAEAD_OPEN(key, nonce, sealed, aad, "the vector")
+
+
+def test_macs_of_the_pinned_messages_are_pinned():
+    assert ups.add_macs(PINNED_INITIATION, RESPONDER_PUBLIC)[-32:].hex() == \
+        PINNED_INITIATION_MAC1 + "00" * 16
+    assert ups.add_macs(PINNED_RESPONSE, INITIATOR_PUBLIC, b"\x66" * 16)[-32:].hex() == \
+        PINNED_RESPONSE_MACS
+
+
+def test_mac1_made_for_another_key_or_missing_is_refused():
+    _, first = initiation()
+    checker = ups.CookieChecker(RESPONDER_PUBLIC)
+    assert checker.check_mac1(ups.add_macs(first, RESPONDER_PUBLIC))
+    assert not checker.check_mac1(first)
+    assert not checker.check_mac1(ups.add_macs(first, INITIATOR_PUBLIC))
+
+
+def responder_takes(message, checker, under_load, take):
+    """The receiving side's order, as wireguard-go's: mac1, then under load mac2, then the
+    handshake itself; False when any of them refuses."""
+    if not checker.check_mac1(message):
+        return False
+    if under_load and not checker.check_mac2(message, *SOURCE, now=0):
+        return False
+    try:
+        take(message)
+    except WireGuardRefused:
+        return False
+    return True
+
+
+def test_a_bit_changed_anywhere_in_an_initiation_is_refused():
+    """With a cookie, so its mac2 is checked (under load) like the rest."""
+    checker = ups.CookieChecker(RESPONDER_PUBLIC, counting_random)
+    cookies = ups.CookieGenerator(RESPONDER_PUBLIC)
+    _, first = initiation()
+    without_cookie = cookies.add_macs(first, now=0)
+    cookies.consume_reply(checker.create_reply(without_cookie, *SOURCE, now=0), now=0)
+    message = cookies.add_macs(first, now=0)
+    take = lambda m: ups.consume_initiation(RESPONDER, m)  # noqa: E731
+    assert responder_takes(message, checker, True, take)
+    for bit in bits(0, len(message)):
+        assert not responder_takes(flipped(message, bit), checker, True, take), bit
+
+
+def test_a_bit_changed_anywhere_in_a_response_is_refused():
+    checker = ups.CookieChecker(INITIATOR_PUBLIC, counting_random)
+    sent, first = initiation()
+    received = ups.consume_initiation(RESPONDER, first)
+    _, second = ups.create_response(received, RESPONDER_INDEX, PSK, RESPONDER_EPHEMERAL)
+    message = ups.add_macs(second, INITIATOR_PUBLIC, checker.cookie(*SOURCE, now=0))
+    take = lambda m: ups.consume_response(sent, m, PSK)  # noqa: E731
+    assert responder_takes(message, checker, True, take)
+    for bit in bits(0, len(message)):
+        assert not responder_takes(flipped(message, bit), checker, True, take), bit
+
+
+def test_under_load_a_cookie_reply_gives_the_initiator_a_cookie_for_its_address_only():
+    checker = ups.CookieChecker(RESPONDER_PUBLIC, counting_random)
+    cookies = ups.CookieGenerator(RESPONDER_PUBLIC)
+    _, first = initiation()
+    message = cookies.add_macs(first, now=1000)
+    assert message[-16:] == bytes(16)  # no cookie yet: no mac2
+    assert checker.check_mac1(message) and not checker.check_mac2(message, *SOURCE, now=1000)
+    reply = checker.create_reply(message, *SOURCE, now=1000)
+    assert len(reply) == ups.COOKIE_REPLY_SIZE and reply[4:8] == first[4:8]  # to its sender
+    cookies.consume_reply(reply, now=1001)
+    again = cookies.add_macs(first, now=1002)
+    assert checker.check_mac1(again)
+    assert checker.check_mac2(again, *SOURCE, now=1002)
+    assert not checker.check_mac2(again, SOURCE[0], SOURCE[1] + 1, now=1002)
+    assert not checker.check_mac2(again, *OTHER_SOURCE, now=1002)
+
+
+def test_cookies_last_two_minutes_on_both_sides():
+    checker = ups.CookieChecker(RESPONDER_PUBLIC, counting_random)
+    cookies = ups.CookieGenerator(RESPONDER_PUBLIC)
+    _, first = initiation()
+    cookies.consume_reply(checker.create_reply(cookies.add_macs(first, now=0), *SOURCE, now=0),
+                          now=0)
+    assert checker.check_mac2(cookies.add_macs(first, now=119), *SOURCE, now=119)
+    # The responder's secret is new after two minutes: the old cookie no longer does.
+    assert not checker.check_mac2(cookies.add_macs(first, now=119), *SOURCE, now=120)
+    # And the initiator stops sending a cookie two minutes old.
+    assert cookies.add_macs(first, now=120)[-16:] == bytes(16)
+
+
+def test_a_cookie_reply_to_anything_but_our_last_message_is_refused():
+    checker = ups.CookieChecker(RESPONDER_PUBLIC, counting_random)
+    cookies = ups.CookieGenerator(RESPONDER_PUBLIC)
+    _, first = initiation()
+    with pytest.raises(WireGuardRefused, match="no message of ours"):
+        cookies.consume_reply(checker.create_reply(ups.add_macs(first, RESPONDER_PUBLIC),
+                                                   *SOURCE, now=0), now=0)
+    older = cookies.add_macs(first, now=0)
+    _, newer = ups.create_initiation(INITIATOR, RESPONDER_PUBLIC, 9, TIMESTAMP)
+    cookies.add_macs(newer, now=0)
+    with pytest.raises(WireGuardRefused, match="cookie reply does not authenticate"):
+        cookies.consume_reply(checker.create_reply(older, *SOURCE, now=0), now=0)
+    reply = checker.create_reply(cookies.add_macs(newer, now=0), *SOURCE, now=0)
+    for bit in bits(8, len(reply)):
+        with pytest.raises(WireGuardRefused):
+            cookies.consume_reply(flipped(reply, bit), now=0)
+    other = ups.CookieChecker(INITIATOR_PUBLIC, counting_random)  # another responder's key
+    with pytest.raises(WireGuardRefused):
+        cookies.consume_reply(other.create_reply(cookies.add_macs(newer, now=0), *SOURCE, now=0),
+                              now=0)
+    assert cookies.cookie is None
+
+
+def test_a_cookie_is_a_mac_of_the_address_and_port():
+    secret = b"s" * 32
+    assert ups.make_cookie(secret, "198.18.0.1", 51820) == \
+        ups.MAC(secret, bytes([198, 18, 0, 1]) + (51820).to_bytes(2, "big"))
+    assert len({ups.make_cookie(secret, *source) for source in (
+        ("198.18.0.1", 1), ("198.18.0.1", 2), ("198.18.0.2", 1), ("::ffff:198.18.0.1", 1))}) == 4
