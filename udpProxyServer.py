@@ -1483,6 +1483,71 @@ class CookieGenerator:
         self.cookie_received = now
 
 
+# --- WireGuard: transport messages --------------------------------------------
+
+
+# The paper's section 5.4.6, and wireguard-go's device/send.go and receive.go.
+
+# Packets are sealed padded with zeros to a multiple of this, so their sizes tell less.
+PADDING_MULTIPLE = 16
+# Type, receiver index, counter.
+TRANSPORT_HEADER = struct.Struct("<IIQ")
+# A keepalive: the sealed empty packet, the shortest transport message.
+MIN_TRANSPORT_SIZE = TRANSPORT_HEADER_SIZE + TAG_LEN
+HANDSHAKE_SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE,
+                   MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
+
+
+def message_type(datagram):
+    """The type of the WireGuard message a datagram is, or None when it is none: each
+    handshake message has its size, a transport message at least a header and a tag."""
+    if len(datagram) < 4:
+        return None
+    kind, = struct.unpack_from("<I", datagram)
+    if kind == MESSAGE_TRANSPORT:
+        return kind if len(datagram) >= MIN_TRANSPORT_SIZE else None
+    return kind if HANDSHAKE_SIZES.get(kind) == len(datagram) else None
+
+
+def receiver_index(message):
+    """The index a response, cookie reply or transport message is addressed to: ours, to
+    find the handshake or keys it belongs to."""
+    offset = 8 if message_type(message) == MESSAGE_RESPONSE else 4
+    return struct.unpack_from("<I", message, offset)[0]
+
+
+def transport_cipher(key):
+    """The AEAD of one direction of a session's keys, made once for all its packets."""
+    need_cryptography()
+    return ChaCha20Poly1305(key)
+
+
+def seal_transport(cipher, receiver, counter, packet, mtu=None):
+    """A packet (b"" for a keepalive) as a transport message to the peer's index receiver,
+    the counter-th under cipher: padded with zeros to a multiple of 16, but not past the
+    tunnel's mtu when given, as wireguard-go does."""
+    size = len(packet) + -len(packet) % PADDING_MULTIPLE
+    if mtu is not None:
+        size = max(len(packet), min(size, mtu))
+    return (TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, receiver, counter)
+            + cipher.encrypt(AEAD_NONCE.pack(counter), bytes(packet) + bytes(size - len(packet)),
+                             None))
+
+
+def open_transport(cipher, message):
+    """The counter and padded packet of a transport message, or WireGuardRefused. The
+    caller checks the counter against its replay window and trims the padding by the IP
+    header's length; an empty packet is a keepalive."""
+    if message_type(message) != MESSAGE_TRANSPORT:
+        raise WireGuardRefused("not a transport message")
+    _, _, counter = TRANSPORT_HEADER.unpack_from(message)
+    try:
+        packet = cipher.decrypt(AEAD_NONCE.pack(counter), message[TRANSPORT_HEADER_SIZE:], None)
+    except InvalidTag:
+        raise WireGuardRefused("a transport message that does not authenticate") from None
+    return counter, packet
+
+
 # --- Control-port policy: who may ask and what they get; the state file -------
 
 

@@ -399,3 +399,67 @@ def test_a_cookie_is_a_mac_of_the_address_and_port():
         ups.MAC(secret, bytes([198, 18, 0, 1]) + (51820).to_bytes(2, "big"))
     assert len({ups.make_cookie(secret, *source) for source in (
         ("198.18.0.1", 1), ("198.18.0.1", 2), ("198.18.0.2", 1), ("::ffff:198.18.0.1", 1))}) == 4
+
+
+# --- Transport messages -------------------------------------------------------------------
+
+
+def transport_pair():
+    """The initiator's sealing cipher, the responder's opening one, and the responder's index."""
+    initiator, responder, _, _ = handshake()
+    return (ups.transport_cipher(initiator.send_key), ups.transport_cipher(responder.receive_key),
+            responder.local_index)
+
+
+@pytest.mark.parametrize("size", [*range(0, 50), 1399, 1400, 1420])
+def test_a_packet_crosses_padded_with_zeros_to_a_multiple_of_16(size):
+    send, receive, index = transport_pair()
+    packet = bytes(range(256)) * 6
+    packet = packet[:size]
+    message = ups.seal_transport(send, index, 7, packet)
+    padded = -(-size // 16) * 16
+    assert len(message) == ups.TRANSPORT_HEADER_SIZE + padded + ups.TAG_LEN
+    assert ups.message_type(message) == ups.MESSAGE_TRANSPORT
+    assert ups.receiver_index(message) == index
+    assert ups.open_transport(receive, memoryview(message)) == \
+        (7, packet + bytes(padded - size))
+
+
+def test_padding_stops_at_the_mtu():
+    send, receive, index = transport_pair()
+    assert len(ups.seal_transport(send, index, 0, bytes(1419), mtu=1420)) == 16 + 1420 + 16
+    assert len(ups.seal_transport(send, index, 0, bytes(1420), mtu=1420)) == 16 + 1420 + 16
+    assert len(ups.seal_transport(send, index, 0, bytes(1401), mtu=1420)) == 16 + 1408 + 16
+
+
+def test_a_keepalive_is_the_sealed_empty_packet():
+    send, receive, index = transport_pair()
+    message = ups.seal_transport(send, index, 3, b"")
+    assert len(message) == ups.MIN_TRANSPORT_SIZE == 32
+    assert ups.open_transport(receive, message) == (3, b"")
+
+
+def test_a_changed_transport_message_is_refused():
+    """Every bit but the receiver index's, which is not sealed: it picks the keys."""
+    send, receive, index = transport_pair()
+    message = ups.seal_transport(send, index, 2 ** 40, b"a packet")
+    for bit in [*bits(0, 4), *bits(8, len(message))]:
+        with pytest.raises(WireGuardRefused):
+            ups.open_transport(receive, flipped(message, bit))
+    initiator, _, _, _ = handshake()
+    with pytest.raises(WireGuardRefused):  # the other direction's key
+        ups.open_transport(ups.transport_cipher(initiator.receive_key), message)
+    with pytest.raises(WireGuardRefused):
+        ups.open_transport(receive, message[:31])
+
+
+def test_datagrams_are_told_apart_by_type_and_size():
+    _, _, first, second = handshake()
+    assert [ups.message_type(m) for m in (first, second, bytes([4]) + bytes(31))] == [1, 2, 4]
+    for other in (b"", b"\x01\x00\x00", first[:-1], second + b"\0", bytes([4]) + bytes(30),
+                  b"\x01\x00\x00\x01" + first[4:], bytes([5]) + bytes(63)):
+        assert ups.message_type(other) is None
+    assert ups.receiver_index(second) == INITIATOR_INDEX
+    reply = ups.CookieChecker(RESPONDER_PUBLIC).create_reply(first, *SOURCE, now=0)
+    assert ups.message_type(reply) == ups.MESSAGE_COOKIE_REPLY
+    assert ups.receiver_index(reply) == INITIATOR_INDEX
