@@ -47,9 +47,13 @@ except ImportError:  # needed only for IPv6 tunnel addresses and routes, and sai
     IPRoute = None
     NetlinkError = OSError
 try:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-except ImportError:  # needed only for encrypted tunnels, and said so then
-    X25519PrivateKey = None
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+except ImportError:  # needed only for encrypted tunnels: need_cryptography() says so then
+    InvalidTag = X25519PrivateKey = X25519PublicKey = Cipher = algorithms = None
+    ChaCha20Poly1305 = None
 
 
 # --- Constants, exceptions, the logger ----------------------------------------
@@ -106,7 +110,8 @@ REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 # A shared secret of fewer bytes is too easy to guess.
 MIN_SECRET_LEN = 16
-# Curve25519 keys, as wg genkey and wg pubkey write them: 32 bytes in base64.
+# X25519 keys, preshared keys, BLAKE2s hashes and ChaCha20 keys: 32 bytes each (and a
+# key in base64, as wg genkey and wg pubkey write it).
 KEY_LEN = 32
 # Replies per source and second, and the burst allowed, to sources that have not shown they
 # receive at their address: a mesh's set-up fits; a reflected flood does not.
@@ -200,12 +205,13 @@ class StartupError(Exception):
     """The daemon cannot start; the text is the one line the user sees."""
 
 
-class NeedsCryptography(ControlError, StartupError):
-    """What needs the cryptography package, where it is missing: said with what to install."""
+class CryptographyMissing(ControlError, StartupError):
+    """What needs the cryptography package, where it is missing: a refusal, or the one line
+    at start-up, saying what to install."""
 
     def __init__(self, what="encrypted tunnels"):
-        super().__init__("the cryptography package is needed for %s (pip install"
-                         " cryptography)" % what)
+        super().__init__("%s: the cryptography package is needed (pip install cryptography)"
+                         % what)
 
 
 class TunnelGone(Exception):
@@ -439,14 +445,18 @@ def entry_name(entry):
 
 
 def parse_key(value, field):
-    """A Curve25519 key (or a preshared key) given in base64, as wg writes them."""
+    """A Curve25519 key (or a preshared key) given in base64, as wg writes them. The error
+    does not quote the value: it may be a secret key."""
+    if not isinstance(value, str):
+        raise ControlError("invalid %s: must be a string of base64" % field)
     try:
-        key = base64.b64decode(value, validate=True) if isinstance(value, str) else None
+        key = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        key = None
-    if key is None or len(key) != KEY_LEN:
-        raise ControlError("invalid %s %r: must be %d bytes in base64, as wg genkey writes"
-                           % (field, value, KEY_LEN))
+        raise ControlError("invalid %s: a key is %d bytes in base64, as wg genkey writes;"
+                           " this is not base64" % (field, KEY_LEN)) from None
+    if len(key) != KEY_LEN:
+        raise ControlError("invalid %s: a key is %d bytes in base64, as wg genkey writes;"
+                           " this is %d bytes" % (field, KEY_LEN, len(key)))
     return key
 
 
@@ -1072,6 +1082,490 @@ class OffloadTunnel(Tunnel):
             super().write_failed(error, packets)
 
 
+# --- WireGuard: keys and the handshake ----------------------------------------
+
+
+# The specification is the WireGuard paper (Donenfeld, NDSS 2017, section 5.4) and
+# wireguard-go's device/noise-protocol.go; names are the paper's, to be held against it.
+
+# The Noise protocol's name: its hash is the first chaining key, so no other construction agrees.
+CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+# Hashed in next, so the transcript is WireGuard v1's and no other protocol's.
+IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+# Put before a peer's public key to make the key of mac1, and that of the cookie reply's sealing.
+LABEL_MAC1 = b"mac1----"
+LABEL_COOKIE = b"cookie--"
+# A message's first four bytes: its type and three zero bytes, read as a little-endian number.
+MESSAGE_INITIATION, MESSAGE_RESPONSE, MESSAGE_COOKIE_REPLY, MESSAGE_TRANSPORT = 1, 2, 3, 4
+# Each handshake message has one size: a datagram of another size is not one.
+INITIATION_SIZE, RESPONSE_SIZE, COOKIE_REPLY_SIZE = 148, 92, 64
+# Type, receiver index and counter, before a transport message's sealed packet.
+TRANSPORT_HEADER_SIZE = 16
+# mac1, mac2 and cookies are BLAKE2s cut to 16 bytes; a Poly1305 tag is 16 bytes too.
+MAC_LEN = TAG_LEN = 16
+# Type, sender, ephemeral, static (sealed), timestamp (sealed), mac1, mac2.
+INITIATION = struct.Struct("<II32s48s28s16s16s")
+# Type, sender, receiver, ephemeral, empty (sealed), mac1, mac2.
+RESPONSE = struct.Struct("<III32s16s16s16s")
+# ChaCha20-Poly1305's 96-bit nonce in WireGuard: 32 zero bits, then the 64-bit counter.
+AEAD_NONCE = struct.Struct("<4xQ")
+# TAI64N: the TAI64 label of the second (2**62 is 1970, when TAI was 10 s ahead of UTC),
+# then the nanoseconds, both big-endian, so labels compare as bytes as times do.
+TAI64N = struct.Struct(">QI")
+TAI64_EPOCH = 2 ** 62 + 10
+# Nanoseconds are rounded down to 2**24 (about 17 ms), as wireguard-go and the kernel do, so
+# an initiation does not tell our clock to the nanosecond; it is finer than 50 initiations a second.
+TAI64N_WHITENER = 2 ** 24
+
+
+class WireGuardRefused(ValueError):
+    """A WireGuard message not taken; the text says why, and never holds a key."""
+
+
+def need_cryptography(what="encrypted tunnels"):
+    """Raise the one clear error when the cryptography package is missing: plain tunnels
+    never call this, so the daemon runs them without it."""
+    if ChaCha20Poly1305 is None:
+        raise CryptographyMissing(what)
+
+
+def HASH(data):
+    """BLAKE2s-256."""
+    return hashlib.blake2s(data).digest()
+
+
+def MAC(key, data):
+    """BLAKE2s keyed with key, cut to 16 bytes."""
+    return hashlib.blake2s(data, digest_size=MAC_LEN, key=key).digest()
+
+
+def HMAC(key, data):
+    """HMAC (RFC 2104) over BLAKE2s, with its 64-byte blocks."""
+    return hmac.new(key, data, hashlib.blake2s).digest()
+
+
+def KDF(n, key, data):
+    """HKDF (RFC 5869) over HMAC-BLAKE2s: the paper's KDF_n, its n 32-byte outputs."""
+    secret = HMAC(key, data)
+    outputs, previous = [], b""
+    for i in range(1, n + 1):
+        previous = HMAC(secret, previous + bytes([i]))
+        outputs.append(previous)
+    return outputs
+
+
+def KDF1(key, data):
+    return KDF(1, key, data)[0]
+
+
+def KDF2(key, data):
+    return tuple(KDF(2, key, data))
+
+
+def KDF3(key, data):
+    return tuple(KDF(3, key, data))
+
+
+def AEAD(key, counter, plaintext, authtext):
+    """ChaCha20-Poly1305 (RFC 8439) with WireGuard's nonce made of the counter."""
+    need_cryptography()
+    return ChaCha20Poly1305(key).encrypt(AEAD_NONCE.pack(counter), plaintext, authtext)
+
+
+def AEAD_OPEN(key, counter, ciphertext, authtext, what):
+    """The plaintext AEAD sealed, or WireGuardRefused naming what did not open."""
+    need_cryptography()
+    try:
+        return ChaCha20Poly1305(key).decrypt(AEAD_NONCE.pack(counter), ciphertext, authtext)
+    except InvalidTag:
+        raise WireGuardRefused("%s does not authenticate" % what) from None
+
+
+def DH(private, public):
+    """X25519; a public key of small order, whose result is all zero, is refused."""
+    need_cryptography()
+    try:
+        return X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise WireGuardRefused("a public key of small order or of the wrong size") from None
+
+
+def generate_private_key(random=os.urandom):
+    """A new private key as `wg genkey` makes one: random bytes, clamped for X25519."""
+    key = bytearray(random(KEY_LEN))
+    key[0] &= 248
+    key[31] = (key[31] & 127) | 64
+    return bytes(key)
+
+
+def public_key(private):
+    """The public key of a private key, as `wg pubkey` gives it (raw bytes)."""
+    need_cryptography()
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def key_from_base64(text):
+    """A key, private, public or preshared, from the base64 `wg genkey`, `wg pubkey` and
+    `wg genpsk` write; the error (a ValueError) never quotes the text."""
+    return parse_key(text.strip(), "key")
+
+
+def key_to_base64(key):
+    return base64.b64encode(key).decode("ascii")
+
+
+def tai64n(unix_ns):
+    """The TAI64N timestamp of a time in nanoseconds since 1970 (time.time_ns()): a later
+    time never has a smaller one, and timestamps compare as bytes as their times do."""
+    seconds, nanoseconds = divmod(unix_ns, 10 ** 9)
+    return TAI64N.pack(TAI64_EPOCH + seconds, nanoseconds - nanoseconds % TAI64N_WHITENER)
+
+
+def zero_psk(preshared_key):
+    """The preshared key mixed in (psk2): all zero when the tunnel has none."""
+    if preshared_key is None:
+        return bytes(KEY_LEN)
+    if len(preshared_key) != KEY_LEN:
+        raise ValueError("a preshared key is %d bytes" % KEY_LEN)
+    return preshared_key
+
+
+# C and H before anything of a handshake is mixed in: the same for every handshake.
+INITIAL_CHAINING_KEY = HASH(CONSTRUCTION)
+INITIAL_HASH = HASH(INITIAL_CHAINING_KEY + IDENTIFIER)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitiationSent:
+    """The initiator's handshake between its initiation and the peer's response."""
+    local_index: int
+    remote_public: bytes
+    local_private: bytes = dataclasses.field(repr=False)
+    ephemeral_private: bytes = dataclasses.field(repr=False)
+    chaining_key: bytes = dataclasses.field(repr=False)
+    hash: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class InitiationReceived:
+    """What the responder learnt from an initiation: the sender's static public key (to find
+    its tunnel), its timestamp (take it only if newer than that peer's last), its index, and
+    the handshake so far, to answer it."""
+    remote_public: bytes
+    timestamp: bytes
+    remote_index: int
+    remote_ephemeral: bytes
+    chaining_key: bytes = dataclasses.field(repr=False)
+    hash: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransportKeys:
+    """What a handshake gives each side: the keys it seals and opens transport messages
+    with, the index the peer puts in the messages it sends us (local_index), and the one
+    we put in the messages we send it (remote_index)."""
+    local_index: int
+    remote_index: int
+    is_initiator: bool
+    send_key: bytes = dataclasses.field(repr=False)
+    receive_key: bytes = dataclasses.field(repr=False)
+
+
+def check_message_kind(message, kind, size):
+    if len(message) != size or struct.unpack_from("<I", message)[0] != kind:
+        raise WireGuardRefused("not a handshake message of type %d and %d bytes" % (kind, size))
+
+
+def create_initiation(local_private, remote_public, sender_index, timestamp,
+                      ephemeral_private=None):
+    """The first handshake message to the peer of remote_public, sent under sender_index,
+    with timestamp (tai64n of now), and the state to read its response with. Its mac1 and
+    mac2 are zero: the cookie section's add_macs fills them in before it is sent."""
+    ephemeral_private = ephemeral_private or generate_private_key()
+    ephemeral = public_key(ephemeral_private)
+    transcript = HASH(INITIAL_HASH + remote_public)
+    chaining_key = KDF1(INITIAL_CHAINING_KEY, ephemeral)
+    transcript = HASH(transcript + ephemeral)
+    chaining_key, key = KDF2(chaining_key, DH(ephemeral_private, remote_public))
+    static = AEAD(key, 0, public_key(local_private), transcript)
+    transcript = HASH(transcript + static)
+    chaining_key, key = KDF2(chaining_key, DH(local_private, remote_public))
+    sealed_timestamp = AEAD(key, 0, timestamp, transcript)
+    transcript = HASH(transcript + sealed_timestamp)
+    message = INITIATION.pack(MESSAGE_INITIATION, sender_index, ephemeral, static,
+                              sealed_timestamp, bytes(MAC_LEN), bytes(MAC_LEN))
+    return InitiationSent(sender_index, remote_public, local_private, ephemeral_private,
+                          chaining_key, transcript), message
+
+
+def consume_initiation(local_private, message, local_public=None):
+    """What an initiation to us says (InitiationReceived), or WireGuardRefused. Its mac1 is
+    the caller's to check first (CookieChecker.check_mac1), as that costs no DH."""
+    check_message_kind(message, MESSAGE_INITIATION, INITIATION_SIZE)
+    _, sender, ephemeral, static, sealed_timestamp, _, _ = INITIATION.unpack(message)
+    transcript = HASH(INITIAL_HASH + (local_public or public_key(local_private)))
+    chaining_key = KDF1(INITIAL_CHAINING_KEY, ephemeral)
+    transcript = HASH(transcript + ephemeral)
+    chaining_key, key = KDF2(chaining_key, DH(local_private, ephemeral))
+    remote_public = AEAD_OPEN(key, 0, static, transcript, "the initiation's static key")
+    transcript = HASH(transcript + static)
+    chaining_key, key = KDF2(chaining_key, DH(local_private, remote_public))
+    timestamp = AEAD_OPEN(key, 0, sealed_timestamp, transcript, "the initiation's timestamp")
+    transcript = HASH(transcript + sealed_timestamp)
+    return InitiationReceived(remote_public, timestamp, sender, ephemeral, chaining_key,
+                              transcript)
+
+
+def create_response(received, sender_index, preshared_key=None, ephemeral_private=None):
+    """The response to a consumed initiation, sent under sender_index, with the tunnel's
+    preshared key (None: none), and the responder's transport keys. Its mac1 and mac2 are
+    zero, for add_macs."""
+    ephemeral_private = ephemeral_private or generate_private_key()
+    ephemeral = public_key(ephemeral_private)
+    chaining_key = KDF1(received.chaining_key, ephemeral)
+    transcript = HASH(received.hash + ephemeral)
+    chaining_key = KDF1(chaining_key, DH(ephemeral_private, received.remote_ephemeral))
+    chaining_key = KDF1(chaining_key, DH(ephemeral_private, received.remote_public))
+    chaining_key, tau, key = KDF3(chaining_key, zero_psk(preshared_key))
+    transcript = HASH(transcript + tau)
+    empty = AEAD(key, 0, b"", transcript)
+    message = RESPONSE.pack(MESSAGE_RESPONSE, sender_index, received.remote_index, ephemeral,
+                            empty, bytes(MAC_LEN), bytes(MAC_LEN))
+    receive_key, send_key = KDF2(chaining_key, b"")
+    return TransportKeys(sender_index, received.remote_index, False, send_key,
+                         receive_key), message
+
+
+def consume_response(sent, message, preshared_key=None):
+    """The initiator's transport keys from the response to its initiation, with the
+    tunnel's preshared key (None: none), or WireGuardRefused. Its mac1 is the caller's
+    to check first."""
+    check_message_kind(message, MESSAGE_RESPONSE, RESPONSE_SIZE)
+    _, sender, receiver, ephemeral, empty, _, _ = RESPONSE.unpack(message)
+    if receiver != sent.local_index:
+        raise WireGuardRefused("a response to another initiation")
+    chaining_key = KDF1(sent.chaining_key, ephemeral)
+    transcript = HASH(sent.hash + ephemeral)
+    chaining_key = KDF1(chaining_key, DH(sent.ephemeral_private, ephemeral))
+    chaining_key = KDF1(chaining_key, DH(sent.local_private, ephemeral))
+    chaining_key, tau, key = KDF3(chaining_key, zero_psk(preshared_key))
+    transcript = HASH(transcript + tau)
+    AEAD_OPEN(key, 0, empty, transcript, "the response")
+    send_key, receive_key = KDF2(chaining_key, b"")
+    return TransportKeys(sent.local_index, sender, True, send_key, receive_key)
+
+
+# --- WireGuard: cookies under load --------------------------------------------
+
+
+# The paper's sections 5.4.4 and 5.4.7, and wireguard-go's device/cookie.go: mac1 shows a
+# handshake message was made by someone who knows our public key; under load, mac2 shows
+# its sender receives at its address, with a cookie we sent it there.
+
+# The responder's cookie secret lasts two minutes; so does a cookie for the initiator.
+COOKIE_REFRESH_TIME = 120
+# XChaCha20's nonce: long enough to be drawn at random for every cookie reply.
+COOKIE_NONCE_LEN = 24
+# Type, receiver (the index of the message it answers), nonce, cookie (sealed).
+COOKIE_REPLY = struct.Struct("<II24s32s")
+# The first four words of every ChaCha state: "expand 32-byte k".
+CHACHA_CONSTANTS = struct.unpack("<4I", b"expand 32-byte k")
+
+
+def hchacha20(key, nonce):
+    """HChaCha20 (draft-irtf-cfrg-xchacha, 2.2) of a 32-byte key and 16-byte nonce, from
+    cryptography's ChaCha20 (we write no primitive): its one keystream block for that
+    nonce as the four state words after the key is the rounds' output plus the input
+    state; taking the input away again leaves the rounds' output, whose words 0..3 and
+    12..15 are HChaCha20's."""
+    need_cryptography()
+    block = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor().update(bytes(64))
+    words = struct.unpack("<16I", block)
+    inputs = CHACHA_CONSTANTS + struct.unpack("<4I", nonce)
+    return struct.pack("<8I", *((word - given) & 0xFFFFFFFF
+                                for word, given in zip(words[:4] + words[12:], inputs)))
+
+
+def xchacha_parts(key, nonce):
+    """AEAD_XChaCha20_Poly1305 (draft-irtf-cfrg-xchacha, 2.3) as ChaCha20-Poly1305 under a
+    subkey: the ChaCha20-Poly1305 and its 12-byte nonce for a 24-byte nonce."""
+    if len(nonce) != COOKIE_NONCE_LEN:
+        raise ValueError("an XChaCha20 nonce is %d bytes" % COOKIE_NONCE_LEN)
+    return ChaCha20Poly1305(hchacha20(key, nonce[:16])), bytes(4) + nonce[16:]
+
+
+def XAEAD(key, nonce, plaintext, authtext):
+    cipher, short_nonce = xchacha_parts(key, nonce)
+    return cipher.encrypt(short_nonce, plaintext, authtext)
+
+
+def XAEAD_OPEN(key, nonce, ciphertext, authtext, what):
+    cipher, short_nonce = xchacha_parts(key, nonce)
+    try:
+        return cipher.decrypt(short_nonce, ciphertext, authtext)
+    except InvalidTag:
+        raise WireGuardRefused("%s does not authenticate" % what) from None
+
+
+def add_macs(message, receiver_public, cookie=None):
+    """A handshake message with its mac1, keyed by the receiver's public key, and its mac2,
+    keyed by the cookie the receiver gave us (all zero when we hold none)."""
+    body = bytes(message[:-2 * MAC_LEN])
+    mac1 = MAC(HASH(LABEL_MAC1 + receiver_public), body)
+    mac2 = MAC(cookie, body + mac1) if cookie else bytes(MAC_LEN)
+    return body + mac1 + mac2
+
+
+def mac1_valid(message, local_public):
+    mac1 = MAC(HASH(LABEL_MAC1 + local_public), message[:-2 * MAC_LEN])
+    return hmac.compare_digest(mac1, message[-2 * MAC_LEN:-MAC_LEN])
+
+
+def mac2_valid(message, cookie):
+    return hmac.compare_digest(MAC(cookie, message[:-MAC_LEN]), message[-MAC_LEN:])
+
+
+def make_cookie(secret, address, port):
+    """The cookie of a sender's address and port under the secret: what its mac2 must be
+    keyed by. The address is packed and the port big-endian, as the kernel module does."""
+    return MAC(secret, ipaddress.ip_address(address).packed + struct.pack("!H", port))
+
+
+def create_cookie_reply(message, cookie, local_public, nonce):
+    """The cookie reply to a handshake message: to its sender's index, the cookie sealed
+    with a key from our public key and bound to the message's mac1."""
+    sender, = struct.unpack_from("<I", message, 4)
+    sealed = XAEAD(HASH(LABEL_COOKIE + local_public), nonce, cookie,
+                   message[-2 * MAC_LEN:-MAC_LEN])
+    return COOKIE_REPLY.pack(MESSAGE_COOKIE_REPLY, sender, nonce, sealed)
+
+
+def consume_cookie_reply(reply, remote_public, mac1):
+    """The cookie in a peer's reply to the handshake message we sent with mac1, or
+    WireGuardRefused."""
+    check_message_kind(reply, MESSAGE_COOKIE_REPLY, COOKIE_REPLY_SIZE)
+    _, _, nonce, sealed = COOKIE_REPLY.unpack(reply)
+    return XAEAD_OPEN(HASH(LABEL_COOKIE + remote_public), nonce, sealed, mac1,
+                      "the cookie reply")
+
+
+class CookieChecker:
+    """The side that receives handshake messages, for one static key of ours: checks their
+    mac1, and under load their mac2 against the cookie of their source, and answers one
+    without it with a cookie reply. now is any clock in seconds (time.monotonic())."""
+
+    def __init__(self, local_public, random=os.urandom):
+        self.local_public = local_public
+        self.random = random
+        self.secret = None
+        self.secret_made = None
+
+    def check_mac1(self, message):
+        return mac1_valid(message, self.local_public)
+
+    def cookie(self, address, port, now):
+        if self.secret is None or now - self.secret_made >= COOKIE_REFRESH_TIME:
+            self.secret, self.secret_made = self.random(KEY_LEN), now
+        return make_cookie(self.secret, address, port)
+
+    def check_mac2(self, message, address, port, now):
+        return mac2_valid(message, self.cookie(address, port, now))
+
+    def create_reply(self, message, address, port, now):
+        return create_cookie_reply(message, self.cookie(address, port, now), self.local_public,
+                                   self.random(COOKIE_NONCE_LEN))
+
+
+class CookieGenerator:
+    """The side that sends handshake messages to one peer: fills in their mac1, and mac2
+    while it holds a cookie of that peer younger than COOKIE_REFRESH_TIME; it takes a cookie
+    reply only to the last message it sent. now is the clock CookieChecker's is."""
+
+    def __init__(self, remote_public):
+        self.remote_public = remote_public
+        self.cookie = None
+        self.cookie_received = None
+        self.last_mac1 = None
+
+    def add_macs(self, message, now):
+        fresh = self.cookie is not None and now - self.cookie_received < COOKIE_REFRESH_TIME
+        message = add_macs(message, self.remote_public, self.cookie if fresh else None)
+        self.last_mac1 = message[-2 * MAC_LEN:-MAC_LEN]
+        return message
+
+    def consume_reply(self, reply, now):
+        if self.last_mac1 is None:
+            raise WireGuardRefused("a cookie reply to no message of ours")
+        self.cookie = consume_cookie_reply(reply, self.remote_public, self.last_mac1)
+        self.cookie_received = now
+
+
+# --- WireGuard: transport messages --------------------------------------------
+
+
+# The paper's section 5.4.6, and wireguard-go's device/send.go and receive.go.
+
+# Packets are sealed padded with zeros to a multiple of this, so their sizes tell less.
+PADDING_MULTIPLE = 16
+# Type, receiver index, counter.
+TRANSPORT_HEADER = struct.Struct("<IIQ")
+# A keepalive: the sealed empty packet, the shortest transport message.
+MIN_TRANSPORT_SIZE = TRANSPORT_HEADER_SIZE + TAG_LEN
+HANDSHAKE_SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE,
+                   MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
+
+
+def message_type(datagram):
+    """The type of the WireGuard message a datagram is, or None when it is none: each
+    handshake message has its size, a transport message at least a header and a tag."""
+    if len(datagram) < 4:
+        return None
+    kind, = struct.unpack_from("<I", datagram)
+    if kind == MESSAGE_TRANSPORT:
+        return kind if len(datagram) >= MIN_TRANSPORT_SIZE else None
+    return kind if HANDSHAKE_SIZES.get(kind) == len(datagram) else None
+
+
+def receiver_index(message):
+    """The index a response, cookie reply or transport message is addressed to: ours, to
+    find the handshake or keys it belongs to."""
+    offset = 8 if message_type(message) == MESSAGE_RESPONSE else 4
+    return struct.unpack_from("<I", message, offset)[0]
+
+
+def transport_cipher(key):
+    """The AEAD of one direction of a session's keys, made once for all its packets."""
+    need_cryptography()
+    return ChaCha20Poly1305(key)
+
+
+def seal_transport(cipher, receiver, counter, packet, mtu=None):
+    """A packet (b"" for a keepalive) as a transport message to the peer's index receiver,
+    the counter-th under cipher: padded with zeros to a multiple of 16, but not past the
+    tunnel's mtu when given, as wireguard-go does."""
+    size = len(packet) + -len(packet) % PADDING_MULTIPLE
+    if mtu is not None:
+        size = max(len(packet), min(size, mtu))
+    return (TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, receiver, counter)
+            + cipher.encrypt(AEAD_NONCE.pack(counter), bytes(packet) + bytes(size - len(packet)),
+                             None))
+
+
+def open_transport(cipher, message):
+    """The counter and padded packet of a transport message, or WireGuardRefused. The
+    caller checks the counter against its replay window and trims the padding by the IP
+    header's length; an empty packet is a keepalive."""
+    if message_type(message) != MESSAGE_TRANSPORT:
+        raise WireGuardRefused("not a transport message")
+    _, _, counter = TRANSPORT_HEADER.unpack_from(message)
+    try:
+        packet = cipher.decrypt(AEAD_NONCE.pack(counter), message[TRANSPORT_HEADER_SIZE:], None)
+    except InvalidTag:
+        raise WireGuardRefused("a transport message that does not authenticate") from None
+    return counter, packet
+
+
 # --- Control-port policy: who may ask and what they get; the state file -------
 
 
@@ -1095,13 +1589,11 @@ def read_secret(path):
 def read_key_file(path, generate=False):
     """The Curve25519 private key in path, as wg genkey writes it (base64), refused if
     others could read it; with generate, a missing file is made first (mode 600)."""
-    if X25519PrivateKey is None:
-        raise NeedsCryptography("--key-file")
+    need_cryptography("--key-file")
     if generate and not os.path.exists(path):
-        key = X25519PrivateKey.generate().private_bytes_raw()
         try:
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                f.write(base64.b64encode(key) + b"\n")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(key_to_base64(generate_private_key()) + "\n")
         except OSError as e:
             raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
         log.info("key file %s made", path)
@@ -1117,16 +1609,10 @@ def read_key_file(path, generate=False):
         raise StartupError("key file %s is readable by group or others (mode %03o):"
                            " chmod 600 it" % (path, mode & 0o777))
     try:
-        return parse_key(text.decode("ascii"), "private key")
-    except (ControlError, UnicodeDecodeError):
+        return key_from_base64(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
         raise StartupError("key file %s does not hold a base64 Curve25519 private key"
                            " (as wg genkey writes)" % path) from None
-
-
-def public_key(private):
-    """The base64 public key of a private key, as wg pubkey gives it."""
-    key = X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
-    return base64.b64encode(key).decode()
 
 
 def request_mac(secret, ts, nonce, payload):
@@ -1402,8 +1888,6 @@ REKEY_ATTEMPT_TIME = 90
 REKEY_TIMEOUT = 5
 # Data received and nothing sent for this long: a keepalive tells the peer we are here.
 KEEPALIVE_TIMEOUT = 10
-# A cookie from a cookie reply serves this long (section 5.4.7).
-COOKIE_REFRESH_TIME = 120
 # The jitter added to REKEY_TIMEOUT, drawn in ms below this as wireguard-go does (under 1/3 s),
 # so two peers that started together do not retry in step.
 REKEY_TIMEOUT_JITTER_MAX_MS = 334
@@ -2034,6 +2518,7 @@ class Server:
         self.offloads = offloads or Offloads()
         self.keeper = StateKeeper(self, state)
         self.private_key = private_key  # this host's WireGuard identity, from --key-file
+        self.public_key = key_to_base64(public_key(private_key)) if private_key else None
         self.clock = clock  # when the data path's fallbacks end
         self.loop = Loop()
         self.registry = Registry(data_sock.family)
@@ -2445,7 +2930,7 @@ class ControlPort:
             "drops": dict(server.drops),
             "control": dict(self.counts),
             "unmade": sorted(registry.unmade),
-            "publicKey": public_key(server.private_key) if server.private_key else None,
+            "publicKey": server.public_key,
             "tunnels": [registry.by_name[name].describe() for name in parts[request.part]],
         }
 
@@ -2612,7 +3097,7 @@ def parse_args(argv):
 def print_public_key(args):
     """--public-key: the public key of --key-file, as wg pubkey prints it."""
     try:
-        print(public_key(read_key_file(args.key_file, args.generate_key)))
+        print(key_to_base64(public_key(read_key_file(args.key_file, args.generate_key))))
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
@@ -2649,7 +3134,7 @@ def main(argv=None):
                     " can reach it%s", "[%s]:%d" % (host, port) if ":" in host else
                     "%s:%d" % (host, port), "" if args.allow else " (see also --allow and --control-bind)")
     if private_key is not None:
-        log.info("public key: %s", public_key(private_key))
+        log.info("public key: %s", key_to_base64(public_key(private_key)))
     signal_fds = watch_signals(server)
     server.keeper.restore()
     notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.tunnels))

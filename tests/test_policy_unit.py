@@ -222,7 +222,7 @@ def test_a_key_file_is_made_read_and_refused_like_a_secret(tmp_path):
         ups.read_key_file(path)
     key = ups.read_key_file(path, generate=True)
     assert os.stat(path).st_mode & 0o777 == 0o600 and ups.read_key_file(path) == key
-    assert len(ups.public_key(key)) == 44
+    assert len(ups.public_key(key)) == 32
     os.chmod(path, 0o640)
     with pytest.raises(ups.StartupError, match="readable by group or others .mode 640.: chmod 600"):
         ups.read_key_file(path)

@@ -61,7 +61,7 @@ def test_no_cryptography_for_a_key_file(host):
     result = host.run(sys.executable, "-I", "-S", host.lab.script("udpProxyServer.py"),
                       "--key-file", "/nonexistent", check=False)
     assert result.returncode == 1
-    assert "the cryptography package is needed for --key-file (pip install cryptography)" \
+    assert "--key-file: the cryptography package is needed (pip install cryptography)" \
         in one_line(result)
 
 
