@@ -174,7 +174,8 @@ ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
 # Room for UDP GRO's control message: the segment size, an int.
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
-TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes")
+TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes",
+                 "publicKey", "presharedKey", "persistentKeepalive")
 REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
 ENVELOPE_FIELDS = ("auth", "payload")
 AUTH_FIELDS = ("ts", "nonce", "mac")
@@ -395,24 +396,35 @@ class TunnelSpec:
     name: str
     interface: object  # ipaddress.IPv4Interface or IPv6Interface
     mtu: int
-    remote: object  # ipaddress.IPv4Address or IPv6Address
+    remote: object  # ipaddress.IPv4Address or IPv6Address; None: learned from the peer
     remote_port: int = None  # None: the peer's data port is ours
     routes: tuple = ()  # networks the daemon routes through the tunnel
+    public_key: bytes = None  # the peer's: the tunnel is encrypted (WireGuard)
+    preshared_key: bytes = None
+    keepalive: int = None  # seconds between persistent keepalives; None or 0: none
 
     @classmethod
     def from_entry(cls, entry):
-        for field in ("name", "tunnelIP", "remoteServer"):
+        # An encrypted tunnel may wait for its peer (behind NAT) to show where it is.
+        needed = ("name", "tunnelIP") if "publicKey" in entry else ("name", "tunnelIP",
+                                                                    "remoteServer")
+        for field in needed:
             if field not in entry:
                 raise ControlError("missing field %r" % field)
-        port = entry.get("remotePort")
+        port, remote = entry.get("remotePort"), entry.get("remoteServer")
         spec = cls(
             name=parse_name(entry["name"]),
             interface=parse_interface(entry["tunnelIP"], entry.get("netmask")),
             mtu=parse_mtu(entry.get("mtu", DEFAULT_MTU)),
-            remote=parse_remote(entry["remoteServer"]),
+            remote=None if remote is None else parse_remote(remote),
             remote_port=None if port is None else parse_port(port),
             routes=parse_routes(entry.get("routes", [])),
+            public_key=optional(entry, "publicKey", parse_key),
+            preshared_key=optional(entry, "presharedKey", parse_key),
+            keepalive=optional(entry, "persistentKeepalive", parse_keepalive),
         )
+        if spec.public_key is None and (spec.preshared_key or spec.keepalive is not None):
+            raise ControlError("presharedKey and persistentKeepalive go with publicKey")
         if spec.interface.version == 6 and spec.mtu < MIN_IPV6_MTU:
             raise ControlError("mtu %d is too small for IPv6 (at least %d)"
                                % (spec.mtu, MIN_IPV6_MTU))
@@ -425,17 +437,39 @@ class TunnelSpec:
                      "netmask": str(self.interface.netmask)}
         else:
             entry = {"name": self.name, "tunnelIP": str(self.interface)}
-        entry.update(mtu=self.mtu, remoteServer=str(self.remote))
+        entry["mtu"] = self.mtu
+        if self.remote is not None:
+            entry["remoteServer"] = str(self.remote)
         if self.remote_port is not None:
             entry["remotePort"] = self.remote_port
         if self.routes:
             entry["routes"] = [str(route) for route in self.routes]
+        for field, key in (("publicKey", self.public_key), ("presharedKey", self.preshared_key)):
+            if key is not None:
+                entry[field] = base64.b64encode(key).decode()
+        if self.keepalive is not None:
+            entry["persistentKeepalive"] = self.keepalive
         return entry
+
+    @property
+    def encrypted(self):
+        return self.public_key is not None
 
     @property
     def needs_netlink(self):
         """pytun sets IPv4 addresses by ioctl; IPv6 addresses and routes take netlink."""
         return self.interface.version == 6 or bool(self.routes)
+
+
+def optional(entry, field, parse):
+    """The parsed value of an optional field, None when the entry lacks it."""
+    return None if entry.get(field) is None else parse(entry[field], field)
+
+
+def parse_keepalive(value, field="persistentKeepalive"):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ControlError("invalid %s %r: seconds from 0 (none) to 65535" % (field, value))
+    return value
 
 
 def entry_name(entry):
@@ -1051,20 +1085,31 @@ class OffloadTunnel(Tunnel):
     def deliver(self, datagrams, stride):
         """Write datagrams from the peer into the device, runs of one flow joined into one
         GSO write where the device takes it."""
-        joiner, join, join_udp = self.buffers.joiner, self.offloads.joining(), self.offloads.join_udp
+        self.deliver_begin()
         for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
             datagram = datagrams[start:start + stride]
             if len(datagram) <= PI_HEADER_LEN:
                 self.drops["short"] += 1
                 continue
-            packet = datagram[PI_HEADER_LEN:]
-            flow = flow_of(packet) if join else None
-            if flow is None or (flow[3] == UDP and not join_udp):
-                self.write_joined()
-                self.write([ZERO_VNET_HDR, packet], 1, len(datagram))
-            elif not joiner.offer(packet, flow):
-                self.write_joined()
-                joiner.offer(packet, flow)
+            self.deliver_packet(datagram[PI_HEADER_LEN:], len(datagram))
+        self.deliver_done()
+
+    def deliver_begin(self):
+        self.join = self.offloads.joining()
+
+    def deliver_packet(self, packet, size):
+        """One packet, which took size bytes on the wire, into the device: joined with the
+        last ones where it can be, else written after them."""
+        joiner = self.buffers.joiner
+        flow = flow_of(packet) if self.join else None
+        if flow is None or (flow[3] == UDP and not self.offloads.join_udp):
+            self.write_joined()
+            self.write([ZERO_VNET_HDR, packet], 1, size)
+        elif not joiner.offer(packet, flow):
+            self.write_joined()
+            joiner.offer(packet, flow)
+
+    def deliver_done(self):
         self.write_joined()
 
     def write_joined(self):
@@ -2301,6 +2346,411 @@ class PeerTimers:
         return self.randbelow(REKEY_TIMEOUT_JITTER_MAX_MS) / 1000
 
 
+# --- WireGuard: encrypted tunnels, sending and receiving ----------------------
+
+
+# Packets that wait for a session (wireguard-go's MaxStagedPackets): more are dropped.
+MAX_STAGED_PACKETS = 128
+# Handshake messages a second past which the daemon is under load and asks for mac2
+# (a cookie) first, as wireguard-go does at about this rate.
+HANDSHAKES_UNDER_LOAD = 50
+
+
+def is_wireguard(buffer, size):
+    """Whether a data-port datagram is a WireGuard message: its first byte 1 to 4, then three
+    zero bytes; a 2015-format one starts with the PI header, whose first byte is 0."""
+    return size >= 4 and 0 < buffer[0] <= MESSAGE_TRANSPORT and not (buffer[1] or buffer[2]
+                                                                     or buffer[3])
+
+
+class AllowedSources:
+    """Cryptokey routing: the inner source addresses a tunnel may carry, its subnet and
+    its routes, as integer ranges per IP version, checked without ipaddress per packet."""
+
+    def __init__(self, networks):
+        self.ranges = {4: [], 6: []}
+        for network in networks:
+            self.ranges[network.version].append(
+                (int(network.network_address), int(network.hostmask)))
+
+    def allow(self, packet):
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= 20:
+            source = int.from_bytes(packet[12:16], "big")
+        elif version == 6 and len(packet) >= 40:
+            source = int.from_bytes(packet[8:24], "big")
+        else:
+            return False
+        return any(source & ~hostmask == network for network, hostmask in self.ranges[version])
+
+
+def ip_length(packet):
+    """The length an IP packet says it has: what is left after it is padding."""
+    if packet[0] >> 4 == 4 and len(packet) >= 20:
+        return int.from_bytes(packet[2:4], "big")
+    if packet[0] >> 4 == 6 and len(packet) >= 40:
+        return 40 + int.from_bytes(packet[4:6], "big")
+    return None
+
+
+class WireGuardPeer:
+    """The WireGuard side of one encrypted tunnel: the peer's keys and endpoint, the
+    handshake under way, the sessions, the timers, and the packets waiting for a session."""
+
+    def __init__(self, spec, endpoint, clock=time.monotonic):
+        self.public_key = spec.public_key
+        self.preshared_key = spec.preshared_key
+        self.endpoint = endpoint  # (address as the data socket names it, port), or None
+        self.clock = clock
+        self.keypairs = Keypairs(clock)
+        self.timers = PeerTimers(self.keypairs, clock,
+                                 persistent_keepalive=spec.keepalive or 0)
+        self.cookies = CookieGenerator(spec.public_key)
+        self.initiation = None  # the InitiationSent awaiting its response
+        self.last_timestamp = b""  # of the newest initiation taken: older ones are replays
+        self.staged = collections.deque(maxlen=MAX_STAGED_PACKETS)
+
+
+class WireGuardTunnelPath:
+    """What makes a tunnel encrypted, over Tunnel or OffloadTunnel: every packet the
+    device gives is sealed into a transport message to the peer, and every message
+    opened is written into the device; the rest of the tunnel is unchanged."""
+
+    wireguard = None  # the daemon's WireGuard, set by it
+    last_handshake = None  # when a session last began, in Unix time
+
+    def send(self, datagrams, stride):
+        """Seal the packets laid end to end in datagrams (each a PI header and a packet,
+        stride bytes apart) into transport messages, and send them: equal packets make
+        equal messages, so a run goes out in one GSO send as before."""
+        wg = self.wg
+        keypair = wg.keypairs.current_for_sending()
+        if keypair is None or self.peer is None:
+            for start in range(0, len(datagrams), stride):
+                wg.staged.append(bytes(datagrams[start + PI_HEADER_LEN:start + stride]))
+            wg.timers.on_packet_staged()
+            self.wireguard.wake()
+            return
+        cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.spec.mtu
+        messages, message_stride = bytearray(), None
+        for start in range(0, len(datagrams), stride):
+            try:
+                counter = keypair.next_counter()
+            except KeypairExhausted:
+                wg.staged.append(bytes(datagrams[start + PI_HEADER_LEN:start + stride]))
+                wg.timers.on_packet_staged()
+                continue
+            message = seal_transport(cipher, receiver, counter,
+                                     datagrams[start + PI_HEADER_LEN:start + stride], mtu)
+            if message_stride is None:
+                message_stride = len(message)
+            messages += message
+        if message_stride:
+            super().send(memoryview(messages), message_stride)
+            wg.timers.on_data_sent()
+            self.wireguard.wake()
+
+    def send_keepalive(self):
+        keypair = self.wg.keypairs.current_for_sending()
+        if keypair is None or self.peer is None:
+            self.wg.timers.on_packet_staged()  # a keepalive wants a session too
+            return
+        message = seal_transport(keypair.send_cipher, keypair.remote_index,
+                                 keypair.next_counter(), b"")
+        try:
+            self.sock.sendto(message, self.peer)
+        except OSError as e:
+            self.count_send_failed(e, 1)
+        self.wg.timers.on_keepalive_sent()
+
+    def send_staged(self):
+        staged, self.wg.staged = self.wg.staged, collections.deque(maxlen=MAX_STAGED_PACKETS)
+        for packet in staged:
+            self.send(PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4]) + packet,
+                      PI_HEADER_LEN + len(packet))
+
+    def describe(self):
+        described = super().describe()
+        if "presharedKey" in described:
+            described["presharedKey"] = "(hidden)"
+        endpoint = None
+        if self.peer is not None:
+            address = plain_address(self.peer[0])
+            endpoint = ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, self.peer[1])
+        described.update(latestHandshake=self.last_handshake, endpoint=endpoint)
+        return described
+
+    def deliver_sealed(self, messages, stride, keypair, source):
+        """Open the transport messages laid end to end stride apart, all to keypair, and
+        write what they carry into the device; source is where they came from."""
+        wg, drops, allowed = self.wg, self.drops, self.allowed
+        packets = received = 0
+        self.deliver_begin()
+        for start in range(0, len(messages), stride):
+            message = messages[start:start + stride]
+            try:
+                counter, packet = open_transport(keypair.receive_cipher, message)
+            except WireGuardRefused:
+                drops["not_authentic"] += 1
+                continue
+            if not keypair.replay_window.accept(counter):
+                drops["replayed"] += 1
+                continue
+            received += 1
+            if wg.keypairs.received_with(keypair):
+                self.wireguard.confirmed(self)
+            self.peer = wg.endpoint = source  # roaming: the peer is where it last sent from
+            if not packet:
+                wg.timers.on_keepalive_received(keypair)
+                continue
+            length = ip_length(packet)
+            if length is None or length > len(packet):
+                drops["short"] += 1
+                continue
+            packet = packet[:length]
+            if not allowed.allow(packet):
+                drops["not_allowed_source"] += 1
+                continue
+            self.deliver_packet(packet, len(message))
+            packets += 1
+        self.deliver_done()
+        if packets:
+            wg.timers.on_data_received(keypair)
+        elif received:
+            self.wireguard.wake()
+
+
+class PlainDevicePath:
+    """Packets in and out of a device without offloads, for an encrypted tunnel."""
+
+    def forward_from_tun(self):
+        buffer, view, fd = self.buffers.packet, self.buffers.packet_view, self.fd
+        for _ in range(BATCH):
+            try:
+                size = os.readv(fd, [buffer])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                raise TunnelGone(e) from None
+            self.send(view[:size], size)
+
+    def deliver_packet(self, packet, size):
+        self.write([PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4]), packet], 1, size)
+
+    def deliver_begin(self):
+        pass
+
+    def deliver_done(self):
+        pass
+
+
+class WireGuardTunnel(WireGuardTunnelPath, OffloadTunnel):
+    """An encrypted tunnel on a device with offloads: TSO packets cut, each segment sealed,
+    all sent in one GSO send; messages opened, runs of one flow joined into one write."""
+
+    def __init__(self, spec, device, sock, peer, buffers, offloads, wg):
+        super().__init__(spec, device, sock, peer, buffers, offloads)
+        self.wg = wg
+        self.allowed = AllowedSources((spec.interface.network,) + spec.routes)
+
+
+class PlainWireGuardTunnel(WireGuardTunnelPath, PlainDevicePath, Tunnel):
+    """An encrypted tunnel on a device without offloads (--no-offload)."""
+
+    def __init__(self, spec, device, sock, peer, buffers, wg):
+        super().__init__(spec, device, sock, peer, buffers)
+        self.wg = wg
+        self.allowed = AllowedSources((spec.interface.network,) + spec.routes)
+
+
+class WireGuard:
+    """The daemon's WireGuard: its key, its encrypted tunnels by the peer's key and by our
+    session indexes, the handshakes on the data port, and the timers of every peer."""
+
+    def __init__(self, private_key, sock, drops, clock=time.monotonic):
+        self.private_key = private_key
+        self.public_key = public_key(private_key)
+        self.sock = sock
+        self.clock = clock
+        self.checker = CookieChecker(self.public_key)
+        self.by_key = {}  # the peer's public key -> tunnel
+        self.by_index = {}  # our index -> tunnel (its handshake under way, or a keypair)
+        self.handshakes = collections.deque()  # when the last handshake messages came
+        self.drops = drops  # the daemon's: messages no tunnel took, by reason
+        self.woken = False  # a tunnel's timers want a look after this batch
+
+    def new_index(self, tunnel):
+        while True:
+            index = int.from_bytes(os.urandom(4), "little")
+            if index not in self.by_index:
+                self.by_index[index] = tunnel
+                return index
+
+    def forget_index(self, index):
+        self.by_index.pop(index, None)
+
+    def check_free(self, spec):
+        other = self.by_key.get(spec.public_key)
+        if other is not None:
+            raise ControlError("publicKey already in use by tunnel %r" % other.name)
+        if spec.public_key == self.public_key:
+            raise ControlError("publicKey is this daemon's own")
+
+    def add(self, tunnel):
+        tunnel.wireguard = self
+        tunnel.wg.keypairs.retire = lambda keypair: self.forget_index(keypair.local_index)
+        self.by_key[tunnel.spec.public_key] = tunnel
+
+    def remove(self, tunnel):
+        self.by_key.pop(tunnel.spec.public_key, None)
+        for index in [i for i, t in self.by_index.items() if t is tunnel]:
+            del self.by_index[index]
+        tunnel.wg.keypairs.clear()
+
+    def wake(self):
+        self.woken = True
+
+    # Messages from the data port.
+
+    def receive(self, datagrams, stride, source):
+        """Datagrams laid end to end stride apart, from source, each a WireGuard message."""
+        kind = datagrams[0]
+        if kind == MESSAGE_TRANSPORT:
+            index = int.from_bytes(datagrams[4:8], "little")
+            tunnel = self.by_index.get(index)
+            keypair = tunnel.wg.keypairs.lookup(index) if tunnel else None
+            if keypair is None:
+                self.drops["unknown_index"] += -(-len(datagrams) // stride)
+                return
+            tunnel.deliver_sealed(datagrams, stride, keypair, source)
+            return
+        for start in range(0, len(datagrams), stride):
+            message = bytes(datagrams[start:start + stride])
+            try:
+                self.handshake_message(message, source)
+            except WireGuardRefused as e:
+                self.drops["refused_handshake"] += 1
+                log.debug("WireGuard message from %s refused: %s", source[0], e)
+
+    def under_load(self, now):
+        handshakes = self.handshakes
+        handshakes.append(now)
+        while handshakes and handshakes[0] < now - 1:
+            handshakes.popleft()
+        return len(handshakes) > HANDSHAKES_UNDER_LOAD
+
+    def handshake_message(self, message, source):
+        kind, now = message_type(message), self.clock()
+        if kind is None:
+            self.drops["not_wireguard"] += 1
+        elif kind == MESSAGE_COOKIE_REPLY:
+            tunnel = self.by_index.get(receiver_index(message))
+            if tunnel is None:
+                raise WireGuardRefused("a cookie reply to no handshake of ours")
+            tunnel.wg.cookies.consume_reply(message, now)
+        elif not self.checker.check_mac1(message):
+            self.drops["bad_mac1"] += 1
+        elif self.under_load(now) and not self.checker.check_mac2(message, *source[:2], now):
+            self.drops["cookie_sent"] += 1
+            self.sock.sendto(self.checker.create_reply(message, *source[:2], now), source[:2])
+        elif kind == MESSAGE_INITIATION:
+            self.take_initiation(message, source)
+        elif kind == MESSAGE_RESPONSE:
+            self.take_response(message, source)
+
+    def take_initiation(self, message, source):
+        received = consume_initiation(self.private_key, message, self.public_key)
+        tunnel = self.by_key.get(received.remote_public)
+        if tunnel is None:
+            self.drops["unknown_peer"] += 1
+            return
+        wg = tunnel.wg
+        if received.timestamp <= wg.last_timestamp:
+            tunnel.drops["replayed_initiation"] += 1
+            return
+        wg.last_timestamp = received.timestamp
+        wg.timers.on_initiation_received()
+        keys, response = create_response(received, self.new_index(tunnel), wg.preshared_key)
+        tunnel.peer = wg.endpoint = source[:2]
+        self.sock.sendto(wg.cookies.add_macs(response, self.clock()), tunnel.peer)
+        self.begin_session(tunnel, keys)
+        wg.timers.on_response_sent()
+        self.wake()
+
+    def take_response(self, message, source):
+        tunnel = self.by_index.get(receiver_index(message))
+        wg = tunnel.wg if tunnel else None
+        if wg is None or wg.initiation is None or \
+                wg.initiation.local_index != receiver_index(message):
+            self.drops["unknown_index"] += 1
+            return
+        keys = consume_response(wg.initiation, message, wg.preshared_key)
+        wg.initiation = None
+        tunnel.peer = wg.endpoint = source[:2]
+        self.begin_session(tunnel, keys)
+        wg.timers.on_response_received()
+        self.wake()
+
+    def begin_session(self, tunnel, keys):
+        keypair = tunnel.wg.keypairs.begin_session(keys.send_key, keys.receive_key,
+                                                   keys.local_index, keys.remote_index,
+                                                   keys.is_initiator)
+        keypair.send_cipher = transport_cipher(keys.send_key)
+        keypair.receive_cipher = transport_cipher(keys.receive_key)
+        self.by_index[keys.local_index] = tunnel
+        tunnel.last_handshake = time.time()
+        log.debug("tunnel %s: session %08x begun, as %s", tunnel.name, keys.local_index,
+                  "initiator" if keys.is_initiator else "responder")
+
+    def confirmed(self, tunnel):
+        """The responder's session is confirmed by the peer's first message: what waited
+        for it can go."""
+        tunnel.send_staged()
+
+    # The timers of every peer.
+
+    def next_wakeup(self):
+        wakeups = [t.wg.timers.next_wakeup() for t in self.by_key.values()]
+        return min([w for w in wakeups if w is not None], default=None)
+
+    def run_timers(self):
+        self.woken = False
+        now = self.clock()
+        for tunnel in list(self.by_key.values()):
+            for action in tunnel.wg.timers.due(now):
+                self.act(tunnel, action)
+
+    def act(self, tunnel, action):
+        wg = tunnel.wg
+        if action == SEND_INITIATION:
+            if tunnel.peer is None:
+                return  # waiting for the peer: it knows where we are
+            index = self.new_index(tunnel)
+            if wg.initiation is not None:
+                self.forget_index(wg.initiation.local_index)
+            wg.initiation, message = create_initiation(
+                self.private_key, wg.public_key, index, tai64n(time.time_ns()))
+            try:
+                self.sock.sendto(wg.cookies.add_macs(message, self.clock()), tunnel.peer)
+            except OSError as e:
+                tunnel.count_send_failed(e, 1)
+            wg.timers.on_initiation_sent()
+        elif action == SEND_KEEPALIVE:
+            if wg.staged:
+                tunnel.send_staged()
+            else:
+                tunnel.send_keepalive()
+        elif action == SEND_STAGED:
+            tunnel.send_staged()
+        elif action == FLUSH_STAGED:
+            tunnel.drops["no_session"] += len(wg.staged)
+            wg.staged.clear()
+        elif action == DROP_KEYS:
+            if wg.initiation is not None:
+                self.forget_index(wg.initiation.local_index)
+            wg.initiation = None
+
+
 # --- The server: the loop, the tunnels, the control port and its ops ----------
 
 
@@ -2357,11 +2807,20 @@ class Loop:
         del self.handlers[fd]
         self.retired.add(fd)
 
-    def run(self):
+    def run(self, timers=None):
+        """Serve the fds until stopped; timers (WireGuard's), if any, are run after every
+        round in which they were woken and whenever their next wakeup has come."""
         while self.running:
             self.retired.clear()
-            for fd, _ in self.poller.poll():
+            wakeup = timers.next_wakeup() if timers else None
+            timeout = -1 if wakeup is None else max(0.0, wakeup - time.monotonic())
+            for fd, _ in self.poller.poll(timeout):
                 self.dispatch(fd)
+            if timers and (timers.woken or (wakeup is not None and time.monotonic() >= wakeup)):
+                try:
+                    timers.run_timers()
+                except Exception:
+                    log.exception("error while running the WireGuard timers")
 
     def dispatch(self, fd):
         handler = self.handlers.get(fd)
@@ -2452,16 +2911,22 @@ class Registry:
             return "::ffff:%s" % spec.remote, spec.remote_port
         return str(spec.remote), spec.remote_port
 
+    @staticmethod
+    def by_address(spec):
+        """Whether datagrams of the tunnel are known by their source: plain ones are;
+        encrypted ones by their receiver index and key, never by address."""
+        return not spec.encrypted
+
     def find_by_peer(self, ip, port):
         return self.by_peer.get((ip, port)) or self.by_peer.get((ip, None))
 
     def check_free(self, spec):
         if spec.name in self.by_name:
             raise ControlError("tunnel name %r already in use" % spec.name)
-        if spec.remote.version == 6 and self.family != socket.AF_INET6:
+        if spec.remote is not None and spec.remote.version == 6 and self.family != socket.AF_INET6:
             raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
                                % spec.remote)
-        other = self.by_peer.get(self.peer_key(spec))
+        other = self.by_peer.get(self.peer_key(spec)) if self.by_address(spec) else None
         if other is not None:
             raise ControlError("remoteServer %s already in use by tunnel %r"
                                % (spec.remote, other.name))
@@ -2477,13 +2942,15 @@ class Registry:
 
     def add(self, tunnel):
         self.by_name[tunnel.name] = tunnel
-        self.by_peer[self.peer_key(tunnel.spec)] = tunnel
+        if self.by_address(tunnel.spec):
+            self.by_peer[self.peer_key(tunnel.spec)] = tunnel
         self.unmade.pop(tunnel.name, None)
         self.generation += 1
 
     def remove(self, tunnel):
         del self.by_name[tunnel.name]
-        del self.by_peer[self.peer_key(tunnel.spec)]
+        if self.by_address(tunnel.spec):
+            del self.by_peer[self.peer_key(tunnel.spec)]
         self.generation += 1
 
     def entries(self):
@@ -2525,6 +2992,8 @@ class Server:
         self.netlink = Netlink()
         self.buffers = SharedBuffers()
         self.drops = collections.Counter()  # datagrams no tunnel took
+        self.wireguard = WireGuard(private_key, data_sock, self.drops, clock) \
+            if private_key else None
         self.started = time.time()
         # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
         self.buffer = bytearray(2 * BUFFER_SIZE)
@@ -2540,7 +3009,7 @@ class Server:
     def run(self):
         log.info("listening for control on UDP port %d, data on UDP port %d",
                  self.control.sock.getsockname()[1], self.data_port)
-        self.loop.run()
+        self.loop.run(self.wireguard)
 
     # The data path: what the peers send, to the tunnel it is for.
 
@@ -2554,13 +3023,17 @@ class Server:
                     [self.buffer], GRO_CMSG_SPACE)
             except BlockingIOError:
                 return
+            stride = gro_size(ancdata) or max(size, 1)
+            if is_wireguard(self.buffer, size):
+                self.receive_wireguard(self.view[:size], stride, (ip, port))
+                continue
             tunnel = find_by_peer(ip, port)
             if tunnel is None:
                 self.drops["unknown_source"] += 1
             elif flags & socket.MSG_TRUNC:
                 tunnel.drops["truncated"] += 1
             else:
-                tunnel.deliver(self.view[:size], gro_size(ancdata) or max(size, 1))
+                tunnel.deliver(self.view[:size], stride)
 
     def receive_one_by_one(self):
         """The data path without UDP GRO: each datagram on its own, as it came."""
@@ -2571,11 +3044,21 @@ class Server:
                 size, (ip, port, *_) = recvfrom_into(buffer)
             except BlockingIOError:
                 return
+            if is_wireguard(buffer, size):
+                self.receive_wireguard(view[:size], max(size, 1), (ip, port))
+                continue
             tunnel = find_by_peer(ip, port)
             if tunnel is None:
                 self.drops["unknown_source"] += 1
             else:
                 tunnel.deliver(view[:size], max(size, 1))
+
+    def receive_wireguard(self, datagrams, stride, source):
+        """One data port for both kinds: WireGuard messages go to the daemon's WireGuard."""
+        if self.wireguard is None:
+            self.drops["wireguard_without_key"] += 1
+        else:
+            self.wireguard.receive(datagrams, stride, source)
 
     def forward(self, tunnel):
         try:
@@ -2591,27 +3074,47 @@ class Server:
         self.add_spec(TunnelSpec.from_entry(entry))
 
     def add_spec(self, spec):
+        if spec.encrypted:
+            need_cryptography()
+            if self.wireguard is None:
+                raise ControlError("an encrypted tunnel (publicKey) needs this daemon's own key:"
+                                   " start it with --key-file")
+            self.wireguard.check_free(spec)
         self.registry.check_free(spec)
         try:
             device = self.open_device(spec, self.offloads.tun_flags)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
-        host, _ = self.registry.peer_key(spec)
-        peer = (host, spec.remote_port or self.data_port)
-        if self.offloads.tun_flags:
-            tunnel = OffloadTunnel(spec, device, self.data_sock, peer, self.buffers,
-                                   TunnelOffloads(spec.name, self.offloads, self.clock))
-        else:
-            tunnel = Tunnel(spec, device, self.data_sock, peer, self.buffers)
+        tunnel = self.make_tunnel(spec, device)
         try:
             self.netlink.configure(tunnel)
             self.loop.watch(tunnel.fd, lambda: self.forward(tunnel))
         except BaseException:
             tunnel.close()  # not left half-made: the device and its routes go
             raise
+        if spec.encrypted:
+            self.wireguard.add(tunnel)
         self.registry.add(tunnel)
-        log.info("tunnel %s added: %s -> %s:%d, mtu %d",
-                 spec.name, spec.interface, tunnel.peer[0], tunnel.peer[1], spec.mtu)
+        log.info("tunnel %s added: %s -> %s, mtu %d%s", spec.name, spec.interface,
+                 "%s:%d" % tunnel.peer if tunnel.peer else "the peer, when it shows where",
+                 spec.mtu, ", encrypted" if spec.encrypted else "")
+
+    def make_tunnel(self, spec, device):
+        """The tunnel of spec on its device: plain or encrypted, with offloads or not."""
+        if spec.remote is None:
+            peer = None
+        else:
+            host, _ = self.registry.peer_key(spec)
+            peer = (host, spec.remote_port or self.data_port)
+        offloads = self.offloads.tun_flags and TunnelOffloads(spec.name, self.offloads, self.clock)
+        if not spec.encrypted:
+            if offloads:
+                return OffloadTunnel(spec, device, self.data_sock, peer, self.buffers, offloads)
+            return Tunnel(spec, device, self.data_sock, peer, self.buffers)
+        wg = WireGuardPeer(spec, peer, self.clock)
+        if offloads:
+            return WireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, offloads, wg)
+        return PlainWireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, wg)
 
     def delete_tunnel(self, entry):
         if "name" not in entry:
@@ -2629,6 +3132,8 @@ class Server:
 
     def remove(self, tunnel):
         self.registry.remove(tunnel)
+        if tunnel.spec.encrypted:
+            self.wireguard.remove(tunnel)
         try:
             self.loop.unwatch(tunnel.fd)
             self.netlink.unroute(tunnel)

@@ -88,11 +88,19 @@ def build_message(args):
     # prefix length carries its own.
     if args.mask is not None or not (":" in args.tunnel or "/" in args.tunnel):
         tunnel["netmask"] = args.mask or DEFAULT_NETMASK
-    tunnel.update(mtu=args.mtu, remoteServer=args.remote)
+    tunnel["mtu"] = args.mtu
+    if args.remote is not None:  # only an encrypted tunnel may wait for its peer
+        tunnel["remoteServer"] = args.remote
     if args.remote_port is not None:
         tunnel["remotePort"] = args.remote_port
     if args.route:
         tunnel["routes"] = args.route
+    if args.peer_key:
+        tunnel["publicKey"] = args.peer_key
+    if args.psk:
+        tunnel["presharedKey"] = args.psk
+    if args.keepalive is not None:
+        tunnel["persistentKeepalive"] = args.keepalive
     return {"op": "add", "tunnel": [tunnel]}
 
 
@@ -100,20 +108,20 @@ class BadSecret(Exception):
     """The secret file cannot be used."""
 
 
-def read_secret(path):
-    """The shared secret in path, refused if others could read it."""
+def read_secret(path, what="secret file"):
+    """The shared secret (or key) in path, refused if others could read it."""
     try:
         mode = os.stat(path).st_mode
         with open(path, "rb") as f:
             secret = f.read().strip()
     except OSError as e:
-        raise BadSecret("cannot read secret file %s: %s" % (path, e.strerror)) from None
+        raise BadSecret("cannot read %s %s: %s" % (what, path, e.strerror)) from None
     if mode & 0o077:
-        raise BadSecret("secret file %s is readable by group or others (mode %03o): chmod 600 it"
-                        % (path, mode & 0o777))
+        raise BadSecret("%s %s is readable by group or others (mode %03o): chmod 600 it"
+                        % (what, path, mode & 0o777))
     if len(secret) < MIN_SECRET_LEN:
-        raise BadSecret("secret file %s holds %d bytes; it needs at least %d"
-                        % (path, len(secret), MIN_SECRET_LEN))
+        raise BadSecret("%s %s holds %d bytes; it needs at least %d"
+                        % (what, path, len(secret), MIN_SECRET_LEN))
     return secret
 
 
@@ -837,6 +845,15 @@ def parse_args(argv):
                         help="the peer's data port, when it is not this daemon's")
     parser.add_argument("--route", action="append", metavar="CIDR",
                         help="a network the daemon routes through the tunnel; repeatable")
+    parser.add_argument("--peer-key", metavar="BASE64",
+                        help="the peer's WireGuard public key: the tunnel is encrypted, and -r"
+                             " may be left out on the side that waits for a peer behind NAT")
+    parser.add_argument("--psk-file", metavar="PATH",
+                        help="with --peer-key: a preshared key (base64, as wg genpsk writes it;"
+                             " mode 600)")
+    parser.add_argument("--keepalive", type=int, metavar="SECONDS",
+                        help="with --peer-key: send a keepalive this often (0: never), to keep"
+                             " a NAT's mapping open")
     parser.add_argument("--mesh", metavar="FILE",
                         help="configure every daemon of the mesh in FILE (see README)")
     parser.add_argument("--down", action="store_true",
@@ -866,10 +883,19 @@ def parse_args(argv):
     args.server = args.server or args.server_arg
     if not args.server:
         parser.error("the server is required (-s SERVER)")
-    needed = {"add": ("name", "tunnel", "remote"), "del": ("name",), "list": ()}
+    needed = {"add": ("name", "tunnel") + (() if args.peer_key else ("remote",)),
+              "del": ("name",), "list": ()}
     for field in needed[args.operation]:
         if getattr(args, field) is None:
             parser.error("-o %s needs --%s" % (args.operation, field))
+    if (args.psk_file or args.keepalive is not None) and not args.peer_key:
+        parser.error("--psk-file and --keepalive go with --peer-key")
+    args.psk = None
+    if args.psk_file:
+        try:
+            args.psk = read_secret(args.psk_file, "preshared key file").decode("ascii")
+        except (BadSecret, UnicodeDecodeError) as e:
+            parser.error(str(e))
     return args
 
 

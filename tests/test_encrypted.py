@@ -1,0 +1,148 @@
+"""Encrypted tunnels for real: two of our daemons, and ours with Debian's wireguard-go, in
+network namespaces; TCP checked by SHA-256 both ways, and what an attacker on the path
+may try."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cannot_run
+from lab import HELPERS, transfer, wait_until
+
+MEGABYTES = 16 << 20
+# What fits a 1500-byte underlay with WireGuard's 60 bytes (IPv4, UDP, its header and tag).
+MTU = 1420
+WG_PORT = 51820
+
+
+def key_file(lab, host):
+    """A key file for host's daemon, made by the daemon; returns (path, public key)."""
+    path = os.path.join(lab.workdir, "%s.key" % host.name)
+    public = host.run(sys.executable, lab.script("udpProxyServer.py"), "--public-key",
+                      "--key-file", path, "--generate-key").stdout.strip()
+    return path, public
+
+
+def encrypted_pair(lab, *flags):
+    """Hosts a and b, each running a daemon with a key, joined by an encrypted tunnel:
+    a (10.0.1.1, wg2) <-> b (10.0.1.2, wg1)."""
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    keys = {}
+    for host in (a, b):
+        path, keys[host.name] = key_file(lab, host)
+        host.start_daemon("--key-file", path, *flags)
+    a.control("127.0.0.1", "-o", "add", "-n", "wg2", "-t", "10.0.1.1", "-m", str(MTU),
+              "-r", b.address, "--peer-key", keys["b"])
+    b.control("127.0.0.1", "-o", "add", "-n", "wg1", "-t", "10.0.1.2", "-m", str(MTU),
+              "-r", a.address, "--peer-key", keys["a"])
+    return a, b, keys
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-offload",)], ids=["offload", "no-offload"])
+def test_two_daemons_carry_tcp_encrypted_beside_a_plain_tunnel(lab, flags):
+    a, b, keys = encrypted_pair(lab, *flags)
+    c = lab.host("c", 3)  # a plain tunnel on the same data port, as a 2015 host has
+    c.start_daemon()
+    a.add_tunnel("udp3", "10.0.3.1", c)
+    c.add_tunnel("udp1", "10.0.3.2", a)
+    assert a.ping("10.0.1.2", size=MTU - 28) and b.ping("10.0.1.1", size=MTU - 28)
+    assert a.ping("10.0.3.2")
+    for sender, receiver, address in ((a, b, "10.0.1.2"), (b, a, "10.0.1.1")):
+        sent, received = transfer(sender, receiver, address, MEGABYTES)
+        assert received == sent
+    listed = json.loads(a.control("127.0.0.1", "-o", "list", "--json").stdout)
+    wg2 = next(t for t in listed["tunnels"] if t["name"] == "wg2")
+    assert wg2["publicKey"] == keys["b"] and wg2["endpoint"] == "%s:5000" % b.address
+    assert wg2["latestHandshake"] and wg2["rx_bytes"] > MEGABYTES
+    assert not {"not_authentic", "replayed"} & set(wg2["drops"])
+
+
+@pytest.fixture
+def wireguard_go(lab):
+    """Host a runs our daemon, host b Debian's wireguard-go: each the other's peer."""
+    for tool in ("wireguard-go", "wg"):
+        if shutil.which(tool) is None:
+            cannot_run("needs %r (make test installs it)" % tool)
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    path, ours = key_file(lab, a)
+    a.start_daemon("--key-file", path)
+    device = "wg" + lab.prefix[3:][-13:]  # its UAPI socket's name is shared by namespaces
+    private = b.run("wg", "genkey").stdout.strip()
+    theirs = b.run("wg", "pubkey", input=private).stdout.strip()
+    theirs_file = os.path.join(lab.workdir, "b.key")
+    with open(os.open(theirs_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(private + "\n")
+    lab.spawn(b.ns, ["wireguard-go", "-f", device], "b-wireguard-go.log")
+    wait_until(lambda: b.run("wg", "show", device, check=False).returncode == 0,
+               "wireguard-go's device answers wg")
+    b.run("wg", "set", device, "private-key", theirs_file, "listen-port", str(WG_PORT),
+          "peer", ours, "allowed-ips", "10.0.1.1/32", "endpoint", "%s:5000" % a.address)
+    b.ip("addr", "add", "10.0.1.2/30", "dev", device)
+    b.ip("link", "set", device, "mtu", str(MTU), "up")
+    a.control("127.0.0.1", "-o", "add", "-n", "wg2", "-t", "10.0.1.1", "-m", str(MTU),
+              "-r", b.address, "--remote-port", str(WG_PORT), "--peer-key", theirs)
+    return a, b, device
+
+
+@pytest.mark.parametrize("first", ["ours", "wireguard-go"])
+def test_wireguard_go_is_a_peer_either_side_first(wireguard_go, first):
+    a, b, device = wireguard_go
+    # Whoever sends first makes the handshake.
+    pings = [(a, "10.0.1.2"), (b, "10.0.1.1")]
+    for host, address in pings if first == "ours" else pings[::-1]:
+        assert host.ping(address, size=MTU - 28)
+    for sender, receiver, address in ((a, b, "10.0.1.2"), (b, a, "10.0.1.1")):
+        sent, received = transfer(sender, receiver, address, MEGABYTES)
+        assert received == sent
+    shown = b.run("wg", "show", device, "transfer").stdout.split()
+    assert int(shown[1]) > MEGABYTES and int(shown[2]) > MEGABYTES
+
+
+def capture(lab, host, to, first_byte, count):
+    """Start capturing on host's eth0 what it sends to host to's data port starting with
+    first_byte; returns the process, whose lines are the payloads in hex."""
+    proc = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable,
+                             os.path.join(HELPERS, "capture.py"), "eth0", to.address, "5000",
+                             str(first_byte), str(count), "20"],
+                            stdout=subprocess.PIPE, text=True)
+    lab.processes.append(proc)
+    proc.log_path = os.devnull
+    assert proc.stdout.readline().strip() == "capturing"
+    return proc
+
+
+def test_replayed_forged_and_plain_datagrams_are_dropped_and_counted(lab):
+    a, b, keys = encrypted_pair(lab)
+    assert a.ping("10.0.1.2")
+    sniffer = capture(lab, b, a, 4, 3)  # transport messages b sends a
+    assert b.ping("10.0.1.1", count=3)
+    captured = [bytes.fromhex(line) for line in sniffer.stdout.read().split()]
+    assert len(captured) == 3
+    flipped = bytearray(captured[0])
+    flipped[-1] ^= 1
+    attacks = captured + [bytes(flipped)]
+    # From the peer's own address: a 2015-format packet, which no encrypted tunnel takes.
+    attacks.append(b"\x00\x00\x08\x00" + bytes.fromhex("4500001c00004000400100000a0001020a000101"))
+    # And random datagrams, some shaped as WireGuard messages of each type.
+    rnd = random.Random(11)
+    for _ in range(2000):
+        kind = rnd.choice([b"", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00", b"\x03\x00\x00\x00",
+                           b"\x04\x00\x00\x00"])
+        attacks.append(kind + rnd.randbytes(rnd.choice([0, 12, 28, 60, 88, 144, 400])))
+    b.send_udp(a.address, 5000, attacks)
+    assert a.ping("10.0.1.2")  # still carried
+
+    def wg2():
+        listed = json.loads(a.control("127.0.0.1", "-o", "list", "--json").stdout)
+        return listed, next(t for t in listed["tunnels"] if t["name"] == "wg2")
+
+    wait_until(lambda: wg2()[1]["drops"].get("replayed", 0) >= 3, "the replays counted")
+    listed, tunnel = wg2()
+    assert tunnel["drops"]["not_authentic"] >= 1
+    assert listed["drops"]["unknown_source"] >= 1  # the plain datagram
+    assert a.daemon.poll() is None
