@@ -1,6 +1,6 @@
 """Send a bounded barrage of random and malformed datagrams, then print what was sent.
 
-    barrage.py control|data ADDRESS PORT COUNT SEED
+    barrage.py control|data|wireguard ADDRESS PORT COUNT SEED
 
 control: broken JSON, wrong types, fake envelopes, deep nesting and plain noise;
 data: noise, datagrams too short for a packet, and a PI header before noise.
@@ -55,9 +55,22 @@ def data_datagram(rnd):
     return rnd.randbytes(rnd.randrange(0, 1500))
 
 
+# WireGuard messages' first four bytes (types 1 to 4) and sizes: 148, 92, 64, transport.
+WIREGUARD_SHAPES = ((b"\x01\x00\x00\x00", 144), (b"\x02\x00\x00\x00", 88),
+                    (b"\x03\x00\x00\x00", 60), (b"\x04\x00\x00\x00", None))
+
+
+def wireguard_datagram(rnd):
+    """Noise shaped as a WireGuard message of each type: right type, right size, so it
+    gets past the first check to the MACs, the index table and the AEAD."""
+    kind, size = rnd.choice(WIREGUARD_SHAPES)
+    return kind + rnd.randbytes(rnd.randrange(12, 1500) if size is None else size)
+
+
 def main(mode, address, port, count, seed):
     rnd = random.Random(int(seed))
-    make = control_datagram if mode == "control" else data_datagram
+    make = {"control": control_datagram, "data": data_datagram,
+            "wireguard": wireguard_datagram}[mode]
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     started, sent = time.monotonic(), 0
     for index in range(int(count)):

@@ -146,3 +146,146 @@ def test_replayed_forged_and_plain_datagrams_are_dropped_and_counted(lab):
     assert tunnel["drops"]["not_authentic"] >= 1
     assert listed["drops"]["unknown_source"] >= 1  # the plain datagram
     assert a.daemon.poll() is None
+
+
+def wg_tunnel(host, name="wg2"):
+    listed = json.loads(host.control("127.0.0.1", "-o", "list", "--json").stdout)
+    return next(t for t in listed["tunnels"] if t["name"] == name)
+
+
+def test_an_inner_source_outside_the_tunnel_is_dropped_unless_it_is_routed(lab):
+    a, b, keys = encrypted_pair(lab)
+    # From b's LAN address, which a's tunnel neither holds nor routes: cryptokey routing.
+    assert not b.ping("10.0.1.1", source=b.lan, count=2)
+    wait_until(lambda: wg_tunnel(a)["drops"].get("not_allowed_source", 0) >= 2,
+               "packets from outside the tunnel's addresses counted")
+    a.control("127.0.0.1", "-o", "del", "-n", "wg2")
+    a.control("127.0.0.1", "-o", "add", "-n", "wg2", "-t", "10.0.1.1", "-m", str(MTU),
+              "-r", b.address, "--peer-key", keys["b"], "--route", "192.168.2.0/24")
+    assert b.ping("10.0.1.1", source=b.lan)
+
+
+def test_the_peer_roams_and_traffic_follows(lab):
+    a, b, keys = encrypted_pair(lab)
+    assert a.ping("10.0.1.2") and b.ping("10.0.1.1")
+    # b moves to a new underlay address: what it sends comes from there, authenticated.
+    b.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")  # outlives the old one
+    b.ip("addr", "add", "198.18.0.12/24", "dev", "eth0")
+    b.ip("route", "replace", "198.18.0.0/24", "dev", "eth0", "src", "198.18.0.12")
+    assert b.ping("10.0.1.1")
+    b.ip("addr", "del", "%s/24" % b.address, "dev", "eth0")
+    assert a.ping("10.0.1.2")  # a sends where b now is
+    assert wg_tunnel(a)["endpoint"] == "198.18.0.12:5000"
+    sent, received = transfer(a, b, "10.0.1.2", MEGABYTES)
+    assert received == sent
+
+
+def test_a_peer_behind_nat_is_reached_through_its_keepalives(lab):
+    """Host n sits behind router r, which masquerades it (nftables): a knows n by its key
+    alone (no remoteServer) and reaches it once n's keepalives have shown where it is."""
+    if shutil.which("nft") is None:
+        cannot_run("needs nft (make test installs nftables)")
+    a = lab.host("a", 1)
+    r = lab.host("r", 3)
+    n = lab.host("n", 4)
+    # n's only link is to r: a private one, behind r's masquerade.
+    n.ip("link", "del", "eth0")
+    r.ip("link", "add", "inside", "type", "veth", "peer", "name", "eth0", "netns", n.ns)
+    r.ip("addr", "add", "192.168.77.1/24", "dev", "inside")
+    r.ip("link", "set", "inside", "up")
+    n.ip("addr", "add", "192.168.77.2/24", "dev", "eth0")
+    n.ip("link", "set", "eth0", "up")
+    n.ip("route", "add", "default", "via", "192.168.77.1")
+    r.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    r.run("nft", "-f", "-", input="table ip nat {\n chain post {\n  type nat hook postrouting"
+          " priority 100;\n  oifname \"eth0\" masquerade\n }\n}\n")
+    paths = {}
+    for host in (a, n):
+        paths[host.name], public = key_file(lab, host)
+        host.start_daemon("--key-file", paths[host.name])
+        paths[host.name + "-public"] = public
+    a.control("127.0.0.1", "-o", "add", "-n", "wgn", "-t", "10.0.1.1", "-m", str(MTU),
+              "--peer-key", paths["n-public"])  # no -r: n is found by its key
+    n.control("127.0.0.1", "-o", "add", "-n", "wga", "-t", "10.0.1.2", "-m", str(MTU),
+              "-r", a.address, "--peer-key", paths["a-public"], "--keepalive", "1")
+    wait_until(lambda: wg_tunnel(a, "wgn")["endpoint"] is not None, "n's keepalive reaches a")
+    assert wg_tunnel(a, "wgn")["endpoint"].startswith(r.address + ":")  # n, as r shows it
+    assert a.ping("10.0.1.2") and n.ping("10.0.1.1")
+    sent, received = transfer(a, n, "10.0.1.2", MEGABYTES)
+    assert received == sent
+
+
+def test_a_flood_of_initiations_gets_cookies_and_the_tunnel_keeps_working(lab):
+    a, b, keys = encrypted_pair(lab)
+    c = lab.host("c", 3)
+    for i in range(10, 20):  # many sources
+        c.ip("addr", "add", "198.18.0.%d/24" % (100 + i), "dev", "eth0")
+    flood = ("import sys, os, socket, time\n"
+             "sys.path.insert(0, %r)\n"
+             "import udpProxyServer as ups\n"
+             "target = ups.key_from_base64(%r)\n"
+             "socks = []\n"
+             "for i in range(10, 20):\n"
+             "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+             "    s.bind(('198.18.0.%%d' %% (100 + i), 0))\n"
+             "    socks.append(s)\n"
+             "for n in range(1500):\n"
+             "    _, message = ups.create_initiation(ups.generate_private_key(), target, n,\n"
+             "                                       ups.tai64n(time.time_ns()))\n"
+             "    socks[n %% 10].sendto(ups.add_macs(message, target), (%r, 5000))\n"
+             % (lab.workdir, keys["a"], a.address))
+    mover = []
+    thread = __import__("threading").Thread(
+        target=lambda: mover.append(transfer(b, a, "10.0.1.1", MEGABYTES)))
+    thread.start()
+    try:
+        c.run(sys.executable, "-c", flood, timeout=120)
+    finally:
+        thread.join()
+    (sent, received), = [mover[0]]
+    assert received == sent
+    listed = json.loads(a.control("127.0.0.1", "-o", "list", "--json").stdout)
+    assert listed["drops"].get("cookie_sent", 0) > 0  # under load: a cookie, no DH
+    assert listed["drops"].get("unknown_peer", 0) > 0  # the rest: keys of no tunnel
+    assert a.ping("10.0.1.2")
+
+
+def test_a_barrage_of_wireguard_shaped_noise_is_counted_and_harms_nothing(lab, figures):
+    a, b, keys = encrypted_pair(lab)
+    c = lab.host("c", 3)
+    out = c.run(sys.executable, os.path.join(HELPERS, "barrage.py"), "wireguard", a.address,
+                "5000", "100000", "5", timeout=300).stdout.split()
+    assert a.daemon.poll() is None and a.ping("10.0.1.2")
+    listed = json.loads(a.control("127.0.0.1", "-o", "list", "--json").stdout)
+    figures("%s WireGuard-shaped datagrams in %s s: the daemon counted %s; the tunnel pings"
+            % (out[0], out[1], listed["drops"]))
+    assert sum(listed["drops"].values()) > 0
+
+
+def test_wireguard_go_restarted_mid_transfer(lab, wireguard_go):
+    a, b, device = wireguard_go
+    assert a.ping("10.0.1.2")
+    config = b.run("wg", "showconf", device).stdout
+    mover = []
+    thread = __import__("threading").Thread(
+        target=lambda: mover.append(transfer(a, b, "10.0.1.2", MEGABYTES)))
+    thread.start()
+    try:
+        wait_until(lambda: wg_tunnel(a)["tx_bytes"] > 1 << 20, "the transfer is under way")
+        for proc in lab.processes:
+            if proc.args[3:4] == ["wireguard-go"]:
+                proc.terminate()
+                proc.wait()
+        lab.spawn(b.ns, ["wireguard-go", "-f", device], "b-wireguard-go-2.log")
+        wait_until(lambda: b.run("wg", "show", device, check=False).returncode == 0,
+                   "wireguard-go's device answers wg again")
+        conf = os.path.join(lab.workdir, "wg.conf")
+        with open(os.open(conf, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(config)
+        b.run("wg", "setconf", device, conf)
+        b.ip("addr", "replace", "10.0.1.2/30", "dev", device)
+        b.ip("link", "set", device, "mtu", str(MTU), "up")
+    finally:
+        thread.join()
+    (sent, received), = [mover[0]]
+    assert received == sent
