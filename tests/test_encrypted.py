@@ -289,3 +289,23 @@ def test_wireguard_go_restarted_mid_transfer(lab, wireguard_go):
         thread.join()
     (sent, received), = [mover[0]]
     assert received == sent
+
+
+def test_a_replayed_initiation_is_ignored(lab):
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    keys = {}
+    for host in (a, b):
+        path, keys[host.name] = key_file(lab, host)
+        host.start_daemon("--key-file", path)
+    sniffer = capture(lab, b, a, 1, 1)  # b's initiation to a
+    a.control("127.0.0.1", "-o", "add", "-n", "wg2", "-t", "10.0.1.1", "-m", str(MTU),
+              "-r", b.address, "--peer-key", keys["b"])
+    b.control("127.0.0.1", "-o", "add", "-n", "wg1", "-t", "10.0.1.2", "-m", str(MTU),
+              "-r", a.address, "--peer-key", keys["a"])
+    assert b.ping("10.0.1.1")
+    initiation = bytes.fromhex(sniffer.stdout.readline().strip())
+    handshake = wg_tunnel(a)["latestHandshake"]
+    b.send_udp(a.address, 5000, [initiation])  # its timestamp is not newer: no new session
+    wait_until(lambda: wg_tunnel(a)["drops"].get("replayed_initiation") == 1,
+               "the replayed initiation counted")
+    assert wg_tunnel(a)["latestHandshake"] == handshake and a.ping("10.0.1.2")
