@@ -361,7 +361,7 @@ def listed_interface(listed):
 
 
 LIST_COLUMNS = ("NAME", "TUNNEL", "REMOTE", "MTU", "RX PKTS", "RX BYTES",
-                "TX PKTS", "TX BYTES", "DROPS", "LAST RX", "ROUTES")
+                "TX PKTS", "TX BYTES", "DROPS", "LAST RX", "HANDSHAKE", "ROUTES")
 
 
 def format_table(reply, now=None):
@@ -369,12 +369,10 @@ def format_table(reply, now=None):
     now = time.time() if now is None else now
     rows = [LIST_COLUMNS]
     for tunnel in reply.get("tunnels", []):
-        remote = tunnel["remoteServer"]
         rows.append((
             tunnel["name"],
             str(listed_interface(tunnel)),
-            ("[%s]:%s" if ":" in remote else "%s:%s") % (
-                remote, tunnel.get("remotePort", reply.get("dataPort", DATA_PORT))),
+            format_remote(tunnel, reply),
             str(tunnel["mtu"]),
             str(tunnel["rx_packets"]),
             str(tunnel["rx_bytes"]),
@@ -382,6 +380,7 @@ def format_table(reply, now=None):
             str(tunnel["tx_bytes"]),
             format_drops(tunnel.get("drops", {})),
             format_age(tunnel.get("last_rx"), now),
+            format_age(tunnel.get("latestHandshake"), now) if "publicKey" in tunnel else "plain",
             ",".join(tunnel.get("routes", [])) or "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS))]
@@ -399,6 +398,16 @@ def format_table(reply, now=None):
         lines.append("in the state file but not made (see the daemon's log): %s"
                      % ", ".join(reply["unmade"]))
     return "\n".join(lines)
+
+
+def format_remote(tunnel, reply):
+    """Where the peer is: its address and port as added, or, for an encrypted tunnel that
+    waits for its peer, where it last sent from (or that it has not yet)."""
+    remote = tunnel.get("remoteServer")
+    if remote is None:
+        return tunnel.get("endpoint") or "(waiting)"
+    port = tunnel.get("remotePort", reply.get("dataPort", DATA_PORT))
+    return ("[%s]:%s" if ":" in remote else "%s:%s") % (remote, port)
 
 
 def format_drops(drops):
