@@ -171,6 +171,10 @@ UDP_VARYING = struct.Struct("!HH")  # length, checksum
 IPV4_TCP = struct.Struct("!BB4xHBB2x8s4s4x4sBB2s2x2s")
 # What a packet written into an offload TUN device with nothing to offload starts with.
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+# virtio_net.h: the packet's checksums need no checking: a WireGuard packet's AEAD tag has
+# authenticated it whole, so the kernel is spared summing it again (as its WireGuard does).
+VNET_F_DATA_VALID = 2
+VERIFIED_VNET_HDR = VNET_HDR.pack(VNET_F_DATA_VALID, 0, 0, 0, 0, 0)
 # Room for UDP GRO's control message: the segment size, an int.
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
@@ -1015,6 +1019,8 @@ class OffloadTunnel(Tunnel):
     (virtio header first). On the wire nothing changes: each is cut into datagrams of
     one packet each, sent with UDP GSO, and received ones are joined again."""
 
+    single_header = ZERO_VNET_HDR  # what a packet written alone starts with
+
     def __init__(self, spec, device, sock, peer, buffers, offloads):
         super().__init__(spec, device, sock, peer, buffers)
         self.offloads = offloads  # this tunnel's TunnelOffloads
@@ -1104,7 +1110,7 @@ class OffloadTunnel(Tunnel):
         flow = flow_of(packet) if self.join else None
         if flow is None or (flow[3] == UDP and not self.offloads.join_udp):
             self.write_joined()
-            self.write([ZERO_VNET_HDR, packet], 1, size)
+            self.write([self.single_header, packet], 1, size)
         elif not joiner.offer(packet, flow):
             self.write_joined()
             joiner.offer(packet, flow)
@@ -1122,7 +1128,7 @@ class OffloadTunnel(Tunnel):
     def write_failed(self, error, packets):
         if packets > 1 and self.offloads.join_refused(error):
             for packet in self.buffers.joined:  # nothing lost: these first, one by one
-                self.write([ZERO_VNET_HDR, packet], 1, PI_HEADER_LEN + len(packet))
+                self.write([self.single_header, packet], 1, PI_HEADER_LEN + len(packet))
         else:
             super().write_failed(error, packets)
 
@@ -2547,6 +2553,8 @@ class PlainDevicePath:
 class WireGuardTunnel(WireGuardTunnelPath, OffloadTunnel):
     """An encrypted tunnel on a device with offloads: TSO packets cut, each segment sealed,
     all sent in one GSO send; messages opened, runs of one flow joined into one write."""
+
+    single_header = VERIFIED_VNET_HDR
 
     def __init__(self, spec, device, sock, peer, buffers, offloads, wg):
         super().__init__(spec, device, sock, peer, buffers, offloads)
