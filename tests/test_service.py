@@ -56,7 +56,7 @@ def test_pip_install_gives_both_commands(tmp_path):
         assert result.stdout.endswith(" %s\n" % ups.__version__)
     shown = subprocess.run([str(venv / "bin" / "pip"), "show", "udpProxyServer"],
                            capture_output=True, text=True, check=True).stdout
-    assert "Requires: pyroute2, python-pytun" in shown
+    assert "Requires: cryptography, pyroute2, python-pytun" in shown
 
 
 def test_the_systemd_unit_runs_the_installed_command_as_a_notify_service():
