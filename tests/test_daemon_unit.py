@@ -755,3 +755,22 @@ def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == ups.REFUSALS_LOGGED + 2
     assert "990 more refused control requests or unsent replies in 60 s" in lines[-2]
+
+
+def test_without_cryptography_an_encrypted_tunnel_is_refused_saying_what_to_install(
+        monkeypatch):
+    monkeypatch.setattr(ups, "ChaCha20Poly1305", None)
+    with fake_server() as (server, _):
+        reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
+            entry("udp3", 3), entry("wg2", 2, publicKey="a" * 43 + "=")]}).encode(),
+            ("127.0.0.1", 9))
+    assert [r["ok"] for r in reply["results"]] == [True, False]  # plain tunnels go on
+    assert reply["results"][1]["error"] == \
+        "encrypted tunnels: the cryptography package is needed (pip install cryptography)"
+
+
+def test_an_encrypted_tunnel_needs_the_daemons_key():
+    with fake_server() as (server, _):
+        reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
+            entry("wg2", 2, publicKey="a" * 43 + "=")]}).encode(), ("127.0.0.1", 9))
+    assert "needs this daemon's own key: start it with --key-file" in reply["error"]
