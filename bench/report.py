@@ -13,11 +13,11 @@ METRICS = (
     Metric("ping", "p99_ms", "RTT p99", "ms", 1, "%.3f", "lower"),
     Metric("tcp", "cpu_s_per_gb", "CPU", "s/GB", 1, "%.2f", "lower"),
 )
-TESTS = ("ping", "tcp", "udp64")
+TESTS = ("ping", "tcp", "udp64", "handshake")
 # The references every figure is also given against: a userspace tunnel in C and the kernel.
 REFERENCES = (("fastd", "fastd (null)"), ("vxlan", "VXLAN (kernel)"))
 # One colour per tunnel, the same order as the table; matplotlib's default cycle.
-COLOURS = ("#1f77b4", "#aec7e8", "#ff7f0e", "#2ca02c", "#7f7f7f")
+COLOURS = ("#1f77b4", "#aec7e8", "#d62728", "#9467bd", "#ff7f0e", "#2ca02c", "#7f7f7f")
 CHART_WIDTH, CHART_HEIGHT, CHART_DPI = 12, 6.5, 100
 # Loss is often 0 for a reference, and a ratio to 0 says nothing.
 CHARTED = tuple(m for m in METRICS if m.field != "loss_pct")
@@ -56,6 +56,7 @@ def ratio(value, reference):
 def print_tables(results, say):
     if results["tunnels"]:
         print_tunnels(results, say)
+        print_handshakes(results, say)
     if "scale" in results:
         if results["tunnels"]:
             say()
@@ -64,8 +65,8 @@ def print_tables(results, say):
 
 def print_tunnels(results, say):
     settings = results["settings"]
-    say("Tunnels at MTU %d over a veth pair (MTU 1500); iperf3 %d s a test, %d pings"
-        % (settings["tunnel_mtu"], settings["seconds"], settings["pings"]))
+    say("Tunnels at %s over a veth pair (MTU 1500); iperf3 %d s a test, %d pings"
+        % (mtu_text(results), settings["seconds"], settings["pings"]))
     say("udpProxyServer.py %s" % daemon_label(results["environment"]))
     say("Each cell: the figure (its ratio to fastd, its ratio to VXLAN)")
     header = ["tunnel"] + ["%s %s" % (m.heading, m.unit) for m in METRICS]
@@ -84,6 +85,32 @@ def print_tunnels(results, say):
             say("  %s:" % log)
             for line in lines:
                 say("    " + line)
+
+
+def mtu_text(results):
+    """MTU 1400, and the rows at another MTU named: MTU 1400 (1420: a, b)."""
+    usual = results["settings"]["tunnel_mtu"]
+    kinds = collections.defaultdict(list)
+    for row in results["tunnels"]:
+        if "skipped" not in row:
+            kinds[row.get("mtu", usual)].append(row["kind"])
+    base = usual if usual in kinds or not kinds else next(iter(kinds))
+    others = "; ".join("%d: %s" % (mtu, ", ".join(names)) for mtu, names in kinds.items() if mtu != base)
+    return "MTU %d%s" % (base, " (%s)" % others if others else "")
+
+
+def print_handshakes(results, say):
+    rows = [row for row in results["tunnels"] if "median_ms" in row.get("handshake", {})]
+    if not rows:
+        return
+    say()
+    say("Handshake: the first ping through a fresh tunnel less the tunnel's median RTT")
+    width = max(len(row["kind"]) for row in rows)
+    for row in rows:
+        shake = row["handshake"]
+        say("%s  median %.3f ms (%.3f to %.3f) over %d fresh tunnels%s"
+            % (row["kind"].ljust(width), shake["median_ms"], shake["min_ms"], shake["max_ms"],
+               shake["rounds"], ", %d unanswered" % shake["unanswered"] if shake["unanswered"] else ""))
 
 
 def cells(row):
@@ -210,7 +237,7 @@ def tick_label(ratio):
 
 def chart_title(results):
     env, settings = results["environment"], results["settings"]
-    return ("Point-to-point tunnels at MTU %d over a veth pair; bars: ratio to fastd, labels: the figures\n"
+    return ("Point-to-point tunnels at %s over a veth pair; bars: ratio to fastd, labels: the figures\n"
             "%s, %d CPUs, Linux %s, %s; iperf3 %d s a test; udpProxyServer.py %s"
-            % (settings["tunnel_mtu"], env["cpu"], env["nproc"], env["kernel"], env["date"][:10],
+            % (mtu_text(results), env["cpu"], env["nproc"], env["kernel"], env["date"][:10],
                settings["seconds"], daemon_label(env)))
