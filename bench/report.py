@@ -13,6 +13,8 @@ METRICS = (
     Metric("ping", "p99_ms", "RTT p99", "ms", 1, "%.3f", "lower"),
     Metric("tcp", "cpu_s_per_gb", "CPU", "s/GB", 1, "%.2f", "lower"),
 )
+# The handshake is timed for encrypted tunnels alone: in its own lines, not a column.
+HANDSHAKE = Metric("handshake", "median_ms", "Handshake", "ms", 1, "%.3f", "lower")
 TESTS = ("ping", "tcp", "udp64", "handshake")
 # The references every figure is also given against: a userspace tunnel in C and the kernel.
 REFERENCES = (("fastd", "fastd (null)"), ("vxlan", "VXLAN (kernel)"))
@@ -21,6 +23,23 @@ COLOURS = ("#1f77b4", "#aec7e8", "#d62728", "#9467bd", "#ff7f0e", "#2ca02c", "#7
 CHART_WIDTH, CHART_HEIGHT, CHART_DPI = 12, 6.5, 100
 # Loss is often 0 for a reference, and a ratio to 0 says nothing.
 CHARTED = tuple(m for m in METRICS if m.field != "loss_pct")
+
+# A goal is a figure of one tunnel held against another's times factor, or against the
+# bound itself when there is no reference.
+Goal = collections.namedtuple("Goal", "text kind test field higher reference bound")
+ENCRYPTED, WIREGUARD_GO, FASTD = "udpProxyServer encrypted", "wireguard-go", "fastd (null)"
+# The issue tracker's goals for encrypted tunnels.
+GOALS = (
+    Goal("encrypted TCP at least 2.5x wireguard-go's", ENCRYPTED, "tcp", "mbit_s", True,
+         WIREGUARD_GO, 2.5),
+    Goal("encrypted TCP at least 1.5x fastd (null)'s", ENCRYPTED, "tcp", "mbit_s", True,
+         FASTD, 1.5),
+    Goal("encrypted 64-byte UDP at least wireguard-go's", ENCRYPTED, "udp64", "received_pps", True,
+         WIREGUARD_GO, 1),
+    Goal("encrypted RTT median at most wireguard-go's", ENCRYPTED, "ping", "median_ms", False,
+         WIREGUARD_GO, 1),
+    Goal("handshake under 5 ms", ENCRYPTED, "handshake", "median_ms", False, None, 5),
+)
 
 
 def figure(row, metric):
@@ -57,6 +76,7 @@ def print_tables(results, say):
     if results["tunnels"]:
         print_tunnels(results, say)
         print_handshakes(results, say)
+        print_goals(results, say)
     if "scale" in results:
         if results["tunnels"]:
             say()
@@ -111,6 +131,43 @@ def print_handshakes(results, say):
         say("%s  median %.3f ms (%.3f to %.3f) over %d fresh tunnels%s"
             % (row["kind"].ljust(width), shake["median_ms"], shake["min_ms"], shake["max_ms"],
                shake["rounds"], ", %d unanswered" % shake["unanswered"] if shake["unanswered"] else ""))
+
+
+def print_goals(results, say):
+    """Each goal of the issue tracker against this run's figures: met, short, or not measured."""
+    by_kind = {row["kind"]: row for row in results["tunnels"] if "skipped" not in row}
+    if ENCRYPTED not in by_kind:
+        return
+    say()
+    say("Goals, against this run's figures:")
+    lines = [(goal.text,) + judge(goal, by_kind) for goal in GOALS]
+    width = max(len(line[0]) for line in lines)
+    figures = max(len(line[1]) for line in lines)
+    for text, figures_text, verdict in lines:
+        say("  %s  %s  %s" % (text.ljust(width), figures_text.ljust(figures), verdict))
+
+
+def judge(goal, by_kind):
+    """(the figures, the verdict) of goal in this run."""
+    value = by_kind[goal.kind].get(goal.test, {}).get(goal.field)
+    if value is None:
+        return "-", "not measured"
+    if goal.reference is None:
+        met = value > goal.bound if goal.higher else value < goal.bound
+        return in_unit(goal, value), "met" if met else "not met"
+    reference = by_kind.get(goal.reference, {}).get(goal.test, {}).get(goal.field)
+    if not reference:
+        return "-", "not measured (%s)" % goal.reference
+    share = value / reference
+    met = share >= goal.bound if goal.higher else share <= goal.bound
+    return ("%.2fx (%s against %s)" % (share, in_unit(goal, value), in_unit(goal, reference)),
+            "met" if met else "not met")
+
+
+def in_unit(goal, value):
+    """A figure of goal's as the table gives it: 41.5 kpps, not 41500."""
+    metric = next(m for m in METRICS + (HANDSHAKE,) if (m.test, m.field) == (goal.test, goal.field))
+    return "%s %s" % (metric.format % (value * metric.scale), metric.unit)
 
 
 def cells(row):
