@@ -13,14 +13,33 @@ METRICS = (
     Metric("ping", "p99_ms", "RTT p99", "ms", 1, "%.3f", "lower"),
     Metric("tcp", "cpu_s_per_gb", "CPU", "s/GB", 1, "%.2f", "lower"),
 )
-TESTS = ("ping", "tcp", "udp64")
+# The handshake is timed for encrypted tunnels alone: in its own lines, not a column.
+HANDSHAKE = Metric("handshake", "median_ms", "Handshake", "ms", 1, "%.3f", "lower")
+TESTS = ("ping", "tcp", "udp64", "handshake")
 # The references every figure is also given against: a userspace tunnel in C and the kernel.
 REFERENCES = (("fastd", "fastd (null)"), ("vxlan", "VXLAN (kernel)"))
 # One colour per tunnel, the same order as the table; matplotlib's default cycle.
-COLOURS = ("#1f77b4", "#aec7e8", "#ff7f0e", "#2ca02c", "#7f7f7f")
+COLOURS = ("#1f77b4", "#aec7e8", "#d62728", "#9467bd", "#ff7f0e", "#2ca02c", "#7f7f7f")
 CHART_WIDTH, CHART_HEIGHT, CHART_DPI = 12, 6.5, 100
 # Loss is often 0 for a reference, and a ratio to 0 says nothing.
 CHARTED = tuple(m for m in METRICS if m.field != "loss_pct")
+
+# A goal is a figure of one tunnel held against another's times factor, or against the
+# bound itself when there is no reference.
+Goal = collections.namedtuple("Goal", "text kind test field higher reference bound")
+ENCRYPTED, WIREGUARD_GO, FASTD = "udpProxyServer encrypted", "wireguard-go", "fastd (null)"
+# The issue tracker's goals for encrypted tunnels.
+GOALS = (
+    Goal("encrypted TCP at least 2.5x wireguard-go's", ENCRYPTED, "tcp", "mbit_s", True,
+         WIREGUARD_GO, 2.5),
+    Goal("encrypted TCP at least 1.5x fastd (null)'s", ENCRYPTED, "tcp", "mbit_s", True,
+         FASTD, 1.5),
+    Goal("encrypted 64-byte UDP at least wireguard-go's", ENCRYPTED, "udp64", "received_pps", True,
+         WIREGUARD_GO, 1),
+    Goal("encrypted RTT median at most wireguard-go's", ENCRYPTED, "ping", "median_ms", False,
+         WIREGUARD_GO, 1),
+    Goal("handshake under 5 ms", ENCRYPTED, "handshake", "median_ms", False, None, 5),
+)
 
 
 def figure(row, metric):
@@ -56,6 +75,8 @@ def ratio(value, reference):
 def print_tables(results, say):
     if results["tunnels"]:
         print_tunnels(results, say)
+        print_handshakes(results, say)
+        print_goals(results, say)
     if "scale" in results:
         if results["tunnels"]:
             say()
@@ -64,8 +85,8 @@ def print_tables(results, say):
 
 def print_tunnels(results, say):
     settings = results["settings"]
-    say("Tunnels at MTU %d over a veth pair (MTU 1500); iperf3 %d s a test, %d pings"
-        % (settings["tunnel_mtu"], settings["seconds"], settings["pings"]))
+    say("Tunnels at %s over a veth pair (MTU 1500); iperf3 %d s a test, %d pings"
+        % (mtu_text(results), settings["seconds"], settings["pings"]))
     say("udpProxyServer.py %s" % daemon_label(results["environment"]))
     say("Each cell: the figure (its ratio to fastd, its ratio to VXLAN)")
     header = ["tunnel"] + ["%s %s" % (m.heading, m.unit) for m in METRICS]
@@ -84,6 +105,69 @@ def print_tunnels(results, say):
             say("  %s:" % log)
             for line in lines:
                 say("    " + line)
+
+
+def mtu_text(results):
+    """MTU 1400, and the rows at another MTU named: MTU 1400 (1420: a, b)."""
+    usual = results["settings"]["tunnel_mtu"]
+    kinds = collections.defaultdict(list)
+    for row in results["tunnels"]:
+        if "skipped" not in row:
+            kinds[row.get("mtu", usual)].append(row["kind"])
+    base = usual if usual in kinds or not kinds else next(iter(kinds))
+    others = "; ".join("%d: %s" % (mtu, ", ".join(names)) for mtu, names in kinds.items() if mtu != base)
+    return "MTU %d%s" % (base, " (%s)" % others if others else "")
+
+
+def print_handshakes(results, say):
+    rows = [row for row in results["tunnels"] if "median_ms" in row.get("handshake", {})]
+    if not rows:
+        return
+    say()
+    say("Handshake: the first ping through a fresh tunnel less the tunnel's median RTT")
+    width = max(len(row["kind"]) for row in rows)
+    for row in rows:
+        shake = row["handshake"]
+        say("%s  median %.3f ms (%.3f to %.3f) over %d fresh tunnels%s"
+            % (row["kind"].ljust(width), shake["median_ms"], shake["min_ms"], shake["max_ms"],
+               shake["rounds"], ", %d unanswered" % shake["unanswered"] if shake["unanswered"] else ""))
+
+
+def print_goals(results, say):
+    """Each goal of the issue tracker against this run's figures: met, short, or not measured."""
+    by_kind = {row["kind"]: row for row in results["tunnels"] if "skipped" not in row}
+    if ENCRYPTED not in by_kind:
+        return
+    say()
+    say("Goals, against this run's figures:")
+    lines = [(goal.text,) + judge(goal, by_kind) for goal in GOALS]
+    width = max(len(line[0]) for line in lines)
+    figures = max(len(line[1]) for line in lines)
+    for text, figures_text, verdict in lines:
+        say("  %s  %s  %s" % (text.ljust(width), figures_text.ljust(figures), verdict))
+
+
+def judge(goal, by_kind):
+    """(the figures, the verdict) of goal in this run."""
+    value = by_kind[goal.kind].get(goal.test, {}).get(goal.field)
+    if value is None:
+        return "-", "not measured"
+    if goal.reference is None:
+        met = value > goal.bound if goal.higher else value < goal.bound
+        return in_unit(goal, value), "met" if met else "not met"
+    reference = by_kind.get(goal.reference, {}).get(goal.test, {}).get(goal.field)
+    if not reference:
+        return "-", "not measured (%s)" % goal.reference
+    share = value / reference
+    met = share >= goal.bound if goal.higher else share <= goal.bound
+    return ("%.2fx (%s against %s)" % (share, in_unit(goal, value), in_unit(goal, reference)),
+            "met" if met else "not met")
+
+
+def in_unit(goal, value):
+    """A figure of goal's as the table gives it: 41.5 kpps, not 41500."""
+    metric = next(m for m in METRICS + (HANDSHAKE,) if (m.test, m.field) == (goal.test, goal.field))
+    return "%s %s" % (metric.format % (value * metric.scale), metric.unit)
 
 
 def cells(row):
@@ -210,7 +294,7 @@ def tick_label(ratio):
 
 def chart_title(results):
     env, settings = results["environment"], results["settings"]
-    return ("Point-to-point tunnels at MTU %d over a veth pair; bars: ratio to fastd, labels: the figures\n"
+    return ("Point-to-point tunnels at %s over a veth pair; bars: ratio to fastd, labels: the figures\n"
             "%s, %d CPUs, Linux %s, %s; iperf3 %d s a test; udpProxyServer.py %s"
-            % (settings["tunnel_mtu"], env["cpu"], env["nproc"], env["kernel"], env["date"][:10],
+            % (mtu_text(results), env["cpu"], env["nproc"], env["kernel"], env["date"][:10],
                settings["seconds"], daemon_label(env)))
