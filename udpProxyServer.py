@@ -914,6 +914,15 @@ class SharedBuffers:
         self.small_view = memoryview(self.small)
         self.joiner = Joiner()
         self.joined = []  # the packets of the last joined write, should it be refused
+        # Encrypted tunnels: transport messages sealed in place, a round of segments at a
+        # time (each grows by a header, a tag and its padding), and one packet padded.
+        self.sealed = bytearray(len(self.out) + GSO_MAX_SEGMENTS * 64 + BUFFER_SIZE)
+        self.sealed_view = memoryview(self.sealed)
+        self.padded = bytearray(BUFFER_SIZE)
+        self.padded_view = memoryview(self.padded)
+        # Messages received opened in place of each other: as large as a receive.
+        self.opened = bytearray(2 * BUFFER_SIZE)
+        self.opened_view = memoryview(self.opened)
 
 
 class Tunnel:
@@ -1591,16 +1600,53 @@ def transport_cipher(key):
     return ChaCha20Poly1305(key)
 
 
+def transport_size(length, mtu=None):
+    """What a packet of length bytes is padded to: a multiple of 16, but not past the
+    tunnel's mtu when given, as wireguard-go does."""
+    size = length + -length % PADDING_MULTIPLE
+    return size if mtu is None else max(length, min(size, mtu))
+
+
+def seal_transport_into(cipher, receiver, counter, padded, out, at):
+    """Seal an already padded packet into out at offset at, as seal_transport would, with
+    no copy on the way; returns the message's length."""
+    TRANSPORT_HEADER.pack_into(out, at, MESSAGE_TRANSPORT, receiver, counter)
+    end = at + TRANSPORT_HEADER_SIZE + len(padded) + TAG_LEN
+    if hasattr(cipher, "encrypt_into"):
+        cipher.encrypt_into(AEAD_NONCE.pack(counter), padded, None,
+                            out[at + TRANSPORT_HEADER_SIZE:end])
+    else:  # cryptography before 45: one copy more
+        out[at + TRANSPORT_HEADER_SIZE:end] = cipher.encrypt(AEAD_NONCE.pack(counter), padded, None)
+    return end - at
+
+
 def seal_transport(cipher, receiver, counter, packet, mtu=None):
     """A packet (b"" for a keepalive) as a transport message to the peer's index receiver,
     the counter-th under cipher: padded with zeros to a multiple of 16, but not past the
     tunnel's mtu when given, as wireguard-go does."""
-    size = len(packet) + -len(packet) % PADDING_MULTIPLE
-    if mtu is not None:
-        size = max(len(packet), min(size, mtu))
+    size = transport_size(len(packet), mtu)
     return (TRANSPORT_HEADER.pack(MESSAGE_TRANSPORT, receiver, counter)
             + cipher.encrypt(AEAD_NONCE.pack(counter), bytes(packet) + bytes(size - len(packet)),
                              None))
+
+
+def open_transport_into(cipher, message, out):
+    """open_transport, the packet decrypted into out (at least len(message) - 32 bytes):
+    the counter and a view of the padded packet there."""
+    if message_type(message) != MESSAGE_TRANSPORT:
+        raise WireGuardRefused("not a transport message")
+    _, _, counter = TRANSPORT_HEADER.unpack_from(message)
+    size = len(message) - TRANSPORT_HEADER_SIZE - TAG_LEN
+    try:
+        if hasattr(cipher, "decrypt_into"):
+            cipher.decrypt_into(AEAD_NONCE.pack(counter), message[TRANSPORT_HEADER_SIZE:], None,
+                                out[:size])
+        else:  # cryptography before 45: one copy more
+            out[:size] = cipher.decrypt(AEAD_NONCE.pack(counter),
+                                        message[TRANSPORT_HEADER_SIZE:], None)
+    except InvalidTag:
+        raise WireGuardRefused("a transport message that does not authenticate") from None
+    return counter, out[:size]
 
 
 def open_transport(cipher, message):
@@ -2438,21 +2484,26 @@ class WireGuardTunnelPath:
             self.wireguard.wake()
             return
         cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.spec.mtu
-        messages, message_stride = bytearray(), None
+        sealed, padded = self.buffers.sealed_view, self.buffers.padded_view
+        at, message_stride = 0, None
         for start in range(0, len(datagrams), stride):
+            packet = datagrams[start + PI_HEADER_LEN:start + stride]
             try:
                 counter = keypair.next_counter()
             except KeypairExhausted:
-                wg.staged.append(bytes(datagrams[start + PI_HEADER_LEN:start + stride]))
+                wg.staged.append(bytes(packet))
                 wg.timers.on_packet_staged()
                 continue
-            message = seal_transport(cipher, receiver, counter,
-                                     datagrams[start + PI_HEADER_LEN:start + stride], mtu)
+            size = transport_size(len(packet), mtu)
+            if size != len(packet):  # zeros after it, in a copy: its neighbour follows it
+                padded[:len(packet)] = packet
+                padded[len(packet):size] = bytes(size - len(packet))
+                packet = padded[:size]
+            at += seal_transport_into(cipher, receiver, counter, packet, sealed, at)
             if message_stride is None:
-                message_stride = len(message)
-            messages += message
+                message_stride = at
         if message_stride:
-            super().send(memoryview(messages), message_stride)
+            super().send(sealed[:at], message_stride)
             wg.timers.on_data_sent()
             self.wireguard.wake()
 
@@ -2492,10 +2543,12 @@ class WireGuardTunnelPath:
         wg, drops, allowed = self.wg, self.drops, self.allowed
         packets = received = 0
         self.deliver_begin()
+        opened = self.buffers.opened_view  # each packet where its message was: a run's own
         for start in range(0, len(messages), stride):
             message = messages[start:start + stride]
             try:
-                counter, packet = open_transport(keypair.receive_cipher, message)
+                counter, packet = open_transport_into(keypair.receive_cipher, message,
+                                                      opened[start:start + stride])
             except WireGuardRefused:
                 drops["not_authentic"] += 1
                 continue
