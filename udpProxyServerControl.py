@@ -11,6 +11,8 @@ Exit status: 0 when everything was done, 1 when the daemon refused something,
 """
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import datetime
 import hashlib
@@ -50,9 +52,15 @@ LIST_ATTEMPTS = 5
 
 # The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
 # they are deleted when the file no longer wants them); adds go this many a message.
-MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "hosts")
+MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt", "hosts")
+MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey")
 MESH_TUNNEL_PREFIX = "m-"
 MESH_BATCH = 50
+# An encrypted mesh's default MTU, as wg-quick's: a 1500-byte underlay less WireGuard's
+# overhead, 60 bytes over IPv4 (IP 20, UDP 8, its header 16, the tag 16), 80 over IPv6.
+ENCRYPTED_MESH_MTU = 1420
+# A Curve25519 public key is 32 bytes; files and daemons give it in base64, as wg pubkey.
+KEY_BYTES = 32
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -428,6 +436,7 @@ class MeshHost:
     name: str
     address: object  # ipaddress.IPv4Address or IPv6Address
     lans: list  # ipaddress networks reached through this host
+    public_key: str = None  # its daemon's, in base64 as wg pubkey writes it; None: ask it
 
 
 @dataclasses.dataclass
@@ -437,6 +446,7 @@ class Mesh:
     prefix: int  # each tunnel's subnet: /30 (or /31) for IPv4, /127 (or /126) for IPv6
     mtu: int
     control_port: int
+    encrypt: bool = False  # every pair an encrypted (WireGuard) tunnel
 
 
 def parse_mesh(data):
@@ -451,9 +461,13 @@ def parse_mesh(data):
     if prefix not in ((30, 31) if tunnel_net.version == 4 else (126, 127)):
         raise MeshError("tunnelPrefix %r: must be 30 or 31 for IPv4, 126 or 127 for IPv6"
                         % (prefix,))
+    encrypt = data.get("encrypt", False)
+    if not isinstance(encrypt, bool):
+        raise MeshError("encrypt %r: must be true or false" % (encrypt,))
     hosts = [mesh_host(entry, index) for index, entry in enumerate(data.get("hosts") or [])]
     if len(hosts) < 2:
         raise MeshError("a mesh needs at least two hosts in 'hosts'")
+    check_keys(hosts, encrypt)
     check_unique(hosts)
     check_lans(hosts, tunnel_net)
     pairs = len(hosts) * (len(hosts) - 1) // 2
@@ -461,12 +475,13 @@ def parse_mesh(data):
     if subnets < pairs:
         raise MeshError("tunnelNet %s holds %d /%d subnets; %d hosts need %d (one for each pair)"
                         % (tunnel_net, subnets, prefix, len(hosts), pairs))
-    mtu, port = data.get("mtu", DEFAULT_MTU), data.get("controlPort", CONTROL_PORT)
+    mtu = data.get("mtu", ENCRYPTED_MESH_MTU if encrypt else DEFAULT_MTU)
+    port = data.get("controlPort", CONTROL_PORT)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65503:
         raise MeshError("mtu %r: must be a whole number from 68 to 65503" % (mtu,))
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise MeshError("controlPort %r: must be a whole number from 1 to 65535" % (port,))
-    return Mesh(hosts, tunnel_net, prefix, mtu, port)
+    return Mesh(hosts, tunnel_net, prefix, mtu, port, encrypt)
 
 
 def mesh_network(value, where):
@@ -480,9 +495,10 @@ def mesh_host(entry, index):
     where = "hosts[%d]" % index
     if not isinstance(entry, dict):
         raise MeshError("%s: must be an object with name, address and lan" % where)
-    unknown = sorted(set(entry) - {"name", "address", "lan"})
+    unknown = sorted(set(entry) - set(MESH_HOST_FIELDS))
     if unknown:
-        raise MeshError("%s: unknown field %r (expected name, address, lan)" % (where, unknown[0]))
+        raise MeshError("%s: unknown field %r (expected %s)"
+                        % (where, unknown[0], ", ".join(MESH_HOST_FIELDS)))
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise MeshError("%s: name %r must be a non-empty string" % (where, name))
@@ -495,17 +511,40 @@ def mesh_host(entry, index):
     if not isinstance(lans, list):
         raise MeshError("%s: lan must be a list of networks" % where)
     lans = [mesh_network(lan, "%s: lan[%d]" % (where, i)) for i, lan in enumerate(lans)]
-    return MeshHost(name, address, lans)
+    key = entry.get("publicKey")
+    if key is not None and public_key(key) is None:
+        raise MeshError("%s: publicKey %r is not a key: %d bytes in base64, as wg pubkey writes"
+                        % (where, key, KEY_BYTES))
+    return MeshHost(name, address, lans, None if key is None else public_key(key))
+
+
+def public_key(text):
+    """text as a public key in the one base64 form daemons list keys in; None if it is not one."""
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (TypeError, binascii.Error, ValueError):
+        return None
+    return base64.b64encode(key).decode() if len(key) == KEY_BYTES else None
+
+
+def check_keys(hosts, encrypt):
+    # Keys in a plain mesh would be ignored: refused, so that no one takes it for encrypted.
+    for index, host in enumerate(hosts):
+        if host.public_key and not encrypt:
+            raise MeshError("hosts[%d] (%s): publicKey given, but the mesh is not encrypted"
+                            " (add \"encrypt\": true)" % (index, host.name))
 
 
 def check_unique(hosts):
-    for kind in ("name", "address"):
+    for kind, field in (("name", "name"), ("address", "address"), ("public_key", "publicKey")):
         seen = {}
         for index, host in enumerate(hosts):
             value = getattr(host, kind)
+            if value is None:
+                continue
             if value in seen:
                 raise MeshError("hosts[%d] (%s): %s %s is also that of hosts[%d]"
-                                % (index, host.name, kind, value, seen[value]))
+                                % (index, host.name, field, value, seen[value]))
             seen[value] = index
     names = {}
     for index, host in enumerate(hosts):

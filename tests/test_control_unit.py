@@ -1,5 +1,6 @@
 """The control script without root, against a stand-in daemon on loopback."""
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -156,6 +157,11 @@ def test_ipv6_tunnels_and_routes_are_sent_as_given():
     assert message["tunnel"][0] == {"name": "udp6", "tunnelIP": "fd00:1::1/64", "mtu": 1500,
                                     "remoteServer": "2001:2::2",
                                     "routes": ["192.168.2.0/24", "fd00:2::/64"]}
+
+
+def key(n):
+    """A public key as wg pubkey writes one: 32 bytes in base64."""
+    return base64.b64encode(bytes([n]) * 32).decode()
 
 
 def write_mesh(tmp_path, **changes):
@@ -337,11 +343,32 @@ def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers
     ({"tunnelNet": "172.100.0.0/16", "hosts": [{"name": "a", "address": "172.100.1.1"},
                                                {"name": "b", "address": "172.101.1.2"}]},
      "tunnelNet 172.100.0.0/16 covers the address 172.100.1.1 of hosts[0] (a)"),
+    ({"encrypt": "yes"}, "encrypt 'yes': must be true or false"),
+    ({"encrypt": True, "hosts": [{"name": "a", "address": "172.100.1.1", "publicKey": "c2hvcnQ="},
+                                 {"name": "b", "address": "172.100.1.2"}]},
+     "hosts[0] (a): publicKey 'c2hvcnQ=' is not a key: 32 bytes in base64, as wg pubkey writes"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1", "publicKey": key(1)},
+                {"name": "b", "address": "172.100.1.2"}]},
+     "hosts[0] (a): publicKey given, but the mesh is not encrypted (add \"encrypt\": true)"),
+    ({"encrypt": True, "hosts": [{"name": "a", "address": "172.100.1.1", "publicKey": key(1)},
+                                 {"name": "b", "address": "172.100.1.2", "publicKey": key(1)}]},
+     "hosts[1] (b): publicKey %s is also that of hosts[0]" % key(1)),
 ])
 def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, complaint):
     with pytest.raises(ctl.MeshError) as error:
         ctl.load_mesh(write_mesh(tmp_path, **changes))
     assert complaint in str(error.value)
+
+
+def test_an_encrypted_mesh_defaults_to_an_mtu_that_fits_wireguard_in_1500_bytes(tmp_path):
+    def mtu(**changes):
+        mesh = json.loads(open(write_mesh(tmp_path)).read())
+        del mesh["mtu"]
+        mesh.update(changes)
+        return ctl.parse_mesh(mesh).mtu
+    assert mtu(encrypt=True) == 1420
+    assert mtu() == mtu(encrypt=False) == 1500
+    assert mtu(encrypt=True, mtu=1400) == 1400
 
 
 def test_tunnel_names_fit_and_stay_unique():
