@@ -645,9 +645,52 @@ def held_subnets(mesh, current, held):
     return taken
 
 
-def mesh_plan(mesh, current, unanswered=frozenset()):
+def mesh_keys(mesh, daemon_keys):
+    """For an encrypted mesh, each host's public key: the one its daemon gives (daemon_keys:
+    name -> the publicKey of its list reply, for the hosts that answered), which must be
+    the file's when the file has one; the file's for a host that did not answer. And the
+    hosts that answered with no key to use: name -> why."""
+    keys, keyless = {}, {}
+    for host in mesh.hosts:
+        if host.name not in daemon_keys:
+            if host.public_key:
+                keys[host.name] = host.public_key
+            continue
+        given = daemon_keys[host.name]
+        key = None if given is None else public_key(given)
+        if given is None:
+            keyless[host.name] = "its daemon has no key (start it with --key-file)"
+        elif key is None:
+            keyless[host.name] = "its daemon gives publicKey %r, which is not a key" % (given,)
+        elif host.public_key and key != host.public_key:
+            keyless[host.name] = ("its daemon's publicKey %s is not the file's %s"
+                                  % (key, host.public_key))
+        else:
+            keys[host.name] = key
+    # One key on two hosts (a key file copied): which is which cannot be told.
+    holders = {}
+    for name, key in keys.items():
+        holders.setdefault(key, []).append(name)
+    for key, names in holders.items():
+        for name in names if len(names) > 1 else ():
+            del keys[name]
+            keyless[name] = "publicKey %s is also that of %s" % (
+                key, ", ".join(other for other in names if other != name))
+    return keys, keyless
+
+
+def plannable(mesh, tunnels, daemon_keys):
+    """What a plan may take from the daemons' lists: the mesh tunnels of the hosts that
+    answered and have a key to use (all, in a plain mesh), the hosts' keys, and the hosts
+    whose key cannot be used, name -> why: their pairs are held as a silent host's."""
+    keys, keyless = mesh_keys(mesh, daemon_keys) if mesh.encrypt else ({}, {})
+    return {name: have for name, have in tunnels.items() if name not in keyless}, keys, keyless
+
+
+def mesh_plan(mesh, current, unanswered=frozenset(), keys=None):
     """For each host, the tunnels it should have: name -> control entry; none between a
-    host in unanswered and another (see held_tunnels)."""
+    host in unanswered and another (see held_tunnels). An encrypted mesh's entries carry
+    the peer's key from keys (name -> public key)."""
     wanted = {host.name: {} for host in mesh.hosts}
     for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current, unanswered).items():
         a = next(h for h in mesh.hosts if h.name == a_name)
@@ -660,6 +703,8 @@ def mesh_plan(mesh, current, unanswered=frozenset()):
                 "remoteServer": str(there.address),
                 "routes": sorted(str(lan) for lan in there.lans),
             }
+            if mesh.encrypt:
+                wanted[here.name][tunnel_name(there.name)]["publicKey"] = keys[there.name]
     return wanted
 
 
@@ -672,10 +717,10 @@ class HostPlan:
     held: dict  # its tunnels to hosts that did not answer, left as they are: name -> peer
 
 
-def host_plans(mesh, current, data_ports, unanswered=frozenset()):
+def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None):
     """For each host in current (those that answered), only the difference between its
     tunnels and the file's; its tunnels to hosts in unanswered are neither deleted nor added."""
-    wanted = mesh_plan(mesh, current, unanswered)
+    wanted = mesh_plan(mesh, current, unanswered, keys)
     held = held_tunnels(mesh, current, unanswered)
     plans = {}
     for name, have in current.items():
@@ -699,12 +744,17 @@ def down_plans(mesh, current):
 
 
 def same_tunnel(entry, listed, data_port):
-    """Whether a tunnel a daemon lists is the one the mesh wants."""
+    """Whether a tunnel a daemon lists is the one the mesh wants: encrypted to the peer's
+    key of now (and with no preshared key or keepalive of its own), or plain as wanted."""
     return (listed_interface(listed) == ipaddress.ip_interface(entry["tunnelIP"])
             and listed["mtu"] == entry["mtu"]
+            and listed.get("remoteServer") is not None
             and ipaddress.ip_address(listed["remoteServer"]) == ipaddress.ip_address(entry["remoteServer"])
             and listed.get("remotePort", data_port) == data_port
-            and sorted(listed.get("routes", [])) == entry["routes"])
+            and sorted(listed.get("routes", [])) == entry["routes"]
+            and listed.get("publicKey") == entry.get("publicKey")
+            and listed.get("presharedKey") is None
+            and listed.get("persistentKeepalive") is None)
 
 
 # --- Applying the mesh: reading the file and the daemons, changing them, saying so ---
@@ -736,71 +786,96 @@ def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
 
 def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
     """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
-    current, data_ports, unanswered = read_tunnels(mesh, daemons)
+    listings = read_tunnels(mesh, daemons)
     if down:
-        plans = down_plans(mesh, current)
+        keyless = {}
+        plans = down_plans(mesh, listings.tunnels)
     else:
-        plans = host_plans(mesh, current, data_ports, unanswered)
+        tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
+        plans = host_plans(mesh, tunnels, listings.data_ports,
+                           dict(listings.unanswered, **keyless), keys)
     failed = {}
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
-        if host.name in unanswered:
-            failed[host.name] = unanswered[host.name]
-            say("%s: FAILED: %s" % (label, unanswered[host.name]))
+        why = listings.unanswered.get(host.name) or keyless.get(host.name)
+        if why:
+            failed[host.name] = why
+            say("%s: FAILED: %s" % (label, why))
             continue
         plan = plans[host.name]
         if dry_run:
-            say_plan(label, plan, say)
+            say_plan(label, plan, say, keyless)
             continue
         error = change_host(daemons[host.name], plan.stale, plan.new)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
-            say("%s: %d added, %d deleted, %d unchanged%s"
-                % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
+            say("%s: %d added, %d deleted, %d unchanged%s" % (
+                label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
     return failed
 
 
+@dataclasses.dataclass
+class Listings:
+    """What the daemons of a mesh gave: for each host that answered, its mesh tunnels
+    (name -> listed tunnel), data port and own public key (None without --key-file); for
+    the others, why not."""
+    tunnels: dict
+    data_ports: dict
+    keys: dict
+    unanswered: dict
+
+
 def read_tunnels(mesh, daemons):
-    """Every host's mesh tunnels (name -> listed tunnel) and data port; and the hosts that
-    gave no list: name -> why."""
-    current, data_ports, unanswered = {}, {}, {}
+    """Every host's list, as Listings."""
+    listings = Listings({}, {}, {}, {})
     for host in mesh.hosts:
         try:
             reply = daemons[host.name].fetch_list()
         except NoReply as e:
-            unanswered[host.name] = str(e)
+            listings.unanswered[host.name] = str(e)
             continue
         if not reply.get("ok"):
-            unanswered[host.name] = reply.get("error", "refused")
+            listings.unanswered[host.name] = reply.get("error", "refused")
             continue
-        current[host.name] = {t["name"]: t for t in reply["tunnels"]
-                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
-        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
-    return current, data_ports, unanswered
+        listings.tunnels[host.name] = {t["name"]: t for t in reply["tunnels"]
+                                       if t["name"].startswith(MESH_TUNNEL_PREFIX)}
+        listings.data_ports[host.name] = reply.get("dataPort", DATA_PORT)
+        listings.keys[host.name] = reply.get("publicKey")
+    return listings
 
 
-def say_plan(label, plan, say):
+def say_plan(label, plan, say, keyless=()):
     """A dry run's lines for one host: what would change."""
     for name in plan.stale:
         say("%s: would delete %s" % (label, name))
     for entry in plan.new:
-        say("%s: would add %s %s -> %s, routes %s" % (
+        say("%s: would add %s %s -> %s, routes %s%s" % (
             label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
-            ", ".join(entry["routes"]) or "none"))
+            ", ".join(entry["routes"]) or "none",
+            ", publicKey %s" % entry["publicKey"] if "publicKey" in entry else ""))
     for name, peer in sorted(plan.held.items()):
-        say("%s: would leave %s as is (no answer from %s)" % (label, name, peer))
-    say("%s: %d to add, %d to delete, %d unchanged%s"
-        % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
+        say("%s: would leave %s as is (%s)" % (label, name, held_why([peer], keyless)))
+    say("%s: %d to add, %d to delete, %d unchanged%s" % (
+        label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
 
 
-def held_note(plan):
-    """What a host's line adds about the tunnels it keeps for hosts that did not answer."""
+def held_note(plan, keyless=()):
+    """What a host's line adds about the tunnels it keeps for hosts that did not answer
+    or have no key to use (keyless)."""
     if not plan.held:
         return ""
-    return ", %d left as is (no answer from %s)" % (
-        len(plan.held), ", ".join(sorted(set(plan.held.values()))))
+    return ", %d left as is (%s)" % (len(plan.held), held_why(plan.held.values(), keyless))
+
+
+def held_why(peers, keyless):
+    """Why the tunnels to peers are left as they are, in a few words."""
+    peers = sorted(set(peers))
+    silent = [peer for peer in peers if peer not in keyless]
+    unkeyed = [peer for peer in peers if peer in keyless]
+    return "; ".join(what + ", ".join(names) for what, names in (
+        ("no answer from ", silent), ("no usable key from ", unkeyed)) if names)
 
 
 def change_host(daemon, stale, new):

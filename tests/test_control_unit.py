@@ -214,15 +214,16 @@ def listed(ip, remote, routes):
 
 class StandIn:
     """A daemon as the mesh code speaks to it: it lists its tunnels (name -> listed) and
-    takes every request, recording it; one whose tunnels are None does not answer."""
+    its own public key (None: started without --key-file), and takes every request,
+    recording it; one whose tunnels are None does not answer."""
 
-    def __init__(self, tunnels):
-        self.tunnels, self.requests = tunnels, []
+    def __init__(self, tunnels, key=None):
+        self.tunnels, self.key, self.requests = tunnels, key, []
 
     def fetch_list(self):
         if self.tunnels is None:
             raise ctl.NoReply("no reply within 2 s")
-        return {"ok": True, "op": "list", "dataPort": 5000,
+        return {"ok": True, "op": "list", "dataPort": 5000, "publicKey": self.key,
                 "tunnels": [dict(tunnel, name=name) for name, tunnel in self.tunnels.items()]}
 
     def request(self, message):
@@ -312,6 +313,100 @@ def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers
         {"op": "del", "tunnel": [{"name": "m-minion-2"}, {"name": "m-minion-3"}]}]
     assert daemons["minion-3"].requests == [{"op": "del", "tunnel": [{"name": "m-minion-1"}]}]
     assert "minion-1 (172.100.1.1): 0 added, 2 deleted, 0 unchanged" in lines
+
+
+KEYS = {"minion-%d" % n: key(n) for n in (1, 2, 3)}
+
+
+def encrypted_mesh(tmp_path, keys_in_file=()):
+    """The three hosts' mesh, encrypted; the hosts named in keys_in_file have their key there."""
+    hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"]
+    for host in hosts:
+        if host["name"] in keys_in_file:
+            host["publicKey"] = KEYS[host["name"]]
+    return ctl.load_mesh(write_mesh(tmp_path, encrypt=True, hosts=hosts))
+
+
+def test_an_encrypted_plan_gives_each_tunnel_its_peers_key_and_remakes_just_a_new_keys_pairs(
+        tmp_path):
+    mesh = encrypted_mesh(tmp_path)
+    plan = ctl.mesh_plan(mesh, {}, keys=KEYS)
+    assert plan["minion-1"]["m-minion-2"] == {
+        "name": "m-minion-2", "tunnelIP": "10.0.0.1/30", "mtu": 1400,
+        "remoteServer": "172.100.1.2", "routes": ["192.168.2.0/24"], "publicKey": key(2)}
+    assert plan["minion-3"]["m-minion-1"]["publicKey"] == key(1)
+
+    # The daemons list what was added (and counters): planned again, nothing changes.
+    current = {host: {name: dict(entry, remotePort=5000, rx_packets=5, latestHandshake=None)
+                      for name, entry in tunnels.items()} for host, tunnels in plan.items()}
+    ports = dict.fromkeys(current, 5000)
+    for again in ctl.host_plans(mesh, current, ports, keys=KEYS).values():
+        assert (again.stale, again.new, again.unchanged) == ([], [], 2)
+
+    # minion-2's key replaced: the other hosts' tunnels to it are remade with the new key,
+    # in the subnet they had; nothing else changes.
+    plans = ctl.host_plans(mesh, current, ports, keys=dict(KEYS, **{"minion-2": key(9)}))
+    for host in ("minion-1", "minion-3"):
+        assert plans[host].stale == ["m-minion-2"]
+        assert plans[host].new == [dict(plan[host]["m-minion-2"], publicKey=key(9))]
+        assert plans[host].unchanged == 1
+    assert (plans["minion-2"].stale, plans["minion-2"].new) == ([], [])
+
+    # A plain mesh's tunnels are not what an encrypted one wants, nor the other way round.
+    plain = ctl.mesh_plan(ctl.load_mesh(write_mesh(tmp_path)), {})
+    for host, entries in plain.items():
+        for name, entry in entries.items():
+            assert not ctl.same_tunnel(plan[host][name], dict(entry, remotePort=5000), 5000)
+            assert not ctl.same_tunnel(entry, dict(plan[host][name], remotePort=5000), 5000)
+
+
+def test_each_hosts_key_is_its_daemons_checked_against_the_files_and_a_host_without_one_is_named(
+        tmp_path):
+    mesh = encrypted_mesh(tmp_path, keys_in_file=["minion-1"])
+    keys, keyless = ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(2), "minion-3": None})
+    assert keys == {"minion-1": key(1), "minion-2": key(2)}
+    assert keyless == {"minion-3": "its daemon has no key (start it with --key-file)"}
+    # A file's key pins the host's: a daemon that gives another is not believed.
+    keys, keyless = ctl.mesh_keys(mesh, {"minion-1": key(7), "minion-2": key(2), "minion-3": key(3)})
+    assert keyless == {"minion-1": "its daemon's publicKey %s is not the file's %s"
+                                   % (key(7), key(1))}
+    assert keys == {"minion-2": key(2), "minion-3": key(3)}
+    # A host that did not answer (not in daemon_keys) is not named here: its pairs are held.
+    assert ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(2)}) == (
+        {"minion-1": key(1), "minion-2": key(2)}, {})
+    # Two daemons with one key (a key file copied): neither is believed.
+    keys, keyless = ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(3), "minion-3": key(3)})
+    assert keyless == {"minion-2": "publicKey %s is also that of minion-3" % key(3),
+                       "minion-3": "publicKey %s is also that of minion-2" % key(3)}
+    assert ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": "c2hvcnQ="})[1] == {
+        "minion-2": "its daemon gives publicKey 'c2hvcnQ=', which is not a key"}
+
+
+def test_applying_an_encrypted_mesh_leaves_the_pairs_of_a_host_without_a_key_alone(tmp_path):
+    mesh = encrypted_mesh(tmp_path)
+    daemons = {
+        "minion-1": StandIn({"m-minion-2": dict(listed("10.0.0.1", "172.100.1.2",
+                                                       ["192.168.2.0/24"]), publicKey=key(2))},
+                            key(1)),
+        "minion-2": StandIn({"m-minion-1": listed("10.0.0.2", "172.100.1.1", ["192.168.1.0/24"])}),
+        "minion-3": StandIn({}, key(3)),
+    }
+    lines = []
+    failed = ctl.apply_to_daemons(mesh, daemons, False, lines.append)
+    assert failed == {"minion-2": "its daemon has no key (start it with --key-file)"}
+    assert "minion-2 (172.100.1.2): FAILED: its daemon has no key (start it with --key-file)" in lines
+    assert daemons["minion-2"].requests == []
+    added = {name: [t for m in d.requests for t in m["tunnel"]] for name, d in daemons.items()}
+    assert [(t["name"], t["publicKey"]) for t in added["minion-1"]] == [("m-minion-3", key(3))]
+    assert [(t["name"], t["publicKey"]) for t in added["minion-3"]] == [("m-minion-1", key(1))]
+    assert "minion-1 (172.100.1.1): 1 added, 0 deleted, 0 unchanged, 1 left as is" \
+           " (no usable key from minion-2)" in lines
+
+    # Taken down, it needs no key.
+    daemons = {"minion-1": StandIn({"m-minion-3": {}}), "minion-2": StandIn({"m-minion-1": {}}),
+               "minion-3": StandIn({"m-minion-1": {}})}
+    assert ctl.apply_to_daemons(mesh, daemons, False, lines.append, down=True) == {}
+    assert all(d.requests for d in daemons.values())
 
 
 @pytest.mark.parametrize("changes, complaint", [
