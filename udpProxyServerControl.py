@@ -34,6 +34,9 @@ DEFAULT_MTU = 1500
 TIMEOUT = 2.0
 # A reply is one UDP datagram.
 MAX_REPLY = 65535
+# --mesh --status: a tunnel end with no handshake (encrypted) or packet received (plain)
+# for longer is down; WireGuard's REJECT_AFTER_TIME, after which no session is valid.
+STATUS_DOWN_AFTER = 180
 # Authenticated requests (--secret-file): HMAC-SHA256 over the kind, time, nonce and
 # payload; the daemon's reply is signed over its kind, our nonce and its payload.
 REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
@@ -79,6 +82,7 @@ examples:
   %(prog)s --mesh mesh.json --dry-run
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
   %(prog)s --mesh mesh.json --down --secret-file /etc/udpProxyServer/secret
+  %(prog)s --mesh mesh.json --status --secret-file /etc/udpProxyServer/secret
 """
 
 
@@ -645,6 +649,17 @@ def held_subnets(mesh, current, held):
     return taken
 
 
+@dataclasses.dataclass
+class Listings:
+    """What the daemons of a mesh gave: for each host that answered, its mesh tunnels
+    (name -> listed tunnel), data port and own public key (None without --key-file); for
+    the others, why not."""
+    tunnels: dict
+    data_ports: dict
+    keys: dict
+    unanswered: dict
+
+
 def mesh_keys(mesh, daemon_keys):
     """For an encrypted mesh, each host's public key: the one its daemon gives (daemon_keys:
     name -> the publicKey of its list reply, for the hosts that answered), which must be
@@ -743,6 +758,47 @@ def down_plans(mesh, current):
     return plans
 
 
+def pair_states(mesh, listings, now):
+    """Each host's end of each pair, as its daemon lists it: host -> peer -> (state, age):
+    "no answer" (its daemon gave no list), "missing", "differs" (not what applying the
+    file would leave), "up" or "down" by the age in whole seconds (None: never) of its
+    latest handshake (encrypted) or packet received (plain). An end towards a host that
+    did not answer or has no key to use is judged by its age alone. And the hosts that
+    gave no list or no key to use: name -> why."""
+    tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
+    failed = dict(listings.unanswered, **keyless)
+    wanted = mesh_plan(mesh, tunnels, failed, keys)
+    states = {}
+    for host in mesh.hosts:
+        row = states[host.name] = {}
+        for peer in mesh.hosts:
+            name = tunnel_name(peer.name)
+            if peer is host:
+                continue
+            if host.name in listings.unanswered:
+                row[peer.name] = ("no answer", None)
+            elif name not in listings.tunnels[host.name]:
+                row[peer.name] = ("missing", None)
+            elif name in wanted[host.name] and not same_tunnel(
+                    wanted[host.name][name], listings.tunnels[host.name][name],
+                    listings.data_ports[host.name]):
+                row[peer.name] = ("differs", None)
+            else:
+                row[peer.name] = liveness(listings.tunnels[host.name][name], now)
+    return states, failed
+
+
+def liveness(listed, now):
+    """A listed tunnel's state, "up" or "down", and the age of what tells it."""
+    stamp = listed.get("latestHandshake") if listed.get("publicKey") else listed.get("last_rx")
+    age = None if stamp is None else max(0, int(now - stamp))
+    return ("up" if age is not None and age <= STATUS_DOWN_AFTER else "down"), age
+
+
+def all_up(states, failed):
+    return not failed and all(state == "up" for row in states.values() for state, _ in row.values())
+
+
 def same_tunnel(entry, listed, data_port):
     """Whether a tunnel a daemon lists is the one the mesh wants: encrypted to the peer's
     key of now (and with no preshared key or keepalive of its own), or plain as wanted."""
@@ -775,13 +831,27 @@ def load_mesh(path):
 def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
     """Bring every daemon of the mesh to the file: each host's tunnels, only the
     difference; or, down, delete the mesh's tunnels on every host."""
-    daemons = {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
-               for host in mesh.hosts}
+    daemons = mesh_daemons(mesh, session, timeout)
     try:
         return apply_to_daemons(mesh, daemons, dry_run, say, down)
     finally:
         for daemon in daemons.values():
             daemon.sock.close()
+
+
+def read_mesh(mesh, session, timeout):
+    """Every daemon's list, as Listings; nothing is changed."""
+    daemons = mesh_daemons(mesh, session, timeout)
+    try:
+        return read_tunnels(mesh, daemons)
+    finally:
+        for daemon in daemons.values():
+            daemon.sock.close()
+
+
+def mesh_daemons(mesh, session, timeout):
+    return {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
+            for host in mesh.hosts}
 
 
 def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
@@ -814,17 +884,6 @@ def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
             say("%s: %d added, %d deleted, %d unchanged%s" % (
                 label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
     return failed
-
-
-@dataclasses.dataclass
-class Listings:
-    """What the daemons of a mesh gave: for each host that answered, its mesh tunnels
-    (name -> listed tunnel), data port and own public key (None without --key-file); for
-    the others, why not."""
-    tunnels: dict
-    data_ports: dict
-    keys: dict
-    unanswered: dict
 
 
 def read_tunnels(mesh, daemons):
@@ -878,6 +937,55 @@ def held_why(peers, keyless):
         ("no answer from ", silent), ("no usable key from ", unkeyed)) if names)
 
 
+def format_status(mesh, states, failed):
+    """The lines of --status: a host x host matrix of the pairs' ends, why hosts failed,
+    and a summary."""
+    labels = ["%s (%s)" % (host.name, host.address) for host in mesh.hosts]
+    cells = [["-" if peer is host else format_state(*states[host.name][peer.name])
+              for peer in mesh.hosts] for host in mesh.hosts]
+    first = max(len(label) for label in labels + ["from \\ to"])
+    widths = [max([len(peer.name)] + [len(row[i]) for row in cells])
+              for i, peer in enumerate(mesh.hosts)]
+    rows = [["from \\ to"] + [peer.name for peer in mesh.hosts]]
+    rows += [[label] + row for label, row in zip(labels, cells)]
+    lines = ["each host's tunnel (row) to each other host (column), as its daemon lists it:"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, [first] + widths)).rstrip()
+              for row in rows]
+    for host, label in zip(mesh.hosts, labels):
+        if host.name in failed:
+            silent = all(state == "no answer" for state, _ in states[host.name].values())
+            lines.append("%s: %s: %s" % (label, "no answer" if silent else "no usable key",
+                                         failed[host.name]))
+    ends = [state for row in states.values() for state, _ in row.values()]
+    up = ends.count("up")
+    lines.append("mesh: all %d tunnel ends up" % len(ends) if all_up(states, failed)
+                 else "mesh: %d of %d tunnel ends up" % (up, len(ends)))
+    return lines
+
+
+def format_state(state, age):
+    if age is None or state not in ("up", "down"):
+        return state
+    return "%s %s" % (state, format_span(age))
+
+
+def format_span(seconds):
+    """An age in a few characters: seconds, minutes, hours or days."""
+    for unit, size, below in (("s", 1, 120), ("m", 60, 7200), ("h", 3600, 172800)):
+        if seconds < below:
+            return "%d%s" % (seconds // size, unit)
+    return "%dd" % (seconds // 86400)
+
+
+def status_json(mesh, states, failed):
+    """--status --json: the same as data."""
+    return {"ok": all_up(states, failed), "hosts": [host.name for host in mesh.hosts],
+            "pairs": {host: {peer: {"state": state, "age": age}
+                             for peer, (state, age) in row.items()}
+                      for host, row in states.items()},
+            "failed": failed}
+
+
 def change_host(daemon, stale, new):
     """Delete, then add, in messages of a bounded size; the first error, or None."""
     messages = []
@@ -901,6 +1009,8 @@ def main_mesh(args, session):
     except MeshError as e:
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_USAGE
+    if args.status:
+        return main_status(args, session, mesh)
     pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
     print("mesh %s: %d hosts, %d tunnels%s%s" % (
         args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
@@ -916,6 +1026,22 @@ def main_mesh(args, session):
         return EXIT_REFUSED
     print("mesh: all %d hosts %s" % (len(mesh.hosts), "planned" if args.dry_run else "done"))
     return EXIT_OK
+
+
+def main_status(args, session, mesh):
+    listings = read_mesh(mesh, session, args.timeout or TIMEOUT)
+    try:
+        states, failed = pair_states(mesh, listings, time.time())
+    except MeshError as e:  # the hosts' tunnels leave no plan to hold them against
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(status_json(mesh, states, failed)))
+    else:
+        pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
+        print("mesh %s: %d hosts, %d tunnels" % (args.mesh, len(mesh.hosts), pairs))
+        print("\n".join(format_status(mesh, states, failed)))
+    return EXIT_OK if all_up(states, failed) else EXIT_REFUSED
 
 
 # --- main ---------------------------------------------------------------------
@@ -976,6 +1102,10 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true",
                         help="with --mesh: ask the daemons for their tunnels and print what"
                              " would change, changing nothing")
+    parser.add_argument("--status", action="store_true",
+                        help="with --mesh: print the state of every host's tunnel to every"
+                             " other (up, down, missing, differs, no answer), changing nothing;"
+                             " exit 0 when all are up")
     parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
                         help="seconds to wait for the reply; 0 sends without waiting"
                              " (default %(default)s)")
@@ -986,11 +1116,13 @@ def parse_args(argv):
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.mesh:
+        for flag in ("down", "dry_run"):
+            if args.status and getattr(args, flag):
+                parser.error("--status changes nothing: not with --%s" % flag.replace("_", "-"))
         return args
-    if args.dry_run:
-        parser.error("--dry-run goes with --mesh")
-    if args.down:
-        parser.error("--down goes with --mesh")
+    for flag in ("dry_run", "down", "status"):
+        if getattr(args, flag):
+            parser.error("--%s goes with --mesh" % flag.replace("_", "-"))
 
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))

@@ -49,6 +49,9 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "move"), "invalid choice: 'move'"),
     (("h", "-o", "list", "-p", "70000"), "70000"),
     (("h", "-o", "list", "--down"), "--down goes with --mesh"),
+    (("h", "-o", "list", "--status"), "--status goes with --mesh"),
+    (("--mesh", "m.json", "--status", "--down"), "--status changes nothing: not with --down"),
+    (("--mesh", "m.json", "--status", "--dry-run"), "--status changes nothing: not with --dry-run"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -407,6 +410,68 @@ def test_applying_an_encrypted_mesh_leaves_the_pairs_of_a_host_without_a_key_alo
                "minion-3": StandIn({"m-minion-1": {}})}
     assert ctl.apply_to_daemons(mesh, daemons, False, lines.append, down=True) == {}
     assert all(d.requests for d in daemons.values())
+
+
+NOW = 1_800_000_000
+
+
+def test_status_gives_each_hosts_end_of_each_pair_as_its_daemon_lists_it(tmp_path):
+    mesh = encrypted_mesh(tmp_path)
+    plan = ctl.mesh_plan(mesh, {}, keys=KEYS)
+
+    def end(host, peer, **listed):
+        entry = plan[host]["m-" + peer]
+        return dict(dict(entry, remotePort=5000, rx_packets=0, last_rx=None,
+                         latestHandshake=None), **listed)
+    listings = ctl.Listings(
+        tunnels={"minion-1": {"m-minion-2": end("minion-1", "minion-2", latestHandshake=NOW - 5),
+                              "m-minion-3": end("minion-1", "minion-3", last_rx=NOW - 1,
+                                                latestHandshake=NOW - 181)},
+                 "minion-3": {"m-minion-1": end("minion-3", "minion-1", publicKey=key(7),
+                                                latestHandshake=NOW - 1)}},
+        data_ports={"minion-1": 5000, "minion-3": 5000},
+        keys={"minion-1": key(1), "minion-3": key(3)},
+        unanswered={"minion-2": "no reply within 2 s"})
+    states, failed = ctl.pair_states(mesh, listings, NOW)
+    assert states == {
+        # Its end towards the silent minion-2 goes by its handshake alone.
+        "minion-1": {"minion-2": ("up", 5), "minion-3": ("down", 181)},
+        "minion-2": {"minion-1": ("no answer", None), "minion-3": ("no answer", None)},
+        "minion-3": {"minion-1": ("differs", None), "minion-2": ("missing", None)},
+    }
+    assert failed == {"minion-2": "no reply within 2 s"}
+
+    lines = ctl.format_status(mesh, states, failed)
+    assert lines[1].split() == ["from", "\\", "to", "minion-1", "minion-2", "minion-3"]
+    assert lines[2].split() == ["minion-1", "(172.100.1.1)", "-", "up", "5s", "down", "3m"]
+    assert lines[3].split() == ["minion-2", "(172.100.1.2)", "no", "answer", "-", "no", "answer"]
+    assert lines[4].split() == ["minion-3", "(172.100.2.3)", "differs", "missing", "-"]
+    assert "minion-2 (172.100.1.2): no answer: no reply within 2 s" in lines
+    assert lines[-1] == "mesh: 1 of 6 tunnel ends up"
+    assert not ctl.all_up(states, failed)
+    assert ctl.status_json(mesh, states, failed) == {
+        "ok": False, "hosts": ["minion-1", "minion-2", "minion-3"],
+        "pairs": {host: {peer: {"state": state, "age": age} for peer, (state, age) in row.items()}
+                  for host, row in states.items()},
+        "failed": failed}
+
+
+def test_status_of_a_plain_mesh_goes_by_the_last_packet_received(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    plan = ctl.mesh_plan(mesh, {})
+    ages = {"minion-1": 0, "minion-2": 179, "minion-3": 180}
+    listings = ctl.Listings(
+        tunnels={host: {name: dict(entry, remotePort=5000, last_rx=NOW - ages[host])
+                        for name, entry in tunnels.items()} for host, tunnels in plan.items()},
+        data_ports=dict.fromkeys(plan, 5000), keys=dict.fromkeys(plan), unanswered={})
+    states, failed = ctl.pair_states(mesh, listings, NOW + 0.4)
+    assert states["minion-3"] == {"minion-1": ("up", 180), "minion-2": ("up", 180)}
+    assert failed == {} and ctl.all_up(states, failed)
+    assert ctl.format_status(mesh, states, failed)[-1] == "mesh: all 6 tunnel ends up"
+    listings.tunnels["minion-2"]["m-minion-1"]["last_rx"] = None
+    states, _ = ctl.pair_states(mesh, listings, NOW)
+    assert states["minion-2"]["minion-1"] == ("down", None)
+    assert not ctl.all_up(states, {})
 
 
 @pytest.mark.parametrize("changes, complaint", [
