@@ -59,8 +59,8 @@ MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt", "ho
 MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey")
 MESH_TUNNEL_PREFIX = "m-"
 MESH_BATCH = 50
-# An encrypted mesh's default MTU, as wg-quick's: a 1500-byte underlay less WireGuard's
-# overhead, 60 bytes over IPv4 (IP 20, UDP 8, its header 16, the tag 16), 80 over IPv6.
+# An encrypted mesh's default MTU, as wg-quick sets it over a 1500-byte underlay: room for
+# WireGuard's overhead, 60 bytes over IPv4 (IP 20, UDP 8, its header 16, tag 16), 80 over IPv6.
 ENCRYPTED_MESH_MTU = 1420
 # A Curve25519 public key is 32 bytes; files and daemons give it in base64, as wg pubkey.
 KEY_BYTES = 32
