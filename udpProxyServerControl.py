@@ -440,7 +440,7 @@ class MeshHost:
     name: str
     address: object  # ipaddress.IPv4Address or IPv6Address
     lans: list  # ipaddress networks reached through this host
-    public_key: str = None  # its daemon's, in base64 as wg pubkey writes it; None: ask it
+    public_key: str = None  # its daemon's, in base64 as wg pubkey writes it; None: as it says
 
 
 @dataclasses.dataclass
@@ -515,11 +515,12 @@ def mesh_host(entry, index):
     if not isinstance(lans, list):
         raise MeshError("%s: lan must be a list of networks" % where)
     lans = [mesh_network(lan, "%s: lan[%d]" % (where, i)) for i, lan in enumerate(lans)]
-    key = entry.get("publicKey")
-    if key is not None and public_key(key) is None:
+    given = entry.get("publicKey")
+    key = None if given is None else public_key(given)
+    if given is not None and key is None:
         raise MeshError("%s: publicKey %r is not a key: %d bytes in base64, as wg pubkey writes"
-                        % (where, key, KEY_BYTES))
-    return MeshHost(name, address, lans, None if key is None else public_key(key))
+                        % (where, given, KEY_BYTES))
+    return MeshHost(name, address, lans, key)
 
 
 def public_key(text):
@@ -729,12 +730,14 @@ class HostPlan:
     stale: list  # names of the tunnels to delete
     new: list  # control entries of the tunnels to add
     unchanged: int  # how many of the tunnels it should have it has already
-    held: dict  # its tunnels to hosts that did not answer, left as they are: name -> peer
+    held: dict  # its tunnels to hosts that did not answer (or have no usable key), left as
+    # they are: name -> peer
 
 
 def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None):
     """For each host in current (those that answered), only the difference between its
-    tunnels and the file's; its tunnels to hosts in unanswered are neither deleted nor added."""
+    tunnels and the file's (with keys, an encrypted mesh's); its tunnels to hosts in
+    unanswered are neither deleted nor added."""
     wanted = mesh_plan(mesh, current, unanswered, keys)
     held = held_tunnels(mesh, current, unanswered)
     plans = {}
@@ -772,9 +775,9 @@ def pair_states(mesh, listings, now):
     for host in mesh.hosts:
         row = states[host.name] = {}
         for peer in mesh.hosts:
-            name = tunnel_name(peer.name)
             if peer is host:
                 continue
+            name = tunnel_name(peer.name)
             if host.name in listings.unanswered:
                 row[peer.name] = ("no answer", None)
             elif name not in listings.tunnels[host.name]:

@@ -370,7 +370,7 @@ def test_each_hosts_key_is_its_daemons_checked_against_the_files_and_a_host_with
     assert keys == {"minion-1": key(1), "minion-2": key(2)}
     assert keyless == {"minion-3": "its daemon has no key (start it with --key-file)"}
     # A file's key pins the host's: a daemon that gives another is not believed.
-    keys, keyless = ctl.mesh_keys(mesh, {"minion-1": key(7), "minion-2": key(2), "minion-3": key(3)})
+    keys, keyless = ctl.mesh_keys(mesh, dict(KEYS, **{"minion-1": key(7)}))
     assert keyless == {"minion-1": "its daemon's publicKey %s is not the file's %s"
                                    % (key(7), key(1))}
     assert keys == {"minion-2": key(2), "minion-3": key(3)}
@@ -378,7 +378,7 @@ def test_each_hosts_key_is_its_daemons_checked_against_the_files_and_a_host_with
     assert ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(2)}) == (
         {"minion-1": key(1), "minion-2": key(2)}, {})
     # Two daemons with one key (a key file copied): neither is believed.
-    keys, keyless = ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(3), "minion-3": key(3)})
+    keys, keyless = ctl.mesh_keys(mesh, dict(KEYS, **{"minion-2": key(3)}))
     assert keyless == {"minion-2": "publicKey %s is also that of minion-3" % key(3),
                        "minion-3": "publicKey %s is also that of minion-2" % key(3)}
     assert ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": "c2hvcnQ="})[1] == {
@@ -397,7 +397,8 @@ def test_applying_an_encrypted_mesh_leaves_the_pairs_of_a_host_without_a_key_alo
     lines = []
     failed = ctl.apply_to_daemons(mesh, daemons, False, lines.append)
     assert failed == {"minion-2": "its daemon has no key (start it with --key-file)"}
-    assert "minion-2 (172.100.1.2): FAILED: its daemon has no key (start it with --key-file)" in lines
+    assert "minion-2 (172.100.1.2): FAILED: its daemon has no key" \
+           " (start it with --key-file)" in lines
     assert daemons["minion-2"].requests == []
     added = {name: [t for m in d.requests for t in m["tunnel"]] for name, d in daemons.items()}
     assert [(t["name"], t["publicKey"]) for t in added["minion-1"]] == [("m-minion-3", key(3))]

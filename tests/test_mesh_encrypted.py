@@ -87,7 +87,8 @@ def test_a_manager_builds_an_encrypted_mesh_and_a_new_key_remakes_just_its_pairs
         assert line(host, "1 added, 1 deleted, 1 unchanged") in rekeyed
         assert host.tunnels()["m-minion-2"]["publicKey"] == keys["minion-2"]
     after = one.tunnels()["m-minion-3"]
-    assert after["tunnelIP"] == before["tunnelIP"] and after["tx_packets"] >= before["tx_packets"] > 0
+    assert after["tunnelIP"] == before["tunnelIP"]
+    assert after["tx_packets"] >= before["tx_packets"] > 0
     assert every_lan_reaches_every_other(hosts)
     assert line(one, "0 added, 0 deleted, 2 unchanged") in manager.control("--mesh", path).stdout
 
@@ -110,10 +111,11 @@ def status(manager, path, *extra):
 
 
 def test_status_shows_each_end_missing_down_up_and_a_stopped_host(keyed):
-    hosts, manager, path, keys = keyed
+    hosts, manager, path, _ = keyed
     code, rows, _ = status(manager, path)
     assert code == 1
-    assert rows == {"minion-1": ["-", "missing", "missing"], "minion-2": ["missing", "-", "missing"],
+    assert rows == {"minion-1": ["-", "missing", "missing"],
+                    "minion-2": ["missing", "-", "missing"],
                     "minion-3": ["missing", "missing", "-"]}
     assert all(host.tunnels() == {} for host in hosts)  # it changes nothing
 
