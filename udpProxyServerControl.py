@@ -11,6 +11,8 @@ Exit status: 0 when everything was done, 1 when the daemon refused something,
 """
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import datetime
 import hashlib
@@ -32,6 +34,9 @@ DEFAULT_MTU = 1500
 TIMEOUT = 2.0
 # A reply is one UDP datagram.
 MAX_REPLY = 65535
+# --mesh --status: a tunnel end with no handshake (encrypted) or packet received (plain)
+# for longer is down; WireGuard's REJECT_AFTER_TIME, after which no session is valid.
+STATUS_DOWN_AFTER = 180
 # Authenticated requests (--secret-file): HMAC-SHA256 over the kind, time, nonce and
 # payload; the daemon's reply is signed over its kind, our nonce and its payload.
 REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
@@ -50,9 +55,15 @@ LIST_ATTEMPTS = 5
 
 # The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
 # they are deleted when the file no longer wants them); adds go this many a message.
-MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "hosts")
+MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt", "hosts")
+MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey")
 MESH_TUNNEL_PREFIX = "m-"
 MESH_BATCH = 50
+# An encrypted mesh's default MTU, as wg-quick sets it over a 1500-byte underlay: room for
+# WireGuard's overhead, 60 bytes over IPv4 (IP 20, UDP 8, its header 16, tag 16), 80 over IPv6.
+ENCRYPTED_MESH_MTU = 1420
+# A Curve25519 public key is 32 bytes; files and daemons give it in base64, as wg pubkey.
+KEY_BYTES = 32
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -71,6 +82,7 @@ examples:
   %(prog)s --mesh mesh.json --dry-run
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
   %(prog)s --mesh mesh.json --down --secret-file /etc/udpProxyServer/secret
+  %(prog)s --mesh mesh.json --status --secret-file /etc/udpProxyServer/secret
 """
 
 
@@ -437,6 +449,7 @@ class MeshHost:
     name: str
     address: object  # ipaddress.IPv4Address or IPv6Address
     lans: list  # ipaddress networks reached through this host
+    public_key: str = None  # its daemon's, in base64 as wg pubkey writes it; None: as it says
 
 
 @dataclasses.dataclass
@@ -446,6 +459,7 @@ class Mesh:
     prefix: int  # each tunnel's subnet: /30 (or /31) for IPv4, /127 (or /126) for IPv6
     mtu: int
     control_port: int
+    encrypt: bool = False  # every pair an encrypted (WireGuard) tunnel
 
 
 def parse_mesh(data):
@@ -460,9 +474,13 @@ def parse_mesh(data):
     if prefix not in ((30, 31) if tunnel_net.version == 4 else (126, 127)):
         raise MeshError("tunnelPrefix %r: must be 30 or 31 for IPv4, 126 or 127 for IPv6"
                         % (prefix,))
+    encrypt = data.get("encrypt", False)
+    if not isinstance(encrypt, bool):
+        raise MeshError("encrypt %r: must be true or false" % (encrypt,))
     hosts = [mesh_host(entry, index) for index, entry in enumerate(data.get("hosts") or [])]
     if len(hosts) < 2:
         raise MeshError("a mesh needs at least two hosts in 'hosts'")
+    check_keys(hosts, encrypt)
     check_unique(hosts)
     check_lans(hosts, tunnel_net)
     pairs = len(hosts) * (len(hosts) - 1) // 2
@@ -470,12 +488,13 @@ def parse_mesh(data):
     if subnets < pairs:
         raise MeshError("tunnelNet %s holds %d /%d subnets; %d hosts need %d (one for each pair)"
                         % (tunnel_net, subnets, prefix, len(hosts), pairs))
-    mtu, port = data.get("mtu", DEFAULT_MTU), data.get("controlPort", CONTROL_PORT)
+    mtu = data.get("mtu", ENCRYPTED_MESH_MTU if encrypt else DEFAULT_MTU)
+    port = data.get("controlPort", CONTROL_PORT)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65503:
         raise MeshError("mtu %r: must be a whole number from 68 to 65503" % (mtu,))
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise MeshError("controlPort %r: must be a whole number from 1 to 65535" % (port,))
-    return Mesh(hosts, tunnel_net, prefix, mtu, port)
+    return Mesh(hosts, tunnel_net, prefix, mtu, port, encrypt)
 
 
 def mesh_network(value, where):
@@ -489,9 +508,10 @@ def mesh_host(entry, index):
     where = "hosts[%d]" % index
     if not isinstance(entry, dict):
         raise MeshError("%s: must be an object with name, address and lan" % where)
-    unknown = sorted(set(entry) - {"name", "address", "lan"})
+    unknown = sorted(set(entry) - set(MESH_HOST_FIELDS))
     if unknown:
-        raise MeshError("%s: unknown field %r (expected name, address, lan)" % (where, unknown[0]))
+        raise MeshError("%s: unknown field %r (expected %s)"
+                        % (where, unknown[0], ", ".join(MESH_HOST_FIELDS)))
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise MeshError("%s: name %r must be a non-empty string" % (where, name))
@@ -504,17 +524,41 @@ def mesh_host(entry, index):
     if not isinstance(lans, list):
         raise MeshError("%s: lan must be a list of networks" % where)
     lans = [mesh_network(lan, "%s: lan[%d]" % (where, i)) for i, lan in enumerate(lans)]
-    return MeshHost(name, address, lans)
+    given = entry.get("publicKey")
+    key = None if given is None else public_key(given)
+    if given is not None and key is None:
+        raise MeshError("%s: publicKey %r is not a key: %d bytes in base64, as wg pubkey writes"
+                        % (where, given, KEY_BYTES))
+    return MeshHost(name, address, lans, key)
+
+
+def public_key(text):
+    """text as a public key in the one base64 form daemons list keys in; None if it is not one."""
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (TypeError, binascii.Error, ValueError):
+        return None
+    return base64.b64encode(key).decode() if len(key) == KEY_BYTES else None
+
+
+def check_keys(hosts, encrypt):
+    # Keys in a plain mesh would be ignored: refused, so that no one takes it for encrypted.
+    for index, host in enumerate(hosts):
+        if host.public_key and not encrypt:
+            raise MeshError("hosts[%d] (%s): publicKey given, but the mesh is not encrypted"
+                            " (add \"encrypt\": true)" % (index, host.name))
 
 
 def check_unique(hosts):
-    for kind in ("name", "address"):
+    for kind, field in (("name", "name"), ("address", "address"), ("public_key", "publicKey")):
         seen = {}
         for index, host in enumerate(hosts):
             value = getattr(host, kind)
+            if value is None:
+                continue
             if value in seen:
                 raise MeshError("hosts[%d] (%s): %s %s is also that of hosts[%d]"
-                                % (index, host.name, kind, value, seen[value]))
+                                % (index, host.name, field, value, seen[value]))
             seen[value] = index
     names = {}
     for index, host in enumerate(hosts):
@@ -615,9 +659,63 @@ def held_subnets(mesh, current, held):
     return taken
 
 
-def mesh_plan(mesh, current, unanswered=frozenset()):
+@dataclasses.dataclass
+class Listings:
+    """What the daemons of a mesh gave: for each host that answered, its mesh tunnels
+    (name -> listed tunnel), data port and own public key (None without --key-file); for
+    the others, why not."""
+    tunnels: dict
+    data_ports: dict
+    keys: dict
+    unanswered: dict
+
+
+def mesh_keys(mesh, daemon_keys):
+    """For an encrypted mesh, each host's public key: the one its daemon gives (daemon_keys:
+    name -> the publicKey of its list reply, for the hosts that answered), which must be
+    the file's when the file has one; the file's for a host that did not answer. And the
+    hosts that answered with no key to use: name -> why."""
+    keys, keyless = {}, {}
+    for host in mesh.hosts:
+        if host.name not in daemon_keys:
+            if host.public_key:
+                keys[host.name] = host.public_key
+            continue
+        given = daemon_keys[host.name]
+        key = None if given is None else public_key(given)
+        if given is None:
+            keyless[host.name] = "its daemon has no key (start it with --key-file)"
+        elif key is None:
+            keyless[host.name] = "its daemon gives publicKey %r, which is not a key" % (given,)
+        elif host.public_key and key != host.public_key:
+            keyless[host.name] = ("its daemon's publicKey %s is not the file's %s"
+                                  % (key, host.public_key))
+        else:
+            keys[host.name] = key
+    # One key on two hosts (a key file copied): which is which cannot be told.
+    holders = {}
+    for name, key in keys.items():
+        holders.setdefault(key, []).append(name)
+    for key, names in holders.items():
+        for name in names if len(names) > 1 else ():
+            del keys[name]
+            keyless[name] = "publicKey %s is also that of %s" % (
+                key, ", ".join(other for other in names if other != name))
+    return keys, keyless
+
+
+def plannable(mesh, tunnels, daemon_keys):
+    """What a plan may take from the daemons' lists: the mesh tunnels of the hosts that
+    answered and have a key to use (all, in a plain mesh), the hosts' keys, and the hosts
+    whose key cannot be used, name -> why: their pairs are held as a silent host's."""
+    keys, keyless = mesh_keys(mesh, daemon_keys) if mesh.encrypt else ({}, {})
+    return {name: have for name, have in tunnels.items() if name not in keyless}, keys, keyless
+
+
+def mesh_plan(mesh, current, unanswered=frozenset(), keys=None):
     """For each host, the tunnels it should have: name -> control entry; none between a
-    host in unanswered and another (see held_tunnels)."""
+    host in unanswered and another (see held_tunnels). An encrypted mesh's entries carry
+    the peer's key from keys (name -> public key)."""
     wanted = {host.name: {} for host in mesh.hosts}
     for (a_name, b_name), (net, a_ip, b_ip) in pair_subnets(mesh, current, unanswered).items():
         a = next(h for h in mesh.hosts if h.name == a_name)
@@ -630,6 +728,8 @@ def mesh_plan(mesh, current, unanswered=frozenset()):
                 "remoteServer": str(there.address),
                 "routes": sorted(str(lan) for lan in there.lans),
             }
+            if mesh.encrypt:
+                wanted[here.name][tunnel_name(there.name)]["publicKey"] = keys[there.name]
     return wanted
 
 
@@ -639,13 +739,15 @@ class HostPlan:
     stale: list  # names of the tunnels to delete
     new: list  # control entries of the tunnels to add
     unchanged: int  # how many of the tunnels it should have it has already
-    held: dict  # its tunnels to hosts that did not answer, left as they are: name -> peer
+    held: dict  # its tunnels to hosts that did not answer (or have no usable key), left as
+    # they are: name -> peer
 
 
-def host_plans(mesh, current, data_ports, unanswered=frozenset()):
+def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None):
     """For each host in current (those that answered), only the difference between its
-    tunnels and the file's; its tunnels to hosts in unanswered are neither deleted nor added."""
-    wanted = mesh_plan(mesh, current, unanswered)
+    tunnels and the file's (with keys, an encrypted mesh's); its tunnels to hosts in
+    unanswered are neither deleted nor added."""
+    wanted = mesh_plan(mesh, current, unanswered, keys)
     held = held_tunnels(mesh, current, unanswered)
     plans = {}
     for name, have in current.items():
@@ -668,13 +770,59 @@ def down_plans(mesh, current):
     return plans
 
 
+def pair_states(mesh, listings, now):
+    """Each host's end of each pair, as its daemon lists it: host -> peer -> (state, age):
+    "no answer" (its daemon gave no list), "missing", "differs" (not what applying the
+    file would leave), "up" or "down" by the age in whole seconds (None: never) of its
+    latest handshake (encrypted) or packet received (plain). An end towards a host that
+    did not answer or has no key to use is judged by its age alone. And the hosts that
+    gave no list or no key to use: name -> why."""
+    tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
+    failed = dict(listings.unanswered, **keyless)
+    wanted = mesh_plan(mesh, tunnels, failed, keys)
+    states = {}
+    for host in mesh.hosts:
+        row = states[host.name] = {}
+        for peer in mesh.hosts:
+            if peer is host:
+                continue
+            name = tunnel_name(peer.name)
+            if host.name in listings.unanswered:
+                row[peer.name] = ("no answer", None)
+            elif name not in listings.tunnels[host.name]:
+                row[peer.name] = ("missing", None)
+            elif name in wanted[host.name] and not same_tunnel(
+                    wanted[host.name][name], listings.tunnels[host.name][name],
+                    listings.data_ports[host.name]):
+                row[peer.name] = ("differs", None)
+            else:
+                row[peer.name] = liveness(listings.tunnels[host.name][name], now)
+    return states, failed
+
+
+def liveness(listed, now):
+    """A listed tunnel's state, "up" or "down", and the age of what tells it."""
+    stamp = listed.get("latestHandshake") if listed.get("publicKey") else listed.get("last_rx")
+    age = None if stamp is None else max(0, int(now - stamp))
+    return ("up" if age is not None and age <= STATUS_DOWN_AFTER else "down"), age
+
+
+def all_up(states, failed):
+    return not failed and all(state == "up" for row in states.values() for state, _ in row.values())
+
+
 def same_tunnel(entry, listed, data_port):
-    """Whether a tunnel a daemon lists is the one the mesh wants."""
+    """Whether a tunnel a daemon lists is the one the mesh wants: encrypted to the peer's
+    key of now (and with no preshared key or keepalive of its own), or plain as wanted."""
     return (listed_interface(listed) == ipaddress.ip_interface(entry["tunnelIP"])
             and listed["mtu"] == entry["mtu"]
+            and listed.get("remoteServer") is not None
             and ipaddress.ip_address(listed["remoteServer"]) == ipaddress.ip_address(entry["remoteServer"])
             and listed.get("remotePort", data_port) == data_port
-            and sorted(listed.get("routes", [])) == entry["routes"])
+            and sorted(listed.get("routes", [])) == entry["routes"]
+            and listed.get("publicKey") == entry.get("publicKey")
+            and listed.get("presharedKey") is None
+            and listed.get("persistentKeepalive") is None)
 
 
 # --- Applying the mesh: reading the file and the daemons, changing them, saying so ---
@@ -695,8 +843,7 @@ def load_mesh(path):
 def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
     """Bring every daemon of the mesh to the file: each host's tunnels, only the
     difference; or, down, delete the mesh's tunnels on every host."""
-    daemons = {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
-               for host in mesh.hosts}
+    daemons = mesh_daemons(mesh, session, timeout)
     try:
         return apply_to_daemons(mesh, daemons, dry_run, say, down)
     finally:
@@ -704,73 +851,151 @@ def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
             daemon.sock.close()
 
 
+def read_mesh(mesh, session, timeout):
+    """Every daemon's list, as Listings; nothing is changed."""
+    daemons = mesh_daemons(mesh, session, timeout)
+    try:
+        return read_tunnels(mesh, daemons)
+    finally:
+        for daemon in daemons.values():
+            daemon.sock.close()
+
+
+def mesh_daemons(mesh, session, timeout):
+    return {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
+            for host in mesh.hosts}
+
+
 def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
     """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
-    current, data_ports, unanswered = read_tunnels(mesh, daemons)
+    listings = read_tunnels(mesh, daemons)
     if down:
-        plans = down_plans(mesh, current)
+        keyless = {}
+        plans = down_plans(mesh, listings.tunnels)
     else:
-        plans = host_plans(mesh, current, data_ports, unanswered)
+        tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
+        plans = host_plans(mesh, tunnels, listings.data_ports,
+                           dict(listings.unanswered, **keyless), keys)
     failed = {}
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
-        if host.name in unanswered:
-            failed[host.name] = unanswered[host.name]
-            say("%s: FAILED: %s" % (label, unanswered[host.name]))
+        why = listings.unanswered.get(host.name) or keyless.get(host.name)
+        if why:
+            failed[host.name] = why
+            say("%s: FAILED: %s" % (label, why))
             continue
         plan = plans[host.name]
         if dry_run:
-            say_plan(label, plan, say)
+            say_plan(label, plan, say, keyless)
             continue
         error = change_host(daemons[host.name], plan.stale, plan.new)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
-            say("%s: %d added, %d deleted, %d unchanged%s"
-                % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
+            say("%s: %d added, %d deleted, %d unchanged%s" % (
+                label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
     return failed
 
 
 def read_tunnels(mesh, daemons):
-    """Every host's mesh tunnels (name -> listed tunnel) and data port; and the hosts that
-    gave no list: name -> why."""
-    current, data_ports, unanswered = {}, {}, {}
+    """Every host's list, as Listings."""
+    listings = Listings({}, {}, {}, {})
     for host in mesh.hosts:
         try:
             reply = daemons[host.name].fetch_list()
         except NoReply as e:
-            unanswered[host.name] = str(e)
+            listings.unanswered[host.name] = str(e)
             continue
         if not reply.get("ok"):
-            unanswered[host.name] = reply.get("error", "refused")
+            listings.unanswered[host.name] = reply.get("error", "refused")
             continue
-        current[host.name] = {t["name"]: t for t in reply["tunnels"]
-                              if t["name"].startswith(MESH_TUNNEL_PREFIX)}
-        data_ports[host.name] = reply.get("dataPort", DATA_PORT)
-    return current, data_ports, unanswered
+        listings.tunnels[host.name] = {t["name"]: t for t in reply["tunnels"]
+                                       if t["name"].startswith(MESH_TUNNEL_PREFIX)}
+        listings.data_ports[host.name] = reply.get("dataPort", DATA_PORT)
+        listings.keys[host.name] = reply.get("publicKey")
+    return listings
 
 
-def say_plan(label, plan, say):
+def say_plan(label, plan, say, keyless=()):
     """A dry run's lines for one host: what would change."""
     for name in plan.stale:
         say("%s: would delete %s" % (label, name))
     for entry in plan.new:
-        say("%s: would add %s %s -> %s, routes %s" % (
+        say("%s: would add %s %s -> %s, routes %s%s" % (
             label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
-            ", ".join(entry["routes"]) or "none"))
+            ", ".join(entry["routes"]) or "none",
+            ", publicKey %s" % entry["publicKey"] if "publicKey" in entry else ""))
     for name, peer in sorted(plan.held.items()):
-        say("%s: would leave %s as is (no answer from %s)" % (label, name, peer))
-    say("%s: %d to add, %d to delete, %d unchanged%s"
-        % (label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan)))
+        say("%s: would leave %s as is (%s)" % (label, name, held_why([peer], keyless)))
+    say("%s: %d to add, %d to delete, %d unchanged%s" % (
+        label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
 
 
-def held_note(plan):
-    """What a host's line adds about the tunnels it keeps for hosts that did not answer."""
+def held_note(plan, keyless=()):
+    """What a host's line adds about the tunnels it keeps for hosts that did not answer
+    or have no key to use (keyless)."""
     if not plan.held:
         return ""
-    return ", %d left as is (no answer from %s)" % (
-        len(plan.held), ", ".join(sorted(set(plan.held.values()))))
+    return ", %d left as is (%s)" % (len(plan.held), held_why(plan.held.values(), keyless))
+
+
+def held_why(peers, keyless):
+    """Why the tunnels to peers are left as they are, in a few words."""
+    peers = sorted(set(peers))
+    silent = [peer for peer in peers if peer not in keyless]
+    unkeyed = [peer for peer in peers if peer in keyless]
+    return "; ".join(what + ", ".join(names) for what, names in (
+        ("no answer from ", silent), ("no usable key from ", unkeyed)) if names)
+
+
+def format_status(mesh, states, failed):
+    """The lines of --status: a host x host matrix of the pairs' ends, why hosts failed,
+    and a summary."""
+    labels = ["%s (%s)" % (host.name, host.address) for host in mesh.hosts]
+    cells = [["-" if peer is host else format_state(*states[host.name][peer.name])
+              for peer in mesh.hosts] for host in mesh.hosts]
+    first = max(len(label) for label in labels + ["from \\ to"])
+    widths = [max([len(peer.name)] + [len(row[i]) for row in cells])
+              for i, peer in enumerate(mesh.hosts)]
+    rows = [["from \\ to"] + [peer.name for peer in mesh.hosts]]
+    rows += [[label] + row for label, row in zip(labels, cells)]
+    lines = ["each host's tunnel (row) to each other host (column), as its daemon lists it:"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, [first] + widths)).rstrip()
+              for row in rows]
+    for host, label in zip(mesh.hosts, labels):
+        if host.name in failed:
+            silent = all(state == "no answer" for state, _ in states[host.name].values())
+            lines.append("%s: %s: %s" % (label, "no answer" if silent else "no usable key",
+                                         failed[host.name]))
+    ends = [state for row in states.values() for state, _ in row.values()]
+    up = ends.count("up")
+    lines.append("mesh: all %d tunnel ends up" % len(ends) if all_up(states, failed)
+                 else "mesh: %d of %d tunnel ends up" % (up, len(ends)))
+    return lines
+
+
+def format_state(state, age):
+    if age is None or state not in ("up", "down"):
+        return state
+    return "%s %s" % (state, format_span(age))
+
+
+def format_span(seconds):
+    """An age in a few characters: seconds, minutes, hours or days."""
+    for unit, size, below in (("s", 1, 120), ("m", 60, 7200), ("h", 3600, 172800)):
+        if seconds < below:
+            return "%d%s" % (seconds // size, unit)
+    return "%dd" % (seconds // 86400)
+
+
+def status_json(mesh, states, failed):
+    """--status --json: the same as data."""
+    return {"ok": all_up(states, failed), "hosts": [host.name for host in mesh.hosts],
+            "pairs": {host: {peer: {"state": state, "age": age}
+                             for peer, (state, age) in row.items()}
+                      for host, row in states.items()},
+            "failed": failed}
 
 
 def change_host(daemon, stale, new):
@@ -796,6 +1021,8 @@ def main_mesh(args, session):
     except MeshError as e:
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_USAGE
+    if args.status:
+        return main_status(args, session, mesh)
     pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
     print("mesh %s: %d hosts, %d tunnels%s%s" % (
         args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
@@ -811,6 +1038,22 @@ def main_mesh(args, session):
         return EXIT_REFUSED
     print("mesh: all %d hosts %s" % (len(mesh.hosts), "planned" if args.dry_run else "done"))
     return EXIT_OK
+
+
+def main_status(args, session, mesh):
+    listings = read_mesh(mesh, session, args.timeout or TIMEOUT)
+    try:
+        states, failed = pair_states(mesh, listings, time.time())
+    except MeshError as e:  # the hosts' tunnels leave no plan to hold them against
+        print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(status_json(mesh, states, failed)))
+    else:
+        pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
+        print("mesh %s: %d hosts, %d tunnels" % (args.mesh, len(mesh.hosts), pairs))
+        print("\n".join(format_status(mesh, states, failed)))
+    return EXIT_OK if all_up(states, failed) else EXIT_REFUSED
 
 
 # --- main ---------------------------------------------------------------------
@@ -871,6 +1114,10 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true",
                         help="with --mesh: ask the daemons for their tunnels and print what"
                              " would change, changing nothing")
+    parser.add_argument("--status", action="store_true",
+                        help="with --mesh: print the state of every host's tunnel to every"
+                             " other (up, down, missing, differs, no answer), changing nothing;"
+                             " exit 0 when all are up")
     parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
                         help="seconds to wait for the reply; 0 sends without waiting"
                              " (default %(default)s)")
@@ -881,11 +1128,13 @@ def parse_args(argv):
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.mesh:
+        for flag in ("down", "dry_run"):
+            if args.status and getattr(args, flag):
+                parser.error("--status changes nothing: not with --%s" % flag.replace("_", "-"))
         return args
-    if args.dry_run:
-        parser.error("--dry-run goes with --mesh")
-    if args.down:
-        parser.error("--down goes with --mesh")
+    for flag in ("dry_run", "down", "status"):
+        if getattr(args, flag):
+            parser.error("--%s goes with --mesh" % flag.replace("_", "-"))
 
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))

@@ -1,11 +1,12 @@
 """The 2015 README's three-host mesh, built for real in network namespaces.
 
-Starts the real daemon, locked with a shared secret, on three test hosts; one
-command of the real control script on a management host builds the whole mesh
-from a mesh file (six tunnels, and the routes, which the daemons install); then
-it pings every LAN from every other, prints what it did and a result table,
-applies the file again to show nothing changes, and tears it all down.
-Run as root: make demo.
+Starts the real daemon, locked with a shared secret and with a WireGuard key of
+its own (made by --generate-key), on three test hosts; one command of the real
+control script on a management host builds the whole encrypted mesh from a mesh
+file (six tunnels, and the routes, which the daemons install); then it pings
+every LAN from every other, prints what it did and a result table, applies the
+file again to show nothing changes, shows every tunnel's state with --status,
+and tears it all down. Run as root: make demo.
 """
 
 import json
@@ -31,6 +32,15 @@ def ping_rtt(host, other):
     return float(match.group(1)) if result.returncode == 0 and match else None
 
 
+def make_key(lab, host):
+    """Host's WireGuard key file, made by the daemon, which prints the public key."""
+    path = os.path.join(lab.workdir, host.name + ".key")
+    argv = ("udpProxyServer.py", "--public-key", "--key-file", path, "--generate-key")
+    public = host.run(sys.executable, lab.script(argv[0]), *argv[1:]).stdout.strip()
+    say("  %s# %s\n  %s" % (host.name, " ".join(argv), public))
+    return path
+
+
 def main():
     if not lablib.is_root():
         say("demo: must run as root (it creates network namespaces): sudo make demo")
@@ -40,24 +50,25 @@ def main():
     try:
         say("udpProxyServer demo: three hosts in network namespaces %s-*" % lab.prefix)
         say("Hosts on an underlay switch (198.18.0.0/24), each with a LAN on a local bridge,")
-        say("each running the daemon with a shared secret:")
+        say("each making its WireGuard key and running the daemon with it and a shared secret:")
         secret = lablib.write_secret(lab)
         hosts = [lab.host(name, index) for name, index in lablib.MESH_HOSTS]
         for host in hosts:
-            host.start_daemon("--secret-file", secret)
+            host.start_daemon("--secret-file", secret, "--key-file", make_key(lab, host))
         mesh = os.path.join(lab.workdir, "mesh.json")
         entries = ",\n".join("    " + json.dumps({"name": h.name, "address": h.address,
                                                     "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]})
                                for h in hosts)
         with open(mesh, "w") as f:
-            f.write('{\n  "controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24",\n'
+            f.write('{\n  "controlPort": 5001, "encrypt": true, "tunnelNet": "10.0.0.0/24",\n'
                     '  "hosts": [\n%s\n  ]\n}\n' % entries)
         say()
         say("The mesh file, %s:" % mesh)
         with open(mesh) as f:
             say("  " + f.read().replace("\n", "\n  "))
         say()
-        say("One command on minion-1 builds the whole mesh, routes included:")
+        say("One command on minion-1 builds the whole mesh, encrypted (each daemon gives its")
+        say("public key), routes included:")
         say(hosts[0].control("--mesh", mesh, "--secret-file", secret).stdout.rstrip())
         say()
         say("Ping from every LAN to every other (average RTT of 3 pings):")
@@ -89,13 +100,18 @@ def main():
             result = host.control("-s", server, "-o", "del", "-n", "m-minion-2", check=False)
             say((result.stdout + result.stderr).rstrip() + "  (exit %d)" % result.returncode)
         say()
+        say("The state of every tunnel end, as the daemons list it (--status changes nothing):")
+        status = hosts[0].control("--mesh", mesh, "--secret-file", secret, "--status", check=False)
+        say((status.stdout + status.stderr).rstrip())
+        say()
         pairs = len(hosts) * (len(hosts) - 1)
-        if failures:
+        if failures or status.returncode:
             lab.show_logs = True
+        if failures:
             say("%d of %d LAN pairs unreachable." % (failures, pairs))
         else:
             say("All %d LAN pairs reachable." % pairs)
-        return 1 if failures else 0
+        return 1 if failures or status.returncode else 0
     finally:
         say("Tearing down: daemons stopped, namespaces %s-* deleted." % lab.prefix)
         lab.close()

@@ -1,5 +1,6 @@
 """The control script without root, against a stand-in daemon on loopback."""
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -48,6 +49,9 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "move"), "invalid choice: 'move'"),
     (("h", "-o", "list", "-p", "70000"), "70000"),
     (("h", "-o", "list", "--down"), "--down goes with --mesh"),
+    (("h", "-o", "list", "--status"), "--status goes with --mesh"),
+    (("--mesh", "m.json", "--status", "--down"), "--status changes nothing: not with --down"),
+    (("--mesh", "m.json", "--status", "--dry-run"), "--status changes nothing: not with --dry-run"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -162,6 +166,11 @@ def test_ipv6_tunnels_and_routes_are_sent_as_given():
                                     "routes": ["192.168.2.0/24", "fd00:2::/64"]}
 
 
+def key(n):
+    """A public key as wg pubkey writes one: 32 bytes in base64."""
+    return base64.b64encode(bytes([n]) * 32).decode()
+
+
 def write_mesh(tmp_path, **changes):
     mesh = {"controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24", "hosts": [
         {"name": "minion-1", "address": "172.100.1.1", "lan": ["192.168.1.0/24"]},
@@ -212,15 +221,16 @@ def listed(ip, remote, routes):
 
 class StandIn:
     """A daemon as the mesh code speaks to it: it lists its tunnels (name -> listed) and
-    takes every request, recording it; one whose tunnels are None does not answer."""
+    its own public key (None: started without --key-file), and takes every request,
+    recording it; one whose tunnels are None does not answer."""
 
-    def __init__(self, tunnels):
-        self.tunnels, self.requests = tunnels, []
+    def __init__(self, tunnels, key=None):
+        self.tunnels, self.key, self.requests = tunnels, key, []
 
     def fetch_list(self):
         if self.tunnels is None:
             raise ctl.NoReply("no reply within 2 s")
-        return {"ok": True, "op": "list", "dataPort": 5000,
+        return {"ok": True, "op": "list", "dataPort": 5000, "publicKey": self.key,
                 "tunnels": [dict(tunnel, name=name) for name, tunnel in self.tunnels.items()]}
 
     def request(self, message):
@@ -312,6 +322,163 @@ def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers
     assert "minion-1 (172.100.1.1): 0 added, 2 deleted, 0 unchanged" in lines
 
 
+KEYS = {"minion-%d" % n: key(n) for n in (1, 2, 3)}
+
+
+def encrypted_mesh(tmp_path, keys_in_file=()):
+    """The three hosts' mesh, encrypted; the hosts named in keys_in_file have their key there."""
+    hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"]
+    for host in hosts:
+        if host["name"] in keys_in_file:
+            host["publicKey"] = KEYS[host["name"]]
+    return ctl.load_mesh(write_mesh(tmp_path, encrypt=True, hosts=hosts))
+
+
+def test_an_encrypted_plan_gives_each_tunnel_its_peers_key_and_remakes_just_a_new_keys_pairs(
+        tmp_path):
+    mesh = encrypted_mesh(tmp_path)
+    plan = ctl.mesh_plan(mesh, {}, keys=KEYS)
+    assert plan["minion-1"]["m-minion-2"] == {
+        "name": "m-minion-2", "tunnelIP": "10.0.0.1/30", "mtu": 1400,
+        "remoteServer": "172.100.1.2", "routes": ["192.168.2.0/24"], "publicKey": key(2)}
+    assert plan["minion-3"]["m-minion-1"]["publicKey"] == key(1)
+
+    # The daemons list what was added (and counters): planned again, nothing changes.
+    current = {host: {name: dict(entry, remotePort=5000, rx_packets=5, latestHandshake=None)
+                      for name, entry in tunnels.items()} for host, tunnels in plan.items()}
+    ports = dict.fromkeys(current, 5000)
+    for again in ctl.host_plans(mesh, current, ports, keys=KEYS).values():
+        assert (again.stale, again.new, again.unchanged) == ([], [], 2)
+
+    # minion-2's key replaced: the other hosts' tunnels to it are remade with the new key,
+    # in the subnet they had; nothing else changes.
+    plans = ctl.host_plans(mesh, current, ports, keys=dict(KEYS, **{"minion-2": key(9)}))
+    for host in ("minion-1", "minion-3"):
+        assert plans[host].stale == ["m-minion-2"]
+        assert plans[host].new == [dict(plan[host]["m-minion-2"], publicKey=key(9))]
+        assert plans[host].unchanged == 1
+    assert (plans["minion-2"].stale, plans["minion-2"].new) == ([], [])
+
+    # A plain mesh's tunnels are not what an encrypted one wants, nor the other way round.
+    plain = ctl.mesh_plan(ctl.load_mesh(write_mesh(tmp_path)), {})
+    for host, entries in plain.items():
+        for name, entry in entries.items():
+            assert not ctl.same_tunnel(plan[host][name], dict(entry, remotePort=5000), 5000)
+            assert not ctl.same_tunnel(entry, dict(plan[host][name], remotePort=5000), 5000)
+
+
+def test_each_hosts_key_is_its_daemons_checked_against_the_files_and_a_host_without_one_is_named(
+        tmp_path):
+    mesh = encrypted_mesh(tmp_path, keys_in_file=["minion-1"])
+    keys, keyless = ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(2), "minion-3": None})
+    assert keys == {"minion-1": key(1), "minion-2": key(2)}
+    assert keyless == {"minion-3": "its daemon has no key (start it with --key-file)"}
+    # A file's key pins the host's: a daemon that gives another is not believed.
+    keys, keyless = ctl.mesh_keys(mesh, dict(KEYS, **{"minion-1": key(7)}))
+    assert keyless == {"minion-1": "its daemon's publicKey %s is not the file's %s"
+                                   % (key(7), key(1))}
+    assert keys == {"minion-2": key(2), "minion-3": key(3)}
+    # A host that did not answer (not in daemon_keys) is not named here: its pairs are held.
+    assert ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": key(2)}) == (
+        {"minion-1": key(1), "minion-2": key(2)}, {})
+    # Two daemons with one key (a key file copied): neither is believed.
+    keys, keyless = ctl.mesh_keys(mesh, dict(KEYS, **{"minion-2": key(3)}))
+    assert keyless == {"minion-2": "publicKey %s is also that of minion-3" % key(3),
+                       "minion-3": "publicKey %s is also that of minion-2" % key(3)}
+    assert ctl.mesh_keys(mesh, {"minion-1": key(1), "minion-2": "c2hvcnQ="})[1] == {
+        "minion-2": "its daemon gives publicKey 'c2hvcnQ=', which is not a key"}
+
+
+def test_applying_an_encrypted_mesh_leaves_the_pairs_of_a_host_without_a_key_alone(tmp_path):
+    mesh = encrypted_mesh(tmp_path)
+    daemons = {
+        "minion-1": StandIn({"m-minion-2": dict(listed("10.0.0.1", "172.100.1.2",
+                                                       ["192.168.2.0/24"]), publicKey=key(2))},
+                            key(1)),
+        "minion-2": StandIn({"m-minion-1": listed("10.0.0.2", "172.100.1.1", ["192.168.1.0/24"])}),
+        "minion-3": StandIn({}, key(3)),
+    }
+    lines = []
+    failed = ctl.apply_to_daemons(mesh, daemons, False, lines.append)
+    assert failed == {"minion-2": "its daemon has no key (start it with --key-file)"}
+    assert "minion-2 (172.100.1.2): FAILED: its daemon has no key" \
+           " (start it with --key-file)" in lines
+    assert daemons["minion-2"].requests == []
+    added = {name: [t for m in d.requests for t in m["tunnel"]] for name, d in daemons.items()}
+    assert [(t["name"], t["publicKey"]) for t in added["minion-1"]] == [("m-minion-3", key(3))]
+    assert [(t["name"], t["publicKey"]) for t in added["minion-3"]] == [("m-minion-1", key(1))]
+    assert "minion-1 (172.100.1.1): 1 added, 0 deleted, 0 unchanged, 1 left as is" \
+           " (no usable key from minion-2)" in lines
+
+    # Taken down, it needs no key.
+    daemons = {"minion-1": StandIn({"m-minion-3": {}}), "minion-2": StandIn({"m-minion-1": {}}),
+               "minion-3": StandIn({"m-minion-1": {}})}
+    assert ctl.apply_to_daemons(mesh, daemons, False, lines.append, down=True) == {}
+    assert all(d.requests for d in daemons.values())
+
+
+NOW = 1_800_000_000
+
+
+def test_status_gives_each_hosts_end_of_each_pair_as_its_daemon_lists_it(tmp_path):
+    mesh = encrypted_mesh(tmp_path)
+    plan = ctl.mesh_plan(mesh, {}, keys=KEYS)
+
+    def end(host, peer, **listed):
+        entry = plan[host]["m-" + peer]
+        return dict(dict(entry, remotePort=5000, rx_packets=0, last_rx=None,
+                         latestHandshake=None), **listed)
+    listings = ctl.Listings(
+        tunnels={"minion-1": {"m-minion-2": end("minion-1", "minion-2", latestHandshake=NOW - 5),
+                              "m-minion-3": end("minion-1", "minion-3", last_rx=NOW - 1,
+                                                latestHandshake=NOW - 181)},
+                 "minion-3": {"m-minion-1": end("minion-3", "minion-1", publicKey=key(7),
+                                                latestHandshake=NOW - 1)}},
+        data_ports={"minion-1": 5000, "minion-3": 5000},
+        keys={"minion-1": key(1), "minion-3": key(3)},
+        unanswered={"minion-2": "no reply within 2 s"})
+    states, failed = ctl.pair_states(mesh, listings, NOW)
+    assert states == {
+        # Its end towards the silent minion-2 goes by its handshake alone.
+        "minion-1": {"minion-2": ("up", 5), "minion-3": ("down", 181)},
+        "minion-2": {"minion-1": ("no answer", None), "minion-3": ("no answer", None)},
+        "minion-3": {"minion-1": ("differs", None), "minion-2": ("missing", None)},
+    }
+    assert failed == {"minion-2": "no reply within 2 s"}
+
+    lines = ctl.format_status(mesh, states, failed)
+    assert lines[1].split() == ["from", "\\", "to", "minion-1", "minion-2", "minion-3"]
+    assert lines[2].split() == ["minion-1", "(172.100.1.1)", "-", "up", "5s", "down", "3m"]
+    assert lines[3].split() == ["minion-2", "(172.100.1.2)", "no", "answer", "-", "no", "answer"]
+    assert lines[4].split() == ["minion-3", "(172.100.2.3)", "differs", "missing", "-"]
+    assert "minion-2 (172.100.1.2): no answer: no reply within 2 s" in lines
+    assert lines[-1] == "mesh: 1 of 6 tunnel ends up"
+    assert not ctl.all_up(states, failed)
+    assert ctl.status_json(mesh, states, failed) == {
+        "ok": False, "hosts": ["minion-1", "minion-2", "minion-3"],
+        "pairs": {host: {peer: {"state": state, "age": age} for peer, (state, age) in row.items()}
+                  for host, row in states.items()},
+        "failed": failed}
+
+
+def test_status_of_a_plain_mesh_goes_by_the_last_packet_received(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    plan = ctl.mesh_plan(mesh, {})
+    ages = {"minion-1": 0, "minion-2": 179, "minion-3": 180}
+    listings = ctl.Listings(
+        tunnels={host: {name: dict(entry, remotePort=5000, last_rx=NOW - ages[host])
+                        for name, entry in tunnels.items()} for host, tunnels in plan.items()},
+        data_ports=dict.fromkeys(plan, 5000), keys=dict.fromkeys(plan), unanswered={})
+    states, failed = ctl.pair_states(mesh, listings, NOW + 0.4)
+    assert states["minion-3"] == {"minion-1": ("up", 180), "minion-2": ("up", 180)}
+    assert failed == {} and ctl.all_up(states, failed)
+    assert ctl.format_status(mesh, states, failed)[-1] == "mesh: all 6 tunnel ends up"
+    listings.tunnels["minion-2"]["m-minion-1"]["last_rx"] = None
+    states, _ = ctl.pair_states(mesh, listings, NOW)
+    assert states["minion-2"]["minion-1"] == ("down", None)
+    assert not ctl.all_up(states, {})
+
+
 @pytest.mark.parametrize("changes, complaint", [
     ({"tunnelNet": "10.0.0.0/29"}, "tunnelNet 10.0.0.0/29 holds 2 /30 subnets; 3 hosts need 3"),
     ({"tunnelNet": "10.0.0.1/24"}, "tunnelNet '10.0.0.1/24': not a network"),
@@ -341,11 +508,32 @@ def test_down_deletes_the_mesh_tunnels_the_file_names_on_every_host_that_answers
     ({"tunnelNet": "172.100.0.0/16", "hosts": [{"name": "a", "address": "172.100.1.1"},
                                                {"name": "b", "address": "172.101.1.2"}]},
      "tunnelNet 172.100.0.0/16 covers the address 172.100.1.1 of hosts[0] (a)"),
+    ({"encrypt": "yes"}, "encrypt 'yes': must be true or false"),
+    ({"encrypt": True, "hosts": [{"name": "a", "address": "172.100.1.1", "publicKey": "c2hvcnQ="},
+                                 {"name": "b", "address": "172.100.1.2"}]},
+     "hosts[0] (a): publicKey 'c2hvcnQ=' is not a key: 32 bytes in base64, as wg pubkey writes"),
+    ({"hosts": [{"name": "a", "address": "172.100.1.1", "publicKey": key(1)},
+                {"name": "b", "address": "172.100.1.2"}]},
+     "hosts[0] (a): publicKey given, but the mesh is not encrypted (add \"encrypt\": true)"),
+    ({"encrypt": True, "hosts": [{"name": "a", "address": "172.100.1.1", "publicKey": key(1)},
+                                 {"name": "b", "address": "172.100.1.2", "publicKey": key(1)}]},
+     "hosts[1] (b): publicKey %s is also that of hosts[0]" % key(1)),
 ])
 def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, complaint):
     with pytest.raises(ctl.MeshError) as error:
         ctl.load_mesh(write_mesh(tmp_path, **changes))
     assert complaint in str(error.value)
+
+
+def test_an_encrypted_mesh_defaults_to_an_mtu_that_fits_wireguard_in_1500_bytes(tmp_path):
+    def mtu(**changes):
+        mesh = json.loads(open(write_mesh(tmp_path)).read())
+        del mesh["mtu"]
+        mesh.update(changes)
+        return ctl.parse_mesh(mesh).mtu
+    assert mtu(encrypt=True) == 1420
+    assert mtu() == mtu(encrypt=False) == 1500
+    assert mtu(encrypt=True, mtu=1400) == 1400
 
 
 def test_tunnel_names_fit_and_stay_unique():
