@@ -2406,6 +2406,10 @@ MAX_STAGED_PACKETS = 128
 # Handshake messages a second past which the daemon is under load and asks for mac2
 # (a cookie) first, as wireguard-go does at about this rate.
 HANDSHAKES_UNDER_LOAD = 50
+# While there are encrypted tunnels, their timers are looked at this often at least: the
+# data path need not wake them for every deadline it moves (a few microseconds a packet),
+# and a deadline set meanwhile is at most this late (against seconds-long timers).
+TIMER_TICK = 0.25
 
 
 def is_wireguard(buffer, size):
@@ -2505,7 +2509,8 @@ class WireGuardTunnelPath:
         if message_stride:
             super().send(sealed[:at], message_stride)
             wg.timers.on_data_sent()
-            self.wireguard.wake()
+            if wg.timers.wanted:  # e.g. a rekey: at once; later deadlines wait for a tick
+                self.wireguard.wake()
 
     def send_keepalive(self):
         keypair = self.wg.keypairs.current_for_sending()
@@ -2575,7 +2580,7 @@ class WireGuardTunnelPath:
         self.deliver_done()
         if packets:
             wg.timers.on_data_received(keypair)
-        elif received:
+        if received and wg.timers.wanted:
             self.wireguard.wake()
 
 
@@ -2639,6 +2644,8 @@ class WireGuard:
         self.handshakes = collections.deque()  # when the last handshake messages came
         self.drops = drops  # the daemon's: messages no tunnel took, by reason
         self.woken = False  # a tunnel's timers want a look after this batch
+        self.next_at = None  # the earliest deadline of every peer's timers, at the last look
+        self.last_look = 0.0
 
     def new_index(self, tunnel):
         while True:
@@ -2770,16 +2777,32 @@ class WireGuard:
 
     # The timers of every peer.
 
-    def next_wakeup(self):
-        wakeups = [t.wg.timers.next_wakeup() for t in self.by_key.values()]
-        return min([w for w in wakeups if w is not None], default=None)
+    def poll_timeout(self):
+        """How long the loop may sleep before the timers want a look: -1, for ever, when
+        there is no encrypted tunnel."""
+        if not self.by_key:
+            return -1
+        wakeup = self.last_look + TIMER_TICK
+        if self.next_at is not None:
+            wakeup = min(wakeup, self.next_at)
+        return max(0.0, wakeup - self.clock())
 
-    def run_timers(self):
-        self.woken = False
+    def tick(self):
+        """After each round of the loop: the timers' look, when woken or due."""
         now = self.clock()
+        if self.woken or now >= self.last_look + TIMER_TICK or (
+                self.next_at is not None and now >= self.next_at):
+            self.run_timers(now)
+
+    def run_timers(self, now=None):
+        self.woken = False
+        now = self.clock() if now is None else now
+        self.last_look = now
         for tunnel in list(self.by_key.values()):
             for action in tunnel.wg.timers.due(now):
                 self.act(tunnel, action)
+        wakeups = [t.wg.timers.next_wakeup() for t in self.by_key.values()]
+        self.next_at = min([w for w in wakeups if w is not None], default=None)
 
     def act(self, tunnel, action):
         wg = tunnel.wg
@@ -2869,17 +2892,15 @@ class Loop:
         self.retired.add(fd)
 
     def run(self, timers=None):
-        """Serve the fds until stopped; timers (WireGuard's), if any, are run after every
-        round in which they were woken and whenever their next wakeup has come."""
+        """Serve the fds until stopped; timers (WireGuard's), if any, sleep the loop no
+        longer than they allow, and take a look after each round."""
         while self.running:
             self.retired.clear()
-            wakeup = timers.next_wakeup() if timers else None
-            timeout = -1 if wakeup is None else max(0.0, wakeup - time.monotonic())
-            for fd, _ in self.poller.poll(timeout):
+            for fd, _ in self.poller.poll(timers.poll_timeout() if timers else -1):
                 self.dispatch(fd)
-            if timers and (timers.woken or (wakeup is not None and time.monotonic() >= wakeup)):
+            if timers:
                 try:
-                    timers.run_timers()
+                    timers.tick()
                 except Exception:
                     log.exception("error while running the WireGuard timers")
 
