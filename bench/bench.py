@@ -139,6 +139,7 @@ def tool_version(tool, flag):
 
 
 def write_results(results, folder):
+    os.makedirs(folder, exist_ok=True)  # --out may name a folder not made yet
     written = [os.path.join(folder, "results.json")]
     report.write_json(results, written[0])
     if any("skipped" not in row for row in results["tunnels"]):
