@@ -503,6 +503,12 @@ def is_hex(value, length):
             and all(c in "0123456789abcdef" for c in value))
 
 
+def plain_address(host):
+    """The address a socket reports, an IPv4 one seen on a dual-stack socket as itself."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 # --- Packet arithmetic: checksums, super-packets cut and joined (pure functions) ---
 
 
@@ -1663,309 +1669,6 @@ def open_transport(cipher, message):
     return counter, packet
 
 
-# --- Control-port policy: who may ask and what they get; the state file -------
-
-
-def read_secret(path):
-    """The shared secret in path, refused if others could read it."""
-    try:
-        mode = os.stat(path).st_mode
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise StartupError("cannot read secret file %s: %s" % (path, e.strerror)) from None
-    if mode & 0o077:
-        raise StartupError("secret file %s is readable by group or others (mode %03o):"
-                           " chmod 600 it" % (path, mode & 0o777))
-    if len(secret) < MIN_SECRET_LEN:
-        raise StartupError("secret file %s holds %d bytes; it needs at least %d"
-                           % (path, len(secret), MIN_SECRET_LEN))
-    return secret
-
-
-def read_key_file(path, generate=False):
-    """The Curve25519 private key in path, as wg genkey writes it (base64), refused if
-    others could read it; with generate, a missing file is made first (mode 600)."""
-    need_cryptography("--key-file")
-    if generate and not os.path.exists(path):
-        try:
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                f.write(key_to_base64(generate_private_key()) + "\n")
-        except OSError as e:
-            raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
-        log.info("key file %s made", path)
-    try:
-        mode = os.stat(path).st_mode
-        with open(path, "rb") as f:
-            text = f.read().strip()
-    except OSError as e:
-        raise StartupError("cannot read key file %s: %s%s" % (
-            path, e.strerror, " (--generate-key makes one)" if not os.path.exists(path) else "")
-        ) from None
-    if mode & 0o077:
-        raise StartupError("key file %s is readable by group or others (mode %03o):"
-                           " chmod 600 it" % (path, mode & 0o777))
-    try:
-        return key_from_base64(text.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        raise StartupError("key file %s does not hold a base64 Curve25519 private key"
-                           " (as wg genkey writes)" % path) from None
-
-
-def request_mac(secret, ts, nonce, payload):
-    message = REQUEST_MAC_PREFIX + b"%d\n%s\n%s" % (ts, nonce.encode(), payload.encode())
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def reply_mac(secret, nonce, payload):
-    message = REPLY_MAC_PREFIX + b"%s\n%s" % (nonce.encode(), payload.encode())
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def plain_address(host):
-    """The address a socket reports, an IPv4 one seen on a dual-stack socket as itself."""
-    address = ipaddress.ip_address(host.split("%", 1)[0])
-    return getattr(address, "ipv4_mapped", None) or address
-
-
-class AllowList:
-    """Who may use the control port at all (--allow, and loopback), and who is trusted with
-    every reply whole without a cookie: loopback, which nobody can spoof (the kernel drops
-    datagrams from the network that claim a loopback source), and allowed sources, as by 2.0."""
-
-    def __init__(self, networks=()):
-        self.networks = tuple(networks)
-
-    def admits(self, ip):
-        """Whether a datagram from ip is read at all; others are dropped without a reply."""
-        return not self.networks or self.trusted(ip)
-
-    def trusted(self, ip):
-        address = plain_address(ip)
-        return address.is_loopback or any(address in network for network in self.networks)
-
-
-class Authenticator:
-    """Requests authenticated with HMAC-SHA256 under the shared secret (--secret-file),
-    with a time window and nonces against replay, and their replies sealed; without a
-    secret, plain requests pass and envelopes are refused."""
-
-    def __init__(self, secret=None, clock=time.time):
-        self.secret = secret
-        self.clock = clock
-        self.nonces = {}  # nonce -> until when it is remembered
-
-    def open(self, datagram):
-        """The request a datagram holds and its nonce (None when not authenticated)."""
-        obj = decode(datagram)
-        if "auth" not in obj:
-            if self.secret is not None:
-                raise ControlError("authentication required: this daemon has a secret;"
-                                   " use udpProxyServerControl.py --secret-file")
-            return obj, None
-        if self.secret is None:
-            raise ControlError("this daemon has no secret: send the plain request")
-        check_fields(obj, ENVELOPE_FIELDS, "envelope")
-        auth, payload = obj.get("auth"), obj.get("payload")
-        if not isinstance(auth, dict) or not isinstance(payload, str):
-            raise ControlError("an envelope holds an object 'auth' and a string 'payload'")
-        check_fields(auth, AUTH_FIELDS, "auth")
-        ts, nonce, mac = auth.get("ts"), auth.get("nonce"), auth.get("mac")
-        if (not isinstance(ts, int) or isinstance(ts, bool) or not is_hex(nonce, NONCE_HEX_LEN)
-                or not is_hex(mac, MAC_HEX_LEN)):
-            raise ControlError("auth needs ts (whole seconds), nonce (%d hex digits) and mac"
-                               " (%d hex digits)" % (NONCE_HEX_LEN, MAC_HEX_LEN))
-        if not hmac.compare_digest(request_mac(self.secret, ts, nonce, payload), mac):
-            raise ControlError("authentication failed", "auth_failed")
-        self.check_fresh(ts, nonce)
-        return decode(payload), nonce
-
-    def check_fresh(self, ts, nonce):
-        now = self.clock()
-        if abs(now - ts) > AUTH_WINDOW:
-            raise ControlError("stale request: its time is %d s from ours (at most %d s)"
-                               % (ts - now, AUTH_WINDOW), "stale")
-        if len(self.nonces) >= MAX_NONCES:
-            self.nonces = {n: until for n, until in self.nonces.items() if until >= now}
-        if nonce in self.nonces:
-            raise ControlError("replayed request: nonce %s was seen before" % nonce, "replayed")
-        if len(self.nonces) >= MAX_NONCES:
-            raise ControlError("too many authenticated requests in %d s" % AUTH_WINDOW)
-        self.nonces[nonce] = ts + AUTH_WINDOW
-
-    def seal(self, payload, nonce):
-        """The reply datagram: sealed under the secret for an authenticated request."""
-        if nonce is None:
-            return payload.encode()
-        auth = {"nonce": nonce, "mac": reply_mac(self.secret, nonce, payload)}
-        return json.dumps({"auth": auth, "payload": payload}).encode()
-
-
-class Cookies:
-    """Address validation without state per client: a source that sends back the
-    cookie it was given at its address and port has shown it receives there, so
-    what is sent to it cannot be a flood reflected at someone else."""
-
-    def __init__(self, clock=time.time):
-        self.clock = clock
-        self.keys = {}  # period -> its random key: this period's and the one before
-
-    def key(self, period):
-        if period not in self.keys:
-            self.keys = {p: key for p, key in self.keys.items() if p == period - 1}
-            self.keys[period] = os.urandom(COOKIE_KEY_BYTES)
-        return self.keys[period]
-
-    def period(self):
-        return int(self.clock() // COOKIE_PERIOD)
-
-    def make(self, sender):
-        """The cookie for sender's address and port, valid for one to two periods."""
-        period = self.period()
-        return self.mac(self.key(period), sender, period)
-
-    def valid(self, cookie, sender):
-        now = self.period()
-        self.key(now)  # forget the keys of periods long past
-        return any(hmac.compare_digest(self.mac(self.keys[period], sender, period), cookie)
-                   for period in (now, now - 1) if period in self.keys)
-
-    @staticmethod
-    def mac(key, sender, period):
-        message = b"%s\n%d\n%d" % (sender[0].encode(), sender[1], period)
-        return hmac.new(key, message, hashlib.sha256).hexdigest()[:COOKIE_HEX_LEN]
-
-
-class ReplyBudget:
-    """Replies to sources that have not proven their address, per source: REPLY_RATE a
-    second and REPLY_BURST at once, so the port is no reflector of a spoofed flood."""
-
-    def __init__(self, clock=time.time):
-        self.clock = clock
-        self.budgets = {}  # source -> (replies it may still have, when counted)
-
-    def take(self, ip):
-        """Take one reply from ip's budget; False when it has none left."""
-        now = self.clock()
-        tokens, then = self.budgets.get(ip, (REPLY_BURST, now))
-        tokens = min(REPLY_BURST, tokens + (now - then) * REPLY_RATE)
-        if len(self.budgets) >= MAX_SOURCES and ip not in self.budgets:
-            self.forget_idle(now)
-        if tokens < 1:
-            self.budgets[ip] = (tokens, now)
-            return False
-        self.budgets[ip] = (tokens - 1, now)
-        return True
-
-    def forget_idle(self, now):
-        self.budgets = {ip: (tokens, then) for ip, (tokens, then) in self.budgets.items()
-                        if tokens + (now - then) * REPLY_RATE < REPLY_BURST}
-
-
-def fit_reply(reply, limit, extra, seal=str.encode):
-    """The reply as a datagram of at most limit bytes once sealed, with extra's fields:
-    whole if it fits, else cut down to its outcome (ok, op, and as much of the error as
-    fits), or None."""
-    whole = seal(json.dumps(dict(reply, **extra)))
-    if len(whole) <= limit:
-        return whole, True
-    outcome = {key: reply[key] for key in ("ok", "op", "retry", "cookie") if key in reply}
-    outcome.update(extra)
-    error = reply.get("error", "")[:limit]
-    while error:
-        cut = seal(json.dumps(dict(outcome, error=error)))
-        if len(cut) <= limit:
-            return cut, False
-        error = error[:len(error) - (len(cut) - limit)]  # each character is a byte or more
-    cut = seal(json.dumps(outcome))
-    return (cut if len(cut) <= limit else None), False
-
-
-class QuietLog:
-    """Warnings about what any source can cause (refused requests, replies that cannot
-    be sent), logged without flooding the journal under a barrage: the first few of every
-    period one by one, then how many more there were."""
-
-    def __init__(self, what, clock=time.monotonic):
-        self.what = what
-        self.clock = clock
-        self.since = None  # when this period began
-        self.logged = self.more = 0
-
-    def warning(self, message, *args):
-        self.flush()
-        if self.since is None:
-            self.since = self.clock()
-        if self.logged < REFUSALS_LOGGED:
-            self.logged += 1
-            log.warning(message, *args)
-        else:
-            self.more += 1
-
-    def flush(self, force=False):
-        """Say how many were not logged once their period is over (or now, with force)."""
-        if self.since is None:
-            return
-        elapsed = self.clock() - self.since
-        if elapsed >= REFUSAL_LOG_PERIOD or force:
-            if self.more:
-                log.warning("%d more %s in %d s, not logged one by one (-o list counts them)",
-                            self.more, self.what, elapsed)
-            self.since, self.logged, self.more = None, 0, 0
-
-
-class StateFile:
-    """The tunnels that were acknowledged, kept across restarts: written whole after
-    every change (temporary file, fsync, rename), read back at start-up and on SIGHUP."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def load(self):
-        """The tunnel entries in the file, or StateUnreadable saying why; a corrupt file
-        is first copied aside, since the next save replaces it."""
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise StateUnreadable("%s does not exist" % self.path) from None
-        except OSError as e:
-            raise StateUnreadable("cannot read %s: %s" % (self.path, e.strerror)) from None
-        try:
-            state = decode(data, "state file")
-            entries = state.get("tunnels")
-            if not isinstance(entries, list):
-                raise ControlError("it has no list 'tunnels'")
-        except ControlError as e:
-            raise StateUnreadable("%s is corrupt (%s); %s" % (self.path, e, self.keep_aside()))\
-                from None
-        return entries
-
-    def keep_aside(self):
-        """A copy of the corrupt file as it is, since the next save writes over it."""
-        kept = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
-        try:
-            shutil.copyfile(self.path, kept)
-        except OSError as e:
-            return "cannot keep a copy as %s: %s" % (kept, e.strerror)
-        return "kept as %s" % kept
-
-    def save(self, entries):
-        temporary = self.path + ".tmp"
-        # Readable by root alone: the entries of encrypted tunnels hold preshared keys.
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump({"version": 1, "tunnels": entries}, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash only once this is on disk
-        finally:
-            os.close(directory)
-
-
 # --- WireGuard: sessions, counters and the replay window ----------------------
 
 
@@ -2833,6 +2536,303 @@ class WireGuard:
             if wg.initiation is not None:
                 self.forget_index(wg.initiation.local_index)
             wg.initiation = None
+
+
+# --- Control-port policy: who may ask and what they get; the state file -------
+
+
+def read_secret(path):
+    """The shared secret in path, refused if others could read it."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise StartupError("cannot read secret file %s: %s" % (path, e.strerror)) from None
+    if mode & 0o077:
+        raise StartupError("secret file %s is readable by group or others (mode %03o):"
+                           " chmod 600 it" % (path, mode & 0o777))
+    if len(secret) < MIN_SECRET_LEN:
+        raise StartupError("secret file %s holds %d bytes; it needs at least %d"
+                           % (path, len(secret), MIN_SECRET_LEN))
+    return secret
+
+
+def read_key_file(path, generate=False):
+    """The Curve25519 private key in path, as wg genkey writes it (base64), refused if
+    others could read it; with generate, a missing file is made first (mode 600)."""
+    need_cryptography("--key-file")
+    if generate and not os.path.exists(path):
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(key_to_base64(generate_private_key()) + "\n")
+        except OSError as e:
+            raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
+        log.info("key file %s made", path)
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise StartupError("cannot read key file %s: %s%s" % (
+            path, e.strerror, " (--generate-key makes one)" if not os.path.exists(path) else "")
+        ) from None
+    if mode & 0o077:
+        raise StartupError("key file %s is readable by group or others (mode %03o):"
+                           " chmod 600 it" % (path, mode & 0o777))
+    try:
+        return key_from_base64(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise StartupError("key file %s does not hold a base64 Curve25519 private key"
+                           " (as wg genkey writes)" % path) from None
+
+
+def request_mac(secret, ts, nonce, payload):
+    message = REQUEST_MAC_PREFIX + b"%d\n%s\n%s" % (ts, nonce.encode(), payload.encode())
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def reply_mac(secret, nonce, payload):
+    message = REPLY_MAC_PREFIX + b"%s\n%s" % (nonce.encode(), payload.encode())
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+class AllowList:
+    """Who may use the control port at all (--allow, and loopback), and who is trusted with
+    every reply whole without a cookie: loopback, which nobody can spoof (the kernel drops
+    datagrams from the network that claim a loopback source), and allowed sources, as by 2.0."""
+
+    def __init__(self, networks=()):
+        self.networks = tuple(networks)
+
+    def admits(self, ip):
+        """Whether a datagram from ip is read at all; others are dropped without a reply."""
+        return not self.networks or self.trusted(ip)
+
+    def trusted(self, ip):
+        address = plain_address(ip)
+        return address.is_loopback or any(address in network for network in self.networks)
+
+
+class Authenticator:
+    """Requests authenticated with HMAC-SHA256 under the shared secret (--secret-file),
+    with a time window and nonces against replay, and their replies sealed; without a
+    secret, plain requests pass and envelopes are refused."""
+
+    def __init__(self, secret=None, clock=time.time):
+        self.secret = secret
+        self.clock = clock
+        self.nonces = {}  # nonce -> until when it is remembered
+
+    def open(self, datagram):
+        """The request a datagram holds and its nonce (None when not authenticated)."""
+        obj = decode(datagram)
+        if "auth" not in obj:
+            if self.secret is not None:
+                raise ControlError("authentication required: this daemon has a secret;"
+                                   " use udpProxyServerControl.py --secret-file")
+            return obj, None
+        if self.secret is None:
+            raise ControlError("this daemon has no secret: send the plain request")
+        check_fields(obj, ENVELOPE_FIELDS, "envelope")
+        auth, payload = obj.get("auth"), obj.get("payload")
+        if not isinstance(auth, dict) or not isinstance(payload, str):
+            raise ControlError("an envelope holds an object 'auth' and a string 'payload'")
+        check_fields(auth, AUTH_FIELDS, "auth")
+        ts, nonce, mac = auth.get("ts"), auth.get("nonce"), auth.get("mac")
+        if (not isinstance(ts, int) or isinstance(ts, bool) or not is_hex(nonce, NONCE_HEX_LEN)
+                or not is_hex(mac, MAC_HEX_LEN)):
+            raise ControlError("auth needs ts (whole seconds), nonce (%d hex digits) and mac"
+                               " (%d hex digits)" % (NONCE_HEX_LEN, MAC_HEX_LEN))
+        if not hmac.compare_digest(request_mac(self.secret, ts, nonce, payload), mac):
+            raise ControlError("authentication failed", "auth_failed")
+        self.check_fresh(ts, nonce)
+        return decode(payload), nonce
+
+    def check_fresh(self, ts, nonce):
+        now = self.clock()
+        if abs(now - ts) > AUTH_WINDOW:
+            raise ControlError("stale request: its time is %d s from ours (at most %d s)"
+                               % (ts - now, AUTH_WINDOW), "stale")
+        if len(self.nonces) >= MAX_NONCES:
+            self.nonces = {n: until for n, until in self.nonces.items() if until >= now}
+        if nonce in self.nonces:
+            raise ControlError("replayed request: nonce %s was seen before" % nonce, "replayed")
+        if len(self.nonces) >= MAX_NONCES:
+            raise ControlError("too many authenticated requests in %d s" % AUTH_WINDOW)
+        self.nonces[nonce] = ts + AUTH_WINDOW
+
+    def seal(self, payload, nonce):
+        """The reply datagram: sealed under the secret for an authenticated request."""
+        if nonce is None:
+            return payload.encode()
+        auth = {"nonce": nonce, "mac": reply_mac(self.secret, nonce, payload)}
+        return json.dumps({"auth": auth, "payload": payload}).encode()
+
+
+class Cookies:
+    """Address validation without state per client: a source that sends back the
+    cookie it was given at its address and port has shown it receives there, so
+    what is sent to it cannot be a flood reflected at someone else."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.keys = {}  # period -> its random key: this period's and the one before
+
+    def key(self, period):
+        if period not in self.keys:
+            self.keys = {p: key for p, key in self.keys.items() if p == period - 1}
+            self.keys[period] = os.urandom(COOKIE_KEY_BYTES)
+        return self.keys[period]
+
+    def period(self):
+        return int(self.clock() // COOKIE_PERIOD)
+
+    def make(self, sender):
+        """The cookie for sender's address and port, valid for one to two periods."""
+        period = self.period()
+        return self.mac(self.key(period), sender, period)
+
+    def valid(self, cookie, sender):
+        now = self.period()
+        self.key(now)  # forget the keys of periods long past
+        return any(hmac.compare_digest(self.mac(self.keys[period], sender, period), cookie)
+                   for period in (now, now - 1) if period in self.keys)
+
+    @staticmethod
+    def mac(key, sender, period):
+        message = b"%s\n%d\n%d" % (sender[0].encode(), sender[1], period)
+        return hmac.new(key, message, hashlib.sha256).hexdigest()[:COOKIE_HEX_LEN]
+
+
+class ReplyBudget:
+    """Replies to sources that have not proven their address, per source: REPLY_RATE a
+    second and REPLY_BURST at once, so the port is no reflector of a spoofed flood."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.budgets = {}  # source -> (replies it may still have, when counted)
+
+    def take(self, ip):
+        """Take one reply from ip's budget; False when it has none left."""
+        now = self.clock()
+        tokens, then = self.budgets.get(ip, (REPLY_BURST, now))
+        tokens = min(REPLY_BURST, tokens + (now - then) * REPLY_RATE)
+        if len(self.budgets) >= MAX_SOURCES and ip not in self.budgets:
+            self.forget_idle(now)
+        if tokens < 1:
+            self.budgets[ip] = (tokens, now)
+            return False
+        self.budgets[ip] = (tokens - 1, now)
+        return True
+
+    def forget_idle(self, now):
+        self.budgets = {ip: (tokens, then) for ip, (tokens, then) in self.budgets.items()
+                        if tokens + (now - then) * REPLY_RATE < REPLY_BURST}
+
+
+def fit_reply(reply, limit, extra, seal=str.encode):
+    """The reply as a datagram of at most limit bytes once sealed, with extra's fields:
+    whole if it fits, else cut down to its outcome (ok, op, and as much of the error as
+    fits), or None."""
+    whole = seal(json.dumps(dict(reply, **extra)))
+    if len(whole) <= limit:
+        return whole, True
+    outcome = {key: reply[key] for key in ("ok", "op", "retry", "cookie") if key in reply}
+    outcome.update(extra)
+    error = reply.get("error", "")[:limit]
+    while error:
+        cut = seal(json.dumps(dict(outcome, error=error)))
+        if len(cut) <= limit:
+            return cut, False
+        error = error[:len(error) - (len(cut) - limit)]  # each character is a byte or more
+    cut = seal(json.dumps(outcome))
+    return (cut if len(cut) <= limit else None), False
+
+
+class QuietLog:
+    """Warnings about what any source can cause (refused requests, replies that cannot
+    be sent), logged without flooding the journal under a barrage: the first few of every
+    period one by one, then how many more there were."""
+
+    def __init__(self, what, clock=time.monotonic):
+        self.what = what
+        self.clock = clock
+        self.since = None  # when this period began
+        self.logged = self.more = 0
+
+    def warning(self, message, *args):
+        self.flush()
+        if self.since is None:
+            self.since = self.clock()
+        if self.logged < REFUSALS_LOGGED:
+            self.logged += 1
+            log.warning(message, *args)
+        else:
+            self.more += 1
+
+    def flush(self, force=False):
+        """Say how many were not logged once their period is over (or now, with force)."""
+        if self.since is None:
+            return
+        elapsed = self.clock() - self.since
+        if elapsed >= REFUSAL_LOG_PERIOD or force:
+            if self.more:
+                log.warning("%d more %s in %d s, not logged one by one (-o list counts them)",
+                            self.more, self.what, elapsed)
+            self.since, self.logged, self.more = None, 0, 0
+
+
+class StateFile:
+    """The tunnels that were acknowledged, kept across restarts: written whole after
+    every change (temporary file, fsync, rename), read back at start-up and on SIGHUP."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def load(self):
+        """The tunnel entries in the file, or StateUnreadable saying why; a corrupt file
+        is first copied aside, since the next save replaces it."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise StateUnreadable("%s does not exist" % self.path) from None
+        except OSError as e:
+            raise StateUnreadable("cannot read %s: %s" % (self.path, e.strerror)) from None
+        try:
+            state = decode(data, "state file")
+            entries = state.get("tunnels")
+            if not isinstance(entries, list):
+                raise ControlError("it has no list 'tunnels'")
+        except ControlError as e:
+            raise StateUnreadable("%s is corrupt (%s); %s" % (self.path, e, self.keep_aside()))\
+                from None
+        return entries
+
+    def keep_aside(self):
+        """A copy of the corrupt file as it is, since the next save writes over it."""
+        kept = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
+        try:
+            shutil.copyfile(self.path, kept)
+        except OSError as e:
+            return "cannot keep a copy as %s: %s" % (kept, e.strerror)
+        return "kept as %s" % kept
+
+    def save(self, entries):
+        temporary = self.path + ".tmp"
+        # Readable by root alone: the entries of encrypted tunnels hold preshared keys.
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump({"version": 1, "tunnels": entries}, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash only once this is on disk
+        finally:
+            os.close(directory)
 
 
 # --- The server: the loop, the tunnels, the control port and its ops ----------
