@@ -2153,14 +2153,13 @@ def ip_length(packet):
 
 
 class WireGuardPeer:
-    """The WireGuard side of one encrypted tunnel: the peer's keys and endpoint, the
-    handshake under way, the sessions, the timers, and the packets waiting for a session."""
+    """The WireGuard side of one encrypted tunnel: the peer's keys, the handshake under
+    way, the sessions, the timers, and the packets waiting for a session. (Where the peer
+    is, is the tunnel's peer, as for a plain tunnel.)"""
 
-    def __init__(self, spec, endpoint, clock=time.monotonic):
+    def __init__(self, spec, clock=time.monotonic):
         self.public_key = spec.public_key
         self.preshared_key = spec.preshared_key
-        self.endpoint = endpoint  # (address as the data socket names it, port), or None
-        self.clock = clock
         self.keypairs = Keypairs(clock)
         self.timers = PeerTimers(self.keypairs, clock,
                                  persistent_keepalive=spec.keepalive or 0)
@@ -2177,6 +2176,11 @@ class WireGuardTunnelPath:
 
     wireguard = None  # the daemon's WireGuard, set by it
     last_handshake = None  # when a session last began, in Unix time
+
+    def __init__(self, spec, *args, wg):
+        super().__init__(spec, *args)
+        self.wg = wg  # its WireGuardPeer
+        self.allowed = AllowedSources((spec.interface.network,) + spec.routes)
 
     def send(self, datagrams, stride):
         """Seal the packets laid end to end in datagrams (each a PI header and a packet,
@@ -2266,7 +2270,7 @@ class WireGuardTunnelPath:
             received += 1
             if wg.keypairs.received_with(keypair):
                 self.wireguard.confirmed(self)
-            self.peer = wg.endpoint = source  # roaming: the peer is where it last sent from
+            self.peer = source  # roaming: the peer is where it last sent from
             if not packet:
                 wg.timers.on_keepalive_received(keypair)
                 continue
@@ -2317,19 +2321,9 @@ class WireGuardTunnel(WireGuardTunnelPath, OffloadTunnel):
 
     single_header = VERIFIED_VNET_HDR
 
-    def __init__(self, spec, device, sock, peer, buffers, offloads, wg):
-        super().__init__(spec, device, sock, peer, buffers, offloads)
-        self.wg = wg
-        self.allowed = AllowedSources((spec.interface.network,) + spec.routes)
-
 
 class PlainWireGuardTunnel(WireGuardTunnelPath, PlainDevicePath, Tunnel):
     """An encrypted tunnel on a device without offloads (--no-offload)."""
-
-    def __init__(self, spec, device, sock, peer, buffers, wg):
-        super().__init__(spec, device, sock, peer, buffers)
-        self.wg = wg
-        self.allowed = AllowedSources((spec.interface.network,) + spec.routes)
 
 
 class WireGuard:
@@ -2442,7 +2436,7 @@ class WireGuard:
         wg.last_timestamp = received.timestamp
         wg.timers.on_initiation_received()
         keys, response = create_response(received, self.new_index(tunnel), wg.preshared_key)
-        tunnel.peer = wg.endpoint = source[:2]
+        tunnel.peer = source[:2]
         self.sock.sendto(wg.cookies.add_macs(response, self.clock()), tunnel.peer)
         self.begin_session(tunnel, keys)
         wg.timers.on_response_sent()
@@ -2457,7 +2451,7 @@ class WireGuard:
             return
         keys = consume_response(wg.initiation, message, wg.preshared_key)
         wg.initiation = None
-        tunnel.peer = wg.endpoint = source[:2]
+        tunnel.peer = source[:2]
         self.begin_session(tunnel, keys)
         wg.timers.on_response_received()
         self.wake()
@@ -3193,10 +3187,11 @@ class Server:
             if offloads:
                 return OffloadTunnel(spec, device, self.data_sock, peer, self.buffers, offloads)
             return Tunnel(spec, device, self.data_sock, peer, self.buffers)
-        wg = WireGuardPeer(spec, peer, self.clock)
+        wg = WireGuardPeer(spec, self.clock)
         if offloads:
-            return WireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, offloads, wg)
-        return PlainWireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, wg)
+            return WireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, offloads,
+                                   wg=wg)
+        return PlainWireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, wg=wg)
 
     def delete_tunnel(self, entry):
         if "name" not in entry:
