@@ -2269,7 +2269,7 @@ class WireGuardTunnelPath:
                 continue
             received += 1
             if wg.keypairs.received_with(keypair):
-                self.wireguard.confirmed(self)
+                self.send_staged()  # the responder's session is confirmed: what waited goes
             self.peer = source  # roaming: the peer is where it last sent from
             if not packet:
                 wg.timers.on_keepalive_received(keypair)
@@ -2415,9 +2415,9 @@ class WireGuard:
             tunnel.wg.cookies.consume_reply(message, now)
         elif not self.checker.check_mac1(message):
             self.drops["bad_mac1"] += 1
-        elif self.under_load(now) and not self.checker.check_mac2(message, *source[:2], now):
+        elif self.under_load(now) and not self.checker.check_mac2(message, *source, now):
             self.drops["cookie_sent"] += 1
-            self.sock.sendto(self.checker.create_reply(message, *source[:2], now), source[:2])
+            self.send(self.checker.create_reply(message, *source, now), source)
         elif kind == MESSAGE_INITIATION:
             self.take_initiation(message, source)
         elif kind == MESSAGE_RESPONSE:
@@ -2436,8 +2436,8 @@ class WireGuard:
         wg.last_timestamp = received.timestamp
         wg.timers.on_initiation_received()
         keys, response = create_response(received, self.new_index(tunnel), wg.preshared_key)
-        tunnel.peer = source[:2]
-        self.sock.sendto(wg.cookies.add_macs(response, self.clock()), tunnel.peer)
+        tunnel.peer = source
+        self.send(wg.cookies.add_macs(response, self.clock()), source, tunnel)
         self.begin_session(tunnel, keys)
         wg.timers.on_response_sent()
         self.wake()
@@ -2451,7 +2451,7 @@ class WireGuard:
             return
         keys = consume_response(wg.initiation, message, wg.preshared_key)
         wg.initiation = None
-        tunnel.peer = source[:2]
+        tunnel.peer = source
         self.begin_session(tunnel, keys)
         wg.timers.on_response_received()
         self.wake()
@@ -2467,10 +2467,16 @@ class WireGuard:
         log.debug("tunnel %s: session %08x begun, as %s", tunnel.name, keys.local_index,
                   "initiator" if keys.is_initiator else "responder")
 
-    def confirmed(self, tunnel):
-        """The responder's session is confirmed by the peer's first message: what waited
-        for it can go."""
-        tunnel.send_staged()
+    def send(self, message, address, tunnel=None):
+        """A handshake message or cookie reply out; a failure (no route, a firewall) is
+        counted, as a data packet's, and the handshake goes on by its timers."""
+        try:
+            self.sock.sendto(message, address)
+        except OSError as e:
+            if tunnel is None:
+                self.drops["send_error"] += 1
+            else:
+                tunnel.count_send_failed(e, 1)
 
     # The timers of every peer.
 
@@ -2511,10 +2517,7 @@ class WireGuard:
                 self.forget_index(wg.initiation.local_index)
             wg.initiation, message = create_initiation(
                 self.private_key, wg.public_key, index, tai64n(time.time_ns()))
-            try:
-                self.sock.sendto(wg.cookies.add_macs(message, self.clock()), tunnel.peer)
-            except OSError as e:
-                tunnel.count_send_failed(e, 1)
+            self.send(wg.cookies.add_macs(message, self.clock()), tunnel.peer, tunnel)
             wg.timers.on_initiation_sent()
         elif action == SEND_KEEPALIVE:
             if wg.staged:
