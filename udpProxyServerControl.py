@@ -11,6 +11,7 @@ Exit status: 0 when everything was done, 1 when the daemon refused something,
 """
 
 import argparse
+import contextlib
 import base64
 import binascii
 import dataclasses
@@ -843,27 +844,23 @@ def load_mesh(path):
 def apply_mesh(mesh, session, timeout, dry_run, say, down=False):
     """Bring every daemon of the mesh to the file: each host's tunnels, only the
     difference; or, down, delete the mesh's tunnels on every host."""
-    daemons = mesh_daemons(mesh, session, timeout)
-    try:
+    with mesh_daemons(mesh, session, timeout) as daemons:
         return apply_to_daemons(mesh, daemons, dry_run, say, down)
-    finally:
-        for daemon in daemons.values():
-            daemon.sock.close()
 
 
 def read_mesh(mesh, session, timeout):
     """Every daemon's list, as Listings; nothing is changed."""
-    daemons = mesh_daemons(mesh, session, timeout)
-    try:
+    with mesh_daemons(mesh, session, timeout) as daemons:
         return read_tunnels(mesh, daemons)
-    finally:
-        for daemon in daemons.values():
-            daemon.sock.close()
 
 
+@contextlib.contextmanager
 def mesh_daemons(mesh, session, timeout):
-    return {host.name: Daemon(str(host.address), mesh.control_port, timeout, session)
-            for host in mesh.hosts}
+    """Every host's Daemon, name -> Daemon, their sockets closed when done."""
+    with contextlib.ExitStack() as stack:
+        yield {host.name: stack.enter_context(Daemon(str(host.address), mesh.control_port,
+                                                     timeout, session))
+               for host in mesh.hosts}
 
 
 def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
