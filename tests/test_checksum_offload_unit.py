@@ -9,10 +9,16 @@ import pytest
 
 import packets
 import udpProxyServer as ups
-from test_daemon_unit import (FakeDevices, Server, add_loopback_tunnel, fake_server,  # noqa: F401
-                              offload_server, refuse_joined_writes, udp, vnet)
+from test_daemon_unit import (add_loopback_tunnel, fake_offload_server, fake_server,
+                              refuse_joined_writes, udp, vnet)
 
 ACCEPTS, PARTIAL = ups.PI_ACCEPTS_PARTIAL, ups.PI_PARTIAL
+
+
+@pytest.fixture
+def offload_server():
+    with fake_offload_server() as made:
+        yield made
 
 
 def finish(packet, l4):

@@ -257,16 +257,24 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
 # --- The offload tunnel, its device a socketpair end speaking virtio headers ------------
 
 
-@pytest.fixture
-def offload_server():
+@contextlib.contextmanager
+def fake_offload_server():
     offloads = ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
                             udp_gro=True, join=True)
     devices = FakeDevices()
     data, control = udp(), udp()
     data.setblocking(False)
     server = Server(data, control, open_device=devices, offloads=offloads)
-    yield server, devices
-    server.close()
+    try:
+        yield server, devices
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def offload_server():
+    with fake_offload_server() as made:
+        yield made
 
 
 def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
