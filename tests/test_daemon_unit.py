@@ -468,11 +468,14 @@ class RefusingGSO:
         return self.sock.sendto(*args)
 
 
-def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
+# With partial checksums (a new peer) the datagrams go as pieces, headers and payloads.
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server, partial):
     server, devices = offload_server
     packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
+        tunnel.peer_takes_partial = partial
         tunnel.sock = RefusingGSO(server.data_sock)
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                    + bytes(packet))
@@ -493,10 +496,12 @@ def send_super_packet(server, devices, tunnel):
 # A route that flaps, a firewall rule, the kernel short of memory, a full socket buffer.
 @pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM,
                                   errno.ENOBUFS, errno.EAGAIN], ids=errno.errorcode.get)
-def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, code):
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, code, partial):
     server, devices = offload_server
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
+        tunnel.peer_takes_partial = partial
         tunnel.sock = wire = Wire(gso_errors=[code])
         send_super_packet(server, devices, tunnel)  # refused, and counted
         send_super_packet(server, devices, tunnel)  # the error has passed: one GSO send
@@ -508,11 +513,14 @@ def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, c
 # EMSGSIZE: datagrams larger than the underlay MTU, which GSO cannot fragment; EINVAL
 # says so too before Linux 6.14, or that the send has more segments than the kernel takes.
 @pytest.mark.parametrize("code", [errno.EMSGSIZE, errno.EINVAL], ids=errno.errorcode.get)
-def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_server, code):
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_server, code,
+                                                                     partial):
     server, devices = offload_server
     with udp() as peer, udp() as other_peer:
         tunnel = add_loopback_tunnel(server, peer)
         other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
+        tunnel.peer_takes_partial = other.peer_takes_partial = partial
         tunnel.sock = wire = Wire(gso_errors=[code])
         other.sock = other_wire = Wire()
         send_super_packet(server, devices, tunnel)
