@@ -85,7 +85,7 @@ IFNAMSIZ = 16
 TUNGETIFF = 0x800454D2
 IFREQ_LEN = 40
 # Closing a TUN fd unregisters its device alone, after an RCU grace period of its own
-# (25-30 ms): 2,000 tunnels took 40 s to close. Devices removed together are put in an
+# (20-30 ms): 2,000 tunnels took 40 s to close. Devices removed together are put in an
 # interface group and deleted with one RTM_DELLINK, as ip link delete group does: the
 # kernel (rtnl_group_dellink) unregisters them all after one grace period. The group is
 # drawn anew each time from these 2^31 - 2^24 numbers, far above those administrators name
