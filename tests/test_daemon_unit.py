@@ -791,3 +791,87 @@ def test_an_encrypted_tunnel_needs_the_daemons_key():
         reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("wg2", 2, publicKey="a" * 43 + "=")]}).encode(), ("127.0.0.1", 9))
     assert "needs this daemon's own key: start it with --key-file" in reply["error"]
+
+
+class GroupNetlink:
+    """Stands in for pyroute2's IPRoute at deleting devices together: the interface group of
+    each device by index, and the requests it was sent; refused, if given, is the command it
+    refuses (set or del) and the error."""
+
+    def __init__(self, indexes, refused=(None, None)):
+        self.groups = dict.fromkeys(indexes, 0)
+        self.refused = refused
+        self.requests = []
+
+    def __call__(self):
+        return self
+
+    def link(self, command, index=None, group=None):
+        self.requests.append((command, index, group))
+        if command == self.refused[0]:
+            raise ups.NetlinkError(self.refused[1], os.strerror(self.refused[1]))
+        if command == "set":
+            self.groups[index] = group
+        else:
+            self.groups = {i: g for i, g in self.groups.items() if g != group}
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def tunnels_on_netlink(tmp_path, monkeypatch, count, **netlink):
+    """A server with a state file and count tunnels udp2... whose fake devices have indexes
+    (their fds' numbers) that a GroupNetlink knows, with a device not the server's (index
+    1000, in an administrator's group)."""
+    with server_with_state(tmp_path) as (server, devices):
+        answer(server, json.dumps({"op": "add", "tunnel": [entry("udp%d" % i, i)
+                                   for i in range(2, count + 2)]}).encode(), ("127.0.0.1", 9))
+        fake = GroupNetlink([t.fd for t in server.tunnels.values()], **netlink)
+        fake.groups[1000] = 7
+        monkeypatch.setattr(ups, "IPRoute", fake)
+        monkeypatch.setattr(ups, "held_device_index",
+                            lambda fd: fd if fd in fake.groups and fd != 1000 else None)
+        yield server, fake
+
+
+def delete(server, *names):
+    reply, _, _ = answer(server, json.dumps({"op": "del", "tunnel": [{"name": n} for n in names]})
+                         .encode(), ("127.0.0.1", 9))
+    return reply
+
+
+def test_one_del_puts_just_its_devices_in_a_group_and_deletes_that_group_once(tmp_path,
+                                                                           monkeypatch, caplog):
+    with tunnels_on_netlink(tmp_path, monkeypatch, 4) as (server, netlink), \
+            caplog.at_level(logging.INFO, logger="udpProxyServer"):
+        removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
+        assert delete(server, "udp2", "udp3", "udp5")["ok"]
+        group = netlink.requests[-1][2]
+        assert ups.DELETE_GROUPS[0] <= group < ups.DELETE_GROUPS[1]
+        assert sorted(netlink.requests[:-1]) == sorted(("set", t.fd, group) for t in removed)
+        assert netlink.requests[-1] == ("del", None, group)
+        assert netlink.groups == {server.tunnels["udp4"].fd: 0, 1000: 7}
+        assert all(tunnel.device.fileno() == -1 for tunnel in removed)  # closed after
+        assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
+        assert "3 devices deleted together" in caplog.text
+        netlink.requests.clear()
+        assert delete(server, "udp4")["ok"]
+        assert netlink.requests == []  # one device: its fd closed deletes it as soon
+
+
+@pytest.mark.parametrize("command", ["set", "del"])
+def test_devices_not_deleted_together_are_closed_one_by_one_said_in_one_line(
+        tmp_path, monkeypatch, caplog, command):
+    refused = (command, errno.EOPNOTSUPP)
+    with tunnels_on_netlink(tmp_path, monkeypatch, 4, refused=refused) as (server, netlink), \
+            caplog.at_level(logging.INFO, logger="udpProxyServer"):
+        removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
+        assert delete(server, "udp2", "udp3", "udp5")["ok"]
+        assert netlink.requests[-1][0] == command  # nothing asked after the refusal
+        assert all(tunnel.device.fileno() == -1 for tunnel in removed)
+        assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
+        said = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith("3 devices not deleted together (netlink: ")
+        assert said[0].endswith("): closing them one by one")
