@@ -6,6 +6,7 @@ import os
 import struct
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import packets
 import udpProxyServer as ups
@@ -185,3 +186,30 @@ def test_a_partial_flag_on_what_is_not_tcp_or_udp_is_dropped_and_counted(offload
         tunnel = add_loopback_tunnel(server, peer)
         tunnel.deliver(memoryview(bytes([0, ACCEPTS | PARTIAL, 8, 0]) + icmp), len(icmp) + 4)
     assert tunnel.drops == {"bad_partial": 1} and tunnel.rx_packets == 0
+
+
+header_fields = st.tuples(
+    st.sampled_from([4, 6]), st.sampled_from([ups.TCP, ups.UDP, 1, 58]),
+    st.integers(0, 15), st.integers(0, 255), st.binary(max_size=80), st.integers(0, 255))
+
+
+@given(fields=header_fields, cut=st.integers(0, 120))
+@settings(max_examples=400, deadline=None)
+def test_any_datagram_flagged_partial_is_written_or_counted_never_an_error(fields, cut):
+    """Packets that pass for TCP or UDP up to some byte: a lying IHL, a short header, another
+    protocol, cut anywhere. Each tunnel kind writes it or counts it as dropped."""
+    version, proto, ihl, flags, tail, tcp_offset = fields
+    packet = bytearray(packets.super_packet(version, ups.TCP if proto == ups.TCP else ups.UDP,
+                                            tail)[0])
+    if version == 4:
+        packet[0], packet[9] = 0x40 | ihl, proto
+    else:
+        packet[6] = proto
+    if proto == ups.TCP and len(packet) > (40 if version == 6 else 20) + 12:
+        packet[(40 if version == 6 else 20) + 12] = tcp_offset
+    datagram = bytearray([0, flags | PARTIAL]) + b"\x08\x00" + packet[:cut]
+    for made in (fake_offload_server, fake_server):
+        with made() as (server, devices), udp() as peer:
+            tunnel = add_loopback_tunnel(server, peer)
+            tunnel.deliver(memoryview(bytearray(datagram)), len(datagram))
+            assert tunnel.rx_packets + sum(tunnel.drops.values()) == 1
