@@ -790,12 +790,37 @@ class Joiner:
         self.packets = [packet]
         self.flow = flow
         self.gso_size = len(packet) - header_len
-        self.length = len(packet)
+        self.length = self.length_first = len(packet)
         self.closed = self.gso_size == 0
+        # What a packet of the same size continuing the group has in its headers.
+        self.mask = join_mask(packet[0] >> 4, proto, l4, header_len)
+        self.expected = int.from_bytes(packet[:header_len], "big") & self.mask
+        self.seq_at = l4 + 4 if proto == TCP else None
         if proto == TCP:
             seq, = struct.unpack_from("!I", packet, l4 + 4)
             self.next_seq = (seq + self.gso_size) & 0xFFFFFFFF
             self.closed = self.closed or bool(packet[l4 + 13] & TCP_PSH)
+
+    def continues(self, packet, partial):
+        """Add packet to the group at once, without parsing it, if it is the group's next
+        segment as one super-packet cut makes it: of the first one's size, its headers the
+        first one's but for what changes from one segment to the next (join_mask), the
+        sequence number next. False for anything else, which offer() then looks at."""
+        if (not self.packets or self.closed or len(packet) != self.length_first
+                or len(self.packets) >= GSO_MAX_SEGMENTS
+                or self.length + self.gso_size > MAX_IP_PACKET
+                or int.from_bytes(packet[:self.flow[1]], "big") & self.mask != self.expected):
+            return False
+        if self.seq_at is not None:
+            at = self.seq_at
+            if int.from_bytes(packet[at:at + 4], "big") != self.next_seq:
+                return False
+            self.next_seq = (self.next_seq + self.gso_size) & 0xFFFFFFFF
+            self.closed = bool(packet[at + 9] & TCP_PSH)
+        self.packets.append(packet)
+        self.partial.append(partial)
+        self.length += self.gso_size
+        return True
 
     def take(self):
         """The group as one TUN write (a list of buffers for writev), and its packets, each
@@ -827,6 +852,23 @@ class Joiner:
         struct.pack_into("!H", header, field, partial or 0xFFFF)
         vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, header_len, self.gso_size, l4, field - l4)
         return [vnet, header] + [p[header_len:] for p in packets], packets_partial
+
+
+@functools.lru_cache(maxsize=64)
+def join_mask(version, proto, l4, header_len):
+    """The bits of a packet's headers, header_len bytes read as one number, that the next
+    segment of its flow has the same: all but the IPv4 id and checksum, the TCP sequence
+    number, PSH and checksum, and the UDP checksum."""
+    mask = bytearray(b"\xff" * header_len)
+    if version == 4:
+        mask[4:6] = mask[10:12] = bytes(2)
+    if proto == TCP:
+        mask[l4 + 4:l4 + 8] = bytes(4)
+        mask[l4 + 13] = 0xFF & ~TCP_PSH
+        mask[l4 + 16:l4 + 18] = bytes(2)
+    else:
+        mask[l4 + 6:l4 + 8] = bytes(2)
+    return int.from_bytes(mask, "big")
 
 
 def gro_size(ancdata):
@@ -1242,6 +1284,8 @@ class OffloadTunnel(Tunnel):
         last ones where it can be, else written after them; a partial checksum is left for
         the kernel to finish (a joined write has it finish every one)."""
         joiner = self.buffers.joiner
+        if self.join and joiner.continues(packet, partial):
+            return
         flow = flow_of(packet) if self.join else None
         if flow is None or (flow[3] == UDP and not self.offloads.join_udp):
             self.write_joined()
