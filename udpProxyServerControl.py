@@ -31,6 +31,8 @@ __version__ = "2.0.0"
 CONTROL_PORT = 5001
 DATA_PORT = 5000
 DEFAULT_NETMASK = "255.255.255.252"
+# What the daemon gives an IPv6 tunnel address that comes without a prefix length.
+DEFAULT_IPV6_PREFIX = 64
 DEFAULT_MTU = 1500
 TIMEOUT = 2.0
 # A reply is one UDP datagram.
@@ -78,7 +80,7 @@ examples:
   %(prog)s -s 172.100.1.1 -o del -n udp2
   %(prog)s -s 172.100.1.1 -o list
   %(prog)s -s 172.100.1.1 --secret-file /etc/udpProxyServer/secret -o list
-  %(prog)s -s 172.100.1.1 -o add -n udp2 -t 10.0.1.1 -r 172.100.1.2 --route 192.168.2.0/24
+  %(prog)s -s 172.100.1.1 -o add -n udp2 -t 10.0.1.1 -r 172.100.1.2 --route 192.168.2.0/24 --route fd00:2::/64
   %(prog)s -s 2001:db8::1 -o add -n udp6 -t fd00:1::1/64 -r 2001:db8::2 --mtu 1400
   %(prog)s --mesh mesh.json --dry-run
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
@@ -1085,15 +1087,16 @@ def parse_args(argv):
     parser.add_argument("-t", "--tunnel", help="the tunnel's own IP address")
     parser.add_argument("-tm", "--mask",
                         help="the tunnel's netmask or prefix length (default %s for an IPv4"
-                             " address; an IPv6 one may carry its own, as fd00::1/64)"
-                             % DEFAULT_NETMASK)
+                             " -t, /%d for an IPv6 one; -t fd00::1/64 carries its own)"
+                             % (DEFAULT_NETMASK, DEFAULT_IPV6_PREFIX))
     parser.add_argument("-m", "--mtu", type=int, default=DEFAULT_MTU,
                         help="the tunnel's MTU (default %(default)s)")
     parser.add_argument("-r", "--remote", help="the IP address of the peer's daemon")
     parser.add_argument("--remote-port", type=port,
                         help="the peer's data port, when it is not this daemon's")
     parser.add_argument("--route", action="append", metavar="CIDR",
-                        help="a network the daemon routes through the tunnel; repeatable")
+                        help="a network the daemon routes through the tunnel; give the flag"
+                             " once for each network")
     parser.add_argument("--peer-key", metavar="BASE64",
                         help="the peer's WireGuard public key: the tunnel is encrypted, and -r"
                              " may be left out on the side that waits for a peer behind NAT")
@@ -1121,7 +1124,9 @@ def parse_args(argv):
     parser.add_argument("--secret-file", metavar="PATH",
                         help="authenticate with the shared secret in PATH (mode 600), as the"
                              " daemon's --secret-file")
-    parser.add_argument("--json", action="store_true", help="print the reply as it came")
+    parser.add_argument("--json", action="store_true",
+                        help="print the daemon's reply (or with --mesh --status, the states)"
+                             " as JSON instead of for a person")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.mesh:
@@ -1133,6 +1138,9 @@ def parse_args(argv):
         if getattr(args, flag):
             parser.error("--%s goes with --mesh" % flag.replace("_", "-"))
 
+    if args.route and args.server_arg and "/" in args.server_arg:
+        # The README once wrote --route CIDR ...: a second network after one --route lands here.
+        parser.error("%r is not a server: give --route once for each network" % args.server_arg)
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))
     args.server = args.server or args.server_arg

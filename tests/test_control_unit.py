@@ -35,6 +35,12 @@ def test_del_needs_only_server_and_name():
         {"op": "del", "tunnel": [{"name": "udp2"}]}
 
 
+def test_route_and_its_repeats_are_sent_in_order():
+    message = ctl.build_message(args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2",
+                                     "--route", "192.168.2.0/24", "--route", "fd00:2::/64"))
+    assert message["tunnel"][0]["routes"] == ["192.168.2.0/24", "fd00:2::/64"]
+
+
 def test_remote_port_is_sent_when_given():
     message = ctl.build_message(args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2",
                                      "--remote-port", "6000"))
@@ -52,6 +58,9 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "list", "--status"), "--status goes with --mesh"),
     (("--mesh", "m.json", "--status", "--down"), "--status changes nothing: not with --down"),
     (("--mesh", "m.json", "--status", "--dry-run"), "--status changes nothing: not with --dry-run"),
+    # --route is given once a network; a second network after it is no server.
+    (("-s", "h", "-n", "u", "-t", "10.0.1.1", "-r", "198.18.0.2", "--route", "192.168.2.0/24",
+      "192.168.3.0/24"), "'192.168.3.0/24' is not a server: give --route once for each network"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit:
