@@ -1027,7 +1027,7 @@ def main_mesh(args, session):
         args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
         " (dry run: nothing is changed)" if args.dry_run else ""))
     try:
-        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print, args.down)
+        failed = apply_mesh(mesh, session, args.timeout, args.dry_run, print, args.down)
     except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_REFUSED
@@ -1040,7 +1040,7 @@ def main_mesh(args, session):
 
 
 def main_status(args, session, mesh):
-    listings = read_mesh(mesh, session, args.timeout or TIMEOUT)
+    listings = read_mesh(mesh, session, args.timeout)
     try:
         states, failed = pair_states(mesh, listings, time.time())
     except MeshError as e:  # the hosts' tunnels leave no plan to hold them against
@@ -1119,8 +1119,8 @@ def parse_args(argv):
                              " other (up, down, missing, differs, no answer), changing nothing;"
                              " exit 0 when all are up")
     parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
-                        help="seconds to wait for the reply; 0 sends without waiting"
-                             " (default %(default)s)")
+                        help="seconds to wait for each reply; 0 sends without waiting, not"
+                             " with --mesh (default %(default)s)")
     parser.add_argument("--secret-file", metavar="PATH",
                         help="authenticate with the shared secret in PATH (mode 600), as the"
                              " daemon's --secret-file")
@@ -1133,6 +1133,12 @@ def parse_args(argv):
         for flag in ("down", "dry_run"):
             if args.status and getattr(args, flag):
                 parser.error("--status changes nothing: not with --%s" % flag.replace("_", "-"))
+        if args.timeout == 0:
+            # Even --down asks every daemon for its tunnels first: there is nothing to do blind.
+            parser.error("--timeout %g: --mesh needs every daemon's reply; give more than 0 s"
+                         % args.timeout)
+        if args.json and not args.status:
+            parser.error("--json goes with --status when given --mesh")
         return args
     for flag in ("dry_run", "down", "status"):
         if getattr(args, flag):

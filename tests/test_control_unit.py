@@ -58,6 +58,10 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "list", "--status"), "--status goes with --mesh"),
     (("--mesh", "m.json", "--status", "--down"), "--status changes nothing: not with --down"),
     (("--mesh", "m.json", "--status", "--dry-run"), "--status changes nothing: not with --dry-run"),
+    # Applying a mesh reads every daemon's tunnels first: not waiting is refused, not replaced.
+    (("--mesh", "m.json", "--timeout", "0"), "--timeout 0: --mesh needs every daemon's reply"),
+    (("--mesh", "m.json", "--status", "--timeout", "0"), "--timeout 0: --mesh needs"),
+    (("--mesh", "m.json", "--json"), "--json goes with --status when given --mesh"),
     # --route is given once a network; a second network after it is no server.
     (("-s", "h", "-n", "u", "-t", "10.0.1.1", "-r", "198.18.0.2", "--route", "192.168.2.0/24",
       "192.168.3.0/24"), "'192.168.3.0/24' is not a server: give --route once for each network"),
