@@ -219,6 +219,14 @@ class Host:
         self.run(sys.executable, "-c", code, input=json.dumps([p.hex() for p in payloads]))
 
 
+def ipv6_host(lab, name, index):
+    """A host whose underlay also has an IPv6 address, from the benchmarking range 2001:2::/48."""
+    host = lab.host(name, index)
+    host.address6 = "2001:2::%d" % index
+    host.ip("addr", "add", host.address6 + "/64", "dev", "eth0", "nodad")
+    return host
+
+
 def tunnel_pair(lab, mtu=None):
     """Two hosts, each running a daemon, joined by one tunnel (of mtu, if given):
     a (10.0.1.1, udp2) <-> b (10.0.1.2, udp1)."""
