@@ -62,8 +62,12 @@ MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt", "ho
 MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey")
 MESH_TUNNEL_PREFIX = "m-"
 MESH_BATCH = 50
-# An encrypted mesh's default MTU, as wg-quick sets it over a 1500-byte underlay: room for
-# WireGuard's overhead, 60 bytes over IPv4 (IP 20, UDP 8, its header 16, tag 16), 80 over IPv6.
+# A mesh's default MTU fits its tunnels' datagrams in the usual 1500-byte underlay, as
+# wg-quick's 1420 does, so none is fragmented and GSO stays on (-m keeps the 2015 default).
+# A plain pair's overhead over IPv6: IP 40, UDP 8 and the 4-byte packet information header.
+PLAIN_MESH_MTU = 1500 - 40 - 8 - 4
+# An encrypted pair's: WireGuard's 60 bytes over IPv4 (IP 20, UDP 8, its header 16, tag 16),
+# 80 over IPv6.
 ENCRYPTED_MESH_MTU = 1420
 # A Curve25519 public key is 32 bytes; files and daemons give it in base64, as wg pubkey.
 KEY_BYTES = 32
@@ -491,7 +495,7 @@ def parse_mesh(data):
     if subnets < pairs:
         raise MeshError("tunnelNet %s holds %d /%d subnets; %d hosts need %d (one for each pair)"
                         % (tunnel_net, subnets, prefix, len(hosts), pairs))
-    mtu = data.get("mtu", ENCRYPTED_MESH_MTU if encrypt else DEFAULT_MTU)
+    mtu = data.get("mtu", ENCRYPTED_MESH_MTU if encrypt else PLAIN_MESH_MTU)
     port = data.get("controlPort", CONTROL_PORT)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65503:
         raise MeshError("mtu %r: must be a whole number from 68 to 65503" % (mtu,))

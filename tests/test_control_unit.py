@@ -538,15 +538,17 @@ def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, com
     assert complaint in str(error.value)
 
 
-def test_an_encrypted_mesh_defaults_to_an_mtu_that_fits_wireguard_in_1500_bytes(tmp_path):
+def test_a_mesh_defaults_to_an_mtu_that_fits_its_tunnels_in_1500_bytes(tmp_path):
     def mtu(**changes):
         mesh = json.loads(open(write_mesh(tmp_path)).read())
         del mesh["mtu"]
         mesh.update(changes)
         return ctl.parse_mesh(mesh).mtu
-    assert mtu(encrypt=True) == 1420
-    assert mtu() == mtu(encrypt=False) == 1500
-    assert mtu(encrypt=True, mtu=1400) == 1400
+    assert mtu(encrypt=True) == 1420  # as wg-quick
+    assert mtu() == mtu(encrypt=False) == 1500 - 40 - 8 - 4  # IPv6, UDP, packet information
+    assert (mtu(encrypt=True, mtu=1400), mtu(mtu=1500)) == (1400, 1500)  # the file's wins
+    # A single tunnel keeps the 2015 control script's default.
+    assert args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2").mtu == 1500
 
 
 def test_tunnel_names_fit_and_stay_unique():
