@@ -267,6 +267,22 @@ def write_secret(lab, name="secret"):
     return path
 
 
+def mesh_file(lab, hosts, name="mesh.json", extra_lan=None, mtu=1400, underlay="address"):
+    """The mesh of hosts, each with its LAN, at their underlay addresses of that name;
+    extra_lan: one more network for the last host; mtu None: the file gives none."""
+    entries = [{"name": h.name, "address": getattr(h, underlay),
+                "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]} for h in hosts]
+    if extra_lan:
+        entries[-1]["lan"].append(extra_lan)
+    mesh = {"controlPort": 5001, "tunnelNet": "10.0.0.0/24", "hosts": entries}
+    if mtu:
+        mesh["mtu"] = mtu
+    path = os.path.join(lab.workdir, name)
+    with open(path, "w") as f:
+        json.dump(mesh, f)
+    return path
+
+
 def wait_until(condition, what):
     """Poll condition until it holds; fail naming what never happened."""
     deadline = time.monotonic() + PATIENCE

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lab import HELPERS, MESH_HOSTS, wait_until, write_secret
+from lab import HELPERS, MESH_HOSTS, mesh_file, wait_until, write_secret
 
 PROBE = os.path.join(HELPERS, "probe.py")
 PADDED = 256  # as the control script pads its plain requests
@@ -77,17 +77,6 @@ def test_the_2015_control_script_still_works_sending_once_without_waiting(fleet)
     sent = manager.control("-s", one.address, "-o", "del", "-n", "udp5", "--timeout", "0")
     assert "not waiting" in sent.stdout
     wait_until(lambda: not one.link_exists("udp5"), "the tunnel deleted, not waiting")
-
-
-def mesh_file(lab, hosts, extra_lan=None):
-    path = os.path.join(lab.workdir, "mesh.json")
-    entries = [{"name": h.name, "address": h.address, "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]}
-               for h in hosts]
-    if extra_lan:
-        entries[-1]["lan"].append(extra_lan)
-    with open(path, "w") as f:
-        json.dump({"mtu": 1400, "tunnelNet": "10.0.0.0/24", "hosts": entries}, f)
-    return path
 
 
 def test_a_manager_builds_reapplies_and_edits_a_mesh_without_a_secret(lab, fleet):

@@ -1,11 +1,10 @@
 """One command for a whole mesh: --mesh against real daemons, with routes the daemons own."""
 
 import json
-import os
 
 import pytest
 
-from lab import MESH_HOSTS, ipv6_host, transfer, write_secret
+from lab import MESH_HOSTS, ipv6_host, mesh_file, transfer, write_secret
 
 
 @pytest.fixture
@@ -16,22 +15,6 @@ def minions(lab):
     for host in hosts:
         host.start_daemon("--secret-file", secret)
     return hosts, secret
-
-
-def mesh_file(lab, hosts, name="mesh.json", extra_lan=None, mtu=1400, underlay="address"):
-    """The mesh of hosts, each with its LAN, at their underlay addresses of that name;
-    extra_lan: one more network for the last host; mtu None: the file gives none."""
-    entries = [{"name": h.name, "address": getattr(h, underlay),
-                "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]} for h in hosts]
-    if extra_lan:
-        entries[-1]["lan"].append(extra_lan)
-    mesh = {"controlPort": 5001, "tunnelNet": "10.0.0.0/24", "hosts": entries}
-    if mtu:
-        mesh["mtu"] = mtu
-    path = os.path.join(lab.workdir, name)
-    with open(path, "w") as f:
-        json.dump(mesh, f)
-    return path
 
 
 def apply(manager, path, secret, *extra, check=True):
