@@ -551,6 +551,22 @@ def test_a_mesh_defaults_to_an_mtu_that_fits_its_tunnels_in_1500_bytes(tmp_path)
     assert args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2").mtu == 1500
 
 
+def test_a_mesh_built_at_1500_without_an_mtu_is_remade_at_the_default_and_kept_with_one(tmp_path):
+    hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"][:2]
+    current = {"minion-1": {"m-minion-2": dict(listed("10.0.0.1", "172.100.1.2",
+                                                      ["192.168.2.0/24"]), mtu=1500)},
+               "minion-2": {"m-minion-1": dict(listed("10.0.0.2", "172.100.1.1",
+                                                      ["192.168.1.0/24"]), mtu=1500)}}
+    ports = dict.fromkeys(current, 5000)
+    mesh = json.loads(open(write_mesh(tmp_path, hosts=hosts)).read())
+    del mesh["mtu"]
+    plans = ctl.host_plans(ctl.parse_mesh(mesh), current, ports)
+    assert [(p.stale, [e["mtu"] for e in p.new]) for p in plans.values()] == \
+        [(["m-minion-2"], [1448]), (["m-minion-1"], [1448])]
+    kept = ctl.host_plans(ctl.parse_mesh(dict(mesh, mtu=1500)), current, ports)
+    assert [(p.stale, p.new, p.unchanged) for p in kept.values()] == [([], [], 1)] * 2
+
+
 def test_tunnel_names_fit_and_stay_unique():
     assert ctl.tunnel_name("minion-2") == "m-minion-2"
     long_names = [ctl.tunnel_name("datacenter-east-%d" % i) for i in range(20)]
