@@ -45,10 +45,11 @@ def test_2015_daemon_2015_control_script(hosts):
     assert one.ping("10.0.1.2") and two.ping("10.0.1.1")
 
 
-def test_2015_daemon_new_control_script(hosts):
+def test_2015_daemon_new_control_script(lab, hosts):
     """add is done, and no reply comes (exit 3, or 0 with --timeout 0); list gets nothing;
-    del stops the 2015 daemon, every tunnel of it gone."""
-    old, _, manager = hosts
+    --mesh names the host and changes nothing on it; del stops the 2015 daemon, every
+    tunnel of it gone."""
+    old, two, manager = hosts
     old.start_2015_daemon()
     waited = manager.control("-s", old.address, "-o", "add", "-n", "udp2", "-t", "10.0.1.1",
                              "-r", "198.18.0.2", "--timeout", "0.5", check=False)
@@ -60,6 +61,9 @@ def test_2015_daemon_new_control_script(hosts):
     wait_until(lambda: old.link_exists("udp3"), "the tunnel added without waiting")
     listed = manager.control("-s", old.address, "-o", "list", "--timeout", "0.5", check=False)
     assert listed.returncode == NO_REPLY
+    mesh = manager.control("--mesh", mesh_file(lab, [old, two]), "--timeout", "0.5", check=False)
+    assert mesh.returncode == 1 and "minion-1 (198.18.0.1): FAILED: no reply" in mesh.stdout
+    assert not old.link_exists("m-minion-2")
     # Each add was done once: a second one of a name would have ended the 2015 daemon.
     assert old.daemon.poll() is None
 
