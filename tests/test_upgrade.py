@@ -116,7 +116,7 @@ def test_new_daemon_with_a_secret_2015_control_script(lab, hosts):
 # --- The steps ----------------------------------------------------------------
 
 
-def test_one_host_at_a_time_from_2015_then_the_secret(lab, hosts):
+def test_one_host_at_a_time_from_2015(lab, hosts):
     one, two, manager = hosts
     for host in (one, two):
         host.start_2015_daemon()
@@ -127,24 +127,25 @@ def test_one_host_at_a_time_from_2015_then_the_secret(lab, hosts):
     two.ip("route", "add", "192.168.1.0/24", "dev", "udp1")
     assert lans_reach_each_other(one, two)
 
+    secret = write_secret(lab)
     state = {host.name: os.path.join(lab.workdir, host.name + ".json") for host in (one, two)}
     for host, tunnel, address, peer in ((one, "udp2", "10.0.1.1", two),
                                         (two, "udp1", "10.0.1.2", one)):
         host.stop_daemon()  # its tunnel and the route added by hand go with it
         assert not host.link_exists(tunnel) and peer.lan[:-1] not in host.routes()
-        host.start_daemon("--state-file", state[host.name])
-        manager.control("-s", host.address, "-o", "add", "-n", tunnel, "-t", address,
-                        "-r", peer.address, "--route", peer.lan.rsplit(".", 1)[0] + ".0/24")
+        host.start_daemon("--secret-file", secret, "--state-file", state[host.name])
+        manager.control("-s", host.address, "--secret-file", secret, "-o", "add", "-n", tunnel,
+                        "-t", address, "-r", peer.address,
+                        "--route", peer.lan.rsplit(".", 1)[0] + ".0/24")
         assert lans_reach_each_other(one, two)  # ours with the 2015 one, then with ours
 
-    secret = write_secret(lab)
-    for host in (one, two):  # each keeps its tunnels through the restart: the state file
-        host.stop_daemon()
-        host.start_daemon("--secret-file", secret, "--state-file", state[host.name])
+    one.stop_daemon()  # the state file brings back its tunnel and its route
+    one.start_daemon("--secret-file", secret, "--state-file", state[one.name])
     assert lans_reach_each_other(one, two)
-    assert "udp2" in manager.control("-s", one.address, "--secret-file", secret, "-o", "list").stdout
+    manager.control_2015(one.address, "add", "udp5", "10.0.5.1", "198.18.0.5")
     plain = manager.control("-s", one.address, "-o", "list", check=False)
     assert plain.returncode == 1 and "authentication required" in plain.stdout
+    assert not one.link_exists("udp5")
 
 
 def test_hand_made_tunnels_make_way_for_the_mesh(lab):
