@@ -79,6 +79,12 @@ def test_the_reference_tables_name_every_flag_of_help_and_no_other(script):
             assert default.group(1) in cell, (flags, default.group(1), cell)
 
 
+def test_the_mesh_file_table_names_every_field_and_no_other():
+    rows = table_rows(section("### The mesh file"))[1:]
+    assert sorted(row[0].strip("`") for row in rows) == \
+        sorted(ctl.MESH_FIELDS + ctl.MESH_HOST_FIELDS)
+
+
 def test_the_sizing_table_holds():
     rows = table_rows(section("### Sizing `tunnelNet`"))[1:]
     assert rows
