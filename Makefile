@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # command:Debian package, for what the tests and the demo run.
 TOOLS := ip:iproute2 ping:iputils-ping socat:socat setpriv:util-linux unshare:util-linux \
-         wireguard-go:wireguard-go wg:wireguard-tools nft:nftables
+         wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ethtool:ethtool
 # What only the bench runs: the load generator and the tunnel daemon it is compared with.
 BENCH_TOOLS := iperf3:iperf3 fastd:fastd sysctl:procps
 

@@ -380,7 +380,11 @@ def listed_interface(listed):
 
 
 LIST_COLUMNS = ("NAME", "TUNNEL", "REMOTE", "MTU", "RX PKTS", "RX BYTES",
-                "TX PKTS", "TX BYTES", "DROPS", "LAST RX", "HANDSHAKE", "ROUTES")
+                "TX PKTS", "TX BYTES", "DROPS", "LAST RX", "HANDSHAKE", "CHECKSUMS", "ROUTES")
+# What a plain tunnel's CHECKSUMS column says when it sends full ones, by whether the
+# peer's last datagram said it takes partial ones (a new daemon with offloads).
+FULL_BECAUSE = {None: "full (peer not heard)", False: "full (old peer)",
+                True: "full (no offloads here)"}
 
 
 def format_table(reply, now=None):
@@ -400,6 +404,7 @@ def format_table(reply, now=None):
             format_drops(tunnel.get("drops", {})),
             format_age(tunnel.get("last_rx"), now),
             format_age(tunnel.get("latestHandshake"), now) if "publicKey" in tunnel else "plain",
+            format_checksums(tunnel),
             ",".join(tunnel.get("routes", [])) or "-",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(LIST_COLUMNS))]
@@ -417,6 +422,15 @@ def format_table(reply, now=None):
         lines.append("in the state file but not made (see the daemon's log): %s"
                      % ", ".join(reply["unmade"]))
     return "\n".join(lines)
+
+
+def format_checksums(tunnel):
+    """What a plain tunnel sends, partial checksums or full ones and why; "-" for an
+    encrypted tunnel (always full, as WireGuard peers need) or a daemon that does not say."""
+    checksums = tunnel.get("checksums")
+    if checksums == "full":
+        return FULL_BECAUSE.get(tunnel.get("peerOffload"), "full")
+    return checksums or "-"
 
 
 def format_remote(tunnel, reply):

@@ -24,12 +24,27 @@ CHART_WIDTH, CHART_HEIGHT, CHART_DPI = 12, 6.5, 100
 # Loss is often 0 for a reference, and a ratio to 0 says nothing.
 CHARTED = tuple(m for m in METRICS if m.field != "loss_pct")
 
-# A goal is a figure of one tunnel held against another's times factor, or against the
-# bound itself when there is no reference.
-Goal = collections.namedtuple("Goal", "text kind test field higher reference bound")
+# A goal is a figure of one tunnel held against another's times factor (or plus a margin,
+# when plus is set), or against the bound itself when there is no reference.
+Goal = collections.namedtuple("Goal", "text kind test field higher reference bound plus",
+                              defaults=(None,))
+OURS, NO_OFFLOAD = "udpProxyServer", "udpProxyServer --no-offload"
 ENCRYPTED, WIREGUARD_GO, FASTD = "udpProxyServer encrypted", "wireguard-go", "fastd (null)"
-# The issue tracker's goals for encrypted tunnels.
+VXLAN = "VXLAN (kernel)"
+# The scale part's one goal: how long a daemon holding every tunnel takes to stop.
+STOP_GOAL_TEXT, STOP_GOAL_SECONDS = "stop with 2,000 tunnels under 5 s", 5
+# The issue tracker's goals: plain tunnels between new daemons, then encrypted tunnels.
 GOALS = (
+    Goal("TCP at least 4x fastd (null)'s", OURS, "tcp", "mbit_s", True, FASTD, 4),
+    Goal("TCP at least 0.3x VXLAN's", OURS, "tcp", "mbit_s", True, VXLAN, 0.3),
+    Goal("RTT median at most fastd (null)'s + 0.1 ms", OURS, "ping", "median_ms", False, FASTD,
+         None, 0.1),
+    Goal("64-byte UDP at least 1.2x fastd (null)'s", OURS, "udp64", "received_pps", True, FASTD,
+         1.2),
+    Goal("--no-offload TCP at least 1.3x fastd (null)'s", NO_OFFLOAD, "tcp", "mbit_s", True, FASTD,
+         1.3),
+    Goal("--no-offload 64-byte UDP at least 1.2x fastd (null)'s", NO_OFFLOAD, "udp64",
+         "received_pps", True, FASTD, 1.2),
     Goal("encrypted TCP at least 2.5x wireguard-go's", ENCRYPTED, "tcp", "mbit_s", True,
          WIREGUARD_GO, 2.5),
     Goal("encrypted TCP at least 1.5x fastd (null)'s", ENCRYPTED, "tcp", "mbit_s", True,
@@ -134,13 +149,16 @@ def print_handshakes(results, say):
 
 
 def print_goals(results, say):
-    """Each goal of the issue tracker against this run's figures: met, short, or not measured."""
+    """Each goal of the issue tracker whose tunnel this run measured against its figures:
+    met, short, or not measured (its reference skipped); and the stop time at scale."""
     by_kind = {row["kind"]: row for row in results["tunnels"] if "skipped" not in row}
-    if ENCRYPTED not in by_kind:
+    lines = [(goal.text,) + judge(goal, by_kind) for goal in GOALS if goal.kind in by_kind]
+    if results.get("scale", {}).get("requested"):
+        lines.append((STOP_GOAL_TEXT,) + judge_stop(results["scale"]))
+    if not lines:
         return
     say()
     say("Goals, against this run's figures:")
-    lines = [(goal.text,) + judge(goal, by_kind) for goal in GOALS]
     width = max(len(line[0]) for line in lines)
     figures = max(len(line[1]) for line in lines)
     for text, figures_text, verdict in lines:
@@ -158,10 +176,22 @@ def judge(goal, by_kind):
     reference = by_kind.get(goal.reference, {}).get(goal.test, {}).get(goal.field)
     if not reference:
         return "-", "not measured (%s)" % goal.reference
+    if goal.plus is not None:
+        above = value - reference
+        return ("%+.3f ms (%s against %s)" % (above, in_unit(goal, value), in_unit(goal, reference)),
+                "met" if above <= goal.plus else "not met")
     share = value / reference
     met = share >= goal.bound if goal.higher else share <= goal.bound
     return ("%.2fx (%s against %s)" % (share, in_unit(goal, value), in_unit(goal, reference)),
             "met" if met else "not met")
+
+
+def judge_stop(scale):
+    seconds = scale.get("stop_seconds")
+    if seconds is None:
+        return "still running after the wait", "not met"
+    return ("%.1f s with %d tunnels" % (seconds, scale["added"]),
+            "met" if seconds < STOP_GOAL_SECONDS and scale["added"] >= 2000 else "not met")
 
 
 def in_unit(goal, value):

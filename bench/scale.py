@@ -26,7 +26,8 @@ TUNNEL_MTU = 1400
 REPLY_TIMEOUT = 60
 # Each part of a list is one reply datagram; give each time but not a minute.
 LIST_TIMEOUT = 5
-# SIGTERM closes every device one by one; 2,000 of them take a while.
+# SIGTERM deletes the devices together, 2,000 in about 2 s; one by one (without pyroute2)
+# they take 40 s.
 STOP_PATIENCE = 120
 
 

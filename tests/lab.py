@@ -23,6 +23,10 @@ UNDERLAY = "198.18.0.%d"
 UNDERLAY_PREFIX = 24
 # How long to wait for a process to come up or go away; never asserted on.
 PATIENCE = 20
+# Runs the script named after it as __main__ with the modules listed here not installed: their
+# import fails, as on a host that lacks them.
+WITHOUT_MODULES = ("import runpy, sys; sys.modules.update(dict.fromkeys(%r)); del sys.argv[0];"
+                   " runpy.run_path(sys.argv[0], run_name='__main__')")
 
 _labs = itertools.count(1)
 
@@ -134,10 +138,13 @@ class Host:
     def ip(self, *argv):
         sh("ip", "-n", self.ns, *argv)
 
-    def start_daemon(self, *args, python=sys.executable, wait=True, env=None):
-        """Run the daemon from its lone copy, as a user would."""
+    def start_daemon(self, *args, python=sys.executable, wait=True, env=None, without=()):
+        """Run the daemon from its lone copy, as a user would; on a host without the
+        modules named in without, if any."""
         self.lab.log("%s# udpProxyServer.py %s" % (self.name, " ".join(args)))
-        proc = self.lab.spawn(self.ns, [python, "-I", self.lab.script("udpProxyServer.py"), *args],
+        hiding = ("-c", WITHOUT_MODULES % (list(without),)) if without else ()
+        proc = self.lab.spawn(self.ns, [python, "-I", *hiding, self.lab.script("udpProxyServer.py"),
+                                        *args],
                               "%s-daemon-%d.log" % (self.name, len(self.lab.processes)), env=env)
         self.daemon = proc
         if wait:

@@ -155,14 +155,23 @@ def test_list_prints_a_table():
     lines = ctl.format_table(LIST_REPLY, now=1000.0).splitlines()
     assert lines[0].split()[:3] == ["NAME", "TUNNEL", "REMOTE"]
     assert lines[1].split() == ["udp2", "10.0.1.1/30", "198.18.0.2:5000", "1500", "3", "264",
-                                "4", "352", "short=2", "5s", "ago", "plain", "-"]
+                                "4", "352", "short=2", "5s", "ago", "plain", "-", "-"]
     assert lines[2] == "dropped by the daemon: unknown_source=4"
     waiting = dict(LIST_REPLY["tunnels"][0], publicKey="k" * 44, latestHandshake=None)
     del waiting["remoteServer"]
     row = ctl.format_table(dict(LIST_REPLY, tunnels=[waiting]), now=1000.0).splitlines()[1]
-    assert row.split()[2] == "(waiting)" and row.split()[-2] == "never"
+    assert row.split()[2] == "(waiting)" and row.split()[-3] == "never"
     unmade = ctl.format_table(dict(LIST_REPLY, unmade=["udp3"]), now=1000.0).splitlines()
     assert unmade[-1] == "in the state file but not made (see the daemon's log): udp3"
+
+
+@pytest.mark.parametrize("checksums, peer, shown", [
+    ("partial", True, "partial"), ("full", False, "full (old peer)"),
+    ("full", None, "full (peer not heard)"), ("full", True, "full (no offloads here)")])
+def test_list_says_which_checksums_a_plain_tunnel_sends_and_why(checksums, peer, shown):
+    tunnel = dict(LIST_REPLY["tunnels"][0], checksums=checksums, peerOffload=peer)
+    row = ctl.format_table(dict(LIST_REPLY, tunnels=[tunnel]), now=1000.0).splitlines()[1]
+    assert ("  %s  " % shown) in row
 
 
 def test_list_json_prints_the_reply(daemon, capsys):

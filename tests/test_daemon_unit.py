@@ -257,16 +257,24 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
 # --- The offload tunnel, its device a socketpair end speaking virtio headers ------------
 
 
-@pytest.fixture
-def offload_server():
+@contextlib.contextmanager
+def fake_offload_server():
     offloads = ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
                             udp_gro=True, join=True)
     devices = FakeDevices()
     data, control = udp(), udp()
     data.setblocking(False)
     server = Server(data, control, open_device=devices, offloads=offloads)
-    yield server, devices
-    server.close()
+    try:
+        yield server, devices
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def offload_server():
+    with fake_offload_server() as made:
+        yield made
 
 
 def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
@@ -284,7 +292,8 @@ def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_serv
                                    + bytes(packet))
         server.loop.dispatch(tunnel.fd)
         datagrams = [peer.recv(65535) for _ in range(5)]
-    assert all(d[:4] == b"\x00\x00\x08\x00" and packets.valid(d[4:]) for d in datagrams)
+    assert all(d[:4] == bytes([0, ups.PI_ACCEPTS_PARTIAL]) + b"\x08\x00" and packets.valid(d[4:])
+               for d in datagrams)  # full checksums: the peer has not said it takes partial ones
     assert b"".join(d[4 + l4 + 32:] for d in datagrams) == payload
     assert (tunnel.tx_packets, tunnel.tx_bytes) == (5, sum(map(len, datagrams)))
 
@@ -459,11 +468,14 @@ class RefusingGSO:
         return self.sock.sendto(*args)
 
 
-def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server):
+# With partial checksums (a new peer) the datagrams go as pieces, headers and payloads.
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server, partial):
     server, devices = offload_server
     packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
+        tunnel.peer_takes_partial = partial
         tunnel.sock = RefusingGSO(server.data_sock)
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                    + bytes(packet))
@@ -484,10 +496,12 @@ def send_super_packet(server, devices, tunnel):
 # A route that flaps, a firewall rule, the kernel short of memory, a full socket buffer.
 @pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPERM,
                                   errno.ENOBUFS, errno.EAGAIN], ids=errno.errorcode.get)
-def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, code):
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, code, partial):
     server, devices = offload_server
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
+        tunnel.peer_takes_partial = partial
         tunnel.sock = wire = Wire(gso_errors=[code])
         send_super_packet(server, devices, tunnel)  # refused, and counted
         send_super_packet(server, devices, tunnel)  # the error has passed: one GSO send
@@ -499,11 +513,14 @@ def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, c
 # EMSGSIZE: datagrams larger than the underlay MTU, which GSO cannot fragment; EINVAL
 # says so too before Linux 6.14, or that the send has more segments than the kernel takes.
 @pytest.mark.parametrize("code", [errno.EMSGSIZE, errno.EINVAL], ids=errno.errorcode.get)
-def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_server, code):
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_server, code,
+                                                                     partial):
     server, devices = offload_server
     with udp() as peer, udp() as other_peer:
         tunnel = add_loopback_tunnel(server, peer)
         other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
+        tunnel.peer_takes_partial = other.peer_takes_partial = partial
         tunnel.sock = wire = Wire(gso_errors=[code])
         other.sock = other_wire = Wire()
         send_super_packet(server, devices, tunnel)
@@ -774,3 +791,87 @@ def test_an_encrypted_tunnel_needs_the_daemons_key():
         reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("wg2", 2, publicKey="a" * 43 + "=")]}).encode(), ("127.0.0.1", 9))
     assert "needs this daemon's own key: start it with --key-file" in reply["error"]
+
+
+class GroupNetlink:
+    """Stands in for pyroute2's IPRoute at deleting devices together: the interface group of
+    each device by index, and the requests it was sent; refused, if given, is the command it
+    refuses (set or del) and the error."""
+
+    def __init__(self, indexes, refused=(None, None)):
+        self.groups = dict.fromkeys(indexes, 0)
+        self.refused = refused
+        self.requests = []
+
+    def __call__(self):
+        return self
+
+    def link(self, command, index=None, group=None):
+        self.requests.append((command, index, group))
+        if command == self.refused[0]:
+            raise ups.NetlinkError(self.refused[1], os.strerror(self.refused[1]))
+        if command == "set":
+            self.groups[index] = group
+        else:
+            self.groups = {i: g for i, g in self.groups.items() if g != group}
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def tunnels_on_netlink(tmp_path, monkeypatch, count, **netlink):
+    """A server with a state file and count tunnels udp2... whose fake devices have indexes
+    (their fds' numbers) that a GroupNetlink knows, with a device not the server's (index
+    1000, in an administrator's group)."""
+    with server_with_state(tmp_path) as (server, devices):
+        answer(server, json.dumps({"op": "add", "tunnel": [entry("udp%d" % i, i)
+                                   for i in range(2, count + 2)]}).encode(), ("127.0.0.1", 9))
+        fake = GroupNetlink([t.fd for t in server.tunnels.values()], **netlink)
+        fake.groups[1000] = 7
+        monkeypatch.setattr(ups, "IPRoute", fake)
+        monkeypatch.setattr(ups, "held_device_index",
+                            lambda fd: fd if fd in fake.groups and fd != 1000 else None)
+        yield server, fake
+
+
+def delete(server, *names):
+    reply, _, _ = answer(server, json.dumps({"op": "del", "tunnel": [{"name": n} for n in names]})
+                         .encode(), ("127.0.0.1", 9))
+    return reply
+
+
+def test_one_del_puts_just_its_devices_in_a_group_and_deletes_that_group_once(tmp_path,
+                                                                           monkeypatch, caplog):
+    with tunnels_on_netlink(tmp_path, monkeypatch, 4) as (server, netlink), \
+            caplog.at_level(logging.INFO, logger="udpProxyServer"):
+        removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
+        assert delete(server, "udp2", "udp3", "udp5")["ok"]
+        group = netlink.requests[-1][2]
+        assert ups.DELETE_GROUPS[0] <= group < ups.DELETE_GROUPS[1]
+        assert sorted(netlink.requests[:-1]) == sorted(("set", t.fd, group) for t in removed)
+        assert netlink.requests[-1] == ("del", None, group)
+        assert netlink.groups == {server.tunnels["udp4"].fd: 0, 1000: 7}
+        assert all(tunnel.device.fileno() == -1 for tunnel in removed)  # closed after
+        assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
+        assert "3 devices deleted together" in caplog.text
+        netlink.requests.clear()
+        assert delete(server, "udp4")["ok"]
+        assert netlink.requests == []  # one device: its fd closed deletes it as soon
+
+
+@pytest.mark.parametrize("command", ["set", "del"])
+def test_devices_not_deleted_together_are_closed_one_by_one_said_in_one_line(
+        tmp_path, monkeypatch, caplog, command):
+    refused = (command, errno.EOPNOTSUPP)
+    with tunnels_on_netlink(tmp_path, monkeypatch, 4, refused=refused) as (server, netlink), \
+            caplog.at_level(logging.INFO, logger="udpProxyServer"):
+        removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
+        assert delete(server, "udp2", "udp3", "udp5")["ok"]
+        assert netlink.requests[-1][0] == command  # nothing asked after the refusal
+        assert all(tunnel.device.fileno() == -1 for tunnel in removed)
+        assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
+        said = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith("3 devices not deleted together (netlink: ")
+        assert said[0].endswith("): closing them one by one")

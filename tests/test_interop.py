@@ -42,6 +42,9 @@ def test_tcp_both_ways_with_socat(socat_peer):
     assert received == sent
     sent, received = transfer(b, a, "10.0.1.1", MEGABYTES)
     assert received == sent
+    # socat's datagrams never say it takes partial checksums: it gets full ones throughout.
+    tunnel = a.tunnels()["udp2"]
+    assert (tunnel["peerOffload"], tunnel["checksums"]) == (False, "full")
 
 
 # 1401: an odd MTU makes an odd MSS, whose segments the offload daemon must sum right
@@ -58,6 +61,9 @@ def test_offload_and_no_offload_daemons_carry_tcp_both_ways(lab, mtu):
         sent, received = transfer(sender, receiver, address, MEGABYTES)
         assert received == sent
     assert not a.tunnels()["udp2"]["drops"] and not b.tunnels()["udp1"]["drops"]
+    # The new daemon with offloads is told by every datagram of the other to send full sums.
+    assert [a.tunnels()["udp2"][field] for field in ("peerOffload", "checksums")] == [False, "full"]
+    assert [b.tunnels()["udp1"][field] for field in ("peerOffload", "checksums")] == [True, "full"]
 
 
 def test_control_is_answered_while_the_data_path_is_saturated(pair):
