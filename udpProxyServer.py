@@ -3879,12 +3879,13 @@ def parse_args(argv):
                         help="accept only control requests authenticated with the shared secret"
                              " in PATH (mode 600)")
     parser.add_argument("-b", "--bind", type=address, default=BIND_ANY, metavar="ADDR",
-                        help="address both ports listen on (default %(default)s: every address,"
-                             " IPv4 and IPv6)")
+                        help="address both ports listen on (default %(default)s, which takes"
+                             " every address, IPv4 and IPv6)")
     parser.add_argument("--control-bind", type=address, metavar="ADDR",
                         help="address of the control port (default: that of --bind)")
     parser.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
-                        help="take control requests only from CIDR (and loopback); repeatable")
+                        help="take control requests only from CIDR (and loopback); give the"
+                             " flag once for each network")
     parser.add_argument("--state-file", metavar="PATH",
                         help="keep the tunnels in PATH: recreated at start-up, re-read on SIGHUP")
     parser.add_argument("--key-file", metavar="PATH",

@@ -31,6 +31,8 @@ __version__ = "2.0.0"
 CONTROL_PORT = 5001
 DATA_PORT = 5000
 DEFAULT_NETMASK = "255.255.255.252"
+# What the daemon gives an IPv6 tunnel address that comes without a prefix length.
+DEFAULT_IPV6_PREFIX = 64
 DEFAULT_MTU = 1500
 TIMEOUT = 2.0
 # A reply is one UDP datagram.
@@ -60,8 +62,12 @@ MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt", "ho
 MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey")
 MESH_TUNNEL_PREFIX = "m-"
 MESH_BATCH = 50
-# An encrypted mesh's default MTU, as wg-quick sets it over a 1500-byte underlay: room for
-# WireGuard's overhead, 60 bytes over IPv4 (IP 20, UDP 8, its header 16, tag 16), 80 over IPv6.
+# A mesh's default MTU fits its tunnels' datagrams in the usual 1500-byte underlay, as
+# wg-quick's 1420 does, so none is fragmented and GSO stays on (-m keeps the 2015 default).
+# A plain pair's overhead over IPv6: IP 40, UDP 8 and the 4-byte packet information header.
+PLAIN_MESH_MTU = 1500 - 40 - 8 - 4
+# An encrypted pair's: WireGuard's 60 bytes over IPv4 (IP 20, UDP 8, its header 16, tag 16),
+# 80 over IPv6.
 ENCRYPTED_MESH_MTU = 1420
 # A Curve25519 public key is 32 bytes; files and daemons give it in base64, as wg pubkey.
 KEY_BYTES = 32
@@ -78,7 +84,7 @@ examples:
   %(prog)s -s 172.100.1.1 -o del -n udp2
   %(prog)s -s 172.100.1.1 -o list
   %(prog)s -s 172.100.1.1 --secret-file /etc/udpProxyServer/secret -o list
-  %(prog)s -s 172.100.1.1 -o add -n udp2 -t 10.0.1.1 -r 172.100.1.2 --route 192.168.2.0/24
+  %(prog)s -s 172.100.1.1 -o add -n udp2 -t 10.0.1.1 -r 172.100.1.2 --route 192.168.2.0/24 --route fd00:2::/64
   %(prog)s -s 2001:db8::1 -o add -n udp6 -t fd00:1::1/64 -r 2001:db8::2 --mtu 1400
   %(prog)s --mesh mesh.json --dry-run
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
@@ -503,7 +509,7 @@ def parse_mesh(data):
     if subnets < pairs:
         raise MeshError("tunnelNet %s holds %d /%d subnets; %d hosts need %d (one for each pair)"
                         % (tunnel_net, subnets, prefix, len(hosts), pairs))
-    mtu = data.get("mtu", ENCRYPTED_MESH_MTU if encrypt else DEFAULT_MTU)
+    mtu = data.get("mtu", ENCRYPTED_MESH_MTU if encrypt else PLAIN_MESH_MTU)
     port = data.get("controlPort", CONTROL_PORT)
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 68 <= mtu <= 65503:
         raise MeshError("mtu %r: must be a whole number from 68 to 65503" % (mtu,))
@@ -1039,7 +1045,7 @@ def main_mesh(args, session):
         args.mesh, len(mesh.hosts), pairs, " to take down" if args.down else "",
         " (dry run: nothing is changed)" if args.dry_run else ""))
     try:
-        failed = apply_mesh(mesh, session, args.timeout or TIMEOUT, args.dry_run, print, args.down)
+        failed = apply_mesh(mesh, session, args.timeout, args.dry_run, print, args.down)
     except MeshError as e:  # the hosts' tunnels leave no plan; nothing was changed
         print("udpProxyServerControl: %s: %s" % (args.mesh, e), file=sys.stderr)
         return EXIT_REFUSED
@@ -1052,7 +1058,7 @@ def main_mesh(args, session):
 
 
 def main_status(args, session, mesh):
-    listings = read_mesh(mesh, session, args.timeout or TIMEOUT)
+    listings = read_mesh(mesh, session, args.timeout)
     try:
         states, failed = pair_states(mesh, listings, time.time())
     except MeshError as e:  # the hosts' tunnels leave no plan to hold them against
@@ -1099,15 +1105,16 @@ def parse_args(argv):
     parser.add_argument("-t", "--tunnel", help="the tunnel's own IP address")
     parser.add_argument("-tm", "--mask",
                         help="the tunnel's netmask or prefix length (default %s for an IPv4"
-                             " address; an IPv6 one may carry its own, as fd00::1/64)"
-                             % DEFAULT_NETMASK)
+                             " -t, /%d for an IPv6 one; -t fd00::1/64 carries its own)"
+                             % (DEFAULT_NETMASK, DEFAULT_IPV6_PREFIX))
     parser.add_argument("-m", "--mtu", type=int, default=DEFAULT_MTU,
                         help="the tunnel's MTU (default %(default)s)")
     parser.add_argument("-r", "--remote", help="the IP address of the peer's daemon")
     parser.add_argument("--remote-port", type=port,
                         help="the peer's data port, when it is not this daemon's")
     parser.add_argument("--route", action="append", metavar="CIDR",
-                        help="a network the daemon routes through the tunnel; repeatable")
+                        help="a network the daemon routes through the tunnel; give the flag"
+                             " once for each network")
     parser.add_argument("--peer-key", metavar="BASE64",
                         help="the peer's WireGuard public key: the tunnel is encrypted, and -r"
                              " may be left out on the side that waits for a peer behind NAT")
@@ -1130,23 +1137,34 @@ def parse_args(argv):
                              " other (up, down, missing, differs, no answer), changing nothing;"
                              " exit 0 when all are up")
     parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
-                        help="seconds to wait for the reply; 0 sends without waiting"
-                             " (default %(default)s)")
+                        help="seconds to wait for each reply; 0 sends without waiting, not"
+                             " with --mesh (default %(default)s)")
     parser.add_argument("--secret-file", metavar="PATH",
                         help="authenticate with the shared secret in PATH (mode 600), as the"
                              " daemon's --secret-file")
-    parser.add_argument("--json", action="store_true", help="print the reply as it came")
+    parser.add_argument("--json", action="store_true",
+                        help="print the daemon's reply (or with --mesh --status, the states)"
+                             " as JSON instead of for a person")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.mesh:
         for flag in ("down", "dry_run"):
             if args.status and getattr(args, flag):
                 parser.error("--status changes nothing: not with --%s" % flag.replace("_", "-"))
+        if args.timeout == 0:
+            # Even --down asks every daemon for its tunnels first: there is nothing to do blind.
+            parser.error("--timeout %g: --mesh needs every daemon's reply; give more than 0 s"
+                         % args.timeout)
+        if args.json and not args.status:
+            parser.error("--json goes with --status when given --mesh")
         return args
     for flag in ("dry_run", "down", "status"):
         if getattr(args, flag):
             parser.error("--%s goes with --mesh" % flag.replace("_", "-"))
 
+    if args.route and args.server_arg and "/" in args.server_arg:
+        # The README once wrote --route CIDR ...: a second network after one --route lands here.
+        parser.error("%r is not a server: give --route once for each network" % args.server_arg)
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))
     args.server = args.server or args.server_arg

@@ -22,8 +22,8 @@ def lab():
     for tool in ("ip", "ping"):
         if shutil.which(tool) is None:
             cannot_run("needs %r (make test installs it)" % tool)
-    with lablib.Lab() as lab:
-        yield lab
+    with lablib.Lab() as fresh:
+        yield fresh
 
 
 @pytest.fixture

@@ -164,6 +164,24 @@ class Host:
                 return
         raise AssertionError("daemon on %s did not answer on port %s" % (self.name, port))
 
+    def start_2015_daemon(self):
+        """The 2015 daemon's stand-in (tests/daemon2015.py) on its default ports. It never
+        replies: it is up once it says it listens."""
+        self.lab.log("%s# udpProxyServer.py  (the 2015 daemon)" % self.name)
+        proc = self.lab.spawn(self.ns, [sys.executable, os.path.join(HELPERS, "daemon2015.py")],
+                              "%s-daemon2015-%d.log" % (self.name, len(self.lab.processes)))
+        self.daemon = proc
+
+        def listening():
+            with open(proc.log_path) as log:
+                return proc.poll() is not None or "Listening" in log.read()
+
+        wait_until(listening, "the 2015 daemon on %s listens" % self.name)
+        if proc.poll() is not None:
+            raise AssertionError("2015 daemon on %s exited %d:\n%s"
+                                 % (self.name, proc.returncode, open(proc.log_path).read()))
+        return proc
+
     def stop_daemon(self, signum=signal.SIGTERM):
         proc, self.daemon = self.daemon, None
         proc.send_signal(signum)
@@ -176,6 +194,13 @@ class Host:
 
     def control_argv(self, *args):
         return (sys.executable, "-I", "-S", self.lab.script("udpProxyServerControl.py"), *args)
+
+    def control_2015(self, server, op, name, address, remote):
+        """What the 2015 control script did: the request's JSON in one datagram to the
+        control port, sent once, never waiting (it took every field, for del too)."""
+        self.lab.log("%s# udpProxyServerControl.py (2015) -s %s -o %s -n %s -t %s -r %s"
+                     % (self.name, server, op, name, address, remote))
+        self.send_udp(server, 5001, [request_2015(op, name, address, remote)])
 
     def add_tunnel(self, name, address, remote, *extra):
         return self.control("127.0.0.1", "-o", "add", "-n", name, "-t", address,
@@ -226,6 +251,21 @@ class Host:
         self.run(sys.executable, "-c", code, input=json.dumps([p.hex() for p in payloads]))
 
 
+def ipv6_host(lab, name, index):
+    """A host whose underlay also has an IPv6 address, from the benchmarking range 2001:2::/48."""
+    host = lab.host(name, index)
+    host.address6 = "2001:2::%d" % index
+    host.ip("addr", "add", host.address6 + "/64", "dev", "eth0", "nodad")
+    return host
+
+
+def request_2015(op, name, address, remote):
+    """The 2015 control script's request, with its defaults for netmask and MTU."""
+    return json.dumps({"op": op, "tunnel": [{
+        "name": name, "tunnelIP": address, "netmask": "255.255.255.252", "mtu": 1500,
+        "remoteServer": remote}]}).encode()
+
+
 def tunnel_pair(lab, mtu=None):
     """Two hosts, each running a daemon, joined by one tunnel (of mtu, if given):
     a (10.0.1.1, udp2) <-> b (10.0.1.2, udp1)."""
@@ -263,6 +303,22 @@ def write_secret(lab, name="secret"):
     path = os.path.join(lab.workdir, name)
     with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
         f.write(os.urandom(32).hex().encode() + b"\n")
+    return path
+
+
+def mesh_file(lab, hosts, name="mesh.json", extra_lan=None, mtu=1400, underlay="address"):
+    """The mesh of hosts, each with its LAN, at their underlay addresses of that name;
+    extra_lan: one more network for the last host; mtu None: the file gives none."""
+    entries = [{"name": h.name, "address": getattr(h, underlay),
+                "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]} for h in hosts]
+    if extra_lan:
+        entries[-1]["lan"].append(extra_lan)
+    mesh = {"controlPort": 5001, "tunnelNet": "10.0.0.0/24", "hosts": entries}
+    if mtu:
+        mesh["mtu"] = mtu
+    path = os.path.join(lab.workdir, name)
+    with open(path, "w") as f:
+        json.dump(mesh, f)
     return path
 
 

@@ -35,6 +35,12 @@ def test_del_needs_only_server_and_name():
         {"op": "del", "tunnel": [{"name": "udp2"}]}
 
 
+def test_route_and_its_repeats_are_sent_in_order():
+    message = ctl.build_message(args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2",
+                                     "--route", "192.168.2.0/24", "--route", "fd00:2::/64"))
+    assert message["tunnel"][0]["routes"] == ["192.168.2.0/24", "fd00:2::/64"]
+
+
 def test_remote_port_is_sent_when_given():
     message = ctl.build_message(args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2",
                                      "--remote-port", "6000"))
@@ -52,6 +58,13 @@ def test_remote_port_is_sent_when_given():
     (("h", "-o", "list", "--status"), "--status goes with --mesh"),
     (("--mesh", "m.json", "--status", "--down"), "--status changes nothing: not with --down"),
     (("--mesh", "m.json", "--status", "--dry-run"), "--status changes nothing: not with --dry-run"),
+    # Applying a mesh reads every daemon's tunnels first: not waiting is refused, not replaced.
+    (("--mesh", "m.json", "--timeout", "0"), "--timeout 0: --mesh needs every daemon's reply"),
+    (("--mesh", "m.json", "--status", "--timeout", "0"), "--timeout 0: --mesh needs"),
+    (("--mesh", "m.json", "--json"), "--json goes with --status when given --mesh"),
+    # --route is given once a network; a second network after it is no server.
+    (("-s", "h", "-n", "u", "-t", "10.0.1.1", "-r", "198.18.0.2", "--route", "192.168.2.0/24",
+      "192.168.3.0/24"), "'192.168.3.0/24' is not a server: give --route once for each network"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(argv, complaint, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -534,15 +547,33 @@ def test_a_bad_mesh_file_is_refused_pointing_at_the_entry(tmp_path, changes, com
     assert complaint in str(error.value)
 
 
-def test_an_encrypted_mesh_defaults_to_an_mtu_that_fits_wireguard_in_1500_bytes(tmp_path):
+def test_a_mesh_defaults_to_an_mtu_that_fits_its_tunnels_in_1500_bytes(tmp_path):
     def mtu(**changes):
         mesh = json.loads(open(write_mesh(tmp_path)).read())
         del mesh["mtu"]
         mesh.update(changes)
         return ctl.parse_mesh(mesh).mtu
-    assert mtu(encrypt=True) == 1420
-    assert mtu() == mtu(encrypt=False) == 1500
-    assert mtu(encrypt=True, mtu=1400) == 1400
+    assert mtu(encrypt=True) == 1420  # as wg-quick
+    assert mtu() == mtu(encrypt=False) == 1500 - 40 - 8 - 4  # IPv6, UDP, packet information
+    assert (mtu(encrypt=True, mtu=1400), mtu(mtu=1500)) == (1400, 1500)  # the file's wins
+    # A single tunnel keeps the 2015 control script's default.
+    assert args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2").mtu == 1500
+
+
+def test_a_mesh_built_at_1500_without_an_mtu_is_remade_at_the_default_and_kept_with_one(tmp_path):
+    hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"][:2]
+    current = {"minion-1": {"m-minion-2": dict(listed("10.0.0.1", "172.100.1.2",
+                                                      ["192.168.2.0/24"]), mtu=1500)},
+               "minion-2": {"m-minion-1": dict(listed("10.0.0.2", "172.100.1.1",
+                                                      ["192.168.1.0/24"]), mtu=1500)}}
+    ports = dict.fromkeys(current, 5000)
+    mesh = json.loads(open(write_mesh(tmp_path, hosts=hosts)).read())
+    del mesh["mtu"]
+    plans = ctl.host_plans(ctl.parse_mesh(mesh), current, ports)
+    assert [(p.stale, [e["mtu"] for e in p.new]) for p in plans.values()] == \
+        [(["m-minion-2"], [1448]), (["m-minion-1"], [1448])]
+    kept = ctl.host_plans(ctl.parse_mesh(dict(mesh, mtu=1500)), current, ports)
+    assert [(p.stale, p.new, p.unchanged) for p in kept.values()] == [([], [], 1)] * 2
 
 
 def test_tunnel_names_fit_and_stay_unique():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lab import HELPERS, MESH_HOSTS, wait_until, write_secret
+from lab import HELPERS, MESH_HOSTS, mesh_file, request_2015, wait_until, write_secret
 
 PROBE = os.path.join(HELPERS, "probe.py")
 PADDED = 256  # as the control script pads its plain requests
@@ -65,29 +65,6 @@ def test_a_manager_sees_every_refusal_with_its_reason(fleet):
         result = manager.control("-s", one.address, *args, check=False)
         assert (result.returncode, result.stdout.strip()) == (1, reason), args
     assert list(one.tunnels()) == ["udp2"]
-
-
-def test_the_2015_control_script_still_works_sending_once_without_waiting(fleet):
-    (one, _, _), manager = fleet
-    # What the 2015 script sent, as it sent it: once, unpadded, no cookie, not waiting.
-    manager.send_udp(one.address, 5001, [json.dumps({"op": "add", "tunnel": [{
-        "name": "udp5", "tunnelIP": "10.0.5.1", "netmask": "255.255.255.252", "mtu": 1500,
-        "remoteServer": "198.18.0.5"}]}).encode()])
-    wait_until(lambda: one.link_exists("udp5"), "the 2015 request's tunnel made")
-    sent = manager.control("-s", one.address, "-o", "del", "-n", "udp5", "--timeout", "0")
-    assert "not waiting" in sent.stdout
-    wait_until(lambda: not one.link_exists("udp5"), "the tunnel deleted, not waiting")
-
-
-def mesh_file(lab, hosts, extra_lan=None):
-    path = os.path.join(lab.workdir, "mesh.json")
-    entries = [{"name": h.name, "address": h.address, "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]}
-               for h in hosts]
-    if extra_lan:
-        entries[-1]["lan"].append(extra_lan)
-    with open(path, "w") as f:
-        json.dump({"mtu": 1400, "tunnelNet": "10.0.0.0/24", "hosts": entries}, f)
-    return path
 
 
 def test_a_manager_builds_reapplies_and_edits_a_mesh_without_a_secret(lab, fleet):
@@ -161,14 +138,12 @@ def probe(host, target, datagrams, burst=False):
 
 
 def probe_datagrams(manager_cookie):
-    add_2015 = json.dumps({"op": "add", "tunnel": [{
-        "name": "udp5", "tunnelIP": "10.0.5.1", "netmask": "255.255.255.252", "mtu": 1500,
-        "remoteServer": "198.18.0.5"}]}).encode()
     forged = secrets.token_hex(16)
     return [
         b"x", b"\xff" * 300, b"[" * 3000, b'{"op": "list"}', padded({"op": "list"}),
         b'{"op": "cookie"}', padded({"op": "cookie"}), b'{"op": "nope"}', padded({"op": "nope"}),
-        add_2015,  # acted on without a secret: the 2015 script sends just this
+        # Acted on without a secret: the 2015 script sends just this.
+        request_2015("add", "udp5", "10.0.5.1", "198.18.0.5"),
         json.dumps({"op": "list", "cookie": forged}).encode(),
         padded({"op": "list", "cookie": forged}),
         padded({"op": "list", "cookie": manager_cookie}),  # valid, but for another address

@@ -1,11 +1,10 @@
 """One command for a whole mesh: --mesh against real daemons, with routes the daemons own."""
 
 import json
-import os
 
 import pytest
 
-from lab import MESH_HOSTS, transfer, write_secret
+from lab import MESH_HOSTS, ipv6_host, mesh_file, transfer, write_secret
 
 
 @pytest.fixture
@@ -16,19 +15,6 @@ def minions(lab):
     for host in hosts:
         host.start_daemon("--secret-file", secret)
     return hosts, secret
-
-
-def mesh_file(lab, hosts, name="mesh.json", extra_lan=None):
-    """The mesh of hosts, each with its LAN; extra_lan: one more network for the last host."""
-    entries = [{"name": h.name, "address": h.address, "lan": [h.lan.rsplit(".", 1)[0] + ".0/24"]}
-               for h in hosts]
-    if extra_lan:
-        entries[-1]["lan"].append(extra_lan)
-    path = os.path.join(lab.workdir, name)
-    with open(path, "w") as f:
-        json.dump({"controlPort": 5001, "mtu": 1400, "tunnelNet": "10.0.0.0/24",
-                   "hosts": entries}, f)
-    return path
 
 
 def apply(manager, path, secret, *extra, check=True):
@@ -57,6 +43,33 @@ def test_one_command_builds_the_mesh_and_again_changes_nothing(lab, minions):
     for host in hosts:  # the same tunnels, not made anew: their counts went on
         for name, tunnel in host.tunnels(secret=secret).items():
             assert tunnel["tx_packets"] >= counts[host.name][name]["tx_packets"]
+
+
+def fragments_made(host):
+    """How many IPv6 fragments the host's kernel has cut from packets too large for a link."""
+    snmp6 = dict(line.split() for line in host.run("cat", "/proc/net/snmp6").stdout.splitlines())
+    return int(snmp6["Ip6FragCreates"])
+
+
+def test_a_mesh_without_an_mtu_fits_a_1500_byte_ipv6_underlay_whole(lab):
+    """The default MTU leaves room for IPv6, UDP and the packet information header: packets
+    of the tunnel MTU cross, and no datagram is fragmented (nor GSO turned off for it)."""
+    hosts = [ipv6_host(lab, name, index) for name, index in MESH_HOSTS[:2]]
+    for host in hosts:
+        host.start_daemon()
+    one, two = hosts
+    one.control("--mesh", mesh_file(lab, hosts, mtu=None, underlay="address6"))
+    mtu = one.tunnels()["m-minion-2"]["mtu"]
+    assert mtu == two.tunnels()["m-minion-1"]["mtu"] > 1400
+    assert one.ping(two.lan, source=one.lan, size=mtu - 28)
+    sent, received = transfer(one, two, two.lan, 4 << 20)
+    assert received == sent
+    sent, received = transfer(two, one, one.lan, 4 << 20)
+    assert received == sent
+    for host in hosts:
+        assert fragments_made(host) == 0, host.name
+        with open(host.daemon.log_path) as log:
+            assert "one by one" not in log.read(), host.name
 
 
 def test_a_host_removed_from_the_file_is_removed_from_the_mesh(lab, minions):

@@ -1,6 +1,6 @@
 """Routes the daemon owns, and IPv6 under and inside the tunnels."""
 
-from lab import transfer
+from lab import ipv6_host, transfer
 
 
 def test_routes_come_with_the_tunnel_and_go_with_del_and_shutdown(pair):
@@ -30,16 +30,8 @@ def test_a_route_that_cannot_be_made_leaves_no_half_made_tunnel(pair):
     assert "192.168.9.0/24" not in a.routes()
 
 
-def v6_host(lab, name, index):
-    """A host whose underlay also has an IPv6 address, from the benchmarking range 2001:2::/48."""
-    host = lab.host(name, index)
-    host.address6 = "2001:2::%d" % index
-    host.ip("addr", "add", host.address6 + "/64", "dev", "eth0", "nodad")
-    return host
-
-
 def test_an_ipv6_underlay_carries_ipv4_and_ipv6_traffic(lab):
-    a, b = v6_host(lab, "a", 1), v6_host(lab, "b", 2)
+    a, b = ipv6_host(lab, "a", 1), ipv6_host(lab, "b", 2)
     a.start_daemon()
     b.start_daemon()
     # Added over IPv6, to the other host's daemon.

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,4 +64,7 @@ def test_the_systemd_unit_runs_the_installed_command_as_a_notify_service():
     with open(os.path.join(REPO, "udpProxyServer.service")) as f:
         unit = f.read()
     assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
-    assert "ExecStart=/usr/local/bin/udpProxyServer --secret-file" in unit
+    # The venv the README installs into, as Debian 12 allows it.
+    with open(os.path.join(REPO, "README.md")) as f:
+        venv = re.search(r"sudo python3 -m venv (\S+)", f.read()).group(1)
+    assert "ExecStart=%s/bin/udpProxyServer --secret-file" % venv in unit
