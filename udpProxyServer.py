@@ -1129,16 +1129,28 @@ class Tunnel:
     def deliver(self, datagrams, stride):
         """Write datagrams from the peer, laid end to end stride bytes apart (one datagram
         alone, or a run UDP GRO joined), into the device, a write each."""
-        for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
-            datagram = datagrams[start:start + stride]
-            if len(datagram) <= PI_HEADER_LEN:
-                self.drops["short"] += 1
-            else:
-                self.peer_takes_partial = bool(datagram[1] & PI_ACCEPTS_PARTIAL)
-                if datagram[1] & PI_PARTIAL and not self.finish_partial(datagram[PI_HEADER_LEN:]):
-                    self.drops["bad_partial"] += 1
-                else:
-                    self.write([datagram], 1, len(datagram))
+        if len(datagrams) <= stride:  # one alone, as every one comes without UDP GRO
+            return self.deliver_one(datagrams)
+        for start in range(0, len(datagrams), stride):
+            self.deliver_one(datagrams[start:start + stride])
+
+    def deliver_one(self, datagram):
+        if len(datagram) <= PI_HEADER_LEN:
+            self.drops["short"] += 1
+            return
+        flags = datagram[1]
+        self.peer_takes_partial = flags & PI_ACCEPTS_PARTIAL != 0
+        if flags & PI_PARTIAL and not self.finish_partial(datagram[PI_HEADER_LEN:]):
+            self.drops["bad_partial"] += 1
+            return
+        try:
+            os.write(self.fd, datagram)
+        except OSError as e:
+            self.write_failed(e, 1)
+        else:
+            self.rx_packets += 1
+            self.rx_bytes += len(datagram)
+            self.last_rx = time.time()
 
     def finish_partial(self, packet):
         """Sum a packet the peer sent with a partial checksum (it took us for a daemon with
@@ -3303,17 +3315,17 @@ class Server:
 
     def receive_one_by_one(self):
         """The data path without UDP GRO: each datagram on its own, as it came."""
-        recvfrom_into, buffer, view, find_by_peer = (self.data_sock.recvfrom_into, self.buffer,
-                                                     self.view, self.registry.find_by_peer)
+        recvfrom_into, buffer, view, by_peer = (self.data_sock.recvfrom_into, self.buffer,
+                                                self.view, self.registry.by_peer)
         for _ in range(BATCH):
             try:
                 size, (ip, port, *_) = recvfrom_into(buffer)
             except BlockingIOError:
                 return
-            if is_wireguard(buffer, size):
+            if buffer[0] and is_wireguard(buffer, size):  # a 2015-format one starts with 0
                 self.receive_wireguard(view[:size], max(size, 1), (ip, port))
                 continue
-            tunnel = find_by_peer(ip, port)
+            tunnel = by_peer.get((ip, port)) or by_peer.get((ip, None))  # as find_by_peer
             if tunnel is None:
                 self.drops["unknown_source"] += 1
             else:
