@@ -128,12 +128,12 @@ def answer(server, datagram, sender):
 
 
 @contextlib.contextmanager
-def fake_server():
+def fake_server(offloads=None):
     devices = FakeDevices()
     data, control = udp(), udp()
     data.setblocking(False)
     control.setblocking(False)
-    server = Server(data, control, open_device=devices)
+    server = Server(data, control, open_device=devices, offloads=offloads)
     try:
         yield server, devices
     finally:
@@ -257,18 +257,9 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
 # --- The offload tunnel, its device a socketpair end speaking virtio headers ------------
 
 
-@contextlib.contextmanager
 def fake_offload_server():
-    offloads = ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
-                            udp_gro=True, join=True)
-    devices = FakeDevices()
-    data, control = udp(), udp()
-    data.setblocking(False)
-    server = Server(data, control, open_device=devices, offloads=offloads)
-    try:
-        yield server, devices
-    finally:
-        server.close()
+    return fake_server(ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
+                                    udp_gro=True, join=True))
 
 
 @pytest.fixture
