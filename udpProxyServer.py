@@ -183,6 +183,11 @@ PI_ACCEPTS_PARTIAL = 0x80
 # super-packet's does: the receiver writes it with NEEDS_CSUM and the kernel (or the NIC
 # it is routed on to) finishes the sum; the UDP checksum guards the datagram on the wire.
 PI_PARTIAL = 0x40
+# Partial checksums go only while the peer's last datagram, which said it takes them, is
+# this recent: a peer replaced by a 2015 daemon that has sent nothing yet (a connection
+# opened from our side) gets full ones after this many seconds, not never. A flow that
+# is up both ways hears from its peer every round trip.
+PARTIAL_FRESH = 2
 # Where the checksum field is in a TCP and in a UDP header, and the protocol by where.
 CHECKSUM_OFFSET = {6: 16, 17: 6}
 PROTOCOL_AT = {16: 6, 6: 17}
@@ -1199,6 +1204,7 @@ class OffloadTunnel(Tunnel):
     single_header = ZERO_VNET_HDR  # what a packet written alone starts with
     pi_flags = PI_ACCEPTS_PARTIAL  # in each datagram's PI header: we take partial checksums
     sends_partial = True  # while the peer's last datagram said it takes them
+    peer_heard_at = float("-inf")  # when the peer's datagrams last came (time.monotonic)
 
     def __init__(self, spec, device, sock, peer, buffers, offloads):
         super().__init__(spec, device, sock, peer, buffers)
@@ -1216,7 +1222,8 @@ class OffloadTunnel(Tunnel):
                 raise TunnelGone(e) from None
             flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
             packet = buffers.packet_view[:size]
-            partial = self.peer_takes_partial
+            partial = (self.peer_takes_partial
+                       and time.monotonic() - self.peer_heard_at < PARTIAL_FRESH)
             if gso_type != GSO_NONE:
                 self.send_small()
                 proto = UDP if gso_type == GSO_UDP_L4 else TCP
@@ -1287,6 +1294,7 @@ class OffloadTunnel(Tunnel):
             self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
             self.deliver_packet(datagram[PI_HEADER_LEN:], len(datagram), flags & PI_PARTIAL)
         self.deliver_done()
+        self.peer_heard_at = time.monotonic()
 
     def deliver_begin(self):
         self.join = self.offloads.joining()

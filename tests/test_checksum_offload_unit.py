@@ -98,6 +98,11 @@ def test_partial_checksums_go_only_while_the_peer_says_it_takes_them(offload_ser
         assert [d[1] for d in during] == [ACCEPTS | PARTIAL] * 3
         assert [finish(d[4:], l4) for d in during] == [bytearray(d[4:]) for d in before]
         assert (tunnel.describe()["checksums"], tunnel.describe()["peerOffload"]) == ("partial", True)
+        tunnel.peer_heard_at -= ups.PARTIAL_FRESH  # nothing since: it may be another peer now
+        assert send_super_packet(devices, server, tunnel, peer, payload)[0] == before
+        hear_from_peer(server, peer, ACCEPTS)
+        assert [d[1] for d in send_super_packet(devices, server, tunnel, peer, payload)[0]] == \
+            [ACCEPTS | PARTIAL] * 3
         hear_from_peer(server, peer, 0)  # the peer is now a 2015 daemon, or --no-offload
         after, _ = send_super_packet(devices, server, tunnel, peer, payload)
         assert after == before

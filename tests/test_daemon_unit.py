@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -268,6 +269,12 @@ def offload_server():
         yield made
 
 
+def told_partial(tunnel, partial):
+    """As if the peer's datagram had just said whether it takes partial checksums."""
+    tunnel.peer_takes_partial = partial
+    tunnel.peer_heard_at = time.monotonic()
+
+
 def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
     return ups.VNET_HDR.pack(flags, gso_type, 0, gso_size, start, offset)
 
@@ -466,7 +473,7 @@ def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server, 
     packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        tunnel.peer_takes_partial = partial
+        told_partial(tunnel, partial)
         tunnel.sock = RefusingGSO(server.data_sock)
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                    + bytes(packet))
@@ -492,7 +499,7 @@ def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, c
     server, devices = offload_server
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        tunnel.peer_takes_partial = partial
+        told_partial(tunnel, partial)
         tunnel.sock = wire = Wire(gso_errors=[code])
         send_super_packet(server, devices, tunnel)  # refused, and counted
         send_super_packet(server, devices, tunnel)  # the error has passed: one GSO send
@@ -511,7 +518,8 @@ def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_ser
     with udp() as peer, udp() as other_peer:
         tunnel = add_loopback_tunnel(server, peer)
         other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
-        tunnel.peer_takes_partial = other.peer_takes_partial = partial
+        told_partial(tunnel, partial)
+        told_partial(other, partial)
         tunnel.sock = wire = Wire(gso_errors=[code])
         other.sock = other_wire = Wire()
         send_super_packet(server, devices, tunnel)
