@@ -190,7 +190,7 @@ PI_PARTIAL = 0x40
 PARTIAL_FRESH = 2
 # Where the checksum field is in a TCP and in a UDP header, and the protocol by where.
 CHECKSUM_OFFSET = {6: 16, 17: 6}
-PROTOCOL_AT = {16: 6, 6: 17}
+PROTOCOL_AT = {offset: proto for proto, offset in CHECKSUM_OFFSET.items()}
 TCP, UDP = 6, 17
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 # Wire formats of what the packet arithmetic rewrites for each segment, and of what it reads.
@@ -1140,6 +1140,7 @@ class Tunnel:
             self.deliver_one(datagrams[start:start + stride])
 
     def deliver_one(self, datagram):
+        """One datagram into the device, as it came (write's work inlined: a write a packet)."""
         if len(datagram) <= PI_HEADER_LEN:
             self.drops["short"] += 1
             return
