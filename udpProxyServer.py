@@ -1214,6 +1214,8 @@ class OffloadTunnel(Tunnel):
 
     def forward_from_tun(self):
         buffers = self.buffers
+        # What the peer takes does not change while this handler runs: asked once a wake-up.
+        partial = self.peer_takes_partial and time.monotonic() - self.peer_heard_at < PARTIAL_FRESH
         for _ in range(BATCH):
             try:
                 size = os.readv(self.fd, [buffers.vnet, buffers.packet]) - VNET_HDR_LEN
@@ -1223,8 +1225,6 @@ class OffloadTunnel(Tunnel):
                 raise TunnelGone(e) from None
             flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
             packet = buffers.packet_view[:size]
-            partial = (self.peer_takes_partial
-                       and time.monotonic() - self.peer_heard_at < PARTIAL_FRESH)
             if gso_type != GSO_NONE:
                 self.send_small()
                 proto = UDP if gso_type == GSO_UDP_L4 else TCP
