@@ -261,6 +261,47 @@ class StateUnreadable(Exception):
 log = logging.getLogger("udpProxyServer")
 
 
+class QuietLog:
+    """Warnings about what any source can cause (refused requests, replies that cannot
+    be sent, a bug a datagram meets), logged without flooding the journal under a barrage:
+    the first few of every period one by one, then how many more there were."""
+
+    def __init__(self, what, clock=time.monotonic):
+        self.what = what
+        self.clock = clock
+        self.since = None  # when this period began
+        self.logged = self.more = 0
+
+    def warning(self, message, *args):
+        self.log(logging.WARNING, message, *args)
+
+    def log(self, level, message, *args, **kwargs):
+        self.flush()
+        if self.since is None:
+            self.since = self.clock()
+        if self.logged < REFUSALS_LOGGED:
+            self.logged += 1
+            log.log(level, message, *args, **kwargs)
+        else:
+            self.more += 1
+
+    def flush(self, force=False):
+        """Say how many were not logged once their period is over (or now, with force)."""
+        if self.since is None:
+            return
+        elapsed = self.clock() - self.since
+        if elapsed >= REFUSAL_LOG_PERIOD or force:
+            if self.more:
+                log.warning("%d more %s in %d s, not logged one by one (-o list counts them)",
+                            self.more, self.what, elapsed)
+            self.since, self.logged, self.more = None, 0, 0
+
+
+# A bug that a datagram meets costs that datagram (counted as internal_error), never the
+# loop: logged with its traceback a few times a period, so a flood cannot fill the journal.
+DATA_PATH_BUGS = QuietLog("internal errors on the data path")
+
+
 # --- Control messages: parsed and checked into frozen dataclasses -------------
 
 
@@ -1049,8 +1090,6 @@ class SharedBuffers:
         self.out_view = memoryview(self.out)
         self.small = bytearray(GSO_MAX_BYTES + BUFFER_SIZE)  # single packets waiting to go
         self.small_view = memoryview(self.small)
-        self.joiner = Joiner()
-        self.joined = []  # the packets of the last joined write, should it be refused
         # Encrypted tunnels: transport messages sealed in place, a round of segments at a
         # time (each grows by a header, a tag and its padding), and one packet padded.
         self.sealed = bytearray(len(self.out) + GSO_MAX_SEGMENTS * 64 + BUFFER_SIZE)
@@ -1114,6 +1153,12 @@ class Tunnel:
             self.tx_bytes += size
             self.last_tx = time.time()
 
+    def internal_error(self):
+        """A bug met while handling one datagram: it costs that datagram alone, counted."""
+        self.drops["internal_error"] += 1
+        DATA_PATH_BUGS.log(logging.ERROR, "tunnel %s: internal error on a datagram (-o list"
+                           " counts them as internal_error)", self.name, exc_info=True)
+
     def count_send_failed(self, error, packets):
         self.drops["socket_full" if isinstance(error, BlockingIOError) else "send_error"] += packets
 
@@ -1146,13 +1191,15 @@ class Tunnel:
             return
         flags = datagram[1]
         self.peer_takes_partial = flags & PI_ACCEPTS_PARTIAL != 0
-        if flags & PI_PARTIAL and not self.finish_partial(datagram[PI_HEADER_LEN:]):
-            self.drops["bad_partial"] += 1
-            return
         try:
+            if flags & PI_PARTIAL and not self.finish_partial(datagram[PI_HEADER_LEN:]):
+                self.drops["bad_partial"] += 1
+                return
             os.write(self.fd, datagram)
         except OSError as e:
             self.write_failed(e, 1)
+        except Exception:
+            self.internal_error()
         else:
             self.rx_packets += 1
             self.rx_bytes += len(datagram)
@@ -1211,6 +1258,10 @@ class OffloadTunnel(Tunnel):
         super().__init__(spec, device, sock, peer, buffers)
         self.offloads = offloads  # this tunnel's TunnelOffloads
         self.small_len = self.small_stride = 0
+        # The receive side's own: packets being joined, and those of the last joined write,
+        # should it be refused. Never shared, and emptied at every delivery's start and end.
+        self.joiner = Joiner()
+        self.joined = []
 
     def forward_from_tun(self):
         buffers = self.buffers
@@ -1286,25 +1337,32 @@ class OffloadTunnel(Tunnel):
         GSO write where the device takes it; each says whether the peer takes partial
         checksums, and whether its packet has one."""
         self.deliver_begin()
-        for start in range(0, max(len(datagrams), 1), stride):  # an empty one counts as short
-            datagram = datagrams[start:start + stride]
-            if len(datagram) <= PI_HEADER_LEN:
-                self.drops["short"] += 1
-                continue
-            flags = datagram[1]
-            self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
-            self.deliver_packet(datagram[PI_HEADER_LEN:], len(datagram), flags & PI_PARTIAL)
-        self.deliver_done()
+        try:
+            for start in range(0, max(len(datagrams), 1), stride):  # an empty one is short
+                datagram = datagrams[start:start + stride]
+                if len(datagram) <= PI_HEADER_LEN:
+                    self.drops["short"] += 1
+                    continue
+                flags = datagram[1]
+                self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
+                try:
+                    self.deliver_packet(datagram[PI_HEADER_LEN:], len(datagram),
+                                        flags & PI_PARTIAL)
+                except Exception:
+                    self.internal_error()
+        finally:
+            self.deliver_done()
         self.peer_heard_at = time.monotonic()
 
     def deliver_begin(self):
         self.join = self.offloads.joining()
+        self.joiner.packets = []
 
     def deliver_packet(self, packet, size, partial=False):
         """One packet, which took size bytes on the wire, into the device: joined with the
         last ones where it can be, else written after them; a partial checksum is left for
         the kernel to finish (a joined write has it finish every one)."""
-        joiner = self.buffers.joiner
+        joiner = self.joiner
         if self.join and joiner.continues(packet, partial):
             return
         flow = flow_of(packet) if self.join else None
@@ -1320,18 +1378,23 @@ class OffloadTunnel(Tunnel):
             joiner.offer(packet, flow, partial)
 
     def deliver_done(self):
-        self.write_joined()
+        try:
+            self.write_joined()
+        finally:
+            self.joiner.packets = []
 
     def write_joined(self):
-        buffers = self.buffers
-        if buffers.joiner.packets:
-            iov, buffers.joined = buffers.joiner.take()
-            size = sum(len(p) for p, _ in buffers.joined) + PI_HEADER_LEN * len(buffers.joined)
-            self.write(iov, len(buffers.joined), size)
+        if self.joiner.packets:
+            iov, self.joined = self.joiner.take()
+            size = sum(len(p) for p, _ in self.joined) + PI_HEADER_LEN * len(self.joined)
+            try:
+                self.write(iov, len(self.joined), size)
+            finally:
+                self.joined = []
 
     def write_failed(self, error, packets):
         if packets > 1 and self.offloads.join_refused(error):
-            for packet, partial in self.buffers.joined:  # nothing lost: these first, one by one
+            for packet, partial in self.joined:  # nothing lost: these first, one by one
                 header = partial_header(packet) if partial else self.single_header
                 self.write([header, packet], 1, PI_HEADER_LEN + len(packet))
         else:
@@ -2167,15 +2230,23 @@ class PeerTimers:
         self._any_authenticated_packet_sent()
         self._keep_key_fresh_sending(now)
 
+    def on_transport_received(self, keypair, data):
+        """Transport messages were opened with keypair, their counters accepted; data of
+        them carried a packet (the rest were keepalives), whatever became of it. True when
+        this confirmed the responder's keypair: its handshake is complete."""
+        now = self.clock()
+        confirmed = self._transport_received(keypair, now)
+        if data:
+            self._data_received(now)
+        return confirmed
+
     def on_data_received(self, keypair):
         """A transport data message was opened with keypair, its counter accepted."""
-        now = self.clock()
-        self._transport_received(keypair, now)
-        self._data_received(now)
+        return self.on_transport_received(keypair, 1)
 
     def on_keepalive_received(self, keypair):
         """A keepalive was opened with keypair, its counter accepted."""
-        self._transport_received(keypair, self.clock())
+        return self.on_transport_received(keypair, 0)
 
     # The paper's rules for a new handshake, and for a message received.
 
@@ -2198,12 +2269,14 @@ class PeerTimers:
             self._want_initiation(now, retry=False)
 
     def _transport_received(self, keypair, now):
-        if self.keypairs.received_with(keypair):
+        confirmed = self.keypairs.received_with(keypair)
+        if confirmed:
             self._handshake_complete(now)
             self._want(SEND_STAGED, now)
         self._keep_key_fresh_receiving(now)
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_received()
+        return confirmed
 
     # timers.go's events, which the hooks above combine.
 
@@ -2312,33 +2385,84 @@ def is_wireguard(buffer, size):
                                                                      or buffer[3])
 
 
-class AllowedSources:
-    """Cryptokey routing: the inner source addresses a tunnel may carry, its subnet and
-    its routes, as integer ranges per IP version, checked without ipaddress per packet."""
+def one_kind(buffer, size, stride):
+    """Whether the datagrams of a GRO train, stride bytes apart in buffer[:size], are all
+    of one kind, handled as one run: all 2015-format ones (the PI header's first byte is
+    0), or all transport messages to one receiver index (the same first 8 bytes). Asked
+    column by column, a slice a byte, not datagram by datagram."""
+    count = -(-size // stride)
+    heads = buffer[0:size:stride]
+    if heads.count(0) == count:
+        return True
+    if heads[0] != MESSAGE_TRANSPORT or size - (count - 1) * stride < TRANSPORT_HEADER_SIZE:
+        return False
+    return all(buffer[at:size:stride].count(buffer[at]) == count for at in range(8))
 
-    def __init__(self, networks):
-        self.ranges = {4: [], 6: []}
-        for network in networks:
-            self.ranges[network.version].append(
-                (int(network.network_address), int(network.hostmask)))
+
+def train_runs(train, stride):
+    """The runs of a GRO train whose datagrams are of one kind, as (start, end) in train: a
+    2015-format run, a run of transport messages to one receiver index, or one handshake
+    message or other datagram alone."""
+    runs, run_start, run_key = [], 0, None
+    for start in range(0, len(train), stride):
+        datagram = train[start:start + stride]
+        if not datagram[0] or not is_wireguard(datagram, len(datagram)):
+            key = "plain"
+        elif datagram[0] == MESSAGE_TRANSPORT:
+            key = bytes(datagram[:8])
+        else:
+            key = start  # alone: each handshake message is handled on its own
+        if key != run_key and start:
+            runs.append((run_start, start))
+            run_start = start
+        run_key = key
+    runs.append((run_start, len(train)))
+    return runs
+
+
+class AllowedSources:
+    """Cryptokey routing: the inner source addresses a tunnel may carry, the peer's allowed
+    IPs as wireguard-go keeps them: the host addresses of the tunnel's subnet but ours (the
+    peer's end), and its routes; as integer ranges, checked without ipaddress per packet."""
+
+    def __init__(self, interface, routes=()):
+        network = interface.network
+        self.version = network.version
+        self.subnet = (int(network.network_address), int(network.hostmask))
+        # Not the peer's: our own address, and an IPv4 subnet's network and broadcast ones.
+        self.not_hosts = {int(interface.ip)}
+        if network.version == 4 and network.prefixlen <= 30:
+            self.not_hosts |= {int(network.network_address), int(network.broadcast_address)}
+        self.routes = {4: [], 6: []}
+        for route in routes:
+            self.routes[route.version].append((int(route.network_address), int(route.hostmask)))
 
     def allow(self, packet):
-        version = packet[0] >> 4
+        version = packet[0] >> 4 if packet else None
         if version == 4 and len(packet) >= 20:
             source = int.from_bytes(packet[12:16], "big")
         elif version == 6 and len(packet) >= 40:
             source = int.from_bytes(packet[8:24], "big")
         else:
             return False
-        return any(source & ~hostmask == network for network, hostmask in self.ranges[version])
+        if any(source & ~hostmask == route for route, hostmask in self.routes[version]):
+            return True
+        network, hostmask = self.subnet
+        return (version == self.version and source & ~hostmask == network
+                and source not in self.not_hosts)
 
 
 def ip_length(packet):
-    """The length an IP packet says it has: what is left after it is padding."""
-    if packet[0] >> 4 == 4 and len(packet) >= 20:
-        return int.from_bytes(packet[2:4], "big")
-    if packet[0] >> 4 == 6 and len(packet) >= 40:
-        return 40 + int.from_bytes(packet[4:6], "big")
+    """The length an IP packet says it has, what is left after it being padding; None when
+    its header is not whole and sane (shorter than the least header, a length shorter than
+    its header, or longer than what came), as wireguard-go drops it."""
+    size = len(packet)
+    if size >= 20 and packet[0] >> 4 == 4:
+        length, header = packet[2] << 8 | packet[3], (packet[0] & 15) * 4
+        return length if 20 <= header <= length <= size else None
+    if size >= 40 and packet[0] >> 4 == 6:
+        length = 40 + (packet[4] << 8 | packet[5])
+        return length if length <= size else None
     return None
 
 
@@ -2370,7 +2494,7 @@ class WireGuardTunnelPath:
     def __init__(self, spec, *args, wg):
         super().__init__(spec, *args)
         self.wg = wg  # its WireGuardPeer
-        self.allowed = AllowedSources((spec.interface.network,) + spec.routes)
+        self.allowed = AllowedSources(spec.interface, spec.routes)
 
     def send(self, datagrams, stride):
         """Seal the packets laid end to end in datagrams (each a PI header and a packet,
@@ -2441,44 +2565,51 @@ class WireGuardTunnelPath:
 
     def deliver_sealed(self, messages, stride, keypair, source):
         """Open the transport messages laid end to end stride apart, all to keypair, and
-        write what they carry into the device; source is where they came from."""
-        wg, drops, allowed = self.wg, self.drops, self.allowed
-        packets = received = 0
+        write what they carry into the device; source is where they came from. What is
+        authenticated tells the timers, whatever becomes of the packet it carries."""
+        drops = self.drops
+        authenticated = data = 0
         self.deliver_begin()
         opened = self.buffers.opened_view  # each packet where its message was: a run's own
-        for start in range(0, len(messages), stride):
-            message = messages[start:start + stride]
-            try:
-                counter, packet = open_transport_into(keypair.receive_cipher, message,
-                                                      opened[start:start + stride])
-            except WireGuardRefused:
-                drops["not_authentic"] += 1
-                continue
-            if not keypair.replay_window.accept(counter):
-                drops["replayed"] += 1
-                continue
-            received += 1
-            if wg.keypairs.received_with(keypair):
-                self.send_staged()  # the responder's session is confirmed: what waited goes
+        try:
+            for start in range(0, len(messages), stride):
+                message = messages[start:start + stride]
+                try:
+                    counter, packet = open_transport_into(keypair.receive_cipher, message,
+                                                          opened[start:start + stride])
+                except WireGuardRefused:
+                    drops["not_authentic"] += 1
+                    continue
+                if not keypair.replay_window.accept(counter):
+                    drops["replayed"] += 1
+                    continue
+                authenticated += 1
+                if packet:
+                    data += 1
+                    try:
+                        self.deliver_inner(packet, len(message))
+                    except Exception:
+                        self.internal_error()
+        finally:
+            self.deliver_done()
+        if authenticated:
             self.peer = source  # roaming: the peer is where it last sent from
-            if not packet:
-                wg.timers.on_keepalive_received(keypair)
-                continue
-            length = ip_length(packet)
-            if length is None or length > len(packet):
-                drops["short"] += 1
-                continue
-            packet = packet[:length]
-            if not allowed.allow(packet):
-                drops["not_allowed_source"] += 1
-                continue
-            self.deliver_packet(packet, len(message))
-            packets += 1
-        self.deliver_done()
-        if packets:
-            wg.timers.on_data_received(keypair)
-        if received and wg.timers.wanted:
+            if self.wg.timers.on_transport_received(keypair, data):
+                self.last_handshake = time.time()  # the responder's session is confirmed
             self.wireguard.wake()
+
+    def deliver_inner(self, packet, size):
+        """One opened packet, which took size bytes on the wire, into the device if its
+        header is sane and its source the peer's (cryptokey routing)."""
+        length = ip_length(packet)
+        if length is None:
+            self.drops["malformed"] += 1
+            return
+        packet = packet[:length]
+        if not self.allowed.allow(packet):
+            self.drops["not_allowed_source"] += 1
+            return
+        self.deliver_packet(packet, size)
 
 
 class PlainDevicePath:
@@ -2937,39 +3068,6 @@ def fit_reply(reply, limit, extra, seal=str.encode):
     return (cut if len(cut) <= limit else None), False
 
 
-class QuietLog:
-    """Warnings about what any source can cause (refused requests, replies that cannot
-    be sent), logged without flooding the journal under a barrage: the first few of every
-    period one by one, then how many more there were."""
-
-    def __init__(self, what, clock=time.monotonic):
-        self.what = what
-        self.clock = clock
-        self.since = None  # when this period began
-        self.logged = self.more = 0
-
-    def warning(self, message, *args):
-        self.flush()
-        if self.since is None:
-            self.since = self.clock()
-        if self.logged < REFUSALS_LOGGED:
-            self.logged += 1
-            log.warning(message, *args)
-        else:
-            self.more += 1
-
-    def flush(self, force=False):
-        """Say how many were not logged once their period is over (or now, with force)."""
-        if self.since is None:
-            return
-        elapsed = self.clock() - self.since
-        if elapsed >= REFUSAL_LOG_PERIOD or force:
-            if self.more:
-                log.warning("%d more %s in %d s, not logged one by one (-o list counts them)",
-                            self.more, self.what, elapsed)
-            self.since, self.logged, self.more = None, 0, 0
-
-
 class StateFile:
     """The tunnels that were acknowledged, kept across restarts: written whole after
     every change (temporary file, fsync, rename), read back at start-up and on SIGHUP."""
@@ -3311,6 +3409,9 @@ class Server:
             except BlockingIOError:
                 return
             stride = gro_size(ancdata) or max(size, 1)
+            if stride < size and not one_kind(self.buffer, size, stride):
+                self.receive_mixed(self.view[:size], stride, (ip, port), flags)
+                continue
             if is_wireguard(self.buffer, size):
                 self.receive_wireguard(self.view[:size], stride, (ip, port))
                 continue
@@ -3321,6 +3422,23 @@ class Server:
                 tunnel.drops["truncated"] += 1
             else:
                 tunnel.deliver(self.view[:size], stride)
+
+    def receive_mixed(self, train, stride, source, flags=0):
+        """A GRO train whose datagrams are not all of one kind (plain ones and WireGuard
+        messages of one peer daemon, two keypairs at a rekey, a datagram spoofed into the
+        flow): cut into runs of one kind each, every run handled on its own."""
+        for start, end in train_runs(train, stride):
+            run = train[start:end]
+            if run[0] and is_wireguard(run, len(run)):
+                self.receive_wireguard(run, stride, source)
+                continue
+            tunnel = self.registry.find_by_peer(*source)
+            if tunnel is None:
+                self.drops["unknown_source"] += -(-len(run) // stride)
+            elif flags & socket.MSG_TRUNC and end == len(train):
+                tunnel.drops["truncated"] += 1
+            else:
+                tunnel.deliver(run, stride)
 
     def receive_one_by_one(self):
         """The data path without UDP GRO: each datagram on its own, as it came."""

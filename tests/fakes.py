@@ -1,0 +1,197 @@
+"""Stand-ins for the unit tests, which need no root: TUN devices as socketpair ends, a
+daemon (Server) on loopback sockets, a clock the test sets, and a WireGuard peer made of the
+daemon's own protocol functions that a test drives message by message, honest or not."""
+
+import contextlib
+import json
+import os
+import socket
+import struct
+import time
+
+import udpProxyServer as ups
+
+# The offloads a kernel of today offers; the fake devices speak virtio headers with them.
+OFFLOADS = dict(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True, udp_gro=True,
+                join=True)
+
+
+class FakeDevices:
+    """Stands in for TUN devices: each is one end of a datagram socketpair."""
+
+    def __init__(self):
+        self.outer = {}  # name -> the end the test plays the kernel on
+        self.fail_with = None
+
+    def __call__(self, spec, offload_flags=0):
+        if self.fail_with:
+            raise OSError(self.fail_with, os.strerror(self.fail_with))
+        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        inner.setblocking(False)
+        outer.settimeout(5)
+        self.outer[spec.name] = outer
+        return inner
+
+    def written(self, name):
+        """Every write the daemon made into the device so far, as bytes."""
+        outer, writes = self.outer[name], []
+        outer.setblocking(False)
+        try:
+            while True:
+                writes.append(outer.recv(1 << 17))
+        except BlockingIOError:
+            return writes
+        finally:
+            outer.settimeout(5)
+
+
+class Clock:
+    """A monotonic clock that moves only when the test moves it."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def udp(port=0, gro=False):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    sock.settimeout(5)
+    if gro:  # a GSO send to it arrives as one train, as from a peer through a NIC with GRO
+        sock.setsockopt(ups.SOL_UDP, ups.UDP_GRO, 1)
+    return sock
+
+
+@contextlib.contextmanager
+def fake_server(offloads=None, private_key=None, clock=None, state=None):
+    """A daemon on loopback sockets with fake devices; with offloads (a dict, or True for
+    OFFLOADS) its devices speak virtio headers and its data socket takes UDP GRO trains."""
+    devices = FakeDevices()
+    if offloads is True:
+        offloads = OFFLOADS
+    data, control = udp(gro=bool(offloads and offloads.get("udp_gro"))), udp()
+    data.setblocking(False)
+    control.setblocking(False)
+    extra = {"clock": clock} if clock else {}
+    server = ups.Server(data, control, open_device=devices,
+                        offloads=ups.Offloads(**offloads) if offloads else None,
+                        private_key=private_key, state=state, **extra)
+    try:
+        yield server, devices
+    finally:
+        server.close()
+
+
+def answer(server, datagram, sender):
+    """What the control port makes of one datagram: its reply, the nonce to seal it with
+    and whether the sender is proven; counted as the port counts it."""
+    reply, nonce, proven, counted = server.control.handle_request(datagram, sender)
+    server.control.counts.update(counted)
+    return reply, nonce, proven
+
+
+def add(server, *entries):
+    """Add tunnels through the control port, from loopback; the reply."""
+    request = json.dumps({"op": "add", "tunnel": list(entries)}).encode()
+    return answer(server, request, ("127.0.0.1", 9))[0]
+
+
+def receive(server):
+    """Let the daemon take what waits on its data port, and run its timers."""
+    server.loop.dispatch(server.data_sock.fileno())
+    if server.wireguard:
+        server.wireguard.run_timers()
+
+
+# --- A WireGuard peer for the tests, honest or not -------------------------------
+
+
+def ipv4_packet(source, destination, payload=b"", proto=17, total=None, ihl=5):
+    """An IPv4 packet; total and ihl, when given, are written as they are, true or not."""
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 0, 0, 0x4000, 64, proto, 0,
+                         socket.inet_aton(source), socket.inet_aton(destination))
+    length = 20 + len(payload)
+    header = header[:2] + struct.pack("!H", length if total is None else total) + header[4:]
+    return header + payload
+
+
+class WirePeer:
+    """A WireGuard peer on a loopback socket, for one tunnel of a daemon: handshakes as
+    initiator, then seals whatever packets the test gives it, one message a datagram or
+    many in one UDP GSO train."""
+
+    def __init__(self, server_public, port=0):
+        self.private = ups.generate_private_key()
+        self.public = ups.public_key(self.private)
+        self.server_public = server_public
+        self.sock = udp(port)
+        self.cookies = ups.CookieGenerator(server_public)
+        self.keys = self.cipher = None
+        self.counter = 0
+        self.last_ns = 0
+
+    @property
+    def port(self):
+        return self.sock.getsockname()[1]
+
+    def entry(self, name, address, **more):
+        """The control entry of the daemon's tunnel to this peer."""
+        return dict({"name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
+                     "remotePort": self.port,
+                     "publicKey": ups.key_to_base64(self.public)}, **more)
+
+    def initiation(self, index=0x1234, timestamp=None):
+        """A fresh initiation with its MACs (timestamp: its TAI64N, now if not given), and
+        the state to read its response."""
+        # Each newer than the last, as a responder takes no other: TAI64N rounds to 17 ms.
+        self.last_ns = max(time.time_ns(), self.last_ns + ups.TAI64N_WHITENER)
+        sent, message = ups.create_initiation(self.private, self.server_public, index,
+                                              timestamp or ups.tai64n(self.last_ns))
+        return sent, self.cookies.add_macs(message, 0)
+
+    def handshake(self, server, data_port):
+        """A whole handshake with the daemon, then a keepalive that confirms it."""
+        sent, message = self.initiation()
+        self.sock.sendto(message, ("127.0.0.1", data_port))
+        receive(server)
+        response = self.receive(ups.MESSAGE_RESPONSE)
+        self.keys = ups.consume_response(sent, response)
+        self.cipher = ups.transport_cipher(self.keys.send_key)
+        self.counter = 0
+        self.send([b""], data_port)
+        receive(server)
+
+    def receive(self, kind):
+        while True:
+            datagram = self.sock.recv(65535)
+            if ups.message_type(datagram) == kind:
+                return datagram
+
+    def seal(self, packet, size=None):
+        """A transport message carrying packet, padded to size (a multiple of 16) if given."""
+        if size is not None:
+            packet = bytes(packet) + bytes(size - len(packet))
+        message = ups.seal_transport(self.cipher, self.keys.remote_index, self.counter, packet)
+        self.counter += 1
+        return message
+
+    def send(self, packets, data_port, train=False):
+        """Each packet sealed in its message; with train, all in one GSO send, so they
+        arrive as one GRO train (packets of one padded size, but the last)."""
+        messages = [self.seal(packet) for packet in packets]
+        self.send_messages(messages, data_port, train)
+
+    def send_messages(self, messages, data_port, train=False):
+        address = ("127.0.0.1", data_port)
+        if not train:
+            for message in messages:
+                self.sock.sendto(message, address)
+            return
+        size = struct.pack("=H", len(messages[0]))
+        self.sock.sendmsg([b"".join(messages)], [(ups.SOL_UDP, ups.UDP_SEGMENT, size)], 0,
+                          address)

@@ -1,0 +1,152 @@
+"""Encrypted tunnels against a hostile peer, without root: an authenticated peer that sends
+broken inner packets, alone and in GRO trains mixed with good ones, on a daemon with two
+tunnels; nothing may reach the other tunnel's device, every drop is counted, no traceback."""
+
+import logging
+
+import pytest
+
+import udpProxyServer as ups
+from fakes import WirePeer, add, fake_server, ipv4_packet, receive
+
+ATTACKER, VICTIM = "10.0.1.2", "10.0.2.2"
+
+
+def two_tunnels(server):
+    """Two encrypted tunnels of server, each to a WirePeer that has completed a handshake:
+    (attacker, victim), each with its tunnel's name and the daemon's address in it."""
+    public = server.wireguard.public_key
+    attacker, victim = WirePeer(public), WirePeer(public)
+    reply = add(server, attacker.entry("wga", "10.0.1.1"), victim.entry("wgv", "10.0.2.1"))
+    assert reply["ok"], reply
+    port = server.data_port
+    attacker.handshake(server, port)
+    victim.handshake(server, port)
+    return attacker, victim
+
+
+@pytest.fixture(params=[True, None], ids=["offload", "no-offload"])
+def encrypted_server(request):
+    with fake_server(offloads=request.param, private_key=ups.generate_private_key()) as made:
+        yield made
+
+
+def written_packets(devices, name, offload):
+    """The packets the daemon wrote into a device, headers taken off."""
+    skip = ups.VNET_HDR_LEN if offload else ups.PI_HEADER_LEN
+    return [write[skip:] for write in devices.written(name)]
+
+
+# Inner packets broken in structured ways, each with the reason the daemon counts it under.
+BROKEN = {
+    "total length 0": (lambda m: ipv4_packet(ATTACKER, "10.0.1.1", m, total=0), "malformed"),
+    "shorter than its header": (lambda m: ipv4_packet(ATTACKER, "10.0.1.1", m, total=12),
+                                "malformed"),
+    "header length 3": (lambda m: ipv4_packet(ATTACKER, "10.0.1.1", m, ihl=3), "malformed"),
+    "longer than the datagram": (lambda m: ipv4_packet(ATTACKER, "10.0.1.1", m, total=1400),
+                                 "malformed"),
+    "version 5": (lambda m: b"\x50" + ipv4_packet(ATTACKER, "10.0.1.1", m)[1:], "malformed"),
+    "a few bytes": (lambda m: b"\x45\x00" + m[:4], "malformed"),
+    "source outside": (lambda m: ipv4_packet("10.9.9.9", "10.0.1.1", m), "not_allowed_source"),
+    "source the victim's": (lambda m: ipv4_packet(VICTIM, "10.0.2.1", m), "not_allowed_source"),
+    "source our own address": (lambda m: ipv4_packet("10.0.1.1", "10.0.1.1", m),
+                               "not_allowed_source"),
+    "source the subnet's broadcast": (lambda m: ipv4_packet("10.0.1.3", "10.0.1.1", m),
+                                      "not_allowed_source"),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+@pytest.mark.parametrize("train", [False, True], ids=["one-by-one", "train"])
+def test_broken_inner_packets_never_reach_another_tunnels_device(encrypted_server, broken, train,
+                                                                 caplog):
+    server, devices = encrypted_server
+    offload = bool(server.offloads.tun_flags)
+    attacker, victim = two_tunnels(server)
+    devices.written("wga"), devices.written("wgv")
+    marker = b"ATTACKER" * 8
+    good = ipv4_packet(ATTACKER, "10.0.1.1", marker)
+    make, reason = BROKEN[broken]
+    bad = make(marker)
+    # Good and broken ones of one padded size in one train, as a peer's GSO send makes it.
+    messages = [attacker.seal(packet, 128) for packet in (good, bad, good, bad, good)]
+    with caplog.at_level(logging.DEBUG, "udpProxyServer"):
+        attacker.send_messages(messages, server.data_port, train)
+        receive(server)
+        victim.send([ipv4_packet(VICTIM, "10.0.2.1", b"victim" * 10)], server.data_port)
+        receive(server)
+    to_victim = written_packets(devices, "wgv", offload)
+    assert [p for p in to_victim if marker in p] == []
+    assert len(to_victim) == 1 and b"victim" in to_victim[0]
+    assert sum(p.count(marker) for p in written_packets(devices, "wga", offload)) == 3
+    assert server.tunnels["wga"].drops == {reason: 2}
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
+
+
+# --- GRO trains of more than one kind --------------------------------------------
+
+
+def sealed_with(peer, keys, cipher, counter, packet, size=128):
+    padded = bytes(packet) + bytes(size - len(packet))
+    return ups.seal_transport(cipher, keys.remote_index, counter, padded)
+
+
+def test_a_train_across_a_rekey_delivers_both_keypairs_messages(encrypted_server):
+    server, devices = encrypted_server
+    offload = bool(server.offloads.tun_flags)
+    attacker, victim = two_tunnels(server)
+    old_keys, old_cipher, old_counter = victim.keys, victim.cipher, victim.counter
+    victim.handshake(server, server.data_port)  # a new session; the old one is previous
+    devices.written("wgv")
+    old = [sealed_with(victim, old_keys, old_cipher, old_counter + i,
+                       ipv4_packet(VICTIM, "10.0.2.1", b"old %d" % i + bytes(40)))
+           for i in range(3)]
+    new = [victim.seal(ipv4_packet(VICTIM, "10.0.2.1", b"new %d" % i + bytes(40)), 128)
+           for i in range(3)]
+    victim.send_messages(old[:2] + new[:2] + old[2:] + new[2:], server.data_port, train=True)
+    receive(server)
+    written = b"".join(written_packets(devices, "wgv", offload))
+    assert all(b"old %d" % i in written and b"new %d" % i in written for i in range(3))
+    assert not server.tunnels["wgv"].drops
+
+
+def test_a_spoofed_datagram_heading_a_train_costs_only_itself(encrypted_server):
+    server, devices = encrypted_server
+    offload = bool(server.offloads.tun_flags)
+    attacker, victim = two_tunnels(server)
+    devices.written("wgv")
+    good = [victim.seal(ipv4_packet(VICTIM, "10.0.2.1", b"good %d" % i + bytes(40)), 128)
+            for i in range(3)]
+    size = len(good[0])  # one size, as GRO joins them
+    spoofed = [b"\x04\x00\x00\x00" + bytes(size - 4), bytes(size),
+               b"\x01\x00\x00\x00" + bytes(size - 4)]
+    victim.send_messages(spoofed[:1] + good[:1] + spoofed[1:] + good[1:], server.data_port,
+                         train=True)
+    receive(server)
+    written = b"".join(written_packets(devices, "wgv", offload))
+    assert all(b"good %d" % i in written for i in range(3))
+
+
+def test_plain_and_encrypted_datagrams_of_one_peer_daemon_in_one_train(encrypted_server):
+    """The peer daemon has a plain and an encrypted tunnel to us: both come from its data
+    port to ours, and GRO may join them into one train."""
+    server, devices = encrypted_server
+    offload = bool(server.offloads.tun_flags)
+    attacker, victim = two_tunnels(server)
+    assert add(server, {"name": "udpv", "tunnelIP": "10.0.3.1", "remoteServer": "127.0.0.1",
+                        "remotePort": victim.port})["ok"]
+    devices.written("wgv")
+    encrypted = [victim.seal(ipv4_packet(VICTIM, "10.0.2.1", b"sealed %d" % i + bytes(40)), 128)
+                 for i in range(3)]
+    size = len(encrypted[0])  # one size, as GRO joins them
+    plain = [ups.PI_BY_VERSION[4] + ipv4_packet("10.0.3.2", "10.0.3.1", b"plain %d" % i
+                                                 + bytes(size - 4 - 20 - 7))
+             for i in range(3)]
+    assert {len(m) for m in encrypted + plain} == {size}
+    victim.send_messages([plain[0], encrypted[0], encrypted[1], plain[1], plain[2],
+                          encrypted[2]], server.data_port, train=True)
+    receive(server)
+    sealed = b"".join(written_packets(devices, "wgv", offload))
+    opened = b"".join(written_packets(devices, "udpv", offload))
+    assert all(b"sealed %d" % i in sealed and b"plain %d" % i in opened for i in range(3))
+    assert b"plain" not in sealed and b"sealed" not in opened
