@@ -2784,7 +2784,8 @@ class WireGuard:
         keypair.send_cipher = transport_cipher(keys.send_key)
         keypair.receive_cipher = transport_cipher(keys.receive_key)
         self.by_index[keys.local_index] = tunnel
-        tunnel.last_handshake = time.time()
+        if keys.is_initiator:  # the responder's is complete once a message comes with it
+            tunnel.last_handshake = time.time()
         log.debug("tunnel %s: session %08x begun, as %s", tunnel.name, keys.local_index,
                   "initiator" if keys.is_initiator else "responder")
 

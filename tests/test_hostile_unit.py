@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import udpProxyServer as ups
-from fakes import WirePeer, add, fake_server, ipv4_packet, receive
+from fakes import Clock, WirePeer, add, fake_server, ipv4_packet, receive
 
 ATTACKER, VICTIM = "10.0.1.2", "10.0.2.2"
 
@@ -150,3 +150,51 @@ def test_plain_and_encrypted_datagrams_of_one_peer_daemon_in_one_train(encrypted
     opened = b"".join(written_packets(devices, "udpv", offload))
     assert all(b"sealed %d" % i in sealed and b"plain %d" % i in opened for i in range(3))
     assert b"plain" not in sealed and b"sealed" not in opened
+
+
+# --- The responder's handshake, complete once confirmed ------------------------
+
+
+def drain(sock):
+    """Every datagram waiting on sock."""
+    sock.setblocking(False)
+    datagrams = []
+    try:
+        while True:
+            datagrams.append(sock.recv(65535))
+    except BlockingIOError:
+        return datagrams
+    finally:
+        sock.settimeout(5)
+
+
+def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed():
+    clock = Clock()
+    with fake_server(offloads=True, private_key=ups.generate_private_key(),
+                     clock=clock) as (server, devices):
+        peer = WirePeer(server.wireguard.public_key)
+        assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
+        # A packet for the peer: the daemon initiates, and the peer does not answer that.
+        devices.outer["wgp"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2", b"x"))
+        server.loop.dispatch(server.tunnels["wgp"].fd)
+        server.wireguard.run_timers()
+        assert [ups.message_type(d) for d in drain(peer.sock)] == [ups.MESSAGE_INITIATION]
+        # The peer's own initiation crosses it: the daemon answers; the handshake is not
+        # complete on the daemon's side until a message comes with the new keys.
+        sent, message = peer.initiation()
+        peer.sock.sendto(message, ("127.0.0.1", server.data_port))
+        receive(server)
+        peer.keys = ups.consume_response(sent, peer.receive(ups.MESSAGE_RESPONSE))
+        peer.cipher = ups.transport_cipher(peer.keys.send_key)
+        assert server.tunnels["wgp"].describe()["latestHandshake"] is None
+        clock.advance(1)
+        peer.send([b""], server.data_port)  # a keepalive confirms it
+        receive(server)
+        assert server.tunnels["wgp"].describe()["latestHandshake"] is not None
+        assert [ups.message_type(d) for d in drain(peer.sock)] == [ups.MESSAGE_TRANSPORT]  # the staged packet
+        for _ in range(40):  # long past the retry of the daemon's own initiation
+            clock.advance(0.5)
+            peer.send([b""], server.data_port)
+            receive(server)
+        sent_types = {ups.message_type(d) for d in drain(peer.sock)}
+        assert ups.MESSAGE_INITIATION not in sent_types
