@@ -22,8 +22,10 @@ import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -1501,13 +1503,28 @@ def AEAD_OPEN(key, counter, ciphertext, authtext, what):
 
 
 def DH(private, public):
-    """X25519; a public key of small order, whose result is all zero, is refused."""
+    """X25519 of a private key (raw bytes, or a private_key_object) and a public key in raw
+    bytes; a public key of small order, whose result is all zero, is refused."""
     need_cryptography()
     try:
-        return X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public))
+        return private_key_object(private).exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:
         raise WireGuardRefused("a public key of small order or of the wrong size") from None
+
+
+def private_key_object(private):
+    """The X25519 key object of a private key given in raw bytes (or the object itself).
+    Made once for a key used again: loading one costs as much as a DH. Dropped, OpenSSL
+    clears its copy of the key, which a bytes object never is."""
+    if isinstance(private, (bytes, bytearray)):
+        return X25519PrivateKey.from_private_bytes(private)
+    return private
+
+
+def new_ephemeral():
+    """A fresh X25519 private key object, for one handshake."""
+    need_cryptography()
+    return X25519PrivateKey.generate()
 
 
 def generate_private_key(random=os.urandom):
@@ -1519,9 +1536,10 @@ def generate_private_key(random=os.urandom):
 
 
 def public_key(private):
-    """The public key of a private key, as `wg pubkey` gives it (raw bytes)."""
+    """The public key of a private key (raw bytes, or its object), as `wg pubkey` gives it
+    (raw bytes)."""
     need_cryptography()
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    return private_key_object(private).public_key().public_bytes_raw()
 
 
 def key_from_base64(text):
@@ -1555,13 +1573,35 @@ INITIAL_CHAINING_KEY = HASH(CONSTRUCTION)
 INITIAL_HASH = HASH(INITIAL_CHAINING_KEY + IDENTIFIER)
 
 
-@dataclasses.dataclass(frozen=True)
 class InitiationSent:
-    """The initiator's handshake between its initiation and the peer's response."""
-    local_index: int
+    """The initiator's handshake between its initiation and the peer's response; erase()
+    lets go of its keys once the response came or the handshake was given up."""
+
+    def __init__(self, local_index, remote_public, local_private, ephemeral_private,
+                 chaining_key, hash):
+        self.local_index = local_index
+        self.remote_public = remote_public
+        self.local_private = local_private  # raw bytes or key objects, as given
+        self.ephemeral_private = ephemeral_private
+        self.chaining_key = bytearray(chaining_key)
+        self.hash = bytearray(hash)
+
+    def __repr__(self):
+        return "InitiationSent(local_index=%d)" % self.local_index  # never a key
+
+    def erase(self):
+        self.chaining_key[:] = self.hash[:] = bytes(KEY_LEN)
+        self.local_private = self.ephemeral_private = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InitiationOpened:
+    """An initiation to us as far as our static key alone opens it (one DH): who says it
+    sent it, to be looked up before any more work; the rest needs that peer's keys."""
     remote_public: bytes
-    local_private: bytes = dataclasses.field(repr=False)
-    ephemeral_private: bytes = dataclasses.field(repr=False)
+    remote_index: int
+    remote_ephemeral: bytes
+    sealed_timestamp: bytes = dataclasses.field(repr=False)
     chaining_key: bytes = dataclasses.field(repr=False)
     hash: bytes = dataclasses.field(repr=False)
 
@@ -1597,11 +1637,13 @@ def check_message_kind(message, kind, size):
 
 
 def create_initiation(local_private, remote_public, sender_index, timestamp,
-                      ephemeral_private=None):
+                      ephemeral_private=None, static_static=None):
     """The first handshake message to the peer of remote_public, sent under sender_index,
-    with timestamp (tai64n of now), and the state to read its response with. Its mac1 and
-    mac2 are zero: the cookie section's add_macs fills them in before it is sent."""
-    ephemeral_private = ephemeral_private or generate_private_key()
+    with timestamp (tai64n of now), and the state to read its response with. Private keys
+    are raw bytes or key objects; static_static is DH(local_private, remote_public) when
+    made already (a tunnel keeps it). Its mac1 and mac2 are zero: the cookie section's
+    add_macs fills them in before it is sent."""
+    ephemeral_private = private_key_object(ephemeral_private or new_ephemeral())
     ephemeral = public_key(ephemeral_private)
     transcript = HASH(INITIAL_HASH + remote_public)
     chaining_key = KDF1(INITIAL_CHAINING_KEY, ephemeral)
@@ -1609,7 +1651,7 @@ def create_initiation(local_private, remote_public, sender_index, timestamp,
     chaining_key, key = KDF2(chaining_key, DH(ephemeral_private, remote_public))
     static = AEAD(key, 0, public_key(local_private), transcript)
     transcript = HASH(transcript + static)
-    chaining_key, key = KDF2(chaining_key, DH(local_private, remote_public))
+    chaining_key, key = KDF2(chaining_key, static_static or DH(local_private, remote_public))
     sealed_timestamp = AEAD(key, 0, timestamp, transcript)
     transcript = HASH(transcript + sealed_timestamp)
     message = INITIATION.pack(MESSAGE_INITIATION, sender_index, ephemeral, static,
@@ -1618,9 +1660,10 @@ def create_initiation(local_private, remote_public, sender_index, timestamp,
                           chaining_key, transcript), message
 
 
-def consume_initiation(local_private, message, local_public=None):
-    """What an initiation to us says (InitiationReceived), or WireGuardRefused. Its mac1 is
-    the caller's to check first (CookieChecker.check_mac1), as that costs no DH."""
+def open_initiation(local_private, message, local_public=None):
+    """The first half of consuming an initiation to us: its sender's static key, opened
+    with one DH (InitiationOpened), or WireGuardRefused. Its mac1 is the caller's to check
+    first (CookieChecker.check_mac1), as that costs no DH."""
     check_message_kind(message, MESSAGE_INITIATION, INITIATION_SIZE)
     _, sender, ephemeral, static, sealed_timestamp, _, _ = INITIATION.unpack(message)
     transcript = HASH(INITIAL_HASH + (local_public or public_key(local_private)))
@@ -1629,18 +1672,34 @@ def consume_initiation(local_private, message, local_public=None):
     chaining_key, key = KDF2(chaining_key, DH(local_private, ephemeral))
     remote_public = AEAD_OPEN(key, 0, static, transcript, "the initiation's static key")
     transcript = HASH(transcript + static)
-    chaining_key, key = KDF2(chaining_key, DH(local_private, remote_public))
-    timestamp = AEAD_OPEN(key, 0, sealed_timestamp, transcript, "the initiation's timestamp")
-    transcript = HASH(transcript + sealed_timestamp)
-    return InitiationReceived(remote_public, timestamp, sender, ephemeral, chaining_key,
-                              transcript)
+    return InitiationOpened(remote_public, sender, ephemeral, sealed_timestamp, chaining_key,
+                            transcript)
+
+
+def finish_initiation(opened, static_static):
+    """The second half: the timestamp, opened with the static-static DH of us and the
+    sender (which a tunnel keeps made), so the initiation is authentic
+    (InitiationReceived), or WireGuardRefused."""
+    chaining_key, key = KDF2(opened.chaining_key, static_static)
+    timestamp = AEAD_OPEN(key, 0, opened.sealed_timestamp, opened.hash,
+                          "the initiation's timestamp")
+    transcript = HASH(opened.hash + opened.sealed_timestamp)
+    return InitiationReceived(opened.remote_public, timestamp, opened.remote_index,
+                              opened.remote_ephemeral, chaining_key, transcript)
+
+
+def consume_initiation(local_private, message, local_public=None):
+    """What an initiation to us says (InitiationReceived), or WireGuardRefused: both halves,
+    for a caller that keeps no tunnels (the daemon looks its peer up between them)."""
+    opened = open_initiation(local_private, message, local_public)
+    return finish_initiation(opened, DH(local_private, opened.remote_public))
 
 
 def create_response(received, sender_index, preshared_key=None, ephemeral_private=None):
     """The response to a consumed initiation, sent under sender_index, with the tunnel's
     preshared key (None: none), and the responder's transport keys. Its mac1 and mac2 are
     zero, for add_macs."""
-    ephemeral_private = ephemeral_private or generate_private_key()
+    ephemeral_private = private_key_object(ephemeral_private or new_ephemeral())
     ephemeral = public_key(ephemeral_private)
     chaining_key = KDF1(received.chaining_key, ephemeral)
     transcript = HASH(received.hash + ephemeral)
@@ -1664,8 +1723,8 @@ def consume_response(sent, message, preshared_key=None):
     _, sender, receiver, ephemeral, empty, _, _ = RESPONSE.unpack(message)
     if receiver != sent.local_index:
         raise WireGuardRefused("a response to another initiation")
-    chaining_key = KDF1(sent.chaining_key, ephemeral)
-    transcript = HASH(sent.hash + ephemeral)
+    chaining_key = KDF1(bytes(sent.chaining_key), ephemeral)
+    transcript = HASH(bytes(sent.hash) + ephemeral)
     chaining_key = KDF1(chaining_key, DH(sent.ephemeral_private, ephemeral))
     chaining_key = KDF1(chaining_key, DH(sent.local_private, ephemeral))
     chaining_key, tau, key = KDF3(chaining_key, zero_psk(preshared_key))
@@ -1772,28 +1831,45 @@ def consume_cookie_reply(reply, remote_public, mac1):
 class CookieChecker:
     """The side that receives handshake messages, for one static key of ours: checks their
     mac1, and under load their mac2 against the cookie of their source, and answers one
-    without it with a cookie reply. now is any clock in seconds (time.monotonic())."""
+    without it with a cookie reply. now is any clock in seconds (time.monotonic()).
+
+    Each costs a few microseconds, since a flood is made of them: mac1's key is made once,
+    and replies are sealed under one XChaCha20 subkey a secret, their nonces a random
+    prefix (which makes the subkey) and a counter, so no two are the same."""
 
     def __init__(self, local_public, random=os.urandom):
         self.local_public = local_public
         self.random = random
+        self.mac1_key = HASH(LABEL_MAC1 + local_public)
+        self.seal_key = HASH(LABEL_COOKIE + local_public)
         self.secret = None
         self.secret_made = None
+        self.sealing = None  # (the subkey's cipher, the nonce prefix, the next counter)
 
     def check_mac1(self, message):
-        return mac1_valid(message, self.local_public)
+        mac1 = MAC(self.mac1_key, message[:-2 * MAC_LEN])
+        return hmac.compare_digest(mac1, message[-2 * MAC_LEN:-MAC_LEN])
 
     def cookie(self, address, port, now):
         if self.secret is None or now - self.secret_made >= COOKIE_REFRESH_TIME:
             self.secret, self.secret_made = self.random(KEY_LEN), now
+            self.sealing = None
         return make_cookie(self.secret, address, port)
 
     def check_mac2(self, message, address, port, now):
         return mac2_valid(message, self.cookie(address, port, now))
 
     def create_reply(self, message, address, port, now):
-        return create_cookie_reply(message, self.cookie(address, port, now), self.local_public,
-                                   self.random(COOKIE_NONCE_LEN))
+        cookie = self.cookie(address, port, now)
+        if self.sealing is None:
+            prefix = self.random(COOKIE_NONCE_LEN - 8)
+            self.sealing = [xchacha_parts(self.seal_key, prefix + bytes(8))[0], prefix, 0]
+        cipher, prefix, counter = self.sealing
+        self.sealing[2] += 1
+        nonce = prefix + counter.to_bytes(8, "little")
+        sender, = struct.unpack_from("<I", message, 4)
+        sealed = cipher.encrypt(bytes(4) + nonce[16:], cookie, message[-2 * MAC_LEN:-MAC_LEN])
+        return COOKIE_REPLY.pack(MESSAGE_COOKIE_REPLY, sender, nonce, sealed)
 
 
 class CookieGenerator:
@@ -2008,6 +2084,8 @@ class Keypair:
         self.created = created  # a time of the injected clock
         self.send_counter = 0  # the counter the next message sent gets
         self.replay_window = ReplayWindow()
+        # The AEADs of each direction, made once (transport_cipher) by whoever uses them.
+        self.send_cipher = self.receive_cipher = None
 
     def next_counter(self):
         """The counter for the next message sent, refused with KeypairExhausted once
@@ -2031,9 +2109,12 @@ class Keypair:
         return self.send_counter < REJECT_AFTER_MESSAGES and not self.expired(now)
 
     def erase(self):
-        """Overwrite the keys: as far as Python lets us, which is not the AEAD's own copies."""
+        """Overwrite the keys and let go of the AEADs made with them: OpenSSL clears its
+        copies as it frees them. (The bytes a KDF returned are Python's to free, not ours
+        to clear.)"""
         self.send_key[:] = bytes(len(self.send_key))
         self.receive_key[:] = bytes(len(self.receive_key))
+        self.send_cipher = self.receive_cipher = None
 
 
 class Keypairs:
@@ -2367,15 +2448,28 @@ class PeerTimers:
 # --- WireGuard: encrypted tunnels, sending and receiving ----------------------
 
 
-# Packets that wait for a session (wireguard-go's MaxStagedPackets): more are dropped.
+# Packets that wait for a session (wireguard-go's MaxStagedPackets): more push out the
+# oldest, counted as staged_overflow.
 MAX_STAGED_PACKETS = 128
-# Handshake messages a second past which the daemon is under load and asks for mac2
-# (a cookie) first, as wireguard-go does at about this rate.
+# Handshake messages with a valid mac1 a second past which the daemon is under load: it
+# asks for mac2 (a cookie) first and limits each source, as wireguard-go does about this
+# rate; and stays so this long after (wireguard-go's UnderLoadAfterTime).
 HANDSHAKES_UNDER_LOAD = 50
-# While there are encrypted tunnels, their timers are looked at this often at least: the
-# data path need not wake them for every deadline it moves (a few microseconds a packet),
-# and a deadline set meanwhile is at most this late (against seconds-long timers).
-TIMER_TICK = 0.25
+UNDER_LOAD_AFTER_TIME = 1
+# Under load, the handshakes a source may have worked on (the DHs) a second, and at once,
+# after its mac2 (wireguard-go's ratelimiter); an IPv6 source is its /64, since a host has
+# one at least. The sources remembered are bounded, and idle ones are forgotten.
+HANDSHAKES_PER_SOURCE, HANDSHAKE_BURST = 20, 5
+MAX_HANDSHAKE_SOURCES = 4096
+IPV6_SOURCE_BYTES = 8
+# A peer's initiations are taken at most one in this many seconds (wireguard-go's
+# HandshakeInitationRate): anyone holding its key gets no more responses out of us.
+HANDSHAKE_INITIATION_RATE = 1 / 50
+# The share of the loop's time handshake work (its DHs) may take, and how much of it may
+# be spent at once: the rest is the data path's, whatever floods the data port. A source
+# that is a tunnel's endpoint is served even past it (it passed mac2 under load), so a
+# legitimate peer's handshake goes through a flood from elsewhere.
+HANDSHAKE_SHARE, HANDSHAKE_SHARE_BURST = 0.1, 0.02
 
 
 def is_wireguard(buffer, size):
@@ -2471,9 +2565,11 @@ class WireGuardPeer:
     way, the sessions, the timers, and the packets waiting for a session. (Where the peer
     is, is the tunnel's peer, as for a plain tunnel.)"""
 
-    def __init__(self, spec, clock=time.monotonic):
+    def __init__(self, spec, static_static, clock=time.monotonic):
         self.public_key = spec.public_key
         self.preshared_key = spec.preshared_key
+        self.static_static = static_static  # DH of our static key and the peer's, made once
+        self.last_initiation_consumed = float("-inf")  # when its last initiation was taken
         self.keypairs = Keypairs(clock)
         self.timers = PeerTimers(self.keypairs, clock,
                                  persistent_keepalive=spec.keepalive or 0)
@@ -2481,6 +2577,7 @@ class WireGuardPeer:
         self.initiation = None  # the InitiationSent awaiting its response
         self.last_timestamp = b""  # of the newest initiation taken: older ones are replays
         self.staged = collections.deque(maxlen=MAX_STAGED_PACKETS)
+        self.wakeup = None  # when its timers are next looked at, unless touched before
 
 
 class WireGuardTunnelPath:
@@ -2504,9 +2601,9 @@ class WireGuardTunnelPath:
         keypair = wg.keypairs.current_for_sending()
         if keypair is None or self.peer is None:
             for start in range(0, len(datagrams), stride):
-                wg.staged.append(bytes(datagrams[start + PI_HEADER_LEN:start + stride]))
+                self.stage(datagrams[start + PI_HEADER_LEN:start + stride])
             wg.timers.on_packet_staged()
-            self.wireguard.wake()
+            self.wireguard.touch(self)
             return
         cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.spec.mtu
         sealed, padded = self.buffers.sealed_view, self.buffers.padded_view
@@ -2516,7 +2613,7 @@ class WireGuardTunnelPath:
             try:
                 counter = keypair.next_counter()
             except KeypairExhausted:
-                wg.staged.append(bytes(packet))
+                self.stage(packet)
                 wg.timers.on_packet_staged()
                 continue
             size = transport_size(len(packet), mtu)
@@ -2530,8 +2627,14 @@ class WireGuardTunnelPath:
         if message_stride:
             super().send(sealed[:at], message_stride)
             wg.timers.on_data_sent()
-            if wg.timers.wanted:  # e.g. a rekey: at once; later deadlines wait for a tick
-                self.wireguard.wake()
+        self.wireguard.touch(self)
+
+    def stage(self, packet):
+        """Keep a packet until a session can carry it; past MAX_STAGED_PACKETS the oldest
+        is pushed out, as wireguard-go drops it, and counted."""
+        if len(self.wg.staged) == MAX_STAGED_PACKETS:
+            self.drops["staged_overflow"] += 1
+        self.wg.staged.append(bytes(packet))
 
     def send_keepalive(self):
         keypair = self.wg.keypairs.current_for_sending()
@@ -2593,10 +2696,11 @@ class WireGuardTunnelPath:
         finally:
             self.deliver_done()
         if authenticated:
-            self.peer = source  # roaming: the peer is where it last sent from
+            if source != self.peer:  # roaming: the peer is where it last sent from
+                self.wireguard.set_endpoint(self, source)
             if self.wg.timers.on_transport_received(keypair, data):
                 self.last_handshake = time.time()  # the responder's session is confirmed
-            self.wireguard.wake()
+            self.wireguard.touch(self)
 
     def deliver_inner(self, packet, size):
         """One opened packet, which took size bytes on the wire, into the device if its
@@ -2647,23 +2751,93 @@ class PlainWireGuardTunnel(WireGuardTunnelPath, PlainDevicePath, Tunnel):
     """An encrypted tunnel on a device without offloads (--no-offload)."""
 
 
+def handshake_source(ip):
+    """Who a source address is for the handshake limits: an IPv4 address (as the dual-stack
+    data socket gives it), or an IPv6 address's /64."""
+    if ip.startswith("::ffff:") or ":" not in ip:
+        return ip
+    try:
+        return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])[:IPV6_SOURCE_BYTES]
+    except OSError:
+        return ip
+
+
+class HandshakeLimits:
+    """What handshakes may cost the daemon: whether it is under load (then mac2 is asked
+    for), a token bucket per source past mac2, and the share of the loop's time their
+    DHs may take. Every refusal is cheap: no DH is done for what is refused."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.window_start, self.in_window = float("-inf"), 0
+        self.loaded_until = float("-inf")
+        self.sources = {}  # handshake_source -> (tokens, when counted)
+        self.share = HANDSHAKE_SHARE_BURST  # seconds of handshake work that may be spent now
+        self.share_counted = clock()
+
+    def under_load(self, now):
+        """Count one handshake message with a valid mac1; whether the daemon is under load."""
+        if now - self.window_start >= 1:
+            self.window_start, self.in_window = now, 0
+        self.in_window += 1
+        if self.in_window > HANDSHAKES_UNDER_LOAD:
+            self.loaded_until = now + UNDER_LOAD_AFTER_TIME
+        return now < self.loaded_until
+
+    def source_allows(self, ip, now):
+        """Take one handshake from the source's bucket; False when it has none left."""
+        source = handshake_source(ip)
+        tokens, then = self.sources.get(source, (HANDSHAKE_BURST, now))
+        tokens = min(HANDSHAKE_BURST, tokens + (now - then) * HANDSHAKES_PER_SOURCE)
+        if source not in self.sources and len(self.sources) >= MAX_HANDSHAKE_SOURCES:
+            self.forget_idle(now)
+            if len(self.sources) >= MAX_HANDSHAKE_SOURCES:
+                return False  # that many sources busy at once: none more until some rest
+        if tokens < 1:
+            self.sources[source] = (tokens, now)
+            return False
+        self.sources[source] = (tokens - 1, now)
+        return True
+
+    def forget_idle(self, now):
+        """Forget the sources whose bucket has filled again: they are as if never seen."""
+        self.sources = {source: (tokens, then) for source, (tokens, then) in self.sources.items()
+                        if tokens + (now - then) * HANDSHAKES_PER_SOURCE < HANDSHAKE_BURST}
+
+    def share_left(self, now):
+        """Whether handshake work may be done now without taking the data path's share."""
+        self.share = min(HANDSHAKE_SHARE_BURST,
+                         self.share + (now - self.share_counted) * HANDSHAKE_SHARE)
+        self.share_counted = now
+        return self.share > 0
+
+    def spent(self, seconds):
+        self.share -= seconds
+
+
 class WireGuard:
     """The daemon's WireGuard: its key, its encrypted tunnels by the peer's key and by our
     session indexes, the handshakes on the data port, and the timers of every peer."""
 
-    def __init__(self, private_key, sock, drops, clock=time.monotonic):
-        self.private_key = private_key
-        self.public_key = public_key(private_key)
+    def __init__(self, private_key, sock, drops, clock=time.monotonic, cost_clock=time.perf_counter):
+        need_cryptography()
+        self.private_key = private_key_object(private_key)  # loaded once: it is in every DH
+        self.public_key = public_key(self.private_key)
         self.sock = sock
         self.clock = clock
+        self.cost_clock = cost_clock  # what handshake work is timed with
         self.checker = CookieChecker(self.public_key)
+        self.limits = HandshakeLimits(clock)
         self.by_key = {}  # the peer's public key -> tunnel
         self.by_index = {}  # our index -> tunnel (its handshake under way, or a keypair)
-        self.handshakes = collections.deque()  # when the last handshake messages came
+        self.endpoints = collections.Counter()  # the tunnels' endpoint addresses, served first
         self.drops = drops  # the daemon's: messages no tunnel took, by reason
-        self.woken = False  # a tunnel's timers want a look after this batch
-        self.next_at = None  # the earliest deadline of every peer's timers, at the last look
-        self.last_look = 0.0
+        self.quiet = QuietLog("errors in the WireGuard timers")
+        # The timers: tunnels the data path told something since the last look, and the
+        # others' next wakeups, earliest first (an entry later than its tunnel's is stale).
+        self.touched = set()
+        self.wakeups = []  # heap of (when, order, tunnel)
+        self.order = itertools.count()
 
     def new_index(self, tunnel):
         while True:
@@ -2675,31 +2849,55 @@ class WireGuard:
     def forget_index(self, index):
         self.by_index.pop(index, None)
 
-    def check_free(self, spec):
+    def peer_for(self, spec):
+        """The WireGuardPeer of a new encrypted tunnel, or ControlError when its key cannot
+        be one: in use, ours, or of small order (no DH can be made with it)."""
         other = self.by_key.get(spec.public_key)
         if other is not None:
             raise ControlError("publicKey already in use by tunnel %r" % other.name)
         if spec.public_key == self.public_key:
             raise ControlError("publicKey is this daemon's own")
+        try:
+            static_static = DH(self.private_key, spec.public_key)
+        except WireGuardRefused as e:
+            raise ControlError("invalid publicKey: %s" % e) from None
+        return WireGuardPeer(spec, static_static, self.clock)
 
     def add(self, tunnel):
         tunnel.wireguard = self
         tunnel.wg.keypairs.retire = lambda keypair: self.forget_index(keypair.local_index)
         self.by_key[tunnel.spec.public_key] = tunnel
+        if tunnel.peer is not None:
+            self.endpoints[tunnel.peer[0]] += 1
+        self.touch(tunnel)
 
     def remove(self, tunnel):
         self.by_key.pop(tunnel.spec.public_key, None)
+        self.set_endpoint(tunnel, None)
         for index in [i for i, t in self.by_index.items() if t is tunnel]:
             del self.by_index[index]
         tunnel.wg.keypairs.clear()
+        self.drop_initiation(tunnel.wg)
+        self.touched.discard(tunnel)
 
-    def wake(self):
-        self.woken = True
+    def set_endpoint(self, tunnel, endpoint):
+        """Where the tunnel's peer is now (None: nowhere known)."""
+        for address, change in ((tunnel.peer, -1), (endpoint, 1)):
+            if address is not None:
+                self.endpoints[address[0]] += change
+                if not self.endpoints[address[0]]:
+                    del self.endpoints[address[0]]
+        tunnel.peer = endpoint
+
+    def touch(self, tunnel):
+        """The data path told the tunnel's timers something: they get a look after this round."""
+        self.touched.add(tunnel)
 
     # Messages from the data port.
 
     def receive(self, datagrams, stride, source):
-        """Datagrams laid end to end stride apart, from source, each a WireGuard message."""
+        """Datagrams laid end to end stride apart, from source, all of one kind (one_kind
+        or train_runs made them so): transport messages to one index, or handshake ones."""
         kind = datagrams[0]
         if kind == MESSAGE_TRANSPORT:
             index = int.from_bytes(datagrams[4:8], "little")
@@ -2718,14 +2916,9 @@ class WireGuard:
                 self.drops["refused_handshake"] += 1
                 log.debug("WireGuard message from %s refused: %s", source[0], e)
 
-    def under_load(self, now):
-        handshakes = self.handshakes
-        handshakes.append(now)
-        while handshakes and handshakes[0] < now - 1:
-            handshakes.popleft()
-        return len(handshakes) > HANDSHAKES_UNDER_LOAD
-
     def handshake_message(self, message, source):
+        """One handshake message: refused as cheaply as can be (its size, mac1, under load
+        mac2 and its source's bucket, the loop's share), and only then worked on."""
         kind, now = message_type(message), self.clock()
         if kind is None:
             self.drops["not_wireguard"] += 1
@@ -2736,32 +2929,45 @@ class WireGuard:
             tunnel.wg.cookies.consume_reply(message, now)
         elif not self.checker.check_mac1(message):
             self.drops["bad_mac1"] += 1
-        elif self.under_load(now) and not self.checker.check_mac2(message, *source, now):
+        elif self.limits.under_load(now) and not self.checker.check_mac2(message, *source, now):
             self.drops["cookie_sent"] += 1
             self.send(self.checker.create_reply(message, *source, now), source)
-        elif kind == MESSAGE_INITIATION:
-            self.take_initiation(message, source)
-        elif kind == MESSAGE_RESPONSE:
-            self.take_response(message, source)
+        elif now < self.limits.loaded_until and not self.limits.source_allows(source[0], now):
+            self.drops["handshake_rate_limited"] += 1
+        elif not self.limits.share_left(now) and source[0] not in self.endpoints:
+            self.drops["handshake_share_spent"] += 1
+        else:
+            started = self.cost_clock()
+            try:
+                if kind == MESSAGE_INITIATION:
+                    self.take_initiation(message, source, now)
+                else:
+                    self.take_response(message, source)
+            finally:
+                self.limits.spent(self.cost_clock() - started)
 
-    def take_initiation(self, message, source):
-        received = consume_initiation(self.private_key, message, self.public_key)
-        tunnel = self.by_key.get(received.remote_public)
-        if tunnel is None:
+    def take_initiation(self, message, source, now):
+        opened = open_initiation(self.private_key, message, self.public_key)
+        tunnel = self.by_key.get(opened.remote_public)
+        if tunnel is None:  # one DH spent, the least a responder can
             self.drops["unknown_peer"] += 1
             return
         wg = tunnel.wg
+        received = finish_initiation(opened, wg.static_static)
         if received.timestamp <= wg.last_timestamp:
             tunnel.drops["replayed_initiation"] += 1
             return
-        wg.last_timestamp = received.timestamp
+        if now - wg.last_initiation_consumed <= HANDSHAKE_INITIATION_RATE:
+            tunnel.drops["initiation_flood"] += 1
+            return
+        wg.last_timestamp, wg.last_initiation_consumed = received.timestamp, now
         wg.timers.on_initiation_received()
         keys, response = create_response(received, self.new_index(tunnel), wg.preshared_key)
-        tunnel.peer = source
+        self.set_endpoint(tunnel, source)
         self.send(wg.cookies.add_macs(response, self.clock()), source, tunnel)
         self.begin_session(tunnel, keys)
         wg.timers.on_response_sent()
-        self.wake()
+        self.touch(tunnel)
 
     def take_response(self, message, source):
         tunnel = self.by_index.get(receiver_index(message))
@@ -2771,18 +2977,27 @@ class WireGuard:
             self.drops["unknown_index"] += 1
             return
         keys = consume_response(wg.initiation, message, wg.preshared_key)
-        wg.initiation = None
-        tunnel.peer = source
+        self.drop_initiation(wg, keep_index=True)  # its index is the new keypair's now
+        self.set_endpoint(tunnel, source)
         self.begin_session(tunnel, keys)
         wg.timers.on_response_received()
-        self.wake()
+        self.touch(tunnel)
+
+    def drop_initiation(self, wg, keep_index=False):
+        """Let go of the handshake under way: its keys erased, its index free (unless a
+        keypair took it)."""
+        if wg.initiation is not None:
+            if not keep_index:
+                self.forget_index(wg.initiation.local_index)
+            wg.initiation.erase()
+            wg.initiation = None
 
     def begin_session(self, tunnel, keys):
         keypair = tunnel.wg.keypairs.begin_session(keys.send_key, keys.receive_key,
                                                    keys.local_index, keys.remote_index,
                                                    keys.is_initiator)
-        keypair.send_cipher = transport_cipher(keys.send_key)
-        keypair.receive_cipher = transport_cipher(keys.receive_key)
+        keypair.send_cipher = transport_cipher(keypair.send_key)
+        keypair.receive_cipher = transport_cipher(keypair.receive_key)
         self.by_index[keys.local_index] = tunnel
         if keys.is_initiator:  # the responder's is complete once a message comes with it
             tunnel.last_handshake = time.time()
@@ -2803,42 +3018,69 @@ class WireGuard:
     # The timers of every peer.
 
     def poll_timeout(self):
-        """How long the loop may sleep before the timers want a look: -1, for ever, when
-        there is no encrypted tunnel."""
-        if not self.by_key:
-            return -1
-        wakeup = self.last_look + TIMER_TICK
-        if self.next_at is not None:
-            wakeup = min(wakeup, self.next_at)
-        return max(0.0, wakeup - self.clock())
+        """How long the loop may sleep before the timers want a look: not at all when the
+        data path told them something, until the earliest wakeup else, -1 (for ever) when
+        none is pending."""
+        if self.touched:
+            return 0
+        while self.wakeups:
+            when, _, tunnel = self.wakeups[0]
+            if tunnel.wg.wakeup == when and tunnel.spec.public_key in self.by_key:
+                return max(0.0, when - self.clock())
+            heapq.heappop(self.wakeups)  # stale: moved later, or the tunnel gone
+        return -1
 
     def tick(self):
-        """After each round of the loop: the timers' look, when woken or due."""
+        """After each round of the loop: the timers of the tunnels touched, and of those
+        whose wakeup has come."""
         now = self.clock()
-        if self.woken or now >= self.last_look + TIMER_TICK or (
-                self.next_at is not None and now >= self.next_at):
-            self.run_timers(now)
+        due, self.touched = self.touched, set()
+        while self.wakeups and self.wakeups[0][0] <= now:
+            when, _, tunnel = heapq.heappop(self.wakeups)
+            if tunnel.wg.wakeup == when:
+                tunnel.wg.wakeup = None
+                due.add(tunnel)
+        for tunnel in due:
+            if tunnel.spec.public_key in self.by_key:
+                self.run_timers_of(tunnel, now)
 
     def run_timers(self, now=None):
-        self.woken = False
+        """Every tunnel's timers, now."""
         now = self.clock() if now is None else now
-        self.last_look = now
+        self.touched.clear()
         for tunnel in list(self.by_key.values()):
-            for action in tunnel.wg.timers.due(now):
+            self.run_timers_of(tunnel, now)
+
+    def run_timers_of(self, tunnel, now):
+        """Do what the tunnel's timers want now, and wake again when they next want
+        something; a bug in one tunnel's costs that tunnel's turn, not the others'."""
+        wg = tunnel.wg
+        try:
+            for action in wg.timers.due(now):
                 self.act(tunnel, action)
-        wakeups = [t.wg.timers.next_wakeup() for t in self.by_key.values()]
-        self.next_at = min([w for w in wakeups if w is not None], default=None)
+        except Exception:
+            tunnel.drops["internal_error"] += 1
+            self.quiet.log(logging.ERROR, "tunnel %s: error in its WireGuard timers",
+                           tunnel.name, exc_info=True)
+        wakeup = wg.timers.next_wakeup()
+        if wakeup is not None and (wg.wakeup is None or wakeup < wg.wakeup):
+            wg.wakeup = wakeup
+            heapq.heappush(self.wakeups, (wakeup, next(self.order), tunnel))
 
     def act(self, tunnel, action):
         wg = tunnel.wg
         if action == SEND_INITIATION:
             if tunnel.peer is None:
                 return  # waiting for the peer: it knows where we are
+            self.drop_initiation(wg)
             index = self.new_index(tunnel)
-            if wg.initiation is not None:
-                self.forget_index(wg.initiation.local_index)
-            wg.initiation, message = create_initiation(
-                self.private_key, wg.public_key, index, tai64n(time.time_ns()))
+            try:
+                wg.initiation, message = create_initiation(
+                    self.private_key, wg.public_key, index, tai64n(time.time_ns()),
+                    static_static=wg.static_static)
+            except BaseException:
+                self.forget_index(index)
+                raise
             self.send(wg.cookies.add_macs(message, self.clock()), tunnel.peer, tunnel)
             wg.timers.on_initiation_sent()
         elif action == SEND_KEEPALIVE:
@@ -2852,9 +3094,7 @@ class WireGuard:
             tunnel.drops["no_session"] += len(wg.staged)
             wg.staged.clear()
         elif action == DROP_KEYS:
-            if wg.initiation is not None:
-                self.forget_index(wg.initiation.local_index)
-            wg.initiation = None
+            self.drop_initiation(wg)
 
 
 # --- Control-port policy: who may ask and what they get; the state file -------
@@ -3480,18 +3720,19 @@ class Server:
         self.add_spec(TunnelSpec.from_entry(entry))
 
     def add_spec(self, spec):
+        wg = None
         if spec.encrypted:
             need_cryptography()
             if self.wireguard is None:
                 raise ControlError("an encrypted tunnel (publicKey) needs this daemon's own key:"
                                    " start it with --key-file")
-            self.wireguard.check_free(spec)
+            wg = self.wireguard.peer_for(spec)
         self.registry.check_free(spec)
         try:
             device = self.open_device(spec, self.offloads.tun_flags)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
-        tunnel = self.make_tunnel(spec, device)
+        tunnel = self.make_tunnel(spec, device, wg)
         try:
             self.netlink.configure(tunnel)
             self.loop.watch(tunnel.fd, lambda: self.forward(tunnel))
@@ -3505,8 +3746,9 @@ class Server:
                  "%s:%d" % tunnel.peer if tunnel.peer else "the peer, when it shows where",
                  spec.mtu, ", encrypted" if spec.encrypted else "")
 
-    def make_tunnel(self, spec, device):
-        """The tunnel of spec on its device: plain or encrypted, with offloads or not."""
+    def make_tunnel(self, spec, device, wg=None):
+        """The tunnel of spec on its device: plain, or encrypted with its WireGuardPeer wg;
+        with offloads or not."""
         if spec.remote is None:
             peer = None
         else:
@@ -3517,7 +3759,6 @@ class Server:
             if offloads:
                 return OffloadTunnel(spec, device, self.data_sock, peer, self.buffers, offloads)
             return Tunnel(spec, device, self.data_sock, peer, self.buffers)
-        wg = WireGuardPeer(spec, self.clock)
         if offloads:
             return WireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, offloads,
                                    wg=wg)

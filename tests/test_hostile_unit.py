@@ -27,7 +27,8 @@ def two_tunnels(server):
 
 @pytest.fixture(params=[True, None], ids=["offload", "no-offload"])
 def encrypted_server(request):
-    with fake_server(offloads=request.param, private_key=ups.generate_private_key()) as made:
+    with fake_server(offloads=request.param, private_key=ups.generate_private_key(),
+                     clock=Clock()) as made:
         yield made
 
 
@@ -96,6 +97,7 @@ def test_a_train_across_a_rekey_delivers_both_keypairs_messages(encrypted_server
     offload = bool(server.offloads.tun_flags)
     attacker, victim = two_tunnels(server)
     old_keys, old_cipher, old_counter = victim.keys, victim.cipher, victim.counter
+    server.clock.advance(1)
     victim.handshake(server, server.data_port)  # a new session; the old one is previous
     devices.written("wgv")
     old = [sealed_with(victim, old_keys, old_cipher, old_counter + i,
