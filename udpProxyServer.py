@@ -32,7 +32,6 @@ import os
 import random
 import resource
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -3100,6 +3099,21 @@ class WireGuard:
 # --- Control-port policy: who may ask and what they get; the state file -------
 
 
+def private_file(path, exclusive=False):
+    """An fd of path opened to be written from its start, mode 600 whatever it had: a file
+    left from before (a temporary one a crash left, made under another umask) is made
+    private before anything is written; exclusive: it must not exist yet. A symbolic
+    link is not followed."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_secret(path):
     """The shared secret in path, refused if others could read it."""
     try:
@@ -3123,7 +3137,7 @@ def read_key_file(path, generate=False):
     need_cryptography("--key-file")
     if generate and not os.path.exists(path):
         try:
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            with open(private_file(path, exclusive=True), "w") as f:
                 f.write(key_to_base64(generate_private_key()) + "\n")
         except OSError as e:
             raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
@@ -3332,15 +3346,17 @@ class StateFile:
             if not isinstance(entries, list):
                 raise ControlError("it has no list 'tunnels'")
         except ControlError as e:
-            raise StateUnreadable("%s is corrupt (%s); %s" % (self.path, e, self.keep_aside()))\
-                from None
+            raise StateUnreadable("%s is corrupt (%s); %s" % (self.path, e,
+                                                              self.keep_aside(data))) from None
         return entries
 
-    def keep_aside(self):
-        """A copy of the corrupt file as it is, since the next save writes over it."""
+    def keep_aside(self, data):
+        """A copy of the corrupt file's data, since the next save writes over it; readable
+        by root alone, as the file was (it may hold preshared keys)."""
         kept = "%s.corrupt-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
         try:
-            shutil.copyfile(self.path, kept)
+            with open(private_file(kept, exclusive=True), "wb") as f:
+                f.write(data)
         except OSError as e:
             return "cannot keep a copy as %s: %s" % (kept, e.strerror)
         return "kept as %s" % kept
@@ -3348,7 +3364,7 @@ class StateFile:
     def save(self, entries):
         temporary = self.path + ".tmp"
         # Readable by root alone: the entries of encrypted tunnels hold preshared keys.
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        with open(private_file(temporary), "w") as f:
             json.dump({"version": 1, "tunnels": entries}, f, indent=1)
             f.write("\n")
             f.flush()
