@@ -482,11 +482,12 @@ class TunnelSpec:
 
     @classmethod
     def from_entry(cls, entry):
-        # An encrypted tunnel may wait for its peer (behind NAT) to show where it is.
-        needed = ("name", "tunnelIP") if "publicKey" in entry else ("name", "tunnelIP",
-                                                                    "remoteServer")
+        # An encrypted tunnel may wait for its peer (behind NAT) to show where it is. A
+        # field given as null is as one not given.
+        needed = ("name", "tunnelIP") if entry.get("publicKey") is not None else (
+            "name", "tunnelIP", "remoteServer")
         for field in needed:
-            if field not in entry:
+            if entry.get(field) is None:
                 raise ControlError("missing field %r" % field)
         port, remote = entry.get("remotePort"), entry.get("remoteServer")
         spec = cls(

@@ -45,6 +45,26 @@ class FakeDevices:
             outer.settimeout(5)
 
 
+class FakeNetlink:
+    """Stands in for the daemon's netlink: fake devices are no interfaces the kernel knows;
+    what it would have been asked is kept."""
+
+    def __init__(self):
+        self.routes = {}  # tunnel name -> its routes, while configured
+
+    def configure(self, tunnel):
+        self.routes[tunnel.name] = tunnel.spec.routes
+
+    def unroute(self, tunnel):
+        self.routes.pop(tunnel.name, None)
+
+    def delete_together(self, indexes):
+        return "fake devices are deleted one by one"
+
+    def close(self):
+        pass
+
+
 class Clock:
     """A monotonic clock that moves only when the test moves it."""
 
@@ -74,13 +94,18 @@ def fake_server(offloads=None, private_key=None, clock=None, state=None):
     devices = FakeDevices()
     if offloads is True:
         offloads = OFFLOADS
-    data, control = udp(gro=bool(offloads and offloads.get("udp_gro"))), udp()
-    data.setblocking(False)
+    # The data socket as the daemon's own, on every address of both families (it names
+    # an IPv4 peer ::ffff:a.b.c.d), at a port of its own.
+    data = ups.bind_udp(0, "data")
+    if offloads and offloads.get("udp_gro"):
+        data.setsockopt(ups.SOL_UDP, ups.UDP_GRO, 1)
+    control = udp()
     control.setblocking(False)
     extra = {"clock": clock} if clock else {}
     server = ups.Server(data, control, open_device=devices,
                         offloads=ups.Offloads(**offloads) if offloads else None,
                         private_key=private_key, state=state, **extra)
+    server.netlink = FakeNetlink()
     try:
         yield server, devices
     finally:

@@ -187,7 +187,7 @@ def test_a_tunnels_endpoint_is_served_past_the_share(daemon):
     server.wireguard.limits.share = -1  # spent for a long while
     server.wireguard.endpoints.clear()
     assert flood_from(peer, server, 1) == []  # not a known endpoint: waits
-    server.wireguard.endpoints["127.0.0.1"] += 1
+    server.wireguard.endpoints[server.tunnels["wgp"].peer[0]] += 1  # as the tunnel names it
     clock.advance(1)
     assert flood_from(peer, server, 1) == [ups.MESSAGE_RESPONSE]
 
