@@ -127,6 +127,8 @@ MIN_SECRET_LEN = 16
 # X25519 keys, preshared keys, BLAKE2s hashes and ChaCha20 keys: 32 bytes each (and a
 # key in base64, as wg genkey and wg pubkey write it).
 KEY_LEN = 32
+# A key file holds a key in base64 and a newline: more is not read.
+KEY_FILE_MAX = 256
 # Replies per source and second, and the burst allowed, to sources that have not shown they
 # receive at their address: a mesh's set-up fits; a reflected flood does not.
 REPLY_RATE, REPLY_BURST = 100, 200
@@ -142,6 +144,8 @@ MAX_SOURCES = 4096
 BATCH = 64
 # linux/if_addr.h: an address we give a tunnel is ours at once, without duplicate detection.
 IFA_F_NODAD = 0x02
+# linux/if_link.h: a device that makes itself no IPv6 link-local address.
+IN6_ADDR_GEN_MODE_NONE = 1
 # CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
 CAP_NET_ADMIN = 12
 # Socket buffers, set with SO_*BUFFORCE as root: a burst of 64 KB super-packets must not overflow them.
@@ -211,7 +215,7 @@ VERIFIED_VNET_HDR = VNET_HDR.pack(VNET_F_DATA_VALID, 0, 0, 0, 0, 0)
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes",
-                 "publicKey", "presharedKey", "persistentKeepalive")
+                 "publicKey", "presharedKey", "presharedKeyFile", "persistentKeepalive")
 REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
 ENVELOPE_FIELDS = ("auth", "payload")
 AUTH_FIELDS = ("ts", "nonce", "mac")
@@ -478,6 +482,7 @@ class TunnelSpec:
     routes: tuple = ()  # networks the daemon routes through the tunnel
     public_key: bytes = None  # the peer's: the tunnel is encrypted (WireGuard)
     preshared_key: bytes = None
+    preshared_key_file: str = None  # where preshared_key was read, on this host
     keepalive: int = None  # seconds between persistent keepalives; None or 0: none
 
     @classmethod
@@ -498,11 +503,16 @@ class TunnelSpec:
             remote_port=None if port is None else parse_port(port),
             routes=parse_routes(entry.get("routes", [])),
             public_key=optional(entry, "publicKey", parse_key),
-            preshared_key=optional(entry, "presharedKey", parse_key),
+            preshared_key=(optional(entry, "presharedKey", parse_key)
+                           or optional(entry, "presharedKeyFile", read_key_file_field)),
+            preshared_key_file=optional(entry, "presharedKeyFile", lambda path, _: path),
             keepalive=optional(entry, "persistentKeepalive", parse_keepalive),
         )
+        if entry.get("presharedKey") is not None and spec.preshared_key_file is not None:
+            raise ControlError("give presharedKey or presharedKeyFile, not both")
         if spec.public_key is None and (spec.preshared_key or spec.keepalive is not None):
-            raise ControlError("presharedKey and persistentKeepalive go with publicKey")
+            raise ControlError("presharedKey, presharedKeyFile and persistentKeepalive go with"
+                               " publicKey")
         if spec.interface.version == 6 and spec.mtu < MIN_IPV6_MTU:
             raise ControlError("mtu %d is too small for IPv6 (at least %d)"
                                % (spec.mtu, MIN_IPV6_MTU))
@@ -522,9 +532,12 @@ class TunnelSpec:
             entry["remotePort"] = self.remote_port
         if self.routes:
             entry["routes"] = [str(route) for route in self.routes]
-        for field, key in (("publicKey", self.public_key), ("presharedKey", self.preshared_key)):
-            if key is not None:
-                entry[field] = base64.b64encode(key).decode()
+        if self.public_key is not None:
+            entry["publicKey"] = base64.b64encode(self.public_key).decode()
+        if self.preshared_key_file is not None:  # read again from there at each start
+            entry["presharedKeyFile"] = self.preshared_key_file
+        elif self.preshared_key is not None:  # given from this host, as it was given
+            entry["presharedKey"] = base64.b64encode(self.preshared_key).decode()
         if self.keepalive is not None:
             entry["persistentKeepalive"] = self.keepalive
         return entry
@@ -570,6 +583,29 @@ def parse_key(value, field):
         raise ControlError("invalid %s: a key is %d bytes in base64, as wg genkey writes;"
                            " this is %d bytes" % (field, KEY_LEN, len(key)))
     return key
+
+
+def read_key_file_field(value, field):
+    """The key in a file named by a request (presharedKeyFile): an absolute path on the
+    daemon's host, to a file others cannot read, holding a key in base64 as wg genpsk
+    writes it. The errors name the file, never its content."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ControlError("invalid %s %r: an absolute path on the daemon's host"
+                           % (field, value))
+    try:
+        with open(value, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read(KEY_FILE_MAX)
+    except OSError as e:
+        raise ControlError("cannot read %s %s: %s" % (field, value, e.strerror)) from None
+    if mode & 0o077:
+        raise ControlError("%s %s is readable by group or others (mode %03o): chmod 600 it"
+                           % (field, value, mode & 0o777))
+    try:
+        return parse_key(text.decode("ascii").strip(), field)
+    except (ControlError, UnicodeDecodeError):
+        raise ControlError("%s %s does not hold a key: %d bytes in base64, as wg genpsk writes"
+                           % (field, value, KEY_LEN)) from None
 
 
 def is_hex(value, length):
@@ -1057,6 +1093,7 @@ def open_tun(spec, offload_flags=0):
         if spec.interface.version == 4:
             device.addr = str(spec.interface.ip)
             device.netmask = str(spec.interface.netmask)
+            no_ipv6_link_local(spec.name)
         device.mtu = spec.mtu
         device.up()
         os.set_blocking(device.fileno(), False)
@@ -1064,6 +1101,18 @@ def open_tun(spec, offload_flags=0):
         device.close()
         raise
     return device
+
+
+def no_ipv6_link_local(name):
+    """Give an IPv4 tunnel's device no IPv6 link-local address when it comes up, so its own
+    kernel sends nothing through it (router solicitations, which back off over minutes and
+    each wanted a handshake); routed IPv6 still goes through it. Set before the device is
+    up; a kernel without IPv6 has nothing to set."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/%s/addr_gen_mode" % name, "w") as f:
+            f.write("%d\n" % IN6_ADDR_GEN_MODE_NONE)
+    except FileNotFoundError:
+        pass
 
 
 def held_device_index(fd):
@@ -4079,7 +4128,18 @@ class ControlPort:
         return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
 
     def add(self, request, sender):
-        return self.apply_to_each(request.entries, sender, "add", self.server.add_tunnel)
+        return self.apply_to_each(request.entries, sender, "add",
+                                  functools.partial(self.add_tunnel, sender=sender))
+
+    def add_tunnel(self, entry, sender):
+        """Add a tunnel; a preshared key that came over the network in clear is refused, so
+        that one sent so is never used: a request names a file on this host instead."""
+        if entry.get("presharedKey") is not None and not plain_address(sender[0]).is_loopback:
+            raise ControlError("presharedKey came over the network in clear: refused (take it"
+                               " for exposed, and make another); put the key in a file on this"
+                               " host (mode 600) and give presharedKeyFile (the control"
+                               " script's --psk-file)")
+        self.server.add_tunnel(entry)
 
     def delete(self, request, sender):
         with self.server.removing_together():

@@ -116,8 +116,8 @@ def build_message(args):
         tunnel["routes"] = args.route
     if args.peer_key:
         tunnel["publicKey"] = args.peer_key
-    if args.psk:
-        tunnel["presharedKey"] = args.psk
+    if args.psk_file:  # a path on the daemon's host: the key never crosses the network
+        tunnel["presharedKeyFile"] = args.psk_file
     if args.keepalive is not None:
         tunnel["persistentKeepalive"] = args.keepalive
     return {"op": "add", "tunnel": [tunnel]}
@@ -843,6 +843,7 @@ def same_tunnel(entry, listed, data_port):
             and sorted(listed.get("routes", [])) == entry["routes"]
             and listed.get("publicKey") == entry.get("publicKey")
             and listed.get("presharedKey") is None
+            and listed.get("presharedKeyFile") is None
             and listed.get("persistentKeepalive") is None)
 
 
@@ -1119,8 +1120,9 @@ def parse_args(argv):
                         help="the peer's WireGuard public key: the tunnel is encrypted, and -r"
                              " may be left out on the side that waits for a peer behind NAT")
     parser.add_argument("--psk-file", metavar="PATH",
-                        help="with --peer-key: a preshared key (base64, as wg genpsk writes it;"
-                             " mode 600)")
+                        help="with --peer-key: a preshared key file on the daemon's host, by"
+                             " its absolute path (base64, as wg genpsk writes it; mode 600): the"
+                             " daemon reads it, so the key never crosses the network")
     parser.add_argument("--keepalive", type=int, metavar="SECONDS",
                         help="with --peer-key: send a keepalive this often (0: never), to keep"
                              " a NAT's mapping open")
@@ -1177,12 +1179,9 @@ def parse_args(argv):
             parser.error("-o %s needs --%s" % (args.operation, field))
     if (args.psk_file or args.keepalive is not None) and not args.peer_key:
         parser.error("--psk-file and --keepalive go with --peer-key")
-    args.psk = None
-    if args.psk_file:
-        try:
-            args.psk = read_secret(args.psk_file, "preshared key file").decode("ascii")
-        except (BadSecret, UnicodeDecodeError) as e:
-            parser.error(str(e))
+    if args.psk_file and not os.path.isabs(args.psk_file):
+        parser.error("--psk-file %r: give the file's absolute path on the daemon's host"
+                     % args.psk_file)
     return args
 
 

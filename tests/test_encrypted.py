@@ -2,6 +2,7 @@
 network namespaces; TCP checked by SHA-256 both ways, and what an attacker on the path
 may try."""
 
+import base64
 import json
 import os
 import random
@@ -103,11 +104,12 @@ def test_wireguard_go_is_a_peer_either_side_first(wireguard_go, first):
     assert int(shown[1]) > MEGABYTES and int(shown[2]) > MEGABYTES
 
 
-def capture(lab, host, to, first_byte, count):
-    """Start capturing on host's eth0 what it sends to host to's data port starting with
-    first_byte; returns the process, whose lines are the payloads in hex."""
+def capture(lab, host, to, first_byte, count, port=5000):
+    """Start capturing on host's eth0 what it sends to host to's port (the data port unless
+    given) starting with first_byte; returns the process, whose lines are the payloads in
+    hex."""
     proc = subprocess.Popen(["ip", "netns", "exec", host.ns, sys.executable,
-                             os.path.join(HELPERS, "capture.py"), "eth0", to.address, "5000",
+                             os.path.join(HELPERS, "capture.py"), "eth0", to.address, str(port),
                              str(first_byte), str(count), "20"],
                             stdout=subprocess.PIPE, text=True)
     lab.processes.append(proc)
@@ -309,3 +311,28 @@ def test_a_replayed_initiation_is_ignored(lab):
     wait_until(lambda: wg_tunnel(a)["drops"].get("replayed_initiation") == 1,
                "the replayed initiation counted")
     assert wg_tunnel(a)["latestHandshake"] == handshake and a.ping("10.0.1.2")
+
+
+def test_a_preshared_key_set_from_a_management_host_never_crosses_the_network(lab):
+    """The README's way: the key in a file on each daemon's host, the tunnels added from a
+    management host with --psk-file naming it; what goes on the wire names only the file."""
+    a, b, m = lab.host("a", 1), lab.host("b", 2), lab.host("m", 3)
+    keys = {}
+    for host in (a, b):
+        path, keys[host.name] = key_file(lab, host)
+        host.start_daemon("--key-file", path)
+    psk = base64.b64encode(os.urandom(32)).decode()
+    psk_path = os.path.join(lab.workdir, "psk")  # every test host sees this folder
+    with open(os.open(psk_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(psk + "\n")
+    sniffers = [capture(lab, m, host, ord("{"), 2, port=5001) for host in (a, b)]
+    for host, peer, address, name in ((a, b, "10.0.1.1", "wg2"), (b, a, "10.0.1.2", "wg1")):
+        m.control("-s", host.address, "-o", "add", "-n", name, "-t", address, "-m", str(MTU),
+                  "-r", peer.address, "--peer-key", keys[peer.name], "--psk-file", psk_path)
+    requests = [line for sniffer in sniffers for line in sniffer.stdout.read().split()]
+    assert len(requests) == 4  # to each daemon: its cookie asked for, then the add
+    sent = b"".join(bytes.fromhex(line) for line in requests)
+    assert psk_path.encode() in sent and psk.encode() not in sent
+    assert base64.b64decode(psk) not in sent
+    assert a.ping("10.0.1.2") and b.ping("10.0.1.1")
+    assert wg_tunnel(a)["presharedKeyFile"] == psk_path

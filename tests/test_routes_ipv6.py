@@ -1,5 +1,7 @@
 """Routes the daemon owns, and IPv6 under and inside the tunnels."""
 
+import time
+
 from lab import ipv6_host, transfer
 
 
@@ -54,3 +56,22 @@ def test_an_ipv6_tunnel_needs_an_mtu_ipv6_can_use(pair):
     result = a.control("127.0.0.1", "-o", "add", "-n", "udp6", "-t", "fd00:6::1/64", "-r",
                        "198.18.0.6", "-m", "1200", check=False)
     assert "mtu 1200 is too small for IPv6 (at least 1280)" in result.stdout
+
+
+def test_an_ipv4_tunnel_sends_nothing_of_its_own_and_carries_routed_ipv6(pair):
+    """No IPv6 link-local address on an IPv4 tunnel's device: its kernel sends no router
+    solicitations (each one a handshake for an encrypted tunnel), yet IPv6 routed through
+    it crosses."""
+    a, b = pair
+    time.sleep(6)  # the kernel solicits a router at about 0.5 and 4.4 s after the device is up
+    for host, tunnel in ((a, "udp2"), (b, "udp1")):
+        assert "inet6" not in host.run("ip", "-6", "addr", "show", "dev", tunnel).stdout
+        listed = host.tunnels()[tunnel]
+        assert listed["tx_packets"] == listed["rx_packets"] == 0
+    a.ip("addr", "add", "fd00:1::1/64", "dev", "lan0", "nodad")
+    b.ip("addr", "add", "fd00:2::1/64", "dev", "lan0", "nodad")
+    for host, tunnel, peer in ((a, "udp2", b), (b, "udp1", a)):
+        host.control("127.0.0.1", "-o", "del", "-n", tunnel)
+        host.add_tunnel(tunnel, "10.0.1.%d" % (1 if host is a else 2), peer, "--route",
+                        "fd00:%d::/64" % (2 if host is a else 1))
+    assert a.ping("fd00:2::1", source="fd00:1::1")
