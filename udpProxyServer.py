@@ -2874,6 +2874,9 @@ class WireGuard:
         self.public_key = public_key(self.private_key)
         self.sock = sock
         self.clock = clock
+        # Initiations' timestamps are the wall time at start moved on by the clock: they
+        # grow as it does, even if the wall clock is set back meanwhile.
+        self.wall_offset = time.time() - clock()
         self.cost_clock = cost_clock  # what handshake work is timed with
         self.checker = CookieChecker(self.public_key)
         self.limits = HandshakeLimits(clock)
@@ -3116,6 +3119,10 @@ class WireGuard:
             wg.wakeup = wakeup
             heapq.heappush(self.wakeups, (wakeup, next(self.order), tunnel))
 
+    def timestamp(self):
+        """TAI64N of now, for an initiation."""
+        return tai64n(int((self.clock() + self.wall_offset) * 1e9))
+
     def act(self, tunnel, action):
         wg = tunnel.wg
         if action == SEND_INITIATION:
@@ -3125,7 +3132,7 @@ class WireGuard:
             index = self.new_index(tunnel)
             try:
                 wg.initiation, message = create_initiation(
-                    self.private_key, wg.public_key, index, tai64n(time.time_ns()),
+                    self.private_key, wg.public_key, index, self.timestamp(),
                     static_static=wg.static_static)
             except BaseException:
                 self.forget_index(index)
