@@ -5,8 +5,9 @@ pair (MTU 1500) and the same link at MTU 1400 inside (1420 for the encrypted
 ones); each is measured the same way in the same run: ping RTT, one iperf3 TCP
 stream with the tunnel processes' CPU per GB, and 64-byte UDP packets per
 second; an encrypted one also its handshake. Then one daemon takes 2,000
-tunnels. Prints the tables and the project's goals against them, writes
-bench/results.json and bench/results.png.
+tunnels; an encrypted tunnel carries TCP under handshake floods (bench/hostile.py);
+and one daemon holds 1,000 encrypted tunnels to dead peers. Prints the tables and
+the project's goals against them, writes bench/results.json and bench/results.png.
 Run as root; everything it makes is removed when it ends, even on ^C or SIGTERM.
 """
 
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 
+import hostile
 import measure
 import report
 import scale
@@ -36,8 +38,10 @@ HANDSHAKES = int(os.environ.get("BENCH_HANDSHAKES", "10"))
 # Long enough for timers, if the daemon had any, to fire many times.
 IDLE_SECONDS = int(os.environ.get("BENCH_IDLE_SECONDS", "10"))
 SCALE = "scale"
-# What --only can pick: a tunnel of the comparison, or the scale part.
-PARTS = tuple(kind.label for kind in tunnels.KINDS) + (SCALE,)
+# Encrypted TCP under a handshake flood; encrypted tunnels to dead peers at rest.
+FLOOD, IDLE = "flood", "idle"
+# What --only can pick: a tunnel of the comparison, the scale part, or a hostile one.
+PARTS = tuple(kind.label for kind in tunnels.KINDS) + (SCALE, FLOOD, IDLE)
 # Lines kept from each process's log when a tunnel fails: the error and what led to it.
 LOG_LINES = 5
 
@@ -187,9 +191,19 @@ def main(argv=None):
     if SCALE in parts:
         say("adding %d tunnels to one daemon ..." % args.tunnels)
         results["scale"] = attempt(scale.run, args.tunnels, args.idle_seconds)
+    if FLOOD in parts:
+        say("encrypted TCP under handshake floods ...")
+        results.setdefault("hostile", {})["flood"] = attempt(hostile.flood_tcp, args.seconds)
+    if IDLE in parts:
+        say("%d encrypted tunnels to dead peers, %d s and more ..."
+            % (hostile.DEAD_PEERS, hostile.GIVE_UP_SECONDS))
+        results.setdefault("hostile", {})["idle"] = attempt(hostile.idle_dead_peers)
     report.add_ratios(results)
     say()
     report.print_tables(results, say)
+    if "hostile" in results:
+        say()
+        hostile.print_hostile(results["hostile"], say)
     write_results(results, args.out)
     # The bench is of our daemon: when it could not even be set up, the run failed.
     ours = (tunnels.OURS, tunnels.OURS_ENCRYPTED)
