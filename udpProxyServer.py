@@ -2312,6 +2312,12 @@ class PeerTimers:
         handshake is wanted, and its retries count from zero again."""
         self._want_initiation(self.clock(), retry=False)
 
+    def on_tunnel_up(self):
+        """The tunnel was just made (added, or made again at start), its peer's endpoint
+        known: a handshake at once, so that it carries both ways from the start, even
+        towards a peer that still holds a session this side no longer has."""
+        self._want_initiation(self.clock(), retry=False)
+
     def on_initiation_sent(self):
         """A handshake initiation went out, a first one or a retry."""
         now = self.clock()
@@ -2921,6 +2927,7 @@ class WireGuard:
         self.by_key[tunnel.spec.public_key] = tunnel
         if tunnel.peer is not None:
             self.endpoints[tunnel.peer[0]] += 1
+            tunnel.wg.timers.on_tunnel_up()
         self.touch(tunnel)
 
     def remove(self, tunnel):

@@ -200,3 +200,16 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
             receive(server)
         sent_types = {ups.message_type(d) for d in drain(peer.sock)}
         assert ups.MESSAGE_INITIATION not in sent_types
+
+
+def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypted_server):
+    """As wireguard-go: data received is data received, whatever its inner packet; so the
+    daemon answers with a keepalive in time, and a session is not thought silent."""
+    server, devices = encrypted_server
+    attacker, _ = two_tunnels(server)
+    timers = server.tunnels["wga"].wg.timers
+    timers.deadlines.pop("send_keepalive", None)
+    attacker.send([ipv4_packet(ATTACKER, "10.0.1.1", b"x", total=0)], server.data_port)
+    receive(server)
+    assert server.tunnels["wga"].drops == {"malformed": 1}
+    assert "send_keepalive" in timers.deadlines

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lab import MESH_HOSTS
+from lab import MESH_HOSTS, wait_until
 
 # What an encrypted mesh's tunnels get when the file gives no mtu.
 ENCRYPTED_MTU = 1420
@@ -119,15 +119,18 @@ def test_status_shows_each_end_missing_down_up_and_a_stopped_host(keyed):
                     "minion-3": ["missing", "missing", "-"]}
     assert all(host.tunnels() == {} for host in hosts)  # it changes nothing
 
-    # IPv6 off on new devices: the kernel sends nothing through a new tunnel of its own
-    # accord (its IPv6 router solicitations and the like), so none shakes hands before the
-    # pings.
-    for host in hosts:
-        host.run("sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1")
+    # Each tunnel shakes hands as soon as it is made; minion-3's data port is shut for now,
+    # so its pairs stay down while the other comes up.
+    hosts[2].run("nft", "-f", "-", input="table inet shut {\n chain input {\n  type filter"
+                 " hook input priority 0;\n  udp dport 5000 drop\n }\n}\n")
     manager.control("--mesh", path)
-    code, rows, out = status(manager, path)  # made, but nothing sent yet: no handshake
-    assert code == 1 and "mesh: 0 of 6 tunnel ends up" in out
-    assert rows["minion-1"] == ["-", "down", "down"]
+    wait_until(lambda: status(manager, path)[1]["minion-1"][1].startswith("up"),
+               "minion-1's end to minion-2 up with nothing sent through it")
+    code, rows, out = status(manager, path)
+    assert code == 1 and "mesh: 2 of 6 tunnel ends up" in out
+    assert rows["minion-1"][2] == rows["minion-3"][0] == "down"
+    hosts[2].run("nft", "delete", "table", "inet", "shut")
+    wait_until(lambda: status(manager, path)[0] == 0, "every end up once the port is open")
 
     assert every_lan_reaches_every_other(hosts)
     code, rows, out = status(manager, path)

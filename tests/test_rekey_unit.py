@@ -84,11 +84,12 @@ def test_a_message_sealed_with_the_old_keys_after_the_rekey_was_answered_is_take
     keys = [ups.generate_private_key() for _ in range(2)]
     with fake_server(offloads=True, private_key=keys[0], clock=clock) as (a, a_devices), \
             fake_server(offloads=True, private_key=keys[1], clock=clock) as (b, b_devices):
-        for server, peer, name, address, key in ((a, b, "wgb", "10.0.1.1", keys[1]),
-                                                 (b, a, "wga", "10.0.1.2", keys[0])):
-            assert add(server, {"name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
-                                "remotePort": peer.data_port,
-                                "publicKey": ups.key_to_base64(ups.public_key(key))})["ok"]
+        # b waits for a to show where it is: a alone initiates, and rekeys.
+        assert add(a, {"name": "wgb", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
+                       "remotePort": b.data_port,
+                       "publicKey": ups.key_to_base64(ups.public_key(keys[1]))})["ok"]
+        assert add(b, {"name": "wga", "tunnelIP": "10.0.1.2",
+                       "publicKey": ups.key_to_base64(ups.public_key(keys[0]))})["ok"]
         a_tunnel, b_tunnel = a.tunnels["wgb"], b.tunnels["wga"]
         a_devices.outer["wgb"].send(ups.ZERO_VNET_HDR + numbered("10.0.1.1", "10.0.1.2", 0))
         pump((a, b), random.Random(0))  # a initiates the first session; b answers
