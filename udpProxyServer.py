@@ -34,6 +34,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -305,6 +306,8 @@ class QuietLog:
 # A bug that a datagram meets costs that datagram (counted as internal_error), never the
 # loop: logged with its traceback a few times a period, so a flood cannot fill the journal.
 DATA_PATH_BUGS = QuietLog("internal errors on the data path")
+# What cannot be set on a device, the same for every device of a host: said a few times.
+SETUP_WARNINGS = QuietLog("warnings about devices")
 
 
 # --- Control messages: parsed and checked into frozen dataclasses -------------
@@ -372,14 +375,14 @@ def parse_name(value):
     """A name the kernel takes as an interface name, exactly as given."""
     if not isinstance(value, str):
         raise ControlError("invalid tunnel name %r: must be a string" % (value,))
-    size = len(value.encode())
-    if size >= IFNAMSIZ:
-        raise ControlError("tunnel name %r is %d bytes, the limit is %d"
-                           % (value, size, IFNAMSIZ - 1))
-    # The kernel refuses '/', ':' and blanks; '%' would make it pick the name itself.
+    # The kernel refuses '/', ':' and blanks; '%' would make it pick the name itself. ASCII
+    # alone, so a byte a character (and a lone surrogate, which JSON can carry, is refused).
     if (not value or value in (".", "..") or not value.isascii() or not value.isprintable()
             or any(c in value for c in "/:% ")):
         raise ControlError("invalid tunnel name %r" % (value,))
+    if len(value) >= IFNAMSIZ:
+        raise ControlError("tunnel name %r is %d bytes, the limit is %d"
+                           % (value, len(value), IFNAMSIZ - 1))
     return value
 
 
@@ -587,25 +590,42 @@ def parse_key(value, field):
 
 def read_key_file_field(value, field):
     """The key in a file named by a request (presharedKeyFile): an absolute path on the
-    daemon's host, to a file others cannot read, holding a key in base64 as wg genpsk
-    writes it. The errors name the file, never its content."""
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+    daemon's host, to a regular file of the daemon's user that others cannot read, holding
+    a key in base64 as wg genpsk writes it. Opened so that nothing can make it wait (a FIFO,
+    a device) or follow a link. Every refusal reads alike, so that a request cannot learn
+    what is on the host; the log says why."""
+    if not isinstance(value, str) or not value.startswith("/"):
         raise ControlError("invalid %s %r: an absolute path on the daemon's host"
                            % (field, value))
     try:
-        with open(value, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            text = f.read(KEY_FILE_MAX)
+        fd = os.open(value, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC)
+    except (OSError, ValueError, UnicodeError) as e:  # ValueError: a NUL; UnicodeError: a lone surrogate
+        return _key_file_refused(field, value, getattr(e, "strerror", None) or str(e))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return _key_file_refused(field, value, "not a regular file")
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            return _key_file_refused(field, value, "owner %d, mode %03o: it must be this"
+                                     " daemon's user's, mode 600" % (info.st_uid,
+                                                                     info.st_mode & 0o777))
+        text = os.read(fd, KEY_FILE_MAX)
     except OSError as e:
-        raise ControlError("cannot read %s %s: %s" % (field, value, e.strerror)) from None
-    if mode & 0o077:
-        raise ControlError("%s %s is readable by group or others (mode %03o): chmod 600 it"
-                           % (field, value, mode & 0o777))
+        return _key_file_refused(field, value, e.strerror)
+    finally:
+        os.close(fd)
     try:
         return parse_key(text.decode("ascii").strip(), field)
     except (ControlError, UnicodeDecodeError):
-        raise ControlError("%s %s does not hold a key: %d bytes in base64, as wg genpsk writes"
-                           % (field, value, KEY_LEN)) from None
+        return _key_file_refused(field, value, "it holds no key in base64")
+
+
+def _key_file_refused(field, value, why):
+    log.warning("%s %r refused: %s", field, value, why)
+    raise ControlError("%s %r is no key file this daemon can use: a regular file of its user,"
+                       " mode 600, holding a key in base64 as wg genpsk writes (its log says"
+                       " why)" % (field, value))
 
 
 def is_hex(value, length):
@@ -1107,12 +1127,16 @@ def no_ipv6_link_local(name):
     """Give an IPv4 tunnel's device no IPv6 link-local address when it comes up, so its own
     kernel sends nothing through it (router solicitations, which back off over minutes and
     each wanted a handshake); routed IPv6 still goes through it. Set before the device is
-    up; a kernel without IPv6 has nothing to set."""
+    up; a kernel without IPv6 has nothing to set, and where it cannot be set (/proc/sys
+    read-only, as in some containers) the tunnel is made all the same, as before."""
     try:
         with open("/proc/sys/net/ipv6/conf/%s/addr_gen_mode" % name, "w") as f:
             f.write("%d\n" % IN6_ADDR_GEN_MODE_NONE)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        SETUP_WARNINGS.log(logging.WARNING, "tunnel %s: cannot turn its IPv6 link-local address"
+                           " off (%s): its kernel may send IPv6 through it", name, e)
 
 
 def held_device_index(fd):
@@ -1318,32 +1342,39 @@ class OffloadTunnel(Tunnel):
         buffers = self.buffers
         # What the peer takes does not change while this handler runs: asked once a wake-up.
         partial = self.peer_takes_partial and time.monotonic() - self.peer_heard_at < PARTIAL_FRESH
-        for _ in range(BATCH):
-            try:
-                size = os.readv(self.fd, [buffers.vnet, buffers.packet]) - VNET_HDR_LEN
-            except BlockingIOError:
-                break
-            except OSError as e:
-                raise TunnelGone(e) from None
-            flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
-            packet = buffers.packet_view[:size]
-            if gso_type != GSO_NONE:
-                self.send_small()
-                proto = UDP if gso_type == GSO_UDP_L4 else TCP
-                done = 0
-                while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
-                    stride, total, done = split_gso(packet, proto, start, gso_size, buffers.out,
-                                                    done, self.pi_flags, partial)
-                    self.send(buffers.out_view[:total], stride)
-                continue
-            pi_flags = self.pi_flags
-            if flags & VNET_F_NEEDS_CSUM:
-                if partial and transport_start(packet) == (start, PROTOCOL_AT.get(offset)):
-                    pi_flags |= PI_PARTIAL
-                else:
-                    complete_checksum(packet, start, offset)
-            self.queue_small(packet, pi_flags)
-        self.send_small()
+        try:
+            for _ in range(BATCH):
+                try:
+                    size = os.readv(self.fd, [buffers.vnet, buffers.packet]) - VNET_HDR_LEN
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    raise TunnelGone(e) from None
+                try:  # a bug met in one packet costs that packet, counted
+                    flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
+                    packet = buffers.packet_view[:size]
+                    if gso_type != GSO_NONE:
+                        self.send_small()
+                        proto = UDP if gso_type == GSO_UDP_L4 else TCP
+                        done = 0
+                        while done is not None:  # several rounds only for IPv4 MTUs < 502
+                            stride, total, done = split_gso(packet, proto, start, gso_size,
+                                                            buffers.out, done, self.pi_flags,
+                                                            partial)
+                            self.send(buffers.out_view[:total], stride)
+                        continue
+                    pi_flags = self.pi_flags
+                    if flags & VNET_F_NEEDS_CSUM:
+                        if partial and transport_start(packet) == (start, PROTOCOL_AT.get(offset)):
+                            pi_flags |= PI_PARTIAL
+                        else:
+                            complete_checksum(packet, start, offset)
+                    self.queue_small(packet, pi_flags)
+                except Exception:
+                    self.internal_error()
+            self.send_small()
+        finally:
+            self.small_len = 0  # the buffer is every tunnel's: nothing queued outlives the call
 
     def queue_small(self, packet, pi_flags=0):
         """Gather single packets of one size, to go in one GSO send."""
@@ -1362,9 +1393,9 @@ class OffloadTunnel(Tunnel):
         self.small_len = at + length
 
     def send_small(self):
-        if self.small_len:
-            self.send(self.buffers.small_view[:self.small_len], self.small_stride)
-            self.small_len = 0
+        length, self.small_len = self.small_len, 0  # nothing left, whatever send does
+        if length:
+            self.send(self.buffers.small_view[:length], self.small_stride)
 
     def send(self, datagrams, stride):
         if len(datagrams) <= stride or not self.offloads.gso:
@@ -2513,7 +2544,8 @@ HANDSHAKES_UNDER_LOAD = 50
 UNDER_LOAD_AFTER_TIME = 1
 # Under load, the handshakes a source may have worked on (the DHs) a second, and at once,
 # after its mac2 (wireguard-go's ratelimiter); an IPv6 source is its /64, since a host has
-# one at least. The sources remembered are bounded, and idle ones are forgotten.
+# one at least. The sources remembered are bounded: past the bound, the one seen least
+# recently is forgotten (and would start again with a full bucket).
 HANDSHAKES_PER_SOURCE, HANDSHAKE_BURST = 20, 5
 MAX_HANDSHAKE_SOURCES = 4096
 IPV6_SOURCE_BYTES = 8
@@ -2549,9 +2581,9 @@ def one_kind(buffer, size, stride):
 
 
 def train_runs(train, stride):
-    """The runs of a GRO train whose datagrams are of one kind, as (start, end) in train: a
-    2015-format run, a run of transport messages to one receiver index, or one handshake
-    message or other datagram alone."""
+    """The runs of a GRO train whose datagrams are of one kind, as (start, end, plain) in
+    train: a 2015-format run (plain), a run of transport messages to one receiver index,
+    or one handshake message or other datagram alone."""
     runs, run_start, run_key = [], 0, None
     for start in range(0, len(train), stride):
         datagram = train[start:start + stride]
@@ -2562,43 +2594,80 @@ def train_runs(train, stride):
         else:
             key = start  # alone: each handshake message is handled on its own
         if key != run_key and start:
-            runs.append((run_start, start))
+            runs.append((run_start, start, run_key == "plain"))
             run_start = start
         run_key = key
-    runs.append((run_start, len(train)))
+    runs.append((run_start, len(train), run_key == "plain"))
     return runs
 
 
-class AllowedSources:
-    """Cryptokey routing: the inner source addresses a tunnel may carry, the peer's allowed
-    IPs as wireguard-go keeps them: the host addresses of the tunnel's subnet but ours (the
-    peer's end), and its routes; as integer ranges, checked without ipaddress per packet."""
+class CryptokeyRouting:
+    """wireguard-go's allowed IPs, for every encrypted tunnel at once: an inner source
+    address belongs to the tunnel of the longest prefix that holds it, and a tunnel takes
+    packets only from its own. A tunnel's prefixes are its subnet and its routes; those no
+    peer sends from belong to none: the tunnel's own address, and its subnet's network
+    address (and an IPv4 subnet's broadcast one). Looked up with a dict a prefix length,
+    longest first, not with ipaddress."""
 
-    def __init__(self, interface, routes=()):
-        network = interface.network
-        self.version = network.version
-        self.subnet = (int(network.network_address), int(network.hostmask))
-        # Not the peer's: our own address, and an IPv4 subnet's network and broadcast ones.
-        self.not_hosts = {int(interface.ip)}
-        if network.version == 4 and network.prefixlen <= 30:
-            self.not_hosts |= {int(network.network_address), int(network.broadcast_address)}
-        self.routes = {4: [], 6: []}
-        for route in routes:
-            self.routes[route.version].append((int(route.network_address), int(route.hostmask)))
+    def __init__(self):
+        self.tables = {4: {}, 6: {}}  # version -> prefix length -> {prefix as int: holder}
+        self.lengths = {4: [], 6: []}  # version -> [(length, shift, table)], longest first
+        self.held = {}  # tunnel -> [(version, length, prefix)] it put in
 
-    def allow(self, packet):
+    def add(self, tunnel):
+        spec, refused = tunnel.spec, _NoPeer(tunnel)
+        subnet = spec.interface.network
+        networks = [(network, tunnel) for network in (subnet,) + spec.routes]
+        nobody = {spec.interface.ip}
+        if subnet.prefixlen <= subnet.max_prefixlen - 2:  # a /31 or /127 has two hosts, no more
+            nobody.add(subnet.network_address)
+            if subnet.version == 4:
+                nobody.add(subnet.broadcast_address)
+        networks += [(ipaddress.ip_network(address), refused) for address in nobody]
+        held = self.held.setdefault(tunnel, [])
+        for network, holder in networks:
+            key = (network.version, network.prefixlen,
+                   int(network.network_address) >> (network.max_prefixlen - network.prefixlen))
+            self.tables[key[0]].setdefault(key[1], {})[key[2]] = holder
+            held.append(key)
+        self.index()
+
+    def remove(self, tunnel):
+        for version, length, prefix in self.held.pop(tunnel, ()):
+            table = self.tables[version].get(length, {})
+            holder = table.get(prefix)
+            if holder is tunnel or (isinstance(holder, _NoPeer) and holder.tunnel is tunnel):
+                del table[prefix]
+                if not table:
+                    del self.tables[version][length]
+        self.index()
+
+    def index(self):
+        for version, bits in ((4, 32), (6, 128)):
+            self.lengths[version] = [(length, bits - length, table) for length, table in
+                                     sorted(self.tables[version].items(), reverse=True)]
+
+    def owner(self, packet):
+        """The tunnel an inner packet's source address belongs to, or None."""
         version = packet[0] >> 4 if packet else None
         if version == 4 and len(packet) >= 20:
             source = int.from_bytes(packet[12:16], "big")
         elif version == 6 and len(packet) >= 40:
             source = int.from_bytes(packet[8:24], "big")
         else:
-            return False
-        if any(source & ~hostmask == route for route, hostmask in self.routes[version]):
-            return True
-        network, hostmask = self.subnet
-        return (version == self.version and source & ~hostmask == network
-                and source not in self.not_hosts)
+            return None
+        for _, shift, table in self.lengths[version]:
+            holder = table.get(source >> shift)
+            if holder is not None:
+                return None if isinstance(holder, _NoPeer) else holder
+        return None
+
+
+class _NoPeer:
+    """What holds a tunnel's addresses that no peer sends from (CryptokeyRouting)."""
+
+    def __init__(self, tunnel):
+        self.tunnel = tunnel
 
 
 def ip_length(packet):
@@ -2646,7 +2715,6 @@ class WireGuardTunnelPath:
     def __init__(self, spec, *args, wg):
         super().__init__(spec, *args)
         self.wg = wg  # its WireGuardPeer
-        self.allowed = AllowedSources(spec.interface, spec.routes)
 
     def send(self, datagrams, stride):
         """Seal the packets laid end to end in datagrams (each a PI header and a packet,
@@ -2735,26 +2803,26 @@ class WireGuardTunnelPath:
                 try:
                     counter, packet = open_transport_into(keypair.receive_cipher, message,
                                                           opened[start:start + stride])
+                    if not keypair.replay_window.accept(counter):
+                        drops["replayed"] += 1
+                        continue
+                    authenticated += 1
+                    if packet:
+                        data += 1
+                        self.deliver_inner(packet, len(message))
                 except WireGuardRefused:
                     drops["not_authentic"] += 1
-                    continue
-                if not keypair.replay_window.accept(counter):
-                    drops["replayed"] += 1
-                    continue
-                authenticated += 1
-                if packet:
-                    data += 1
-                    try:
-                        self.deliver_inner(packet, len(message))
-                    except Exception:
-                        self.internal_error()
+                except Exception:
+                    self.internal_error()
         finally:
             self.deliver_done()
         if authenticated:
             if source != self.peer:  # roaming: the peer is where it last sent from
                 self.wireguard.set_endpoint(self, source)
             if self.wg.timers.on_transport_received(keypair, data):
-                self.last_handshake = time.time()  # the responder's session is confirmed
+                # The responder's session is confirmed: a handshake of ours crossing it is moot.
+                self.last_handshake = time.time()
+                self.wireguard.drop_initiation(self.wg)
             self.wireguard.touch(self)
 
     def deliver_inner(self, packet, size):
@@ -2765,7 +2833,7 @@ class WireGuardTunnelPath:
             self.drops["malformed"] += 1
             return
         packet = packet[:length]
-        if not self.allowed.allow(packet):
+        if self.wireguard.routing.owner(packet) is not self:
             self.drops["not_allowed_source"] += 1
             return
         self.deliver_packet(packet, size)
@@ -2826,7 +2894,7 @@ class HandshakeLimits:
         self.clock = clock
         self.window_start, self.in_window = float("-inf"), 0
         self.loaded_until = float("-inf")
-        self.sources = {}  # handshake_source -> (tokens, when counted)
+        self.sources = collections.OrderedDict()  # handshake_source -> (tokens, when), oldest first
         self.share = HANDSHAKE_SHARE_BURST  # seconds of handshake work that may be spent now
         self.share_counted = clock()
 
@@ -2840,24 +2908,20 @@ class HandshakeLimits:
         return now < self.loaded_until
 
     def source_allows(self, ip, now):
-        """Take one handshake from the source's bucket; False when it has none left."""
+        """Take one handshake from the source's bucket; False when it has none left. O(1):
+        a new source past the bound pushes out the one seen least recently."""
         source = handshake_source(ip)
-        tokens, then = self.sources.get(source, (HANDSHAKE_BURST, now))
-        tokens = min(HANDSHAKE_BURST, tokens + (now - then) * HANDSHAKES_PER_SOURCE)
-        if source not in self.sources and len(self.sources) >= MAX_HANDSHAKE_SOURCES:
-            self.forget_idle(now)
-            if len(self.sources) >= MAX_HANDSHAKE_SOURCES:
-                return False  # that many sources busy at once: none more until some rest
-        if tokens < 1:
-            self.sources[source] = (tokens, now)
-            return False
-        self.sources[source] = (tokens - 1, now)
-        return True
-
-    def forget_idle(self, now):
-        """Forget the sources whose bucket has filled again: they are as if never seen."""
-        self.sources = {source: (tokens, then) for source, (tokens, then) in self.sources.items()
-                        if tokens + (now - then) * HANDSHAKES_PER_SOURCE < HANDSHAKE_BURST}
+        sources = self.sources
+        if source in sources:
+            tokens, then = sources.pop(source)
+            tokens = min(HANDSHAKE_BURST, tokens + (now - then) * HANDSHAKES_PER_SOURCE)
+        else:
+            tokens = HANDSHAKE_BURST
+            if len(sources) >= MAX_HANDSHAKE_SOURCES:
+                sources.popitem(last=False)
+        allowed = tokens >= 1
+        sources[source] = (tokens - allowed, now)  # the most recent last
+        return allowed
 
     def share_left(self, now):
         """Whether handshake work may be done now without taking the data path's share."""
@@ -2880,15 +2944,16 @@ class WireGuard:
         self.public_key = public_key(self.private_key)
         self.sock = sock
         self.clock = clock
-        # Initiations' timestamps are the wall time at start moved on by the clock: they
-        # grow as it does, even if the wall clock is set back meanwhile.
-        self.wall_offset = time.time() - clock()
+        # The last initiation's timestamp: the next is the wall time, or later if that was
+        # set back, as a peer takes only a newer one.
+        self.last_timestamp_ns = 0
         self.cost_clock = cost_clock  # what handshake work is timed with
         self.checker = CookieChecker(self.public_key)
         self.limits = HandshakeLimits(clock)
         self.by_key = {}  # the peer's public key -> tunnel
         self.by_index = {}  # our index -> tunnel (its handshake under way, or a keypair)
         self.endpoints = collections.Counter()  # the tunnels' endpoint addresses, served first
+        self.routing = CryptokeyRouting()
         self.drops = drops  # the daemon's: messages no tunnel took, by reason
         self.quiet = QuietLog("errors in the WireGuard timers")
         # The timers: tunnels the data path told something since the last look, and the
@@ -2925,6 +2990,7 @@ class WireGuard:
         tunnel.wireguard = self
         tunnel.wg.keypairs.retire = lambda keypair: self.forget_index(keypair.local_index)
         self.by_key[tunnel.spec.public_key] = tunnel
+        self.routing.add(tunnel)
         if tunnel.peer is not None:
             self.endpoints[tunnel.peer[0]] += 1
             tunnel.wg.timers.on_tunnel_up()
@@ -2932,11 +2998,15 @@ class WireGuard:
 
     def remove(self, tunnel):
         self.by_key.pop(tunnel.spec.public_key, None)
+        self.routing.remove(tunnel)
         self.set_endpoint(tunnel, None)
         for index in [i for i, t in self.by_index.items() if t is tunnel]:
             del self.by_index[index]
-        tunnel.wg.keypairs.clear()
-        self.drop_initiation(tunnel.wg)
+        wg = tunnel.wg
+        wg.keypairs.clear()
+        self.drop_initiation(wg)
+        wg.static_static = wg.preshared_key = None  # what is left of its keys: let go of
+        wg.wakeup = None  # its entries in the heap are stale now
         self.touched.discard(tunnel)
 
     def set_endpoint(self, tunnel, endpoint):
@@ -2974,6 +3044,10 @@ class WireGuard:
             except WireGuardRefused as e:
                 self.drops["refused_handshake"] += 1
                 log.debug("WireGuard message from %s refused: %s", source[0], e)
+            except Exception:
+                self.drops["internal_error"] += 1
+                DATA_PATH_BUGS.log(logging.ERROR, "internal error on a handshake message from"
+                                   " %s", source[0], exc_info=True)
 
     def handshake_message(self, message, source):
         """One handshake message: refused as cheaply as can be (its size, mac1, under load
@@ -2991,10 +3065,10 @@ class WireGuard:
         elif self.limits.under_load(now) and not self.checker.check_mac2(message, *source, now):
             self.drops["cookie_sent"] += 1
             self.send(self.checker.create_reply(message, *source, now), source)
-        elif now < self.limits.loaded_until and not self.limits.source_allows(source[0], now):
-            self.drops["handshake_rate_limited"] += 1
         elif not self.limits.share_left(now) and source[0] not in self.endpoints:
             self.drops["handshake_share_spent"] += 1
+        elif now < self.limits.loaded_until and not self.limits.source_allows(source[0], now):
+            self.drops["handshake_rate_limited"] += 1
         else:
             started = self.cost_clock()
             try:
@@ -3084,7 +3158,7 @@ class WireGuard:
             return 0
         while self.wakeups:
             when, _, tunnel = self.wakeups[0]
-            if tunnel.wg.wakeup == when and tunnel.spec.public_key in self.by_key:
+            if tunnel.wg.wakeup == when and self.by_key.get(tunnel.spec.public_key) is tunnel:
                 return max(0.0, when - self.clock())
             heapq.heappop(self.wakeups)  # stale: moved later, or the tunnel gone
         return -1
@@ -3100,7 +3174,7 @@ class WireGuard:
                 tunnel.wg.wakeup = None
                 due.add(tunnel)
         for tunnel in due:
-            if tunnel.spec.public_key in self.by_key:
+            if self.by_key.get(tunnel.spec.public_key) is tunnel:
                 self.run_timers_of(tunnel, now)
 
     def run_timers(self, now=None):
@@ -3127,8 +3201,10 @@ class WireGuard:
             heapq.heappush(self.wakeups, (wakeup, next(self.order), tunnel))
 
     def timestamp(self):
-        """TAI64N of now, for an initiation."""
-        return tai64n(int((self.clock() + self.wall_offset) * 1e9))
+        """TAI64N of now, for an initiation: newer than the last one, whatever the wall
+        clock did meanwhile (TAI64N tells times TAI64N_WHITENER apart)."""
+        self.last_timestamp_ns = max(time.time_ns(), self.last_timestamp_ns + TAI64N_WHITENER)
+        return tai64n(self.last_timestamp_ns)
 
     def act(self, tunnel, action):
         wg = tunnel.wg
@@ -3168,8 +3244,10 @@ def private_file(path, exclusive=False):
     left from before (a temporary one a crash left, made under another umask) is made
     private before anything is written; exclusive: it must not exist yet. A symbolic
     link is not followed."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
+    if not exclusive:  # made anew: a leftover, or a link to another file, is not written into
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
     except BaseException:
@@ -3400,6 +3478,7 @@ class StateFile:
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
+                self.make_private(f.fileno())
         except FileNotFoundError:
             raise StateUnreadable("%s does not exist" % self.path) from None
         except OSError as e:
@@ -3413,6 +3492,15 @@ class StateFile:
             raise StateUnreadable("%s is corrupt (%s); %s" % (self.path, e,
                                                               self.keep_aside(data))) from None
         return entries
+
+    def make_private(self, fd):
+        """A state file others could read (from before, or made by hand) is made 600 once
+        read: it may hold preshared keys."""
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning("state file %s was readable by group or others (mode %03o): made 600",
+                        self.path, mode)
 
     def keep_aside(self, data):
         """A copy of the corrupt file's data, since the next save writes over it; readable
@@ -3729,28 +3817,38 @@ class Server:
                     [self.buffer], GRO_CMSG_SPACE)
             except BlockingIOError:
                 return
-            stride = gro_size(ancdata) or max(size, 1)
-            if stride < size and not one_kind(self.buffer, size, stride):
-                self.receive_mixed(self.view[:size], stride, (ip, port), flags)
-                continue
-            if is_wireguard(self.buffer, size):
-                self.receive_wireguard(self.view[:size], stride, (ip, port))
-                continue
-            tunnel = find_by_peer(ip, port)
-            if tunnel is None:
-                self.drops["unknown_source"] += 1
-            elif flags & socket.MSG_TRUNC:
-                tunnel.drops["truncated"] += 1
-            else:
-                tunnel.deliver(self.view[:size], stride)
+            try:
+                stride = gro_size(ancdata) or max(size, 1)
+                if stride < size and not one_kind(self.buffer, size, stride):
+                    self.receive_mixed(self.view[:size], stride, (ip, port), flags)
+                    continue
+                if is_wireguard(self.buffer, size):
+                    self.receive_wireguard(self.view[:size], stride, (ip, port))
+                    continue
+                tunnel = find_by_peer(ip, port)
+                if tunnel is None:
+                    self.drops["unknown_source"] += 1
+                elif flags & socket.MSG_TRUNC:
+                    tunnel.drops["truncated"] += 1
+                else:
+                    tunnel.deliver(self.view[:size], stride)
+            except Exception:
+                self.internal_error()
+
+    def internal_error(self):
+        """A bug met while handling what came on the data port: it costs that datagram or
+        train alone, counted, and is logged a few times a minute."""
+        self.drops["internal_error"] += 1
+        DATA_PATH_BUGS.log(logging.ERROR, "internal error on a datagram from the data port"
+                           " (-o list counts them as internal_error)", exc_info=True)
 
     def receive_mixed(self, train, stride, source, flags=0):
         """A GRO train whose datagrams are not all of one kind (plain ones and WireGuard
         messages of one peer daemon, two keypairs at a rekey, a datagram spoofed into the
         flow): cut into runs of one kind each, every run handled on its own."""
-        for start, end in train_runs(train, stride):
+        for start, end, plain in train_runs(train, stride):
             run = train[start:end]
-            if run[0] and is_wireguard(run, len(run)):
+            if not plain:
                 self.receive_wireguard(run, stride, source)
                 continue
             tunnel = self.registry.find_by_peer(*source)
@@ -3770,14 +3868,17 @@ class Server:
                 size, (ip, port, *_) = recvfrom_into(buffer)
             except BlockingIOError:
                 return
-            if buffer[0] and is_wireguard(buffer, size):  # a 2015-format one starts with 0
-                self.receive_wireguard(view[:size], max(size, 1), (ip, port))
-                continue
-            tunnel = by_peer.get((ip, port)) or by_peer.get((ip, None))  # as find_by_peer
-            if tunnel is None:
-                self.drops["unknown_source"] += 1
-            else:
-                tunnel.deliver(view[:size], max(size, 1))
+            try:
+                if buffer[0] and is_wireguard(buffer, size):  # a 2015-format one starts with 0
+                    self.receive_wireguard(view[:size], max(size, 1), (ip, port))
+                    continue
+                tunnel = by_peer.get((ip, port)) or by_peer.get((ip, None))  # as find_by_peer
+                if tunnel is None:
+                    self.drops["unknown_source"] += 1
+                else:
+                    tunnel.deliver(view[:size], max(size, 1))
+            except Exception:
+                self.internal_error()
 
     def receive_wireguard(self, datagrams, stride, source):
         """One data port for both kinds: WireGuard messages go to the daemon's WireGuard."""

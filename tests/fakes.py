@@ -78,9 +78,9 @@ class Clock:
         self.now += seconds
 
 
-def udp(port=0, gro=False):
+def udp(port=0, gro=False, address="127.0.0.1"):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((address, port))
     sock.settimeout(5)
     if gro:  # a GSO send to it arrives as one train, as from a peer through a NIC with GRO
         sock.setsockopt(ups.SOL_UDP, ups.UDP_GRO, 1)
@@ -150,11 +150,11 @@ class WirePeer:
     initiator, then seals whatever packets the test gives it, one message a datagram or
     many in one UDP GSO train."""
 
-    def __init__(self, server_public, port=0):
+    def __init__(self, server_public, port=0, address="127.0.0.1"):
         self.private = ups.generate_private_key()
         self.public = ups.public_key(self.private)
         self.server_public = server_public
-        self.sock = udp(port)
+        self.sock = udp(port, address=address)
         self.cookies = ups.CookieGenerator(server_public)
         self.keys = self.cipher = None
         self.counter = 0
@@ -166,8 +166,8 @@ class WirePeer:
 
     def entry(self, name, address, **more):
         """The control entry of the daemon's tunnel to this peer."""
-        return dict({"name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
-                     "remotePort": self.port,
+        return dict({"name": name, "tunnelIP": address,
+                     "remoteServer": self.sock.getsockname()[0], "remotePort": self.port,
                      "publicKey": ups.key_to_base64(self.public)}, **more)
 
     def initiation(self, index=0x1234, timestamp=None):

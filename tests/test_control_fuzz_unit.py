@@ -4,6 +4,8 @@ each request gets a reply, never an internal error, and the daemon logs no trace
 
 import json
 import logging
+import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -21,8 +23,28 @@ EDGES = [None, True, False, 0, -1, 1, 1.5, 2 ** 64, -2 ** 63, float("inf"), floa
          " ", "x" * 5000, "\x00", "é", "..", "a/b", [], {}, [None], [[]], {"a": 1},
          "10.0.1.1/33", "::", "0.0.0.0", "255.255.255.255", "fe80::1", "::ffff:1.2.3.4",
          "10.0.1.0/24", 65535, 65536, "65535", "1e3", "0x10", "AAAA", PEER_KEY + "=",
-         "/" * 16, "fz0", ["192.168.2.0/24", 7], ["::/0"], ["0.0.0.0/0"] * 1001]
+         "/" * 16, "fz0", "\ud800", "fz\udfff0", ["192.168.2.0/24", 7], ["::/0"], ["0.0.0.0/0"] * 1001]
 FIELDS = ups.TUNNEL_FIELDS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def blocked_is_an_error():
+    def blocked(*_):
+        raise TimeoutError("the daemon blocked on a request")
+    signal.signal(signal.SIGALRM, blocked)
+    yield
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """Edge values for a field that names a file: a FIFO (whose open would block), a
+    directory, a device, a link, a path with a lone surrogate."""
+    folder = tmp_path_factory.mktemp("edges")
+    os.mkfifo(folder / "fifo", 0o600)
+    os.symlink("/dev/zero", folder / "link")
+    return [str(folder / "fifo"), str(folder), "/dev/zero", str(folder / "link"), "/\ud800",
+            "/" + "x" * 5000]
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +53,39 @@ def daemon():
         yield server
 
 
-def ask(server, request):
-    """The reply to one request, as the control port makes it from loopback; the daemon
-    left as it was (a request that added a tunnel has it deleted again)."""
+def ask(server, request, sender="127.0.0.1"):
+    """The reply to one request, as the control port makes it from sender (loopback unless
+    given); the daemon left as it was (a request that added a tunnel has it deleted again)."""
     raw = request if isinstance(request, bytes) else json.dumps(request).encode()
-    reply = server.control.handle_request(raw, ("127.0.0.1", 40000)).reply
+    reply = server.control.handle_request(raw, (sender, 40000)).reply
     for name in list(server.tunnels):
         server.delete_tunnel({"name": name})
     server.registry.unmade.clear()
     return reply
 
 
-def check(server, request, caplog):
+def check(server, request, caplog, sender="127.0.0.1"):
     caplog.clear()
-    reply = ask(server, request)
+    reply = ask(server, request, sender)
     assert isinstance(reply, dict) and ("ok" in reply), reply
     assert "internal error" not in json.dumps(reply), (request, reply)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], request
 
 
+@pytest.mark.parametrize("sender", ["127.0.0.1", "198.18.0.9"], ids=["loopback", "network"])
 @pytest.mark.parametrize("base", [PLAIN, ENCRYPTED], ids=["plain", "encrypted"])
 @pytest.mark.parametrize("field", FIELDS)
-def test_every_tunnel_field_at_every_edge(daemon, base, field, caplog):
-    for value in EDGES:
-        for op in ("add", "del"):
-            check(daemon, {"op": op, "tunnel": [dict(base, **{field: value})]}, caplog)
-        without = {k: v for k, v in base.items() if k != field}
-        check(daemon, {"op": "add", "tunnel": [without]}, caplog)
+def test_every_tunnel_field_at_every_edge(daemon, paths, base, field, sender, caplog):
+    signal.alarm(60)  # a request that blocks the daemon fails the test instead of hanging it
+    try:
+        for value in EDGES + paths:
+            for op in ("add", "del"):
+                check(daemon, {"op": op, "tunnel": [dict(base, **{field: value})]}, caplog,
+                      sender)
+            without = {k: v for k, v in base.items() if k != field}
+            check(daemon, {"op": "add", "tunnel": [without]}, caplog, sender)
+    finally:
+        signal.alarm(0)
 
 
 @pytest.mark.parametrize("field", ups.REQUEST_FIELDS)
@@ -79,7 +107,9 @@ def test_a_plain_tunnel_with_a_null_remote_says_what_is_missing(daemon):
     assert reply["results"][0]["error"] == "missing field 'remoteServer'"
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+# Text of any code point, lone surrogates too: JSON's \ud800 escapes carry them.
+TEXT = st.text(alphabet=st.characters(blacklist_categories=()), max_size=20)
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
                     lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
 

@@ -45,6 +45,14 @@ def test_a_state_file_that_was_readable_by_others_is_600_once_saved(tmp_path, op
     assert mode(path) == 0o600
 
 
+def test_a_state_file_others_could_read_is_made_600_when_read(tmp_path):
+    path = tmp_path / "tunnels.json"
+    path.write_text(json.dumps({"version": 1, "tunnels": [ENTRY]}))
+    os.chmod(path, 0o644)
+    assert ups.StateFile(str(path)).load() == [ENTRY]
+    assert mode(path) == 0o600
+
+
 def test_a_corrupt_state_file_is_kept_aside_600(tmp_path, open_umask):
     path = tmp_path / "tunnels.json"
     path.write_text('{"tunnels": [%s' % json.dumps(ENTRY))
@@ -65,6 +73,14 @@ def test_a_temporary_file_that_is_a_link_is_not_followed(tmp_path):
     target = tmp_path / "elsewhere"
     target.write_text("not ours to write")
     os.symlink(target, tmp_path / "tunnels.json.tmp")
-    with pytest.raises(OSError):
-        ups.StateFile(str(tmp_path / "tunnels.json")).save([ENTRY])
+    ups.StateFile(str(tmp_path / "tunnels.json")).save([ENTRY])
+    assert target.read_text() == "not ours to write"
+    assert json.loads((tmp_path / "tunnels.json").read_text())["tunnels"] == [ENTRY]
+
+
+def test_a_temporary_file_hard_linked_elsewhere_is_not_written_into(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("not ours to write")
+    os.link(target, tmp_path / "tunnels.json.tmp")
+    ups.StateFile(str(tmp_path / "tunnels.json")).save([ENTRY])
     assert target.read_text() == "not ours to write"

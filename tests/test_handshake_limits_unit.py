@@ -141,15 +141,20 @@ def test_under_load_a_source_with_a_valid_cookie_is_limited_to_its_bucket(daemon
 
 def test_under_load_a_peer_elsewhere_still_gets_its_handshake(daemon):
     """The side the limit must not hurt: a legitimate peer at another address, with its
-    cookie, during a flood from one source."""
+    cookie, during a flood from one source that keeps the daemon under load."""
     server, _, clock = daemon
-    stranger, peer = WirePeer(server.wireguard.public_key), WirePeer(server.wireguard.public_key)
+    stranger = WirePeer(server.wireguard.public_key, address="127.0.0.2")
+    peer = WirePeer(server.wireguard.public_key)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     receive(server)
     drain(peer.sock)  # the daemon's own initiation, at add: this peer does not answer it
     flood_from(stranger, server, 200)
     assert flood_from(peer, server, 1) == [ups.MESSAGE_COOKIE_REPLY]  # its first: a cookie
-    clock.advance(ups.REKEY_TIMEOUT)
+    limited = server.drops["handshake_rate_limited"]
+    for _ in range(int(ups.REKEY_TIMEOUT / 0.5)):  # the flood goes on until its retry
+        clock.advance(0.5)
+        flood_from(stranger, server, 60)
+    assert server.drops["handshake_rate_limited"] > limited
     assert ups.MESSAGE_RESPONSE in flood_from(peer, server, 1)  # its retry, with mac2
 
 
@@ -161,14 +166,19 @@ def test_ipv6_sources_are_limited_by_their_64(daemon):
     assert limits.source_allows("::ffff:198.18.0.1", 0) and limits.source_allows("198.18.0.2", 0)
 
 
-def test_the_table_of_sources_is_bounded_and_forgets_idle_ones():
+def test_the_table_of_sources_is_bounded_and_a_newcomer_is_never_shut_out():
+    """Past the bound, the source seen least recently is forgotten, in O(1): a legitimate
+    source that comes while thousands are busy is served, and the table stays bounded."""
     limits = ups.HandshakeLimits(Clock())
     many = ["198.18.%d.%d" % (i // 250, i % 250) for i in range(ups.MAX_HANDSHAKE_SOURCES + 100)]
-    allowed = [limits.source_allows(ip, 0) for ip in many]
+    for ip in many:
+        for _ in range(ups.HANDSHAKE_BURST):
+            assert limits.source_allows(ip, 0)
+        assert not limits.source_allows(ip, 0)
     assert len(limits.sources) == ups.MAX_HANDSHAKE_SOURCES
-    assert allowed.count(False) == 100  # none more while all are busy
-    assert all(limits.source_allows(ip, 1) for ip in many[-100:])  # a second on: all rested
-    assert len(limits.sources) <= ups.MAX_HANDSHAKE_SOURCES
+    assert limits.source_allows("2001:2::1", 0)  # a newcomer, while all are busy
+    assert not limits.source_allows(many[-1], 0)  # the most recent are still remembered
+    assert len(limits.sources) == ups.MAX_HANDSHAKE_SOURCES
 
 
 def test_past_its_share_of_the_loop_handshake_work_waits(daemon):
@@ -283,3 +293,46 @@ def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
     assert keypair.send_cipher is None and keypair.receive_cipher is None
     assert keypair.send_key == bytes(32) and keypair.receive_key == bytes(32)
     assert initiation.ephemeral_private is None and initiation.chaining_key == bytes(32)
+
+
+def test_a_tunnel_removed_and_made_again_with_the_same_key_has_only_its_own_timers(daemon):
+    server, _, clock = daemon
+    peer = WirePeer(server.wireguard.public_key)
+    assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
+    server.wireguard.tick()
+    old = server.tunnels["wgp"]
+    answer(server, b'{"op": "del", "tunnel": [{"name": "wgp"}]}', ("127.0.0.1", 9))
+    assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
+    looked = []
+    real = old.wg.timers.due
+    old.wg.timers.due = lambda now: looked.append(now) or real(now)
+    for _ in range(60):
+        clock.advance(1)
+        server.wireguard.tick()
+    assert looked == [] and old.wg.static_static is None
+
+
+def test_initiations_grow_newer_whatever_the_wall_clock_does(daemon, monkeypatch):
+    server, _, _ = daemon
+    wall = [10 ** 18]
+    monkeypatch.setattr(ups.time, "time_ns", lambda: wall[0])
+    stamps = [server.wireguard.timestamp()]
+    for step in (-10 ** 12, 0, 1, 10 ** 15):  # set back an hour..., then NTP puts it right
+        wall[0] += step
+        stamps.append(server.wireguard.timestamp())
+    assert stamps == sorted(set(stamps))
+    assert stamps[-1] == ups.tai64n(wall[0])  # the wall time again, once it is ahead
+
+
+def test_a_read_only_proc_costs_the_link_local_setting_not_the_tunnel(monkeypatch, caplog):
+    real = open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith("/proc/sys/net/ipv6/conf/"):
+            raise OSError(30, "Read-only file system")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with caplog.at_level(logging.WARNING, "udpProxyServer"):
+        ups.no_ipv6_link_local("udp2")
+    assert "cannot turn its IPv6 link-local address off" in caplog.text

@@ -8,6 +8,7 @@ import pytest
 
 import udpProxyServer as ups
 from fakes import Clock, WirePeer, add, fake_server, ipv4_packet, receive
+from fakes import udp as fakes_udp
 
 ATTACKER, VICTIM = "10.0.1.2", "10.0.2.2"
 
@@ -200,6 +201,7 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
             receive(server)
         sent_types = {ups.message_type(d) for d in drain(peer.sock)}
         assert ups.MESSAGE_INITIATION not in sent_types
+        assert server.tunnels["wgp"].wg.initiation is None  # its keys let go of, not at 540 s
 
 
 def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypted_server):
@@ -213,3 +215,94 @@ def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypte
     receive(server)
     assert server.tunnels["wga"].drops == {"malformed": 1}
     assert "send_keepalive" in timers.deadlines
+
+
+def test_a_source_belongs_to_the_tunnel_of_the_longest_prefix(encrypted_server):
+    """Cryptokey routing across tunnels, as wireguard-go's allowed IPs: a peer whose tunnel
+    routes 192.168.0.0/16 may not send as 192.168.2.5 when another tunnel routes
+    192.168.2.0/24; nor as an address of another tunnel's subnet."""
+    server, devices = encrypted_server
+    public = server.wireguard.public_key
+    wide, narrow = WirePeer(public), WirePeer(public)
+    assert add(server, wide.entry("wgw", "10.0.1.1", routes=["192.168.0.0/16"]),
+               narrow.entry("wgn", "10.0.2.1", routes=["192.168.2.0/24"]))["ok"]
+    for peer in (wide, narrow):
+        peer.handshake(server, server.data_port)
+    wide.send([ipv4_packet("192.168.2.5", "10.0.1.1", b"mine?"),
+               ipv4_packet("192.168.3.5", "10.0.1.1", b"mine!"),
+               ipv4_packet("10.0.2.2", "10.0.1.1", b"theirs")], server.data_port)
+    narrow.send([ipv4_packet("192.168.2.5", "10.0.2.1", b"ours")], server.data_port)
+    receive(server)
+    offload = bool(server.offloads.tun_flags)
+    assert [p[-5:] for p in written_packets(devices, "wgw", offload)] == [b"mine!"]
+    assert [p[-4:] for p in written_packets(devices, "wgn", offload)] == [b"ours"]
+    assert server.tunnels["wgw"].drops == {"not_allowed_source": 2}
+
+
+@pytest.mark.parametrize("prefix, peer, refused", [
+    (31, "10.0.1.0", ["10.0.1.1"]),  # a /31: both addresses are hosts
+    (30, "10.0.1.2", ["10.0.1.0", "10.0.1.1", "10.0.1.3"]),
+    (24, "10.0.1.77", ["10.0.1.0", "10.0.1.1", "10.0.1.255"]),
+])
+def test_a_subnets_sources_are_its_hosts_but_ours(encrypted_server, prefix, peer, refused):
+    server, devices = encrypted_server
+    offload = bool(server.offloads.tun_flags)
+    attacker = WirePeer(server.wireguard.public_key)
+    assert add(server, attacker.entry("wga", "10.0.1.1/%d" % prefix))["ok"]
+    attacker.handshake(server, server.data_port)
+    devices.written("wga")
+    attacker.send([ipv4_packet(source, "10.0.1.1", source.encode())
+                   for source in [peer] + refused], server.data_port)
+    receive(server)
+    assert [p[20:].decode() for p in written_packets(devices, "wga", offload)] == [peer]
+    assert server.tunnels["wga"].drops == {"not_allowed_source": len(refused)}
+
+
+def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_server, monkeypatch,
+                                                                  caplog):
+    server, devices = encrypted_server
+    offload = bool(server.offloads.tun_flags)
+    attacker, victim = two_tunnels(server)
+    devices.written("wgv")
+    real = ups.Server.receive_wireguard
+    calls = []
+
+    def buggy(self, datagrams, stride, source):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(self, datagrams, stride, source)
+
+    monkeypatch.setattr(ups.Server, "receive_wireguard", buggy)
+    victim.send([ipv4_packet(VICTIM, "10.0.2.1", b"lost %d" % i) for i in range(3)],
+                server.data_port)
+    with caplog.at_level(logging.ERROR, "udpProxyServer"):
+        receive(server)
+    written = b"".join(written_packets(devices, "wgv", offload))
+    assert b"lost 0" not in written and b"lost 1" in written and b"lost 2" in written
+    assert server.drops["internal_error"] == 1 and "a bug" in caplog.text
+
+
+def test_a_bug_while_sending_leaves_nothing_queued_for_the_next_send(monkeypatch):
+    """The buffer single packets wait in is every tunnel's: a send that fails must not
+    leave a count of it behind, or the next send of this tunnel would carry what another
+    tunnel put there since."""
+    with fake_server(offloads=True) as (server, devices):
+        peer, other = fakes_udp(), fakes_udp()
+        for name, sock, address in (("udp2", peer, "10.0.1.1"), ("udp3", other, "10.0.2.1")):
+            assert add(server, {"name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
+                                "remotePort": sock.getsockname()[1]})["ok"]
+        tunnel = server.tunnels["udp2"]
+        monkeypatch.setattr(tunnel, "send", lambda *_: (_ for _ in ()).throw(RuntimeError("x")))
+        devices.outer["udp2"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2",
+                                                                   b"mine"))
+        server.loop.dispatch(tunnel.fd)
+        devices.outer["udp3"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.2.1", "10.0.2.2",
+                                                                   b"other's"))
+        server.loop.dispatch(server.tunnels["udp3"].fd)
+        monkeypatch.undo()
+        server.loop.dispatch(tunnel.fd)  # nothing to read: nothing must go
+        peer.settimeout(0.2)
+        with pytest.raises(OSError):
+            peer.recv(65535)
+        assert tunnel.small_len == 0
