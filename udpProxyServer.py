@@ -179,6 +179,8 @@ MAX_IP_PACKET = 65535
 JOIN_RETRY = 60
 # The packet information header we put on the wire for each IP version.
 PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
+# The same by a packet's first byte, for the data path: IPv6's for 0x6_, IPv4's for all else.
+PI_BY_FIRST_BYTE = tuple(PI_BY_VERSION[6 if first >> 4 == 6 else 4] for first in range(256))
 # Remote checksum offload between our daemons, negotiated in the PI header's flags, which
 # the kernel ignores when a datagram is written into a TUN device (tun_get_user reads only
 # the protocol), so 2015 hosts and socat take such datagrams as ever. The bits are in its
@@ -705,6 +707,20 @@ def transport_start(packet):
     return start, proto
 
 
+# What a packet written into a device says of its checksums: whole (the kernel checks
+# them), its TCP or UDP one partial (the pseudo-header sum, for the kernel to finish), or
+# whole and authenticated (a WireGuard message's AEAD covered it: no need to check).
+SUMS_FULL, SUMS_PARTIAL, SUMS_VERIFIED = 0, 1, 2
+
+
+def single_header(packet, sums):
+    """The virtio header of a packet written alone, as its checksums are; None for a
+    partial one with no TCP or UDP header where its sum is looked for."""
+    if sums == SUMS_PARTIAL:
+        return partial_header(packet)
+    return VERIFIED_VNET_HDR if sums == SUMS_VERIFIED else ZERO_VNET_HDR
+
+
 def partial_header(packet):
     """The virtio header that has the kernel finish packet's partial TCP or UDP checksum,
     or None when packet has no TCP or UDP header where one is looked for."""
@@ -714,13 +730,12 @@ def partial_header(packet):
     return VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, start, CHECKSUM_OFFSET[proto])
 
 
-def split_gso(packet, proto, l4_start, gso_size, out, done=0, pi_flags=0, partial=False):
-    """Cut a TCP or UDP GSO super-packet into wire datagrams (PI header and a packet
-    of at most gso_size payload bytes) laid end to end in out, each with its own IP
-    and L4 header and full checksums, as the kernel's own segmentation would; with
-    partial (the peer takes them), the L4 checksums are left as the pseudo-header sum
-    and flagged so in the PI header, where the L4 header is where the peer looks for it.
-    pi_flags goes in every PI header.
+def split_gso(packet, proto, l4_start, gso_size, out, done=0, prefix=b"", partial=False):
+    """Cut a TCP or UDP GSO super-packet into packets of at most gso_size payload bytes
+    laid end to end in out, each after prefix (a codec's header, the same for all) and
+    with its own IP and L4 header and full checksums, as the kernel's own segmentation
+    would; with partial, the L4 checksums are left as the pseudo-header sum (the caller
+    has made sure, with transport_start, that the peer finds them).
 
     One call is one round: from payload byte done on, as many datagrams as out holds
     (at small MTUs the headers outgrow the payload, so a 64 KB packet takes several).
@@ -732,10 +747,8 @@ def split_gso(packet, proto, l4_start, gso_size, out, done=0, pi_flags=0, partia
     version = packet[0] >> 4
     l4_len = (packet[l4_start + 12] >> 4) * 4 if proto == TCP else 8
     header_len = l4_start + l4_len
-    template = bytearray(PI_BY_VERSION[version]) + packet[:header_len]
-    partial = partial and transport_start(packet) == (l4_start, proto)
-    template[1] = pi_flags | PI_PARTIAL if partial else pi_flags
-    ip, l4 = PI_HEADER_LEN, PI_HEADER_LEN + l4_start
+    template = bytearray(prefix) + packet[:header_len]
+    ip, l4 = len(prefix), len(prefix) + l4_start
     if version == 4:
         ip_id, frag, ttl_proto = struct.unpack_from("!2xH2H", template, ip + 2)
         template[ip + 2:ip + 6] = bytes(4)  # total length and id
@@ -863,14 +876,14 @@ class Joiner:
 
     def __init__(self):
         self.packets = []
-        self.partial = []  # for each packet, whether its checksum is partial
+        self.sums = []  # for each packet, what its checksums are (SUMS_FULL ...)
         self.flow = None
 
-    def offer(self, packet, flow, partial=False):
+    def offer(self, packet, flow, sums=0):
         """Add packet to the group if it fits; False if the group must be written first."""
         if not self.packets:
             self.start(packet, flow)
-            self.partial = [partial]
+            self.sums = [sums]
             return True
         key, header_len, l4, proto = flow
         size = len(packet) - header_len
@@ -884,7 +897,7 @@ class Joiner:
             self.next_seq = (seq + size) & 0xFFFFFFFF
             self.closed = bool(packet[l4 + 13] & TCP_PSH)
         self.packets.append(packet)
-        self.partial.append(partial)
+        self.sums.append(sums)
         self.length += size
         self.closed = self.closed or size < self.gso_size
         return True
@@ -905,7 +918,7 @@ class Joiner:
             self.next_seq = (seq + self.gso_size) & 0xFFFFFFFF
             self.closed = self.closed or bool(packet[l4 + 13] & TCP_PSH)
 
-    def continues(self, packet, partial):
+    def continues(self, packet, sums):
         """Add packet to the group at once, without parsing it, if it is the group's next
         segment as one super-packet cut makes it: of the first one's size, its headers the
         first one's but for what changes from one segment to the next (join_mask), the
@@ -922,18 +935,17 @@ class Joiner:
             self.next_seq = (self.next_seq + self.gso_size) & 0xFFFFFFFF
             self.closed = bool(packet[at + 9] & TCP_PSH)
         self.packets.append(packet)
-        self.partial.append(partial)
+        self.sums.append(sums)
         self.length += self.gso_size
         return True
 
     def take(self):
         """The group as one TUN write (a list of buffers for writev), and its packets, each
-        with whether its checksum is partial."""
+        with what its checksums are."""
         packets, self.packets = self.packets, []
-        packets_partial = list(zip(packets, self.partial))
+        packets_sums = list(zip(packets, self.sums))
         if len(packets) == 1:
-            header = partial_header(packets[0]) if self.partial[0] else ZERO_VNET_HDR
-            return [header, packets[0]], packets_partial
+            return [single_header(packets[0], self.sums[0]), packets[0]], packets_sums
         _, header_len, l4, proto = self.flow
         header = bytearray(packets[0][:header_len])
         l4_len = self.length - l4
@@ -955,7 +967,7 @@ class Joiner:
         partial = pseudo_sum(header, proto, l4_len) % 0xFFFF
         struct.pack_into("!H", header, field, partial or 0xFFFF)
         vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, header_len, self.gso_size, l4, field - l4)
-        return [vnet, header] + [p[header_len:] for p in packets], packets_partial
+        return [vnet, header] + [p[header_len:] for p in packets], packets_sums
 
 
 @functools.lru_cache(maxsize=64)
@@ -1045,67 +1057,14 @@ def probe_offloads(data_sock):
     return offloads
 
 
-class TunnelOffloads:
-    """What one tunnel uses of the offloads the kernel offers, and every decision to stop
-    using one, or to start again: the data path asks, and reports what failed."""
-
-    def __init__(self, name, host, clock=time.monotonic):
-        self.name = name
-        self.host = host  # the Offloads found at start-up, shared by every tunnel
-        self.clock = clock
-        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
-        # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
-        self.join_udp = bool(host.tun_flags & TUN_F_USO4)
-        self.join_again_at = None  # while joined writes are off after a refusal: until when
-        self.join_refusal_logged = False  # later refusals are logged at debug level only
-
-    @property
-    def gso(self):
-        return self.host.udp_gso and self.gso_fits
-
-    def joining(self):
-        """Whether to join received packets into GSO writes now."""
-        if self.join_again_at is not None and self.clock() >= self.join_again_at:
-            self.join_again_at = None
-        return self.host.join and self.join_again_at is None
-
-    def gso_refused(self, error):
-        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
-        if so, GSO is turned off where it cannot work, and that is logged once."""
-        if error.errno == errno.EIO:
-            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
-            # every tunnel, as the tunnels of a host mostly share their underlay.
-            self.host.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
-        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
-            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
-            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
-            self.gso_fits = False
-            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
-        else:
-            return False
-        return True
-
-    def join_refused(self, error):
-        """Whether error, on a joined write, means the TUN device refuses joined packets.
-        Some kernels do (a regression), or refuse one: this tunnel then writes packets one
-        by one for a while."""
-        if error.errno != errno.EINVAL:
-            return False
-        self.join_again_at = self.clock() + JOIN_RETRY
-        log.log(logging.DEBUG if self.join_refusal_logged else logging.WARNING,
-                "tunnel %s: the TUN device refuses joined packets (%s); writing them one"
-                " by one for %d s", self.name, error, JOIN_RETRY)
-        self.join_refusal_logged = True
-        return True
-
-
-# --- Tunnels: the device, its peer, its counters, its send and deliver paths ---
+# --- Devices: TUN with offloads, and without ------------------------------------
 
 
 def open_tun(spec, offload_flags=0):
-    """Create and configure the TUN device for spec; it vanishes when closed.
-    With offload flags it speaks virtio headers instead of the PI header."""
-    flags = pytun.IFF_TUN | (pytun.IFF_NO_PI | pytun.IFF_VNET_HDR if offload_flags else 0)
+    """Create and configure the TUN device for spec; it vanishes when closed. It reads and
+    writes bare IP packets (IFF_NO_PI: the kernel tells IPv4 from IPv6 by the version),
+    after a virtio header each with offload flags."""
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload_flags else 0)
     device = pytun.TunTapDevice(name=spec.name, flags=flags)
     try:
         if offload_flags:
@@ -1150,12 +1109,18 @@ def held_device_index(fd):
         return None
 
 
+# Devices read each packet this far into the buffer: the bytes before it are the codec's,
+# for its header, so a datagram goes without a copy (wireguard-go's tun offset). The 2015
+# format's PI header is all a codec puts there.
+HEADROOM = PI_HEADER_LEN
+
+
 class SharedBuffers:
     """Buffers all tunnels use in turn: the loop serves one handler at a time, and
     each handler leaves nothing in them when it returns."""
 
     def __init__(self):
-        self.packet = bytearray(BUFFER_SIZE)
+        self.packet = bytearray(HEADROOM + BUFFER_SIZE)  # a packet read, at HEADROOM
         self.packet_view = memoryview(self.packet)
         self.vnet = bytearray(VNET_HDR_LEN)
         # Room for a 64 KB super-packet cut for the wire, a header per segment, at MTUs of
@@ -1176,208 +1141,290 @@ class SharedBuffers:
         self.opened_view = memoryview(self.opened)
 
 
-class Tunnel:
-    """A TUN device that reads and writes the wire format as it is (PI header and
-    packet), the peer it is joined to, and the counts of what crossed."""
+class OffloadDevice:
+    """A TUN device with virtio-net offloads (IFF_VNET_HDR), as one tunnel uses it: it hands
+    over TCP and UDP super-packets of up to 64 KB, and takes packets of one flow joined into
+    one write, as GRO would; every read and write starts with a virtio header. Knows nothing
+    of peers: read() hands a codec what it reads, write() takes bare packets."""
 
-    # Whether the peer's last datagram said it takes partial checksums (a daemon of ours
-    # with offloads), None until one comes; and whether this tunnel then sends them.
-    peer_takes_partial = None
-    sends_partial = False
-
-    def __init__(self, spec, device, sock, peer, buffers):
-        self.spec = spec
-        self.device = device
-        self.fd = device.fileno()
-        self.index = None  # the device's interface index, once netlink has used it
-        self.sock = sock
-        self.peer = peer  # (address as the data socket names it, port)
+    def __init__(self, tun, name, offloads, counters, buffers, clock):
+        self.tun = tun
+        self.fd = tun.fileno()
+        self.name = name
+        self.offloads = offloads  # what the kernel offers, found at start-up
+        self.counters = counters  # the tunnel's
         self.buffers = buffers
-        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
-        self.last_rx = self.last_tx = None
-        self.drops = collections.Counter()
+        self.clock = clock
+        # UDP packets join into a GSO_UDP_L4 write only where the kernel has USO (Linux 6.2 on).
+        self.join_udp = bool(offloads.tun_flags & TUN_F_USO4)
+        self.join_again_at = None  # while joined writes are off after a refusal: until when
+        self.join_refusal_logged = False  # later refusals are logged at debug level only
+        # The receive side's own: whether this run is joined, the packets being joined, and
+        # those of the last joined write, should it be refused. Emptied at every flush.
+        self.joining = self.offloads.join
+        self.joiner = Joiner()
+        self.joined = []
 
-    @property
-    def name(self):
-        return self.spec.name
+    # Outbound: from the kernel to a codec.
 
-    def forward_from_tun(self):
-        """Send what the kernel routed into the device to the peer, a datagram a packet."""
-        buffer, view, fd, sendto, peer = (self.buffers.packet, self.buffers.packet_view, self.fd,
-                                          self.sock.sendto, self.peer)
-        packets = size_sent = 0
-        for _ in range(BATCH):
-            try:
-                size = os.readv(fd, [buffer])
-            except BlockingIOError:
-                break
-            except OSError as e:
-                raise TunnelGone(e) from None
-            try:
-                sendto(view[:size], peer)
-            except OSError as e:
-                self.count_send_failed(e, 1)
-            else:
-                packets += 1
-                size_sent += size
-        self.count_sent(packets, size_sent)
-
-    def count_sent(self, packets, size):
-        if packets:
-            self.tx_packets += packets
-            self.tx_bytes += size
-            self.last_tx = time.time()
-
-    def internal_error(self):
-        """A bug met while handling one datagram: it costs that datagram alone, counted."""
-        self.drops["internal_error"] += 1
-        DATA_PATH_BUGS.log(logging.ERROR, "tunnel %s: internal error on a datagram (-o list"
-                           " counts them as internal_error)", self.name, exc_info=True)
-
-    def count_send_failed(self, error, packets):
-        self.drops["socket_full" if isinstance(error, BlockingIOError) else "send_error"] += packets
-
-    def send(self, datagrams, stride):
-        """Send datagrams laid end to end, each stride bytes long but the last."""
-        packets = size = 0
-        for start in range(0, len(datagrams), stride):
-            datagram = datagrams[start:start + stride]
-            try:
-                self.sock.sendto(datagram, self.peer)
-            except OSError as e:
-                self.count_send_failed(e, 1)
-            else:
-                packets += 1
-                size += len(datagram)
-        self.count_sent(packets, size)
-
-    def deliver(self, datagrams, stride):
-        """Write datagrams from the peer, laid end to end stride bytes apart (one datagram
-        alone, or a run UDP GRO joined), into the device, a write each."""
-        if len(datagrams) <= stride:  # one alone, as every one comes without UDP GRO
-            return self.deliver_one(datagrams)
-        for start in range(0, len(datagrams), stride):
-            self.deliver_one(datagrams[start:start + stride])
-
-    def deliver_one(self, datagram):
-        """One datagram into the device, as it came (write's work inlined: a write a packet)."""
-        if len(datagram) <= PI_HEADER_LEN:
-            self.drops["short"] += 1
-            return
-        flags = datagram[1]
-        self.peer_takes_partial = flags & PI_ACCEPTS_PARTIAL != 0
+    def read(self, codec):
+        """Up to BATCH packets the kernel routed into the device, each to the codec: a
+        super-packet whole, a packet alone with where its checksum is left partial, if it
+        is. A bug met in one packet costs that packet, counted."""
+        buffers, counters = self.buffers, self.counters
+        room = buffers.packet_view[HEADROOM:]
+        codec.encode_begin()
         try:
-            if flags & PI_PARTIAL and not self.finish_partial(datagram[PI_HEADER_LEN:]):
-                self.drops["bad_partial"] += 1
-                return
-            os.write(self.fd, datagram)
-        except OSError as e:
-            self.write_failed(e, 1)
-        except Exception:
-            self.internal_error()
-        else:
-            self.rx_packets += 1
-            self.rx_bytes += len(datagram)
-            self.last_rx = time.time()
+            for _ in range(BATCH):
+                try:
+                    size = os.readv(self.fd, [buffers.vnet, room]) - VNET_HDR_LEN
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    raise TunnelGone(e) from None
+                try:
+                    flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
+                    packet = buffers.packet_view[HEADROOM:HEADROOM + size]
+                    if gso_type != GSO_NONE:
+                        codec.encode_super_packet(packet, UDP if gso_type == GSO_UDP_L4 else TCP,
+                                                  start, gso_size)
+                    else:
+                        codec.encode_packet(packet, (start, offset) if flags & VNET_F_NEEDS_CSUM
+                                            else None)
+                except Exception:
+                    count_bug(counters, self.name)
+        finally:
+            codec.encode_end()
 
-    def finish_partial(self, packet):
-        """Sum a packet the peer sent with a partial checksum (it took us for a daemon with
-        offloads until our datagrams told it otherwise); False if it has nothing to sum."""
-        start, proto = transport_start(packet)
-        if start is None:
-            return False
-        complete_checksum(packet, start, CHECKSUM_OFFSET[proto])
-        return True
+    # Inbound: bare packets from a codec, into the kernel.
 
-    def write(self, buffers, packets, size):
+    def write(self, packet, size, sums):
+        """One packet, which took size bytes on the wire, into the device: joined with the
+        last ones where it can be, else written after them; a partial checksum is left for
+        the kernel to finish (a joined write has it finish every one)."""
+        joiner, joining = self.joiner, self.joining
+        if not joining and self.join_again_at is not None:
+            joining = self.join_again()
+        if joining and joiner.continues(packet, sums):
+            return
+        flow = flow_of(packet) if joining else None
+        if flow is None or (flow[3] == UDP and not self.join_udp):
+            self.write_joined()
+            header = single_header(packet, sums)
+            if header is None:
+                self.counters.drops["bad_partial"] += 1
+            else:
+                self.writev([header, packet], 1, size)
+        elif not joiner.offer(packet, flow, sums):
+            self.write_joined()
+            joiner.offer(packet, flow, sums)
+
+    def flush(self):
+        """Write what is being joined: the end of a run of writes."""
+        try:
+            self.write_joined()
+        finally:
+            self.joiner.packets = []
+
+    def join_again(self):
+        """Whether joining is on again, JOIN_RETRY after the kernel refused a joined write."""
+        if self.clock() >= self.join_again_at:
+            self.join_again_at = None
+            self.joining = self.offloads.join
+        return self.joining
+
+    def write_joined(self):
+        if self.joiner.packets:
+            iov, self.joined = self.joiner.take()
+            size = sum(len(p) for p, _ in self.joined) + PI_HEADER_LEN * len(self.joined)
+            try:
+                self.writev(iov, len(self.joined), size)
+            finally:
+                self.joined = []
+
+    def writev(self, buffers, packets, size):
         """One write into the device, of packets packets that took size bytes on the wire."""
         try:
             os.writev(self.fd, buffers)
         except OSError as e:
             self.write_failed(e, packets)
         else:
-            self.rx_packets += packets
-            self.rx_bytes += size
-            self.last_rx = time.time()
+            counters = self.counters
+            counters.rx_packets += packets
+            counters.rx_bytes += size
+            counters.last_rx = time.time()
 
     def write_failed(self, error, packets):
-        self.drops["tun_full" if isinstance(error, BlockingIOError) else "tun_refused"] += packets
+        if packets > 1 and self.join_refused(error):
+            for packet, sums in self.joined:  # nothing lost: these first, one by one
+                self.writev([single_header(packet, sums), packet], 1, PI_HEADER_LEN + len(packet))
+        else:
+            self.counters.drops["tun_full" if isinstance(error, BlockingIOError)
+                                else "tun_refused"] += packets
 
-    def describe(self):
-        """The tunnel as list gives it: its entry, as it was asked for, its counters, and
-        for a plain tunnel whether the peer takes partial checksums and what we send."""
-        described = dict(self.spec.entry(), rx_packets=self.rx_packets, rx_bytes=self.rx_bytes,
-                         tx_packets=self.tx_packets, tx_bytes=self.tx_bytes,
-                         drops=dict(self.drops), last_rx=self.last_rx, last_tx=self.last_tx)
-        if not self.spec.encrypted:
-            partial = self.sends_partial and self.peer_takes_partial
-            described.update(peerOffload=self.peer_takes_partial,
-                             checksums="partial" if partial else "full")
-        return described
+    def join_refused(self, error):
+        """Whether error, on a joined write, means the TUN device refuses joined packets.
+        Some kernels do (a regression), or refuse one: this device then writes packets one
+        by one for a while."""
+        if error.errno != errno.EINVAL:
+            return False
+        self.join_again_at = self.clock() + JOIN_RETRY
+        self.joining = False
+        log.log(logging.DEBUG if self.join_refusal_logged else logging.WARNING,
+                "tunnel %s: the TUN device refuses joined packets (%s); writing them one"
+                " by one for %d s", self.name, error, JOIN_RETRY)
+        self.join_refusal_logged = True
+        return True
 
     def close(self):
-        self.device.close()
+        self.tun.close()
 
 
-class OffloadTunnel(Tunnel):
-    """A tunnel whose device hands over and takes whole 64 KB TCP and UDP super-packets
-    (virtio header first). On the wire nothing changes: each is cut into datagrams of
-    one packet each, sent with UDP GSO, and received ones are joined again."""
+class NoOffloadDevice:
+    """A TUN device without offloads (--no-offload, or a kernel without them), as one
+    tunnel uses it: bare packets of at most its MTU each way, a read or a write each."""
 
-    single_header = ZERO_VNET_HDR  # what a packet written alone starts with
-    pi_flags = PI_ACCEPTS_PARTIAL  # in each datagram's PI header: we take partial checksums
-    sends_partial = True  # while the peer's last datagram said it takes them
-    peer_heard_at = float("-inf")  # when the peer's datagrams last came (time.monotonic)
+    def __init__(self, tun, name, counters, buffers):
+        self.tun = tun
+        self.fd = tun.fileno()
+        self.name = name
+        self.counters = counters  # the tunnel's
+        self.buffers = buffers
+        self.joining = False  # it writes every packet alone, at once: flush has nothing to do
 
-    def __init__(self, spec, device, sock, peer, buffers, offloads):
-        super().__init__(spec, device, sock, peer, buffers)
-        self.offloads = offloads  # this tunnel's TunnelOffloads
-        self.small_len = self.small_stride = 0
-        # The receive side's own: packets being joined, and those of the last joined write,
-        # should it be refused. Never shared, and emptied at every delivery's start and end.
-        self.joiner = Joiner()
-        self.joined = []
-
-    def forward_from_tun(self):
-        buffers = self.buffers
-        # What the peer takes does not change while this handler runs: asked once a wake-up.
-        partial = self.peer_takes_partial and time.monotonic() - self.peer_heard_at < PARTIAL_FRESH
+    def read(self, codec):
+        """Up to BATCH packets the kernel routed into the device, each to the codec."""
+        view, fd = self.buffers.packet_view, self.fd
+        room = view[HEADROOM:]
+        codec.encode_begin()
         try:
             for _ in range(BATCH):
                 try:
-                    size = os.readv(self.fd, [buffers.vnet, buffers.packet]) - VNET_HDR_LEN
+                    size = os.readv(fd, [room])
                 except BlockingIOError:
                     break
                 except OSError as e:
                     raise TunnelGone(e) from None
-                try:  # a bug met in one packet costs that packet, counted
-                    flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
-                    packet = buffers.packet_view[:size]
-                    if gso_type != GSO_NONE:
-                        self.send_small()
-                        proto = UDP if gso_type == GSO_UDP_L4 else TCP
-                        done = 0
-                        while done is not None:  # several rounds only for IPv4 MTUs < 502
-                            stride, total, done = split_gso(packet, proto, start, gso_size,
-                                                            buffers.out, done, self.pi_flags,
-                                                            partial)
-                            self.send(buffers.out_view[:total], stride)
-                        continue
-                    pi_flags = self.pi_flags
-                    if flags & VNET_F_NEEDS_CSUM:
-                        if partial and transport_start(packet) == (start, PROTOCOL_AT.get(offset)):
-                            pi_flags |= PI_PARTIAL
-                        else:
-                            complete_checksum(packet, start, offset)
-                    self.queue_small(packet, pi_flags)
+                try:
+                    codec.encode_packet(view[HEADROOM:HEADROOM + size], None)
                 except Exception:
-                    self.internal_error()
-            self.send_small()
+                    count_bug(self.counters, self.name)
         finally:
-            self.small_len = 0  # the buffer is every tunnel's: nothing queued outlives the call
+            codec.encode_end()
 
-    def queue_small(self, packet, pi_flags=0):
-        """Gather single packets of one size, to go in one GSO send."""
+    def write(self, packet, size, sums):
+        """One packet, which took size bytes on the wire, into the device; a partial
+        checksum is finished here first, as such a device cannot leave it to the kernel."""
+        try:
+            if sums == SUMS_PARTIAL and not finish_partial(packet):
+                self.counters.drops["bad_partial"] += 1
+                return
+            os.write(self.fd, packet)
+        except OSError as e:
+            self.counters.drops["tun_full" if isinstance(e, BlockingIOError)
+                                else "tun_refused"] += 1
+        else:
+            counters = self.counters
+            counters.rx_packets += 1
+            counters.rx_bytes += size
+            counters.last_rx = time.time()
+
+    def flush(self):
+        pass  # nothing is held back
+
+    def close(self):
+        self.tun.close()
+
+
+def finish_partial(packet):
+    """Sum a packet the peer sent with a partial checksum (it took us for a daemon with
+    offloads until our datagrams told it otherwise); False if it has nothing to sum."""
+    start, proto = transport_start(packet)
+    if start is None:
+        return False
+    complete_checksum(packet, start, CHECKSUM_OFFSET[proto])
+    return True
+
+
+def count_bug(counters, name):
+    """A bug met while handling one packet or datagram: it costs that one alone, counted as
+    internal_error, and is logged with its traceback a few times a minute."""
+    counters.drops["internal_error"] += 1
+    DATA_PATH_BUGS.log(logging.ERROR, "tunnel %s: internal error on a packet (-o list counts"
+                       " them as internal_error)", name, exc_info=True)
+
+
+# --- The 2015 wire format: a codec ----------------------------------------------
+
+
+class PlainCodec:
+    """The 2015 wire format for one tunnel: a datagram is a PI header (flags and EtherType)
+    and one packet, as the 2015 daemon and socat send and take them. Between two daemons of
+    ours the PI header's flags negotiate partial checksums (PI_ACCEPTS_PARTIAL, PI_PARTIAL).
+    Knows nothing of TUN: it is handed packets to send, and writes into a device."""
+
+    def __init__(self, tunnel, offloads, clock, buffers):
+        self.tunnel = tunnel
+        self.clock = clock
+        self.buffers = buffers
+        # A daemon whose device takes partial checksums says so on every datagram, and
+        # sends several datagrams a send; one without offloads does neither, as in 2015.
+        self.flags = PI_ACCEPTS_PARTIAL if offloads else 0
+        self.batch = offloads
+        # Whether the peer's last datagram said it takes partial checksums (a daemon of
+        # ours with offloads), None until one comes, and when its datagrams last came.
+        self.peer_takes_partial = None
+        self.peer_heard_at = float("-inf")
+        self.partial = False  # in this round of sends: whether checksums go partial
+        self.small_len = self.small_stride = 0  # single packets waiting in buffers.small
+        self.sent_alone = self.sent_bytes = 0  # in this round: datagrams sent alone
+
+    # Outbound: what the device hands over, to the wire.
+
+    def encode_begin(self):
+        """What the peer takes does not change while a read runs: asked once a round."""
+        self.partial = bool(self.flags and self.peer_takes_partial
+                            and self.clock() - self.peer_heard_at < PARTIAL_FRESH)
+
+    def encode_super_packet(self, packet, proto, l4_start, gso_size):
+        """A super-packet cut into datagrams and sent, its checksums partial while the peer
+        takes them and finds the L4 header where it looks for it."""
+        self.send_small()
+        partial = self.partial and transport_start(packet) == (l4_start, proto)
+        prefix = bytearray(PI_BY_VERSION[packet[0] >> 4])
+        prefix[1] = self.flags | PI_PARTIAL if partial else self.flags
+        buffers, done = self.buffers, 0
+        while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
+            stride, total, done = split_gso(packet, proto, l4_start, gso_size, buffers.out, done,
+                                            prefix, partial)
+            self.tunnel.send(buffers.out_view[:total], stride)
+
+    def encode_packet(self, packet, partial_sum):
+        """A packet alone, read into buffers.packet at HEADROOM; partial_sum: where its
+        checksum is left partial (start, offset), if it is (only a device with offloads
+        leaves one so). Single packets of one size gather to go in one GSO send, but from a
+        daemon without offloads, as in 2015."""
+        if not self.batch:  # a datagram a send, its PI header in the room before the packet
+            # Tunnel.send_one's work inlined (a call less a packet, on the --no-offload path):
+            # keep the two alike.
+            tunnel = self.tunnel
+            self.buffers.packet[0:PI_HEADER_LEN] = PI_BY_FIRST_BYTE[packet[0]]
+            try:
+                size = tunnel.sock.sendto(self.buffers.packet_view[:HEADROOM + len(packet)],
+                                          tunnel.endpoint)
+            except OSError as e:
+                tunnel.count_send_failed(e, 1)
+            else:
+                self.sent_alone += 1
+                self.sent_bytes += size
+            return
+        flags = self.flags
+        if partial_sum is not None:
+            start, offset = partial_sum
+            if self.partial and transport_start(packet) == (start, PROTOCOL_AT.get(offset)):
+                flags |= PI_PARTIAL
+            else:
+                complete_checksum(packet, start, offset)
         length = PI_HEADER_LEN + len(packet)
         if self.small_len and (length > self.small_stride
                                or self.small_len % self.small_stride
@@ -1387,100 +1434,207 @@ class OffloadTunnel(Tunnel):
         if not self.small_len:
             self.small_stride = length
         at, small = self.small_len, self.buffers.small
-        small[at:at + PI_HEADER_LEN] = PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4])
-        small[at + 1] = pi_flags
+        small[at:at + PI_HEADER_LEN] = PI_BY_FIRST_BYTE[packet[0]]
+        small[at + 1] = flags
         small[at + PI_HEADER_LEN:at + length] = packet
         self.small_len = at + length
+
+    def encode_end(self):
+        try:
+            self.send_small()
+        finally:
+            self.small_len = 0  # the buffer is every tunnel's: nothing queued outlives a read
+        if self.sent_alone:  # counted here, once a round: a packet's work is the least
+            self.tunnel.count_sent(self.sent_alone, self.sent_bytes)
+            self.sent_alone = self.sent_bytes = 0
 
     def send_small(self):
         length, self.small_len = self.small_len, 0  # nothing left, whatever send does
         if length:
-            self.send(self.buffers.small_view[:length], self.small_stride)
+            self.tunnel.send(self.buffers.small_view[:length], self.small_stride)
+
+    # Inbound: datagrams from the peer, into the device.
+
+    def decode(self, datagrams, stride, source):
+        """Datagrams from the peer, laid end to end stride bytes apart (one alone, or a run
+        UDP GRO joined), into the tunnel's device; each says whether the peer takes partial
+        checksums, and whether its packet has one."""
+        device, drops = self.tunnel.device, self.tunnel.counters.drops
+        if len(datagrams) <= stride:  # one alone, as every one comes without UDP GRO
+            # The loop's work below for one, without it (inlined: keep the two alike).
+            if len(datagrams) <= PI_HEADER_LEN:
+                drops["short"] += 1
+                return
+            flags = datagrams[1]
+            self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
+            try:
+                device.write(datagrams[PI_HEADER_LEN:], len(datagrams),
+                             SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
+                if device.joining:  # a device that joins packets may hold this one back
+                    device.flush()
+            except Exception:
+                count_bug(self.tunnel.counters, self.tunnel.name)
+            if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
+                self.peer_heard_at = self.clock()
+            return
+        try:
+            for start in range(0, len(datagrams), stride):
+                datagram = datagrams[start:start + stride]
+                if len(datagram) <= PI_HEADER_LEN:
+                    drops["short"] += 1
+                    continue
+                flags = datagram[1]
+                self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
+                try:
+                    device.write(datagram[PI_HEADER_LEN:], len(datagram),
+                                 SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
+                except Exception:
+                    count_bug(self.tunnel.counters, self.tunnel.name)
+        finally:
+            device.flush()
+        if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
+            self.peer_heard_at = self.clock()
+
+    def describe(self):
+        """What list adds for a plain tunnel: whether the peer takes partial checksums, and
+        which this tunnel sends."""
+        partial = self.flags and self.peer_takes_partial
+        return {"peerOffload": self.peer_takes_partial,
+                "checksums": "partial" if partial else "full"}
+
+
+# --- The tunnel: spec, endpoint, counters, a device and a codec -------------------
+
+
+class Counters:
+    """What crossed one tunnel, counted where it crosses: packets and bytes each way (as
+    they were on the wire), when the last came and went (Unix time, for people), and what
+    was dropped, by reason."""
+
+    __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "last_rx", "last_tx",
+                 "drops")
+
+    def __init__(self):
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.last_rx = self.last_tx = None
+        self.drops = collections.Counter()
+
+    def describe(self):
+        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "drops": dict(self.drops), "last_rx": self.last_rx, "last_tx": self.last_tx}
+
+
+class Tunnel:
+    """One tunnel: what was asked for (spec), where its peer is (endpoint), its device and
+    its codec, composed, and the counts of what crossed. The loop calls forward_from_device
+    when the device has packets; the data port hands its codec what the peer sent. It sends
+    what its codec makes on the data socket, several datagrams a send with UDP GSO."""
+
+    def __init__(self, spec, endpoint, sock, offloads, clock):
+        self.spec = spec
+        self.endpoint = endpoint  # (address as the data socket names it, port), or None
+        self.sock = sock
+        self.offloads = offloads  # what the kernel offers, found at start-up
+        self.clock = clock
+        self.counters = Counters()
+        self.device = self.codec = None  # made for it by the server (Server.make_tunnel)
+        self.wg_peer = None  # an encrypted tunnel's WireGuardPeer, which its codec uses
+        self.index = None  # the device's interface index, once netlink has used it
+        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
+
+    @property
+    def name(self):
+        return self.spec.name
+
+    @property
+    def fd(self):
+        return self.device.fd
+
+    def forward_from_device(self):
+        """The loop's handler of the device's fd: what the kernel routed into it, encoded
+        and sent."""
+        self.device.read(self.codec)
 
     def send(self, datagrams, stride):
-        if len(datagrams) <= stride or not self.offloads.gso:
-            return super().send(datagrams, stride)
+        """Send datagrams laid end to end, each stride bytes long but the last: with UDP GSO
+        where the kernel and the path take it, else one by one."""
+        if len(datagrams) <= stride or not (self.offloads.udp_gso and self.gso_fits):
+            return self.send_each(datagrams, stride)
         segment = struct.pack("=H", stride)
         step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // stride) * stride
         for start in range(0, len(datagrams), step):
             chunk = datagrams[start:start + step]
             try:
-                self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.peer)
+                self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.endpoint)
             except OSError as e:
-                if self.offloads.gso_refused(e):
-                    super().send(chunk, stride)  # nothing lost: the same datagrams one by one
+                if self.gso_refused(e):
+                    self.send_each(chunk, stride)  # nothing lost: the same datagrams one by one
                 else:  # a passing error (no route, a firewall, a full buffer): this send is lost
                     self.count_send_failed(e, -(-len(chunk) // stride))
             else:
                 self.count_sent(-(-len(chunk) // stride), len(chunk))
 
-    def deliver(self, datagrams, stride):
-        """Write datagrams from the peer into the device, runs of one flow joined into one
-        GSO write where the device takes it; each says whether the peer takes partial
-        checksums, and whether its packet has one."""
-        self.deliver_begin()
-        try:
-            for start in range(0, max(len(datagrams), 1), stride):  # an empty one is short
-                datagram = datagrams[start:start + stride]
-                if len(datagram) <= PI_HEADER_LEN:
-                    self.drops["short"] += 1
-                    continue
-                flags = datagram[1]
-                self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
-                try:
-                    self.deliver_packet(datagram[PI_HEADER_LEN:], len(datagram),
-                                        flags & PI_PARTIAL)
-                except Exception:
-                    self.internal_error()
-        finally:
-            self.deliver_done()
-        self.peer_heard_at = time.monotonic()
-
-    def deliver_begin(self):
-        self.join = self.offloads.joining()
-        self.joiner.packets = []
-
-    def deliver_packet(self, packet, size, partial=False):
-        """One packet, which took size bytes on the wire, into the device: joined with the
-        last ones where it can be, else written after them; a partial checksum is left for
-        the kernel to finish (a joined write has it finish every one)."""
-        joiner = self.joiner
-        if self.join and joiner.continues(packet, partial):
-            return
-        flow = flow_of(packet) if self.join else None
-        if flow is None or (flow[3] == UDP and not self.offloads.join_udp):
-            self.write_joined()
-            header = partial_header(packet) if partial else self.single_header
-            if header is None:
-                self.drops["bad_partial"] += 1
-            else:
-                self.write([header, packet], 1, size)
-        elif not joiner.offer(packet, flow, partial):
-            self.write_joined()
-            joiner.offer(packet, flow, partial)
-
-    def deliver_done(self):
-        try:
-            self.write_joined()
-        finally:
-            self.joiner.packets = []
-
-    def write_joined(self):
-        if self.joiner.packets:
-            iov, self.joined = self.joiner.take()
-            size = sum(len(p) for p, _ in self.joined) + PI_HEADER_LEN * len(self.joined)
+    def send_each(self, datagrams, stride):
+        packets = size = 0
+        for start in range(0, len(datagrams), stride):
+            datagram = datagrams[start:start + stride]
             try:
-                self.write(iov, len(self.joined), size)
-            finally:
-                self.joined = []
+                self.sock.sendto(datagram, self.endpoint)
+            except OSError as e:
+                self.count_send_failed(e, 1)
+            else:
+                packets += 1
+                size += len(datagram)
+        self.count_sent(packets, size)
 
-    def write_failed(self, error, packets):
-        if packets > 1 and self.offloads.join_refused(error):
-            for packet, partial in self.joined:  # nothing lost: these first, one by one
-                header = partial_header(packet) if partial else self.single_header
-                self.write([header, packet], 1, PI_HEADER_LEN + len(packet))
+    def send_one(self, parts):
+        """One datagram, gathered from parts by the kernel (no copy made here). Inlined in
+        PlainCodec.encode_packet: keep the two alike."""
+        try:
+            size = self.sock.sendmsg(parts, (), 0, self.endpoint)
+        except OSError as e:
+            self.count_send_failed(e, 1)
         else:
-            super().write_failed(error, packets)
+            counters = self.counters
+            counters.tx_packets += 1
+            counters.tx_bytes += size
+            counters.last_tx = time.time()
+
+    def count_sent(self, packets, size):
+        if packets:
+            counters = self.counters
+            counters.tx_packets += packets
+            counters.tx_bytes += size
+            counters.last_tx = time.time()
+
+    def count_send_failed(self, error, packets):
+        self.counters.drops["socket_full" if isinstance(error, BlockingIOError)
+                            else "send_error"] += packets
+
+    def gso_refused(self, error):
+        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
+        if so, GSO is turned off where it cannot work, and that is logged once."""
+        if error.errno == errno.EIO:
+            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
+            # every tunnel, as the tunnels of a host mostly share their underlay.
+            self.offloads.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
+        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
+            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
+            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
+            self.gso_fits = False
+            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+        else:
+            return False
+        return True
+
+    def describe(self):
+        """The tunnel as list gives it: its entry, as it was asked for, its counters, and
+        what its codec adds."""
+        return dict(self.spec.entry(), **self.counters.describe(), **self.codec.describe())
+
+    def close(self):
+        self.device.close()
 
 
 # --- WireGuard: keys and the handshake ----------------------------------------
@@ -2299,7 +2453,6 @@ class PeerTimers:
         self.need_another_keepalive = False
         self.sent_lastminute_handshake = False
         self.last_sent_handshake = None  # our last initiation or response: initiations' pace
-        self.last_handshake = None  # when a handshake last completed
         self.persistent_keepalive_interval = 0
         self.set_persistent_keepalive(persistent_keepalive)
 
@@ -2474,7 +2627,6 @@ class PeerTimers:
         self.deadlines.pop("retransmit_handshake", None)
         self.handshake_attempts = 0
         self.sent_lastminute_handshake = False
-        self.last_handshake = now
 
     def _session_derived(self, now):
         self._mod("zero_key_material", now, REJECT_AFTER_TIME * 3)
@@ -2685,9 +2837,9 @@ def ip_length(packet):
 
 
 class WireGuardPeer:
-    """The WireGuard side of one encrypted tunnel: the peer's keys, the handshake under
-    way, the sessions, the timers, and the packets waiting for a session. (Where the peer
-    is, is the tunnel's peer, as for a plain tunnel.)"""
+    """The WireGuard side of one encrypted tunnel's peer (wireguard-go's Peer, but for where
+    it is, which is the tunnel's endpoint): its keys, the handshake under way, the sessions,
+    the timers, and the packets waiting for a session."""
 
     def __init__(self, spec, static_static, clock=time.monotonic):
         self.public_key = spec.public_key
@@ -2700,102 +2852,174 @@ class WireGuardPeer:
         self.cookies = CookieGenerator(spec.public_key)
         self.initiation = None  # the InitiationSent awaiting its response
         self.last_timestamp = b""  # of the newest initiation taken: older ones are replays
+        self.latest_handshake = None  # when a handshake last completed here, in Unix time
         self.staged = collections.deque(maxlen=MAX_STAGED_PACKETS)
         self.wakeup = None  # when its timers are next looked at, unless touched before
 
 
-class WireGuardTunnelPath:
-    """What makes a tunnel encrypted, over Tunnel or OffloadTunnel: every packet the
-    device gives is sealed into a transport message to the peer, and every message
-    opened is written into the device; the rest of the tunnel is unchanged."""
+class WireGuardCodec:
+    """WireGuard's transport messages (the paper's 5.4.6) for one tunnel: every packet the
+    device gives sealed into one to the peer under the current keypair, every one that
+    comes opened, its counter checked and its inner packet held to cryptokey routing. The
+    peer's keys, handshake and timers are its WireGuardPeer's (wg_peer), the handshakes
+    the daemon's WireGuard's. Knows nothing of TUN."""
 
-    wireguard = None  # the daemon's WireGuard, set by it
-    last_handshake = None  # when a session last began, in Unix time
+    def __init__(self, tunnel, wg_peer, wireguard, batch, buffers):
+        self.tunnel = tunnel
+        self.wg_peer = wg_peer
+        self.wireguard = wireguard  # the daemon's: endpoints, cryptokey routing, the timers' loop
+        self.batch = batch  # several messages a send (a device with offloads), or one
+        self.buffers = buffers
+        self.mtu = tunnel.spec.mtu
+        self.keypair = None  # the keypair this round of sends seals with
+        self.staged_now = False  # whether this round staged a packet
+        self.sent_super = False  # whether this round sent the messages of a super-packet
+        self.sealed_len = self.sealed_stride = 0  # messages waiting in buffers.sealed
 
-    def __init__(self, spec, *args, wg):
-        super().__init__(spec, *args)
-        self.wg = wg  # its WireGuardPeer
+    # Outbound: what the device hands over, sealed, to the wire.
 
-    def send(self, datagrams, stride):
-        """Seal the packets laid end to end in datagrams (each a PI header and a packet,
-        stride bytes apart) into transport messages, and send them: equal packets make
-        equal messages, so a run goes out in one GSO send as before."""
-        wg = self.wg
-        keypair = wg.keypairs.current_for_sending()
-        if keypair is None or self.peer is None:
-            for start in range(0, len(datagrams), stride):
-                self.stage(datagrams[start + PI_HEADER_LEN:start + stride])
-            wg.timers.on_packet_staged()
-            self.wireguard.touch(self)
-            return
-        cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.spec.mtu
-        sealed, padded = self.buffers.sealed_view, self.buffers.padded_view
-        at, message_stride = 0, None
-        for start in range(0, len(datagrams), stride):
-            packet = datagrams[start + PI_HEADER_LEN:start + stride]
-            try:
-                counter = keypair.next_counter()
-            except KeypairExhausted:
-                self.stage(packet)
-                wg.timers.on_packet_staged()
+    def encode_begin(self):
+        self.keypair = self.wg_peer.keypairs.current_for_sending()
+        if self.tunnel.endpoint is None:
+            self.keypair = None  # nowhere to send: what comes waits, as for a session
+        self.staged_now = self.sent_super = False
+
+    def encode_super_packet(self, packet, proto, l4_start, gso_size):
+        """A super-packet cut into packets with full checksums, each sealed, all sent in
+        one GSO send (the messages of a round are of one size but the last)."""
+        buffers, done = self.buffers, 0
+        while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
+            stride, total, done = split_gso(packet, proto, l4_start, gso_size, buffers.out, done)
+            keypair = self.keypair
+            if keypair is None:
+                for start in range(0, total, stride):
+                    self.stage(buffers.out_view[start:min(start + stride, total)])
                 continue
-            size = transport_size(len(packet), mtu)
-            if size != len(packet):  # zeros after it, in a copy: its neighbour follows it
-                padded[:len(packet)] = packet
-                padded[len(packet):size] = bytes(size - len(packet))
-                packet = padded[:size]
-            at += seal_transport_into(cipher, receiver, counter, packet, sealed, at)
-            if message_stride is None:
-                message_stride = at
-        if message_stride:
-            super().send(sealed[:at], message_stride)
-            wg.timers.on_data_sent()
-        self.wireguard.touch(self)
+            self.send_sealed()
+            # seal's work inlined for a round of segments (a call less each): keep the two
+            # alike.
+            cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.mtu
+            sealed, padded, out = buffers.sealed_view, buffers.padded_view, buffers.out_view
+            at = message_stride = 0
+            for start in range(0, total, stride):
+                segment = out[start:min(start + stride, total)]
+                try:
+                    counter = keypair.next_counter()
+                except KeypairExhausted:
+                    self.keypair = None
+                    self.stage(segment)
+                    continue
+                size = transport_size(len(segment), mtu)
+                if size != len(segment):  # zeros after it, in a copy: its neighbour follows it
+                    padded[:len(segment)] = segment
+                    padded[len(segment):size] = bytes(size - len(segment))
+                    segment = padded[:size]
+                at += seal_transport_into(cipher, receiver, counter, segment, sealed, at)
+                message_stride = message_stride or at
+            if at:
+                self.sent_super = True
+                self.tunnel.send(sealed[:at], message_stride)
+
+    def encode_packet(self, packet, partial_sum):
+        """A packet alone (partial_sum: where its checksum is left partial, if it is, to be
+        finished: a WireGuard peer wants whole ones), sealed."""
+        if partial_sum is not None:
+            complete_checksum(packet, *partial_sum)
+        self.seal(packet)
+
+    def seal(self, packet):
+        """Seal one packet into a message after those waiting, padded to a multiple of 16
+        but not past the MTU; equal packets make equal messages, so a run goes out in one
+        GSO send. Without a keypair that may send, the packet waits for a handshake.
+        Inlined in encode_super_packet: keep the two alike."""
+        keypair = self.keypair
+        if keypair is None:
+            self.stage(packet)
+            return
+        try:
+            counter = keypair.next_counter()
+        except KeypairExhausted:
+            self.keypair = None
+            self.stage(packet)
+            return
+        size = transport_size(len(packet), self.mtu)
+        length = TRANSPORT_HEADER_SIZE + size + TAG_LEN
+        if self.sealed_len and (length != self.sealed_stride or not self.batch
+                                or self.sealed_len + length > GSO_MAX_BYTES
+                                or self.sealed_len // self.sealed_stride >= GSO_MAX_SEGMENTS):
+            self.send_sealed()
+        if size != len(packet):  # zeros after it, in a copy: its neighbour follows it
+            padded = self.buffers.padded_view
+            padded[:len(packet)] = packet
+            padded[len(packet):size] = bytes(size - len(packet))
+            packet = padded[:size]
+        if not self.sealed_len:
+            self.sealed_stride = length
+        self.sealed_len += seal_transport_into(keypair.send_cipher, keypair.remote_index,
+                                               counter, packet, self.buffers.sealed_view,
+                                               self.sealed_len)
+
+    def encode_end(self):
+        try:
+            sent = self.send_sealed()
+        finally:
+            self.sealed_len = 0  # the buffer is every tunnel's: nothing sealed outlives a read
+        if sent or self.sent_super:
+            self.wg_peer.timers.on_data_sent()
+        if self.staged_now:
+            self.wg_peer.timers.on_packet_staged()
+        self.wireguard.touch(self.tunnel)
+
+    def send_sealed(self):
+        length, self.sealed_len = self.sealed_len, 0
+        if length:
+            self.tunnel.send(self.buffers.sealed_view[:length], self.sealed_stride)
+        return length
 
     def stage(self, packet):
         """Keep a packet until a session can carry it; past MAX_STAGED_PACKETS the oldest
         is pushed out, as wireguard-go drops it, and counted."""
-        if len(self.wg.staged) == MAX_STAGED_PACKETS:
-            self.drops["staged_overflow"] += 1
-        self.wg.staged.append(bytes(packet))
+        staged = self.wg_peer.staged
+        if len(staged) == MAX_STAGED_PACKETS:
+            self.tunnel.counters.drops["staged_overflow"] += 1
+        staged.append(bytes(packet))
+        self.staged_now = True
+
+    def send_staged(self):
+        """What waited for a session, sealed and sent now that one may send (the timers'
+        SEND_STAGED, or a keepalive's turn)."""
+        staged, self.wg_peer.staged = self.wg_peer.staged, collections.deque(
+            maxlen=MAX_STAGED_PACKETS)
+        self.encode_begin()
+        try:
+            for packet in staged:
+                self.seal(packet)
+        finally:
+            self.encode_end()
 
     def send_keepalive(self):
-        keypair = self.wg.keypairs.current_for_sending()
-        if keypair is None or self.peer is None:
-            self.wg.timers.on_packet_staged()  # a keepalive wants a session too
+        keypair, wg_peer = self.wg_peer.keypairs.current_for_sending(), self.wg_peer
+        if keypair is None or self.tunnel.endpoint is None:
+            wg_peer.timers.on_packet_staged()  # a keepalive wants a session too
             return
         message = seal_transport(keypair.send_cipher, keypair.remote_index,
                                  keypair.next_counter(), b"")
-        try:
-            self.sock.sendto(message, self.peer)
-        except OSError as e:
-            self.count_send_failed(e, 1)
-        self.wg.timers.on_keepalive_sent()
+        self.tunnel.send_one([message])
+        wg_peer.timers.on_keepalive_sent()
 
-    def send_staged(self):
-        staged, self.wg.staged = self.wg.staged, collections.deque(maxlen=MAX_STAGED_PACKETS)
-        for packet in staged:
-            self.send(PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4]) + packet,
-                      PI_HEADER_LEN + len(packet))
+    # Inbound: transport messages from the peer, opened, into the device.
 
-    def describe(self):
-        described = super().describe()
-        if "presharedKey" in described:
-            described["presharedKey"] = "(hidden)"
-        endpoint = None
-        if self.peer is not None:
-            address = plain_address(self.peer[0])
-            endpoint = ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, self.peer[1])
-        described.update(latestHandshake=self.last_handshake, endpoint=endpoint)
-        return described
-
-    def deliver_sealed(self, messages, stride, keypair, source):
-        """Open the transport messages laid end to end stride apart, all to keypair, and
-        write what they carry into the device; source is where they came from. What is
-        authenticated tells the timers, whatever becomes of the packet it carries."""
-        drops = self.drops
+    def decode(self, messages, stride, source):
+        """Open the transport messages laid end to end stride apart, all to one receiver
+        index, and write what they carry into the tunnel's device; source is where they
+        came from. What is authenticated tells the timers, whatever becomes of the packet
+        it carries. False when the index is no keypair of the peer's (any more)."""
+        keypair = self.wg_peer.keypairs.lookup(int.from_bytes(messages[4:8], "little"))
+        if keypair is None:
+            return False
+        tunnel = self.tunnel
+        device, drops, owner = tunnel.device, tunnel.counters.drops, self.wireguard.routing.owner
         authenticated = data = 0
-        self.deliver_begin()
         opened = self.buffers.opened_view  # each packet where its message was: a run's own
         try:
             for start in range(0, len(messages), stride):
@@ -2807,71 +3031,50 @@ class WireGuardTunnelPath:
                         drops["replayed"] += 1
                         continue
                     authenticated += 1
-                    if packet:
-                        data += 1
-                        self.deliver_inner(packet, len(message))
+                    if not packet:
+                        continue  # a keepalive
+                    data += 1
+                    length = ip_length(packet)
+                    if length is None:
+                        drops["malformed"] += 1
+                    elif owner(packet) is not tunnel:  # cryptokey routing
+                        drops["not_allowed_source"] += 1
+                    else:
+                        device.write(packet[:length], len(message), SUMS_VERIFIED)
                 except WireGuardRefused:
                     drops["not_authentic"] += 1
                 except Exception:
-                    self.internal_error()
+                    count_bug(tunnel.counters, tunnel.name)
         finally:
-            self.deliver_done()
+            device.flush()
         if authenticated:
-            if source != self.peer:  # roaming: the peer is where it last sent from
-                self.wireguard.set_endpoint(self, source)
-            if self.wg.timers.on_transport_received(keypair, data):
-                # The responder's session is confirmed: a handshake of ours crossing it is moot.
-                self.last_handshake = time.time()
-                self.wireguard.drop_initiation(self.wg)
-            self.wireguard.touch(self)
+            self.authenticated(keypair, data, source)
+        return True
 
-    def deliver_inner(self, packet, size):
-        """One opened packet, which took size bytes on the wire, into the device if its
-        header is sane and its source the peer's (cryptokey routing)."""
-        length = ip_length(packet)
-        if length is None:
-            self.drops["malformed"] += 1
-            return
-        packet = packet[:length]
-        if self.wireguard.routing.owner(packet) is not self:
-            self.drops["not_allowed_source"] += 1
-            return
-        self.deliver_packet(packet, size)
+    def authenticated(self, keypair, data, source):
+        """Messages came authenticated with keypair, data of them with a packet, from source:
+        the peer is there now (roaming), and the timers are told."""
+        wireguard, wg_peer = self.wireguard, self.wg_peer
+        if source != self.tunnel.endpoint:
+            wireguard.set_endpoint(self.tunnel, source)
+        if wg_peer.timers.on_transport_received(keypair, data):
+            # The responder's session is confirmed: a handshake of ours crossing it is moot.
+            wg_peer.latest_handshake = time.time()
+            wireguard.drop_initiation(wg_peer)
+        wireguard.touch(self.tunnel)
 
-
-class PlainDevicePath:
-    """Packets in and out of a device without offloads, for an encrypted tunnel."""
-
-    def forward_from_tun(self):
-        buffer, view, fd = self.buffers.packet, self.buffers.packet_view, self.fd
-        for _ in range(BATCH):
-            try:
-                size = os.readv(fd, [buffer])
-            except BlockingIOError:
-                break
-            except OSError as e:
-                raise TunnelGone(e) from None
-            self.send(view[:size], size)
-
-    def deliver_packet(self, packet, size):
-        self.write([PI_BY_VERSION.get(packet[0] >> 4, PI_BY_VERSION[4]), packet], 1, size)
-
-    def deliver_begin(self):
-        pass
-
-    def deliver_done(self):
-        pass
-
-
-class WireGuardTunnel(WireGuardTunnelPath, OffloadTunnel):
-    """An encrypted tunnel on a device with offloads: TSO packets cut, each segment sealed,
-    all sent in one GSO send; messages opened, runs of one flow joined into one write."""
-
-    single_header = VERIFIED_VNET_HDR
-
-
-class PlainWireGuardTunnel(WireGuardTunnelPath, PlainDevicePath, Tunnel):
-    """An encrypted tunnel on a device without offloads (--no-offload)."""
+    def describe(self):
+        """What list adds for an encrypted tunnel: where the peer last sent from, and when
+        its latest handshake completed; a preshared key given inline is hidden."""
+        endpoint = self.tunnel.endpoint
+        if endpoint is not None:
+            address = plain_address(endpoint[0])
+            endpoint = ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, endpoint[1])
+        described = {"latestHandshake": self.wg_peer.latest_handshake, "endpoint": endpoint}
+        spec = self.tunnel.spec
+        if spec.preshared_key is not None and spec.preshared_key_file is None:
+            described["presharedKey"] = "(hidden)"
+        return described
 
 
 def handshake_source(ip):
@@ -2987,13 +3190,12 @@ class WireGuard:
         return WireGuardPeer(spec, static_static, self.clock)
 
     def add(self, tunnel):
-        tunnel.wireguard = self
-        tunnel.wg.keypairs.retire = lambda keypair: self.forget_index(keypair.local_index)
+        tunnel.wg_peer.keypairs.retire = lambda keypair: self.forget_index(keypair.local_index)
         self.by_key[tunnel.spec.public_key] = tunnel
         self.routing.add(tunnel)
-        if tunnel.peer is not None:
-            self.endpoints[tunnel.peer[0]] += 1
-            tunnel.wg.timers.on_tunnel_up()
+        if tunnel.endpoint is not None:
+            self.endpoints[tunnel.endpoint[0]] += 1
+            tunnel.wg_peer.timers.on_tunnel_up()
         self.touch(tunnel)
 
     def remove(self, tunnel):
@@ -3002,7 +3204,7 @@ class WireGuard:
         self.set_endpoint(tunnel, None)
         for index in [i for i, t in self.by_index.items() if t is tunnel]:
             del self.by_index[index]
-        wg = tunnel.wg
+        wg = tunnel.wg_peer
         wg.keypairs.clear()
         self.drop_initiation(wg)
         wg.static_static = wg.preshared_key = None  # what is left of its keys: let go of
@@ -3011,12 +3213,12 @@ class WireGuard:
 
     def set_endpoint(self, tunnel, endpoint):
         """Where the tunnel's peer is now (None: nowhere known)."""
-        for address, change in ((tunnel.peer, -1), (endpoint, 1)):
+        for address, change in ((tunnel.endpoint, -1), (endpoint, 1)):
             if address is not None:
                 self.endpoints[address[0]] += change
                 if not self.endpoints[address[0]]:
                     del self.endpoints[address[0]]
-        tunnel.peer = endpoint
+        tunnel.endpoint = endpoint
 
     def touch(self, tunnel):
         """The data path told the tunnel's timers something: they get a look after this round."""
@@ -3029,13 +3231,9 @@ class WireGuard:
         or train_runs made them so): transport messages to one index, or handshake ones."""
         kind = datagrams[0]
         if kind == MESSAGE_TRANSPORT:
-            index = int.from_bytes(datagrams[4:8], "little")
-            tunnel = self.by_index.get(index)
-            keypair = tunnel.wg.keypairs.lookup(index) if tunnel else None
-            if keypair is None:
+            tunnel = self.by_index.get(int.from_bytes(datagrams[4:8], "little"))
+            if tunnel is None or not tunnel.codec.decode(datagrams, stride, source):
                 self.drops["unknown_index"] += -(-len(datagrams) // stride)
-                return
-            tunnel.deliver_sealed(datagrams, stride, keypair, source)
             return
         for start in range(0, len(datagrams), stride):
             message = bytes(datagrams[start:start + stride])
@@ -3059,7 +3257,7 @@ class WireGuard:
             tunnel = self.by_index.get(receiver_index(message))
             if tunnel is None:
                 raise WireGuardRefused("a cookie reply to no handshake of ours")
-            tunnel.wg.cookies.consume_reply(message, now)
+            tunnel.wg_peer.cookies.consume_reply(message, now)
         elif not self.checker.check_mac1(message):
             self.drops["bad_mac1"] += 1
         elif self.limits.under_load(now) and not self.checker.check_mac2(message, *source, now):
@@ -3085,13 +3283,13 @@ class WireGuard:
         if tunnel is None:  # one DH spent, the least a responder can
             self.drops["unknown_peer"] += 1
             return
-        wg = tunnel.wg
+        wg = tunnel.wg_peer
         received = finish_initiation(opened, wg.static_static)
         if received.timestamp <= wg.last_timestamp:
-            tunnel.drops["replayed_initiation"] += 1
+            tunnel.counters.drops["replayed_initiation"] += 1
             return
         if now - wg.last_initiation_consumed <= HANDSHAKE_INITIATION_RATE:
-            tunnel.drops["initiation_flood"] += 1
+            tunnel.counters.drops["initiation_flood"] += 1
             return
         wg.last_timestamp, wg.last_initiation_consumed = received.timestamp, now
         wg.timers.on_initiation_received()
@@ -3104,7 +3302,7 @@ class WireGuard:
 
     def take_response(self, message, source):
         tunnel = self.by_index.get(receiver_index(message))
-        wg = tunnel.wg if tunnel else None
+        wg = tunnel.wg_peer if tunnel else None
         if wg is None or wg.initiation is None or \
                 wg.initiation.local_index != receiver_index(message):
             self.drops["unknown_index"] += 1
@@ -3126,14 +3324,14 @@ class WireGuard:
             wg.initiation = None
 
     def begin_session(self, tunnel, keys):
-        keypair = tunnel.wg.keypairs.begin_session(keys.send_key, keys.receive_key,
+        keypair = tunnel.wg_peer.keypairs.begin_session(keys.send_key, keys.receive_key,
                                                    keys.local_index, keys.remote_index,
                                                    keys.is_initiator)
         keypair.send_cipher = transport_cipher(keypair.send_key)
         keypair.receive_cipher = transport_cipher(keypair.receive_key)
         self.by_index[keys.local_index] = tunnel
         if keys.is_initiator:  # the responder's is complete once a message comes with it
-            tunnel.last_handshake = time.time()
+            tunnel.wg_peer.latest_handshake = time.time()
         log.debug("tunnel %s: session %08x begun, as %s", tunnel.name, keys.local_index,
                   "initiator" if keys.is_initiator else "responder")
 
@@ -3158,7 +3356,7 @@ class WireGuard:
             return 0
         while self.wakeups:
             when, _, tunnel = self.wakeups[0]
-            if tunnel.wg.wakeup == when and self.by_key.get(tunnel.spec.public_key) is tunnel:
+            if tunnel.wg_peer.wakeup == when and self.by_key.get(tunnel.spec.public_key) is tunnel:
                 return max(0.0, when - self.clock())
             heapq.heappop(self.wakeups)  # stale: moved later, or the tunnel gone
         return -1
@@ -3170,8 +3368,8 @@ class WireGuard:
         due, self.touched = self.touched, set()
         while self.wakeups and self.wakeups[0][0] <= now:
             when, _, tunnel = heapq.heappop(self.wakeups)
-            if tunnel.wg.wakeup == when:
-                tunnel.wg.wakeup = None
+            if tunnel.wg_peer.wakeup == when:
+                tunnel.wg_peer.wakeup = None
                 due.add(tunnel)
         for tunnel in due:
             if self.by_key.get(tunnel.spec.public_key) is tunnel:
@@ -3187,12 +3385,12 @@ class WireGuard:
     def run_timers_of(self, tunnel, now):
         """Do what the tunnel's timers want now, and wake again when they next want
         something; a bug in one tunnel's costs that tunnel's turn, not the others'."""
-        wg = tunnel.wg
+        wg = tunnel.wg_peer
         try:
             for action in wg.timers.due(now):
                 self.act(tunnel, action)
         except Exception:
-            tunnel.drops["internal_error"] += 1
+            tunnel.counters.drops["internal_error"] += 1
             self.quiet.log(logging.ERROR, "tunnel %s: error in its WireGuard timers",
                            tunnel.name, exc_info=True)
         wakeup = wg.timers.next_wakeup()
@@ -3207,9 +3405,9 @@ class WireGuard:
         return tai64n(self.last_timestamp_ns)
 
     def act(self, tunnel, action):
-        wg = tunnel.wg
+        wg = tunnel.wg_peer
         if action == SEND_INITIATION:
-            if tunnel.peer is None:
+            if tunnel.endpoint is None:
                 return  # waiting for the peer: it knows where we are
             self.drop_initiation(wg)
             index = self.new_index(tunnel)
@@ -3220,17 +3418,17 @@ class WireGuard:
             except BaseException:
                 self.forget_index(index)
                 raise
-            self.send(wg.cookies.add_macs(message, self.clock()), tunnel.peer, tunnel)
+            self.send(wg.cookies.add_macs(message, self.clock()), tunnel.endpoint, tunnel)
             wg.timers.on_initiation_sent()
         elif action == SEND_KEEPALIVE:
             if wg.staged:
-                tunnel.send_staged()
+                tunnel.codec.send_staged()
             else:
-                tunnel.send_keepalive()
+                tunnel.codec.send_keepalive()
         elif action == SEND_STAGED:
-            tunnel.send_staged()
+            tunnel.codec.send_staged()
         elif action == FLUSH_STAGED:
-            tunnel.drops["no_session"] += len(wg.staged)
+            tunnel.counters.drops["no_session"] += len(wg.staged)
             wg.staged.clear()
         elif action == DROP_KEYS:
             self.drop_initiation(wg)
@@ -3829,9 +4027,9 @@ class Server:
                 if tunnel is None:
                     self.drops["unknown_source"] += 1
                 elif flags & socket.MSG_TRUNC:
-                    tunnel.drops["truncated"] += 1
+                    tunnel.counters.drops["truncated"] += 1
                 else:
-                    tunnel.deliver(self.view[:size], stride)
+                    tunnel.codec.decode(self.view[:size], stride, (ip, port))
             except Exception:
                 self.internal_error()
 
@@ -3855,9 +4053,9 @@ class Server:
             if tunnel is None:
                 self.drops["unknown_source"] += -(-len(run) // stride)
             elif flags & socket.MSG_TRUNC and end == len(train):
-                tunnel.drops["truncated"] += 1
+                tunnel.counters.drops["truncated"] += 1
             else:
-                tunnel.deliver(run, stride)
+                tunnel.codec.decode(run, stride, source)
 
     def receive_one_by_one(self):
         """The data path without UDP GRO: each datagram on its own, as it came."""
@@ -3876,7 +4074,7 @@ class Server:
                 if tunnel is None:
                     self.drops["unknown_source"] += 1
                 else:
-                    tunnel.deliver(view[:size], max(size, 1))
+                    tunnel.codec.decode(view[:size], max(size, 1), (ip, port))
             except Exception:
                 self.internal_error()
 
@@ -3889,7 +4087,7 @@ class Server:
 
     def forward(self, tunnel):
         try:
-            tunnel.forward_from_tun()
+            tunnel.forward_from_device()
         except TunnelGone as e:
             log.error("tunnel %s: device failed (%s); tunnel removed", tunnel.name, e)
             self.remove(tunnel)
@@ -3910,10 +4108,10 @@ class Server:
             wg = self.wireguard.peer_for(spec)
         self.registry.check_free(spec)
         try:
-            device = self.open_device(spec, self.offloads.tun_flags)
+            tun = self.open_device(spec, self.offloads.tun_flags)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
-        tunnel = self.make_tunnel(spec, device, wg)
+        tunnel = self.make_tunnel(spec, tun, wg)
         try:
             self.netlink.configure(tunnel)
             self.loop.watch(tunnel.fd, lambda: self.forward(tunnel))
@@ -3924,26 +4122,30 @@ class Server:
             self.wireguard.add(tunnel)
         self.registry.add(tunnel)
         log.info("tunnel %s added: %s -> %s, mtu %d%s", spec.name, spec.interface,
-                 "%s:%d" % tunnel.peer if tunnel.peer else "the peer, when it shows where",
+                 "%s:%d" % tunnel.endpoint if tunnel.endpoint else "the peer, when it shows where",
                  spec.mtu, ", encrypted" if spec.encrypted else "")
 
-    def make_tunnel(self, spec, device, wg=None):
-        """The tunnel of spec on its device: plain, or encrypted with its WireGuardPeer wg;
-        with offloads or not."""
+    def make_tunnel(self, spec, tun, wg_peer=None):
+        """The tunnel of spec on its TUN device: that device with offloads or without,
+        composed with the 2015 wire format's codec, or WireGuard's with its peer wg_peer."""
         if spec.remote is None:
-            peer = None
+            endpoint = None
         else:
             host, _ = self.registry.peer_key(spec)
-            peer = (host, spec.remote_port or self.data_port)
-        offloads = self.offloads.tun_flags and TunnelOffloads(spec.name, self.offloads, self.clock)
-        if not spec.encrypted:
-            if offloads:
-                return OffloadTunnel(spec, device, self.data_sock, peer, self.buffers, offloads)
-            return Tunnel(spec, device, self.data_sock, peer, self.buffers)
+            endpoint = (host, spec.remote_port or self.data_port)
+        offloads = bool(self.offloads.tun_flags)
+        tunnel = Tunnel(spec, endpoint, self.data_sock, self.offloads, self.clock)
         if offloads:
-            return WireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, offloads,
-                                   wg=wg)
-        return PlainWireGuardTunnel(spec, device, self.data_sock, peer, self.buffers, wg=wg)
+            tunnel.device = OffloadDevice(tun, spec.name, self.offloads, tunnel.counters,
+                                          self.buffers, self.clock)
+        else:
+            tunnel.device = NoOffloadDevice(tun, spec.name, tunnel.counters, self.buffers)
+        tunnel.wg_peer = wg_peer
+        if wg_peer is None:
+            tunnel.codec = PlainCodec(tunnel, offloads, self.clock, self.buffers)
+        else:
+            tunnel.codec = WireGuardCodec(tunnel, wg_peer, self.wireguard, offloads, self.buffers)
+        return tunnel
 
     def delete_tunnel(self, entry):
         if "name" not in entry:

@@ -3,6 +3,7 @@ daemon (Server) on loopback sockets, a clock the test sets, and a WireGuard peer
 daemon's own protocol functions that a test drives message by message, honest or not."""
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -88,24 +89,28 @@ def udp(port=0, gro=False, address="127.0.0.1"):
 
 
 @contextlib.contextmanager
-def fake_server(offloads=None, private_key=None, clock=None, state=None):
-    """A daemon on loopback sockets with fake devices; with offloads (a dict, or True for
-    OFFLOADS) its devices speak virtio headers and its data socket takes UDP GRO trains."""
+def fake_server(offloads=None, private_key=None, clock=None, state=None, netlink=None, **policy):
+    """A daemon on loopback sockets with fake devices; with offloads (an Offloads, a dict of
+    its fields, or True for OFFLOADS) its devices speak virtio headers and its data socket
+    takes UDP GRO trains; netlink: the daemon's own (True), or FakeNetlink (for routes and
+    IPv6 addresses on devices the kernel does not know); policy: the control port's."""
     devices = FakeDevices()
     if offloads is True:
         offloads = OFFLOADS
+    if isinstance(offloads, dict):
+        offloads = ups.Offloads(**offloads)
     # The data socket as the daemon's own, on every address of both families (it names
     # an IPv4 peer ::ffff:a.b.c.d), at a port of its own.
     data = ups.bind_udp(0, "data")
-    if offloads and offloads.get("udp_gro"):
+    if offloads and offloads.udp_gro:
         data.setsockopt(ups.SOL_UDP, ups.UDP_GRO, 1)
     control = udp()
     control.setblocking(False)
     extra = {"clock": clock} if clock else {}
-    server = ups.Server(data, control, open_device=devices,
-                        offloads=ups.Offloads(**offloads) if offloads else None,
-                        private_key=private_key, state=state, **extra)
-    server.netlink = FakeNetlink()
+    server = ups.Server(data, control, open_device=devices, offloads=offloads,
+                        private_key=private_key, state=state, **extra, **policy)
+    if not netlink:
+        server.netlink = FakeNetlink()
     try:
         yield server, devices
     finally:
@@ -220,3 +225,74 @@ class WirePeer:
         size = struct.pack("=H", len(messages[0]))
         self.sock.sendmsg([b"".join(messages)], [(ups.SOL_UDP, ups.UDP_SEGMENT, size)], 0,
                           address)
+
+
+# --- Plain tunnels, their devices speaking virtio headers or not ----------------------
+
+
+def add_loopback_tunnel(server, peer, name="udp2", address="10.0.1.1"):
+    """A plain tunnel to a peer socket on loopback, told apart by its port."""
+    reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [{
+        "name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
+        "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
+    assert reply == {"ok": True, "op": "add", "results": [{"name": name, "ok": True}]}
+    return server.tunnels[name]
+
+
+def deliver(tunnel, datagrams, stride):
+    """Hand the tunnel's codec datagrams as the data port would, from its peer."""
+    tunnel.codec.decode(memoryview(datagrams), stride, tunnel.endpoint)
+
+
+def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
+    return ups.VNET_HDR.pack(flags, gso_type, 0, gso_size, start, offset)
+
+
+def told_partial(tunnel, partial):
+    """As if the peer's datagram had just said whether it takes partial checksums."""
+    tunnel.codec.peer_takes_partial = partial
+    tunnel.codec.peer_heard_at = tunnel.clock()
+
+
+def refuse_joined_writes(monkeypatch, device):
+    """From now on the device refuses joined writes with EINVAL, as some kernels do; the
+    list returned counts the refusals."""
+    real_writev, refusals = os.writev, []
+
+    def writev(fd, buffers):
+        if fd == device.fd and len(buffers) > 2:
+            refusals.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(ups.os, "writev", writev)
+    return refusals
+
+
+class Wire:
+    """Stands in for the data socket: keeps every datagram sent, a GSO send cut as the
+    kernel cuts it; GSO sends fail first with the errnos in gso_errors, one a send."""
+
+    def __init__(self, gso_errors=()):
+        self.datagrams = []
+        self.gso_sends = 0
+        self.gso_errors = list(gso_errors)
+
+    def sendmsg(self, buffers, ancdata, flags, address):
+        data = b"".join(bytes(b) for b in buffers)
+        if not ancdata:  # one datagram, gathered from its parts
+            self.datagrams.append(data)
+            return len(data)
+        if self.gso_errors:
+            code = self.gso_errors.pop(0)
+            raise OSError(code, os.strerror(code))
+        (level, kind, segment), = ancdata
+        assert (level, kind) == (ups.SOL_UDP, ups.UDP_SEGMENT)
+        size, = struct.unpack("=H", segment)
+        self.datagrams += [data[at:at + size] for at in range(0, len(data), size)]
+        self.gso_sends += 1
+        return len(data)
+
+    def sendto(self, data, address):
+        self.datagrams.append(bytes(data))
+        return len(data)

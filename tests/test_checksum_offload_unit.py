@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 import packets
 import udpProxyServer as ups
-from test_daemon_unit import (add_loopback_tunnel, fake_offload_server, fake_server,
-                              refuse_joined_writes, udp, vnet)
+from fakes import (add_loopback_tunnel, deliver, fake_server, refuse_joined_writes, udp,
+                   vnet)
+from test_daemon_unit import fake_offload_server
 
 ACCEPTS, PARTIAL = ups.PI_ACCEPTS_PARTIAL, ups.PI_PARTIAL
 
@@ -35,8 +36,13 @@ def finish(packet, l4):
 
 
 def cut(packet, proto, l4, mss, pi_flags=ACCEPTS, partial=True):
+    """2015-format datagrams of a super-packet, as a daemon with offloads cuts them: partial
+    sums (flagged so) where asked for and the L4 header is where the peer looks for it."""
     out = bytearray(ups.BUFFER_SIZE + ups.BUFFER_SIZE // 8)
-    stride, total, done = ups.split_gso(packet, proto, l4, mss, out, 0, pi_flags, partial)
+    partial = partial and ups.transport_start(packet) == (l4, proto)
+    prefix = bytes([0, pi_flags | PARTIAL if partial else pi_flags]) + \
+        ups.PI_BY_VERSION[packet[0] >> 4][2:]
+    stride, total, done = ups.split_gso(packet, proto, l4, mss, out, 0, prefix, partial)
     assert done is None
     return [bytes(out[at:min(at + stride, total)]) for at in range(0, total, stride)]
 
@@ -80,7 +86,7 @@ def send_super_packet(devices, server, tunnel, peer, payload):
 def hear_from_peer(server, peer, flags):
     """One datagram from the peer carrying flags in its PI header."""
     packet, _ = packets.super_packet(4, ups.UDP, b"hello")
-    peer.sendto(bytes([0, flags, 8, 0]) + bytes(packet), server.data_sock.getsockname())
+    peer.sendto(bytes([0, flags, 8, 0]) + bytes(packet), ("127.0.0.1", server.data_port))
     server.loop.dispatch(server.data_sock.fileno())
 
 
@@ -98,7 +104,7 @@ def test_partial_checksums_go_only_while_the_peer_says_it_takes_them(offload_ser
         assert [d[1] for d in during] == [ACCEPTS | PARTIAL] * 3
         assert [finish(d[4:], l4) for d in during] == [bytearray(d[4:]) for d in before]
         assert (tunnel.describe()["checksums"], tunnel.describe()["peerOffload"]) == ("partial", True)
-        tunnel.peer_heard_at -= ups.PARTIAL_FRESH  # nothing since: it may be another peer now
+        tunnel.codec.peer_heard_at -= ups.PARTIAL_FRESH  # nothing since: it may be another peer now
         assert send_super_packet(devices, server, tunnel, peer, payload)[0] == before
         hear_from_peer(server, peer, ACCEPTS)
         assert [d[1] for d in send_super_packet(devices, server, tunnel, peer, payload)[0]] == \
@@ -132,21 +138,20 @@ def test_a_single_packet_the_kernel_left_partial_stays_partial_for_a_new_peer(of
 def test_a_daemon_without_offloads_never_sets_the_bit_and_finishes_partial_packets():
     with fake_server() as (server, devices), udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        assert type(tunnel) is ups.Tunnel
+        assert isinstance(tunnel.device, ups.NoOffloadDevice)
         hear_from_peer(server, peer, ACCEPTS)
         devices.outer["udp2"].recv(65535)
-        devices.outer["udp2"].send(b"\0\0\x08\0" + bytes(packets.super_packet(4, ups.UDP, b"x")[0]))
+        devices.outer["udp2"].send(bytes(packets.super_packet(4, ups.UDP, b"x")[0]))
         server.loop.dispatch(tunnel.fd)
         assert peer.recv(65535)[1] == 0
         assert (tunnel.describe()["checksums"], tunnel.describe()["peerOffload"]) == ("full", True)
         # A peer that has not yet seen our datagrams may send a partial one: it is summed here.
         packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(900))
         datagram = cut(packet, ups.TCP, l4, 65535)[0]
-        peer.sendto(datagram, server.data_sock.getsockname())
+        peer.sendto(datagram, ("127.0.0.1", server.data_port))
         server.loop.dispatch(server.data_sock.fileno())
         written = devices.outer["udp2"].recv(65535)
-    assert written[:2] == bytes([0, ACCEPTS | PARTIAL]) and packets.valid(written[4:])
-    assert written[4:] == finish(datagram[4:], l4)
+    assert packets.valid(written) and written == finish(datagram[4:], l4)
 
 
 def partial_run(payload, mss=1000, flags=ups.TCP_ACK):
@@ -159,7 +164,7 @@ def test_a_partial_packet_written_alone_has_the_kernel_finish_its_sum(offload_se
     syn, l4 = partial_run(os.urandom(100), mss=65535, flags=0x12)  # a SYN is never joined
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        tunnel.deliver(memoryview(bytearray(syn[0])), len(syn[0]))
+        deliver(tunnel, memoryview(bytearray(syn[0])), len(syn[0]))
     write = devices.outer["udp2"].recv(65535)
     assert ups.VNET_HDR.unpack_from(write) == (ups.VNET_F_NEEDS_CSUM, ups.GSO_NONE, 0, 0, l4, 16)
     assert write[ups.VNET_HDR_LEN:] == syn[0][4:]
@@ -175,7 +180,7 @@ def test_a_refused_joined_write_of_partial_and_full_packets_writes_each_as_it_is
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         refuse_joined_writes(monkeypatch, tunnel.device)
-        tunnel.deliver(memoryview(run), len(partial[0]))
+        deliver(tunnel, memoryview(run), len(partial[0]))
         writes = [devices.outer["udp2"].recv(65535) for _ in range(3)]
     headers = [ups.VNET_HDR.unpack_from(w) for w in writes]
     assert headers[:2] == [(ups.VNET_F_NEEDS_CSUM, ups.GSO_NONE, 0, 0, l4, 16)] * 2
@@ -189,8 +194,8 @@ def test_a_partial_flag_on_what_is_not_tcp_or_udp_is_dropped_and_counted(offload
     icmp[9] = 1
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        tunnel.deliver(memoryview(bytes([0, ACCEPTS | PARTIAL, 8, 0]) + icmp), len(icmp) + 4)
-    assert tunnel.drops == {"bad_partial": 1} and tunnel.rx_packets == 0
+        deliver(tunnel, memoryview(bytes([0, ACCEPTS | PARTIAL, 8, 0]) + icmp), len(icmp) + 4)
+    assert tunnel.counters.drops == {"bad_partial": 1} and tunnel.counters.rx_packets == 0
 
 
 header_fields = st.tuples(
@@ -216,5 +221,5 @@ def test_any_datagram_flagged_partial_is_written_or_counted_never_an_error(field
     for made in (fake_offload_server, fake_server):
         with made() as (server, devices), udp() as peer:
             tunnel = add_loopback_tunnel(server, peer)
-            tunnel.deliver(memoryview(bytearray(datagram)), len(datagram))
-            assert tunnel.rx_packets + sum(tunnel.drops.values()) == 1
+            deliver(tunnel, memoryview(bytearray(datagram)), len(datagram))
+            assert tunnel.counters.rx_packets + sum(tunnel.counters.drops.values()) == 1

@@ -14,9 +14,12 @@ from hypothesis import given, settings, strategies as st
 
 import packets
 import udpProxyServer as ups
+from fakes import (FakeDevices, Wire, add_loopback_tunnel, answer, deliver, fake_server,
+                   refuse_joined_writes, told_partial, udp, vnet)
 from udpProxyServer import ControlError, Server, TunnelSpec, parse_request
 
-PACKET = b"\x00\x00\x08\x00" + b"E" + bytes(27)  # PI header and a 28-byte IPv4 packet
+PACKET = b"E" + bytes(27)  # a 28-byte IPv4 packet, as a device without offloads gives it
+DATAGRAM = ups.PI_BY_VERSION[4] + PACKET  # and as it goes on the wire, in the 2015 format
 
 
 def spec(**changes):
@@ -88,7 +91,7 @@ entries = st.fixed_dictionaries({}, optional={k: json_values | st.text(max_size=
 @given(st.sampled_from(["add", "del", "list", "x"]), st.lists(entries, max_size=3))
 @settings(max_examples=300, deadline=None)
 def test_any_json_request_gets_an_answer(op, tunnels):
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         reply, _, _ = answer(server, json.dumps({"op": op, "tunnel": tunnels}).encode(),
                                  ("127.0.0.1", 9))
     assert isinstance(reply["ok"], bool)
@@ -96,64 +99,10 @@ def test_any_json_request_gets_an_answer(op, tunnels):
     assert "internal error" not in json.dumps(reply)
 
 
-class FakeDevices:
-    """Stands in for TUN devices: each is one end of a datagram socketpair."""
-
-    def __init__(self):
-        self.outer = {}  # name -> the end the test plays the kernel on
-        self.fail_with = None
-
-    def __call__(self, spec, offload_flags=0):
-        if self.fail_with:
-            raise OSError(self.fail_with, os.strerror(self.fail_with))
-        inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        inner.setblocking(False)
-        outer.settimeout(5)
-        self.outer[spec.name] = outer
-        return inner
-
-
-def udp(port=0):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", port))
-    sock.settimeout(5)
-    return sock
-
-
-def answer(server, datagram, sender):
-    """What the control port makes of one datagram: its reply, the nonce to seal it with
-    and whether the sender is proven; counted as the port counts it."""
-    reply, nonce, proven, counted = server.control.handle_request(datagram, sender)
-    server.control.counts.update(counted)
-    return reply, nonce, proven
-
-
-@contextlib.contextmanager
-def fake_server(offloads=None):
-    devices = FakeDevices()
-    data, control = udp(), udp()
-    data.setblocking(False)
-    control.setblocking(False)
-    server = Server(data, control, open_device=devices, offloads=offloads)
-    try:
-        yield server, devices
-    finally:
-        server.close()
-
-
 @pytest.fixture
 def server():
-    with fake_server() as made:
+    with fake_server(netlink=True) as made:
         yield made
-
-
-def add_loopback_tunnel(server, peer, name="udp2", address="10.0.1.1"):
-    """A tunnel to a peer socket on loopback, told apart by its port."""
-    reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [{
-        "name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
-        "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
-    assert reply == {"ok": True, "op": "add", "results": [{"name": name, "ok": True}]}
-    return server.tunnels[name]
 
 
 def test_packets_cross_both_ways_with_header_intact(server):
@@ -163,23 +112,23 @@ def test_packets_cross_both_ways_with_header_intact(server):
         devices.outer["udp2"].send(PACKET)
         server.loop.dispatch(tunnel.fd)
         datagram, source = peer.recvfrom(65535)
-        assert datagram == PACKET and source == server.data_sock.getsockname()
+        assert datagram == DATAGRAM and source[1] == server.data_port
 
-        peer.sendto(PACKET[::-1], server.data_sock.getsockname())
+        peer.sendto(DATAGRAM[:4] + PACKET[::-1], ("127.0.0.1", server.data_port))
         server.loop.dispatch(server.data_sock.fileno())
         assert devices.outer["udp2"].recv(65535) == PACKET[::-1]
-    assert (tunnel.tx_packets, tunnel.rx_packets) == (1, 1)
-    assert tunnel.tx_bytes == tunnel.rx_bytes == len(PACKET)
+    assert (tunnel.counters.tx_packets, tunnel.counters.rx_packets) == (1, 1)
+    assert tunnel.counters.tx_bytes == tunnel.counters.rx_bytes == len(DATAGRAM)
 
 
 def test_largest_packet_crosses_whole(server):
     server, devices = server
-    packet = b"\x00\x00\x08\x00" + os.urandom(ups.MAX_MTU)
+    packet = b"E" + os.urandom(ups.MAX_MTU - 1)
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         devices.outer["udp2"].send(packet)
         server.loop.dispatch(tunnel.fd)
-        assert peer.recv(65535) == packet
+        assert peer.recv(65535) == ups.PI_BY_VERSION[4] + packet
 
 
 def test_a_handler_takes_one_batch_per_wake_up(server):
@@ -189,16 +138,16 @@ def test_a_handler_takes_one_batch_per_wake_up(server):
         for _ in range(ups.BATCH + 5):
             devices.outer["udp2"].send(PACKET)
         server.loop.dispatch(tunnel.fd)
-        assert tunnel.tx_packets == ups.BATCH
+        assert tunnel.counters.tx_packets == ups.BATCH
         server.loop.dispatch(tunnel.fd)
-        assert tunnel.tx_packets == ups.BATCH + 5
+        assert tunnel.counters.tx_packets == ups.BATCH + 5
 
 
 def test_datagrams_from_unknown_sources_are_counted(server):
     server, devices = server
     with udp() as peer, udp() as stranger:
         add_loopback_tunnel(server, peer)
-        stranger.sendto(PACKET, server.data_sock.getsockname())
+        stranger.sendto(DATAGRAM, ("127.0.0.1", server.data_port))
         server.loop.dispatch(server.data_sock.fileno())
     assert server.drops == {"unknown_source": 1}
 
@@ -219,7 +168,7 @@ def test_del_unregisters_and_closes_the_device(server):
         tunnel = add_loopback_tunnel(server, peer)
     reply, _, _ = answer(server, b'{"op": "del", "tunnel": [{"name": "udp2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] and tunnel.fd not in server.loop.handlers
-    assert tunnel.device.fileno() == -1
+    assert tunnel.device.tun.fileno() == -1
 
 
 def test_every_control_datagram_is_answered(server):
@@ -259,7 +208,7 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
 
 
 def fake_offload_server():
-    return fake_server(ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
+    return fake_server(netlink=True, offloads=ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
                                     udp_gro=True, join=True))
 
 
@@ -269,23 +218,13 @@ def offload_server():
         yield made
 
 
-def told_partial(tunnel, partial):
-    """As if the peer's datagram had just said whether it takes partial checksums."""
-    tunnel.peer_takes_partial = partial
-    tunnel.peer_heard_at = time.monotonic()
-
-
-def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
-    return ups.VNET_HDR.pack(flags, gso_type, 0, gso_size, start, offset)
-
-
 def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_server):
     server, devices = offload_server
     payload = os.urandom(5000)
     packet, l4 = packets.super_packet(4, ups.TCP, payload)
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        assert isinstance(tunnel, ups.OffloadTunnel)
+        assert isinstance(tunnel.device, ups.OffloadDevice)
         devices.outer["udp2"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                    + bytes(packet))
         server.loop.dispatch(tunnel.fd)
@@ -293,33 +232,7 @@ def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_serv
     assert all(d[:4] == bytes([0, ups.PI_ACCEPTS_PARTIAL]) + b"\x08\x00" and packets.valid(d[4:])
                for d in datagrams)  # full checksums: the peer has not said it takes partial ones
     assert b"".join(d[4 + l4 + 32:] for d in datagrams) == payload
-    assert (tunnel.tx_packets, tunnel.tx_bytes) == (5, sum(map(len, datagrams)))
-
-
-class Wire:
-    """Stands in for the data socket: keeps every datagram sent, a GSO send cut as the
-    kernel cuts it; GSO sends fail first with the errnos in gso_errors, one a send."""
-
-    def __init__(self, gso_errors=()):
-        self.datagrams = []
-        self.gso_sends = 0
-        self.gso_errors = list(gso_errors)
-
-    def sendmsg(self, buffers, ancdata, flags, address):
-        if self.gso_errors:
-            code = self.gso_errors.pop(0)
-            raise OSError(code, os.strerror(code))
-        (level, kind, segment), = ancdata
-        assert (level, kind) == (ups.SOL_UDP, ups.UDP_SEGMENT)
-        size, = struct.unpack("=H", segment)
-        data = b"".join(bytes(b) for b in buffers)
-        self.datagrams += [data[at:at + size] for at in range(0, len(data), size)]
-        self.gso_sends += 1
-        return len(data)
-
-    def sendto(self, data, address):
-        self.datagrams.append(bytes(data))
-        return len(data)
+    assert (tunnel.counters.tx_packets, tunnel.counters.tx_bytes) == (5, sum(map(len, datagrams)))
 
 
 # The smallest TSO segment the kernel makes: TCP sends at least 48 bytes a segment
@@ -341,7 +254,7 @@ def test_the_largest_super_packet_in_the_smallest_segments_goes_out_whole(offloa
     assert len(wire.datagrams) == count
     assert all(len(d) <= 4 + ITS_MTU and packets.valid(d[4:]) for d in wire.datagrams)
     assert b"".join(d[4 + l4 + 32:] for d in wire.datagrams) == payload
-    assert (tunnel.tx_packets, tunnel.drops) == (count, {})
+    assert (tunnel.counters.tx_packets, tunnel.counters.drops) == (count, {})
 
 
 def test_single_packets_go_out_in_order_with_checksums_completed(offload_server):
@@ -367,13 +280,14 @@ def test_single_packets_go_out_in_order_with_checksums_completed(offload_server)
 def split_one(packet, proto, l4):
     out = bytearray(ups.BUFFER_SIZE)
     _, total, _ = ups.split_gso(packet, proto, l4, 65535, out)
-    return out[4:total]
+    return out[:total]
 
 
 def datagrams_of(payload, mss, seq=1000):
+    """2015-format datagrams of a TCP stream cut at mss, laid end to end, and their stride."""
     packet, l4 = packets.super_packet(4, ups.TCP, payload, seq=seq, flags=ups.TCP_ACK)
     out = bytearray(ups.BUFFER_SIZE + ups.BUFFER_SIZE // 8)
-    stride, total, _ = ups.split_gso(packet, ups.TCP, l4, mss, out)
+    stride, total, _ = ups.split_gso(packet, ups.TCP, l4, mss, out, 0, ups.PI_BY_VERSION[4])
     return memoryview(out)[:total], stride
 
 
@@ -383,28 +297,13 @@ def test_datagrams_of_one_flow_are_joined_into_one_write(offload_server):
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         view, stride = datagrams_of(payload, 1000)
-        tunnel.deliver(view, stride)
+        deliver(tunnel, view, stride)
     write = devices.outer["udp2"].recv(65535)
     flags, gso_type, hdr_len, gso_size, start, offset = ups.VNET_HDR.unpack_from(write)
     assert (flags, gso_type, gso_size, start, offset) == (ups.VNET_F_NEEDS_CSUM, ups.GSO_TCPV4,
                                                           1000, 20, 16)
     assert write[ups.VNET_HDR_LEN + hdr_len:] == payload
-    assert (tunnel.rx_packets, tunnel.rx_bytes) == (6, len(view))
-
-
-def refuse_joined_writes(monkeypatch, device):
-    """From now on the device refuses joined writes with EINVAL, as some kernels do; the
-    list returned counts the refusals."""
-    real_writev, refusals = os.writev, []
-
-    def writev(fd, buffers):
-        if fd == device.fileno() and len(buffers) > 2:
-            refusals.append(fd)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_writev(fd, buffers)
-
-    monkeypatch.setattr(ups.os, "writev", writev)
-    return refusals
+    assert (tunnel.counters.rx_packets, tunnel.counters.rx_bytes) == (6, len(view))
 
 
 def test_a_refused_joined_write_turns_joining_off_for_that_tunnel_only(offload_server,
@@ -415,17 +314,17 @@ def test_a_refused_joined_write_turns_joining_off_for_that_tunnel_only(offload_s
         other = add_loopback_tunnel(server, other_peer, "udp3", "10.0.2.1")
         refusals = refuse_joined_writes(monkeypatch, tunnel.device)
         view, stride = datagrams_of(os.urandom(3000), 1000)
-        tunnel.deliver(view, stride)
+        deliver(tunnel, view, stride)
         # Nothing lost: the refused write's packets are written one by one.
         assert [len(devices.outer["udp2"].recv(65535)) for _ in range(3)] == \
             [ups.VNET_HDR_LEN + stride - 4] * 3
-        assert (tunnel.rx_packets, tunnel.drops, len(refusals)) == (3, {}, 1)
-        tunnel.deliver(view, stride)  # one by one, without trying again
-        assert (tunnel.rx_packets, len(refusals)) == (6, 1)
-        other.deliver(view, stride)  # another tunnel still joins
+        assert (tunnel.counters.rx_packets, tunnel.counters.drops, len(refusals)) == (3, {}, 1)
+        deliver(tunnel, view, stride)  # one by one, without trying again
+        assert (tunnel.counters.rx_packets, len(refusals)) == (6, 1)
+        deliver(other, view, stride)  # another tunnel still joins
         write = devices.outer["udp3"].recv(65535)
         assert ups.VNET_HDR.unpack_from(write)[1] == ups.GSO_TCPV4
-        assert other.rx_packets == 3
+        assert other.counters.rx_packets == 3
 
 
 def test_a_tunnel_tries_joining_again_after_a_while(offload_server, monkeypatch):
@@ -436,21 +335,21 @@ def test_a_tunnel_tries_joining_again_after_a_while(offload_server, monkeypatch)
         tunnel = add_loopback_tunnel(server, peer)
         refusals = refuse_joined_writes(monkeypatch, tunnel.device)
         view, stride = datagrams_of(os.urandom(3000), 1000)
-        tunnel.deliver(view, stride)
+        deliver(tunnel, view, stride)
         clock[0] += ups.JOIN_RETRY - 1
-        tunnel.deliver(view, stride)
+        deliver(tunnel, view, stride)
         assert len(refusals) == 1
         clock[0] += 1
-        tunnel.deliver(view, stride)  # tried again, refused again, nothing lost
-        assert len(refusals) == 2 and tunnel.rx_packets == 9 and not tunnel.drops
+        deliver(tunnel, view, stride)  # tried again, refused again, nothing lost
+        assert len(refusals) == 2 and tunnel.counters.rx_packets == 9 and not tunnel.counters.drops
         monkeypatch.undo()  # the kernel takes joined writes again
         clock[0] += ups.JOIN_RETRY
         for _ in range(9):
             devices.outer["udp2"].recv(65535)
-        tunnel.deliver(view, stride)
+        deliver(tunnel, view, stride)
         write = devices.outer["udp2"].recv(65535)
     assert ups.VNET_HDR.unpack_from(write)[1] == ups.GSO_TCPV4
-    assert tunnel.rx_packets == 12
+    assert tunnel.counters.rx_packets == 12
 
 
 class RefusingGSO:
@@ -480,7 +379,7 @@ def test_gso_refused_with_eio_is_turned_off_and_nothing_is_lost(offload_server, 
         server.loop.dispatch(tunnel.fd)
         assert len([peer.recv(65535) for _ in range(3)]) == 3
     assert server.offloads.udp_gso is False
-    assert tunnel.tx_packets == 3 and not tunnel.drops
+    assert tunnel.counters.tx_packets == 3 and not tunnel.counters.drops
 
 
 def send_super_packet(server, devices, tunnel):
@@ -503,8 +402,8 @@ def test_a_passing_send_error_drops_that_send_and_gso_stays_on(offload_server, c
         tunnel.sock = wire = Wire(gso_errors=[code])
         send_super_packet(server, devices, tunnel)  # refused, and counted
         send_super_packet(server, devices, tunnel)  # the error has passed: one GSO send
-    assert tunnel.drops == {"socket_full" if code == errno.EAGAIN else "send_error": 3}
-    assert (wire.gso_sends, len(wire.datagrams), tunnel.tx_packets) == (1, 3, 3)
+    assert tunnel.counters.drops == {"socket_full" if code == errno.EAGAIN else "send_error": 3}
+    assert (wire.gso_sends, len(wire.datagrams), tunnel.counters.tx_packets) == (1, 3, 3)
     assert server.offloads.udp_gso
 
 
@@ -525,7 +424,7 @@ def test_datagrams_gso_cannot_send_go_one_by_one_on_that_tunnel_only(offload_ser
         send_super_packet(server, devices, tunnel)
         send_super_packet(server, devices, tunnel)
         send_super_packet(server, devices, other)
-    assert (wire.gso_sends, len(wire.datagrams), tunnel.tx_packets, tunnel.drops) == (0, 6, 6, {})
+    assert (wire.gso_sends, len(wire.datagrams), tunnel.counters.tx_packets, tunnel.counters.drops) == (0, 6, 6, {})
     assert (other_wire.gso_sends, len(other_wire.datagrams)) == (1, 3)
 
 
@@ -534,20 +433,20 @@ def test_without_udp_gro_an_offload_tunnel_still_writes_virtio_framing(offload_s
     server.offloads.udp_gro = False
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        peer.sendto(PACKET, server.data_sock.getsockname())
+        peer.sendto(DATAGRAM, ("127.0.0.1", server.data_port))
         server.loop.dispatch(server.data_sock.fileno())
-    assert devices.outer["udp2"].recv(65535) == ups.ZERO_VNET_HDR + PACKET[4:]
-    assert tunnel.rx_packets == 1
+    assert devices.outer["udp2"].recv(65535) == ups.ZERO_VNET_HDR + PACKET
+    assert tunnel.counters.rx_packets == 1
 
 
 def test_udp_is_not_joined_where_the_kernel_has_no_uso(offload_server):
     server, devices = offload_server  # TSO4 but no USO, as before Linux 6.2
     packet, l4 = packets.super_packet(4, ups.UDP, os.urandom(3000))
     out = bytearray(ups.BUFFER_SIZE)
-    stride, total, _ = ups.split_gso(packet, ups.UDP, l4, 1000, out)
+    stride, total, _ = ups.split_gso(packet, ups.UDP, l4, 1000, out, 0, ups.PI_BY_VERSION[4])
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        tunnel.deliver(memoryview(out)[:total], stride)
+        deliver(tunnel, memoryview(out)[:total], stride)
     writes = [devices.outer["udp2"].recv(65535) for _ in range(3)]
     assert all(w[:ups.VNET_HDR_LEN] == ups.ZERO_VNET_HDR for w in writes)
     assert server.offloads.join is True
@@ -560,7 +459,7 @@ ADD = {"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",
 
 def test_a_valid_cookie_proves_the_sender_and_a_bad_one_is_not_acted_on():
     clock = [1795000000.0]
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         server.control.cookies = ups.Cookies(clock=lambda: clock[0])
         reply, _, proven = answer(server, b'{"op": "cookie"}', MANAGER)
         assert reply["ok"] and not proven
@@ -579,7 +478,7 @@ def test_a_valid_cookie_proves_the_sender_and_a_bad_one_is_not_acted_on():
 
 
 def test_an_unproven_sender_gets_no_more_than_it_sent_and_its_cookie():
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         request = json.dumps({"op": "list"}).encode()
         unproven = ups.Answer(answer(server, request, MANAGER)[0], None, False, ())
         assert server.control.reply_datagram(unproven, len(request), MANAGER) == \
@@ -597,7 +496,7 @@ def entry(name, third, **changes):
 
 @contextlib.contextmanager
 def server_with_state(tmp_path):
-    with fake_server() as (server, devices):
+    with fake_server(netlink=True) as (server, devices):
         server.keeper.state = ups.StateFile(str(tmp_path / "state.json"))
         yield server, devices
 
@@ -653,7 +552,7 @@ def test_a_tunnel_whose_device_failed_leaves_the_state_file(tmp_path):
         def gone():
             raise ups.TunnelGone("No such device")
 
-        tunnel.forward_from_tun = gone
+        tunnel.forward_from_device = gone
         server.loop.dispatch(tunnel.fd)
         assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
 
@@ -726,14 +625,14 @@ def add_many(server, count, start=0):
 
 
 def test_a_list_in_parts_shows_every_tunnel_once_while_counters_grow():
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         add_many(server, 150)
         first = list_of(server)
         assert first["parts"] > 1
         for tunnel in server.tunnels.values():  # counters at their largest
-            tunnel.rx_packets = tunnel.rx_bytes = tunnel.tx_packets = tunnel.tx_bytes = 2**64
-            tunnel.last_rx = tunnel.last_tx = 1795000000.123456
-            tunnel.drops.update({reason: 2**64 for reason in (
+            tunnel.counters.rx_packets = tunnel.counters.rx_bytes = tunnel.counters.tx_packets = tunnel.counters.tx_bytes = 2**64
+            tunnel.counters.last_rx = tunnel.counters.last_tx = 1795000000.123456
+            tunnel.counters.drops.update({reason: 2**64 for reason in (
                 "short", "truncated", "tun_refused", "tun_full", "socket_full", "send_error")})
         names = [t["name"] for part in range(first["parts"]) for t in list_of(
             server, part=part, generation=first["generation"])["tunnels"]]
@@ -744,7 +643,7 @@ def test_a_list_in_parts_shows_every_tunnel_once_while_counters_grow():
 
 
 def test_a_part_of_an_older_generation_is_refused_so_the_list_starts_again():
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         add_many(server, 150)
         first = list_of(server)
         add_many(server, 1, start=150)
@@ -753,7 +652,7 @@ def test_a_part_of_an_older_generation_is_refused_so_the_list_starts_again():
 
 
 def test_a_refusal_inside_an_op_is_a_refusal_not_an_internal_error(caplog):
-    with fake_server() as (server, _), caplog.at_level(logging.ERROR, logger="udpProxyServer"):
+    with fake_server(netlink=True) as (server, _), caplog.at_level(logging.ERROR, logger="udpProxyServer"):
         reply = list_of(server, part=1)
     assert reply == {"ok": False, "op": "list", "error": "no part 1: the list has 1 parts"}
     assert not caplog.records  # no traceback, no error line
@@ -761,7 +660,7 @@ def test_a_refusal_inside_an_op_is_a_refusal_not_an_internal_error(caplog):
 
 def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
     clock = [0.0]
-    with fake_server() as (server, _), caplog.at_level(logging.WARNING, logger="udpProxyServer"):
+    with fake_server(netlink=True) as (server, _), caplog.at_level(logging.WARNING, logger="udpProxyServer"):
         server.control.quiet.clock = lambda: clock[0]
         for _ in range(1000):
             answer(server, b"garbage", ("198.18.0.7", 9))
@@ -776,7 +675,7 @@ def test_refusals_under_a_barrage_are_logged_a_few_then_counted(caplog):
 def test_without_cryptography_an_encrypted_tunnel_is_refused_saying_what_to_install(
         monkeypatch):
     monkeypatch.setattr(ups, "ChaCha20Poly1305", None)
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("udp3", 3), entry("wg2", 2, publicKey="a" * 43 + "=")]}).encode(),
             ("127.0.0.1", 9))
@@ -786,7 +685,7 @@ def test_without_cryptography_an_encrypted_tunnel_is_refused_saying_what_to_inst
 
 
 def test_an_encrypted_tunnel_needs_the_daemons_key():
-    with fake_server() as (server, _):
+    with fake_server(netlink=True) as (server, _):
         reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("wg2", 2, publicKey="a" * 43 + "=")]}).encode(), ("127.0.0.1", 9))
     assert "needs this daemon's own key: start it with --key-file" in reply["error"]
@@ -851,7 +750,7 @@ def test_one_del_puts_just_its_devices_in_a_group_and_deletes_that_group_once(tm
         assert sorted(netlink.requests[:-1]) == sorted(("set", t.fd, group) for t in removed)
         assert netlink.requests[-1] == ("del", None, group)
         assert netlink.groups == {server.tunnels["udp4"].fd: 0, 1000: 7}
-        assert all(tunnel.device.fileno() == -1 for tunnel in removed)  # closed after
+        assert all(tunnel.device.tun.fileno() == -1 for tunnel in removed)  # closed after
         assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
         assert "3 devices deleted together" in caplog.text
         netlink.requests.clear()
@@ -868,7 +767,7 @@ def test_devices_not_deleted_together_are_closed_one_by_one_said_in_one_line(
         removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
         assert delete(server, "udp2", "udp3", "udp5")["ok"]
         assert netlink.requests[-1][0] == command  # nothing asked after the refusal
-        assert all(tunnel.device.fileno() == -1 for tunnel in removed)
+        assert all(tunnel.device.tun.fileno() == -1 for tunnel in removed)
         assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
         said = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
         assert len(said) == 1, said

@@ -93,7 +93,7 @@ def test_a_peers_initiations_are_taken_one_in_20_ms(daemon):
         receive(server)
         types = [ups.message_type(d) for d in drain(peer.sock)]
         assert (ups.MESSAGE_RESPONSE in types) == answered, step
-    assert server.tunnels["wgp"].drops["initiation_flood"] == 1
+    assert server.tunnels["wgp"].counters.drops["initiation_flood"] == 1
 
 
 @pytest.mark.parametrize("key", [bytes(32), bytes([1]) + bytes(31),
@@ -201,7 +201,7 @@ def test_a_tunnels_endpoint_is_served_past_the_share(daemon):
     server.wireguard.limits.share = -1  # spent for a long while
     server.wireguard.endpoints.clear()
     assert flood_from(peer, server, 1) == []  # not a known endpoint: waits
-    server.wireguard.endpoints[server.tunnels["wgp"].peer[0]] += 1  # as the tunnel names it
+    server.wireguard.endpoints[server.tunnels["wgp"].endpoint[0]] += 1  # as the tunnel names it
     clock.advance(1)
     assert flood_from(peer, server, 1) == [ups.MESSAGE_RESPONSE]
 
@@ -224,14 +224,14 @@ def test_a_bug_in_one_tunnels_timers_costs_only_that_tunnel(daemon, monkeypatch,
     server, devices, clock = daemon
     good, bad = WirePeer(server.wireguard.public_key), WirePeer(server.wireguard.public_key)
     assert add(server, bad.entry("wgb", "10.0.2.1"), good.entry("wgg", "10.0.1.1"))["ok"]
-    monkeypatch.setattr(server.tunnels["wgb"].wg.timers, "due",
+    monkeypatch.setattr(server.tunnels["wgb"].wg_peer.timers, "due",
                         lambda now: (_ for _ in ()).throw(RuntimeError("boom")))
     devices.outer["wgg"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2", b"x"))
     server.loop.dispatch(server.tunnels["wgg"].fd)
     with caplog.at_level(logging.ERROR, "udpProxyServer"):
         server.wireguard.run_timers()
     assert [ups.message_type(d) for d in drain(good.sock)] == [ups.MESSAGE_INITIATION]
-    assert server.tunnels["wgb"].drops["internal_error"] == 1 and "boom" in caplog.text
+    assert server.tunnels["wgb"].counters.drops["internal_error"] == 1 and "boom" in caplog.text
 
 
 def test_packets_pushed_out_of_the_staged_queue_are_counted(daemon):
@@ -243,8 +243,8 @@ def test_packets_pushed_out_of_the_staged_queue_are_counted(daemon):
         devices.outer["wgp"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2",
                                                                   b"%d" % i))
         server.loop.dispatch(tunnel.fd)
-    assert len(tunnel.wg.staged) == ups.MAX_STAGED_PACKETS
-    assert tunnel.drops["staged_overflow"] == 7
+    assert len(tunnel.wg_peer.staged) == ups.MAX_STAGED_PACKETS
+    assert tunnel.counters.drops["staged_overflow"] == 7
 
 
 def test_tunnels_to_dead_peers_are_not_looked_at_once_given_up(daemon, monkeypatch):
@@ -266,11 +266,11 @@ def test_tunnels_to_dead_peers_are_not_looked_at_once_given_up(daemon, monkeypat
     assert looked == [] and server.wireguard.poll_timeout() > 100
     # Told something, one tunnel is looked at, and wakes when its timer comes.
     tunnel = server.tunnels["wg3"]
-    tunnel.wg.timers.set_persistent_keepalive(25)
+    tunnel.wg_peer.timers.set_persistent_keepalive(25)
     server.wireguard.touch(tunnel)
     assert server.wireguard.poll_timeout() == 0
     server.wireguard.tick()
-    assert looked == [tunnel.wg.timers]
+    assert looked == [tunnel.wg_peer.timers]
 
 
 def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
@@ -279,7 +279,7 @@ def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     peer.handshake(server, server.data_port)
     tunnel = server.tunnels["wgp"]
-    keypair = tunnel.wg.keypairs.current
+    keypair = tunnel.wg_peer.keypairs.current
     assert keypair.send_cipher is not None
     # The daemon initiates (a packet, no session of its own making needed): then deletes.
     devices.outer["wgp"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2", b"x"))
@@ -287,7 +287,7 @@ def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
     keypair.is_initiator = True  # so that sending with it asks for a rekey
     server.loop.dispatch(tunnel.fd)
     server.wireguard.tick()
-    initiation = tunnel.wg.initiation
+    initiation = tunnel.wg_peer.initiation
     assert initiation is not None and initiation.ephemeral_private is not None
     answer(server, b'{"op": "del", "tunnel": [{"name": "wgp"}]}', ("127.0.0.1", 9))
     assert keypair.send_cipher is None and keypair.receive_cipher is None
@@ -304,12 +304,12 @@ def test_a_tunnel_removed_and_made_again_with_the_same_key_has_only_its_own_time
     answer(server, b'{"op": "del", "tunnel": [{"name": "wgp"}]}', ("127.0.0.1", 9))
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     looked = []
-    real = old.wg.timers.due
-    old.wg.timers.due = lambda now: looked.append(now) or real(now)
+    real = old.wg_peer.timers.due
+    old.wg_peer.timers.due = lambda now: looked.append(now) or real(now)
     for _ in range(60):
         clock.advance(1)
         server.wireguard.tick()
-    assert looked == [] and old.wg.static_static is None
+    assert looked == [] and old.wg_peer.static_static is None
 
 
 def test_initiations_grow_newer_whatever_the_wall_clock_does(daemon, monkeypatch):

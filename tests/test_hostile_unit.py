@@ -35,7 +35,7 @@ def encrypted_server(request):
 
 def written_packets(devices, name, offload):
     """The packets the daemon wrote into a device, headers taken off."""
-    skip = ups.VNET_HDR_LEN if offload else ups.PI_HEADER_LEN
+    skip = ups.VNET_HDR_LEN if offload else 0
     return [write[skip:] for write in devices.written(name)]
 
 
@@ -81,7 +81,7 @@ def test_broken_inner_packets_never_reach_another_tunnels_device(encrypted_serve
     assert [p for p in to_victim if marker in p] == []
     assert len(to_victim) == 1 and b"victim" in to_victim[0]
     assert sum(p.count(marker) for p in written_packets(devices, "wga", offload)) == 3
-    assert server.tunnels["wga"].drops == {reason: 2}
+    assert server.tunnels["wga"].counters.drops == {reason: 2}
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
 
 
@@ -110,7 +110,7 @@ def test_a_train_across_a_rekey_delivers_both_keypairs_messages(encrypted_server
     receive(server)
     written = b"".join(written_packets(devices, "wgv", offload))
     assert all(b"old %d" % i in written and b"new %d" % i in written for i in range(3))
-    assert not server.tunnels["wgv"].drops
+    assert not server.tunnels["wgv"].counters.drops
 
 
 def test_a_spoofed_datagram_heading_a_train_costs_only_itself(encrypted_server):
@@ -201,7 +201,7 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
             receive(server)
         sent_types = {ups.message_type(d) for d in drain(peer.sock)}
         assert ups.MESSAGE_INITIATION not in sent_types
-        assert server.tunnels["wgp"].wg.initiation is None  # its keys let go of, not at 540 s
+        assert server.tunnels["wgp"].wg_peer.initiation is None  # its keys let go of, not at 540 s
 
 
 def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypted_server):
@@ -209,11 +209,11 @@ def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypte
     daemon answers with a keepalive in time, and a session is not thought silent."""
     server, devices = encrypted_server
     attacker, _ = two_tunnels(server)
-    timers = server.tunnels["wga"].wg.timers
+    timers = server.tunnels["wga"].wg_peer.timers
     timers.deadlines.pop("send_keepalive", None)
     attacker.send([ipv4_packet(ATTACKER, "10.0.1.1", b"x", total=0)], server.data_port)
     receive(server)
-    assert server.tunnels["wga"].drops == {"malformed": 1}
+    assert server.tunnels["wga"].counters.drops == {"malformed": 1}
     assert "send_keepalive" in timers.deadlines
 
 
@@ -236,7 +236,7 @@ def test_a_source_belongs_to_the_tunnel_of_the_longest_prefix(encrypted_server):
     offload = bool(server.offloads.tun_flags)
     assert [p[-5:] for p in written_packets(devices, "wgw", offload)] == [b"mine!"]
     assert [p[-4:] for p in written_packets(devices, "wgn", offload)] == [b"ours"]
-    assert server.tunnels["wgw"].drops == {"not_allowed_source": 2}
+    assert server.tunnels["wgw"].counters.drops == {"not_allowed_source": 2}
 
 
 @pytest.mark.parametrize("prefix, peer, refused", [
@@ -255,7 +255,7 @@ def test_a_subnets_sources_are_its_hosts_but_ours(encrypted_server, prefix, peer
                    for source in [peer] + refused], server.data_port)
     receive(server)
     assert [p[20:].decode() for p in written_packets(devices, "wga", offload)] == [peer]
-    assert server.tunnels["wga"].drops == {"not_allowed_source": len(refused)}
+    assert server.tunnels["wga"].counters.drops == {"not_allowed_source": len(refused)}
 
 
 def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_server, monkeypatch,
@@ -305,4 +305,4 @@ def test_a_bug_while_sending_leaves_nothing_queued_for_the_next_send(monkeypatch
         peer.settimeout(0.2)
         with pytest.raises(OSError):
             peer.recv(65535)
-        assert tunnel.small_len == 0
+        assert tunnel.codec.small_len == 0

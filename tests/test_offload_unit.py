@@ -12,11 +12,12 @@ from udpProxyServer import Joiner, SharedBuffers, flow_of, split_gso
 
 
 def split(packet, proto, l4, mss):
-    """The datagrams packet is cut into, round by round, in the daemon's own shared
-    buffer held as the daemon holds it: it cannot grow."""
+    """The 2015-format datagrams packet is cut into (each a PI header and a packet), round
+    by round, in the daemon's own shared buffer held as the daemon holds it: it cannot grow."""
     scratch, datagrams, done = SharedBuffers(), [], 0
+    prefix = ups.PI_BY_VERSION[packet[0] >> 4]
     while done is not None:
-        stride, total, done = split_gso(packet, proto, l4, mss, scratch.out, done)
+        stride, total, done = split_gso(packet, proto, l4, mss, scratch.out, done, prefix)
         datagrams += [bytes(scratch.out[at:min(at + stride, total)])
                       for at in range(0, total, stride)]
     return datagrams
