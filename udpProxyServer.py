@@ -11,7 +11,6 @@ Needs the standard library and python-pytun, pyroute2 for IPv6 tunnel
 addresses and routes, and cryptography for encrypted tunnels (WireGuard), so it
 runs when copied alone to a host.
 """
-
 import argparse
 import base64
 import binascii
@@ -38,7 +37,6 @@ import stat
 import struct
 import sys
 import time
-
 try:
     import pytun
 except ImportError:  # reported by main(); the parser and tests work without it
@@ -59,21 +57,13 @@ except ImportError:  # needed only for encrypted tunnels: need_cryptography() sa
     ChaCha20Poly1305 = None
 
 
-# --- Constants, exceptions, the logger ----------------------------------------
+# --- Constants shared by the sections, exceptions, the logger -----------------
 
 
 __version__ = "2.0.0"
 
 DATA_PORT = 5000
 CONTROL_PORT = 5001
-DEFAULT_NETMASK = "255.255.255.252"
-DEFAULT_MTU = 1500
-# An IPv6 tunnel address without a prefix length gets the usual subnet size.
-DEFAULT_IPV6_PREFIX = 64
-# RFC 8200: IPv6 needs links of at least 1280 bytes; the kernel turns IPv6 off below.
-MIN_IPV6_MTU = 1280
-# Routes one tunnel may carry: more than a mesh of any size needs.
-MAX_ROUTES = 1000
 # Where both sockets listen by default: every address of both families.
 BIND_ANY = "::"
 
@@ -82,77 +72,16 @@ BIND_ANY = "::"
 PI_HEADER_LEN = 4
 # Linux interface names are at most IFNAMSIZ - 1 bytes.
 IFNAMSIZ = 16
-# linux/if_tun.h: TUNGETIFF = _IOR('T', 210, unsigned int) fills a struct ifreq (40 bytes)
-# with the name of the device a TUN fd holds, or fails with EBADFD once it is deleted.
-TUNGETIFF = 0x800454D2
-IFREQ_LEN = 40
-# Closing a TUN fd unregisters its device alone, after an RCU grace period of its own
-# (20-30 ms): 2,000 tunnels took 40 s to close. Devices removed together are put in an
-# interface group and deleted with one RTM_DELLINK, as ip link delete group does: the
-# kernel (rtnl_group_dellink) unregisters them all after one grace period. The group is
-# drawn anew each time from these 2^31 - 2^24 numbers, far above those administrators name
-# (/etc/iproute2/group), so no other device is in it. Not checked with a dump of the links:
-# pyroute2 takes 0.3 ms to parse each, more at 2,000 devices than deleting a few one by one.
-DELETE_GROUPS = (1 << 24, 1 << 31)
-# RFC 791: every IPv4 host must take 68-byte packets; the kernel refuses less.
-MIN_MTU = 68
-# The largest packet whose datagram (PI header + packet) fits in one UDP/IPv4 datagram.
-MAX_MTU = 65535 - 20 - 8 - PI_HEADER_LEN
 # Room for any datagram, and for any packet a TUN device hands us.
 BUFFER_SIZE = 65536 + PI_HEADER_LEN
-# The largest UDP/IPv4 payload: a reply must fit in one datagram.
-MAX_REPLY = 65535 - 20 - 8
-# A list reply is cut into parts of about this many bytes of tunnels: a part,
-# sealed (its JSON quoted again inside the envelope), still fits in a datagram.
-LIST_PART_BYTES = 30000
-# What a tunnel's counters add to its entry in a list at most (six 20-digit counters, two
-# times, every drop reason): a list's parts are cut once per generation of the tunnels,
-# by their entries and this room, so a part still fits in a datagram however the
-# counters grow by the time it is asked for.
-LIST_COUNTERS_ROOM = 512
 # Refused control requests logged one by one in each period, the rest only counted.
 REFUSALS_LOGGED, REFUSAL_LOG_PERIOD = 10, 60
-
-# Control-port security. A request's time may differ from ours by this much, and
-# its nonce is remembered as long, so the same request is not taken twice.
-AUTH_WINDOW = 30
-NONCE_HEX_LEN = 32
-MAC_HEX_LEN = 64
-# Authenticated requests remembered at most: 100,000 a minute is far beyond any mesh.
-MAX_NONCES = 100000
-# What HMAC-SHA256 signs is prefixed with its kind, so a reply cannot pass as a request.
-REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
-REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
-# A shared secret of fewer bytes is too easy to guess.
-MIN_SECRET_LEN = 16
 # X25519 keys, preshared keys, BLAKE2s hashes and ChaCha20 keys: 32 bytes each (and a
 # key in base64, as wg genkey and wg pubkey write it).
 KEY_LEN = 32
-# A key file holds a key in base64 and a newline: more is not read.
-KEY_FILE_MAX = 256
-# Replies per source and second, and the burst allowed, to sources that have not shown they
-# receive at their address: a mesh's set-up fits; a reflected flood does not.
-REPLY_RATE, REPLY_BURST = 100, 200
-# Address validation, as DNS cookies (RFC 7873) do it: a cookie is a MAC of the source's
-# address and port and the time in periods of this many seconds, under a random key made
-# for each period; one is valid in its period and the next, so it lives 2 to 4 minutes.
-COOKIE_PERIOD = 120
 COOKIE_HEX_LEN = 32
-COOKIE_KEY_BYTES = 32
-# Sources whose reply budget is remembered; idle ones are forgotten past this.
-MAX_SOURCES = 4096
 # Packets or requests a handler takes per wake-up, so one busy fd cannot starve the rest.
 BATCH = 64
-# linux/if_addr.h: an address we give a tunnel is ours at once, without duplicate detection.
-IFA_F_NODAD = 0x02
-# linux/if_link.h: a device that makes itself no IPv6 link-local address.
-IN6_ADDR_GEN_MODE_NONE = 1
-# CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
-CAP_NET_ADMIN = 12
-# Socket buffers, set with SO_*BUFFORCE as root: a burst of 64 KB super-packets must not overflow them.
-SOCKET_BUFFER = 4 << 20
-# asm-generic/socket.h; Python's socket module does not name them.
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 
 # Offloads. With IFF_VNET_HDR every TUN read and write starts with a struct
 # virtio_net_hdr (linux/virtio_net.h), in the host's byte order for TUN.
@@ -171,57 +100,9 @@ UDP_GRO = 104
 # and one send is a single UDP/IPv4 datagram before it is cut.
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65535 - 20 - 8
-# An IP packet, and so a packet the kernel joins from our pieces, is at most 64 KB.
-MAX_IP_PACKET = 65535
-# Seconds a tunnel whose joined TUN write was refused writes packets one by one before it
-# joins again: a kernel that always refuses costs one refused write a minute, and a
-# refusal that passes costs no more than a minute of single writes.
-JOIN_RETRY = 60
-# The packet information header we put on the wire for each IP version.
-PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
-# The same by a packet's first byte, for the data path: IPv6's for 0x6_, IPv4's for all else.
-PI_BY_FIRST_BYTE = tuple(PI_BY_VERSION[6 if first >> 4 == 6 else 4] for first in range(256))
-# Remote checksum offload between our daemons, negotiated in the PI header's flags, which
-# the kernel ignores when a datagram is written into a TUN device (tun_get_user reads only
-# the protocol), so 2015 hosts and socat take such datagrams as ever. The bits are in its
-# second byte: the first stays zero, which tells a tunnel packet from a WireGuard message.
-# On every datagram a daemon with offloads sends: send me partial checksums.
-PI_ACCEPTS_PARTIAL = 0x80
-# On a packet whose TCP or UDP checksum field holds only the pseudo-header sum, as a TSO
-# super-packet's does: the receiver writes it with NEEDS_CSUM and the kernel (or the NIC
-# it is routed on to) finishes the sum; the UDP checksum guards the datagram on the wire.
-PI_PARTIAL = 0x40
-# Partial checksums go only while the peer's last datagram, which said it takes them, is
-# this recent: a peer replaced by a 2015 daemon that has sent nothing yet (a connection
-# opened from our side) gets full ones after this many seconds, not never. A flow that
-# is up both ways hears from its peer every round trip.
-PARTIAL_FRESH = 2
 # Where the checksum field is in a TCP and in a UDP header, and the protocol by where.
 CHECKSUM_OFFSET = {6: 16, 17: 6}
-PROTOCOL_AT = {offset: proto for proto, offset in CHECKSUM_OFFSET.items()}
 TCP, UDP = 6, 17
-TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
-# Wire formats of what the packet arithmetic rewrites for each segment, and of what it reads.
-IPV4_VARYING = struct.Struct("!HHHHH")  # total length, id, flags+fragment, ttl+protocol, checksum
-TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, checksum
-UDP_VARYING = struct.Struct("!HH")  # length, checksum
-# IPv4 (no options) and TCP fixed headers, but the fields that change from one
-# segment of a flow to the next (lengths, ids, sequence numbers, checksums, PSH).
-IPV4_TCP = struct.Struct("!BB4xHBB2x8s4s4x4sBB2s2x2s")
-# What a packet written into an offload TUN device with nothing to offload starts with.
-ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
-# virtio_net.h: the packet's checksums need no checking: a WireGuard packet's AEAD tag has
-# authenticated it whole, so the kernel is spared summing it again (as its WireGuard does).
-VNET_F_DATA_VALID = 2
-VERIFIED_VNET_HDR = VNET_HDR.pack(VNET_F_DATA_VALID, 0, 0, 0, 0, 0)
-# Room for UDP GRO's control message: the segment size, an int.
-GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
-
-TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes",
-                 "publicKey", "presharedKey", "presharedKeyFile", "persistentKeepalive")
-REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
-ENVELOPE_FIELDS = ("auth", "payload")
-AUTH_FIELDS = ("ts", "nonce", "mac")
 # A tunnel's counters, as list gives them after its entry.
 COUNTER_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drops", "last_rx",
                   "last_tx")
@@ -308,11 +189,33 @@ class QuietLog:
 # A bug that a datagram meets costs that datagram (counted as internal_error), never the
 # loop: logged with its traceback a few times a period, so a flood cannot fill the journal.
 DATA_PATH_BUGS = QuietLog("internal errors on the data path")
+
+
 # What cannot be set on a device, the same for every device of a host: said a few times.
 SETUP_WARNINGS = QuietLog("warnings about devices")
 
 
 # --- Control messages: parsed and checked into frozen dataclasses -------------
+
+
+DEFAULT_NETMASK = "255.255.255.252"
+DEFAULT_MTU = 1500
+# An IPv6 tunnel address without a prefix length gets the usual subnet size.
+DEFAULT_IPV6_PREFIX = 64
+# RFC 8200: IPv6 needs links of at least 1280 bytes; the kernel turns IPv6 off below.
+MIN_IPV6_MTU = 1280
+# Routes one tunnel may carry: more than a mesh of any size needs.
+MAX_ROUTES = 1000
+# RFC 791: every IPv4 host must take 68-byte packets; the kernel refuses less.
+MIN_MTU = 68
+# The largest packet whose datagram (PI header + packet) fits in one UDP/IPv4 datagram.
+MAX_MTU = 65535 - 20 - 8 - PI_HEADER_LEN
+# A key file holds a key in base64 and a newline: more is not read.
+KEY_FILE_MAX = 256
+
+TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes",
+                 "publicKey", "presharedKey", "presharedKeyFile", "persistentKeepalive")
+REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -644,6 +547,24 @@ def plain_address(host):
 # --- Packet arithmetic: checksums, super-packets cut and joined (pure functions) ---
 
 
+# An IP packet, and so a packet the kernel joins from our pieces, is at most 64 KB.
+MAX_IP_PACKET = 65535
+TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
+# Wire formats of what the packet arithmetic rewrites for each segment, and of what it reads.
+IPV4_VARYING = struct.Struct("!HHHHH")  # total length, id, flags+fragment, ttl+protocol, checksum
+TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, checksum
+UDP_VARYING = struct.Struct("!HH")  # length, checksum
+# IPv4 (no options) and TCP fixed headers, but the fields that change from one
+# segment of a flow to the next (lengths, ids, sequence numbers, checksums, PSH).
+IPV4_TCP = struct.Struct("!BB4xHBB2x8s4s4x4sBB2s2x2s")
+# What a packet written into an offload TUN device with nothing to offload starts with.
+ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+# virtio_net.h: the packet's checksums need no checking: a WireGuard packet's AEAD tag has
+# authenticated it whole, so the kernel is spared summing it again (as its WireGuard does).
+VNET_F_DATA_VALID = 2
+VERIFIED_VNET_HDR = VNET_HDR.pack(VNET_F_DATA_VALID, 0, 0, 0, 0, 0)
+
+
 def ones_sum(data):
     """The one's-complement sum (RFC 1071) of data, modulo 0xFFFF: since 2**16 == 1
     modulo 0xFFFF, the integer of the bytes has the same remainder as the sum of its
@@ -705,6 +626,16 @@ def transport_start(packet):
     if proto not in CHECKSUM_OFFSET or start < 20 or start + CHECKSUM_OFFSET[proto] + 2 > len(packet):
         return None, None
     return start, proto
+
+
+def finish_partial(packet):
+    """Sum a packet the peer sent with a partial checksum (it took us for a daemon with
+    offloads until our datagrams told it otherwise); False if it has nothing to sum."""
+    start, proto = transport_start(packet)
+    if start is None:
+        return False
+    complete_checksum(packet, start, CHECKSUM_OFFSET[proto])
+    return True
 
 
 # What a packet written into a device says of its checksums: whole (the kernel checks
@@ -995,7 +926,7 @@ def gro_size(ancdata):
     return None
 
 
-# --- Offloads: what the kernel offers, and when a tunnel stops using it -------
+# --- Offloads: what the kernel offers -----------------------------------------
 
 
 @dataclasses.dataclass
@@ -1057,7 +988,19 @@ def probe_offloads(data_sock):
     return offloads
 
 
-# --- Devices: TUN with offloads, and without ------------------------------------
+# --- Devices: TUN with offloads, and without ----------------------------------
+
+
+# linux/if_tun.h: TUNGETIFF = _IOR('T', 210, unsigned int) fills a struct ifreq (40 bytes)
+# with the name of the device a TUN fd holds, or fails with EBADFD once it is deleted.
+TUNGETIFF = 0x800454D2
+IFREQ_LEN = 40
+# linux/if_link.h: a device that makes itself no IPv6 link-local address.
+IN6_ADDR_GEN_MODE_NONE = 1
+# Seconds a tunnel whose joined TUN write was refused writes packets one by one before it
+# joins again: a kernel that always refuses costs one refused write a minute, and a
+# refusal that passes costs no more than a minute of single writes.
+JOIN_RETRY = 60
 
 
 def open_tun(spec, offload_flags=0):
@@ -1336,16 +1279,6 @@ class NoOffloadDevice:
         self.tun.close()
 
 
-def finish_partial(packet):
-    """Sum a packet the peer sent with a partial checksum (it took us for a daemon with
-    offloads until our datagrams told it otherwise); False if it has nothing to sum."""
-    start, proto = transport_start(packet)
-    if start is None:
-        return False
-    complete_checksum(packet, start, CHECKSUM_OFFSET[proto])
-    return True
-
-
 def count_bug(counters, name):
     """A bug met while handling one packet or datagram: it costs that one alone, counted as
     internal_error, and is logged with its traceback a few times a minute."""
@@ -1354,7 +1287,29 @@ def count_bug(counters, name):
                        " them as internal_error)", name, exc_info=True)
 
 
-# --- The 2015 wire format: a codec ----------------------------------------------
+# --- The 2015 wire format: a codec --------------------------------------------
+
+
+# The packet information header we put on the wire for each IP version.
+PI_BY_VERSION = {4: b"\x00\x00\x08\x00", 6: b"\x00\x00\x86\xdd"}
+# The same by a packet's first byte, for the data path: IPv6's for 0x6_, IPv4's for all else.
+PI_BY_FIRST_BYTE = tuple(PI_BY_VERSION[6 if first >> 4 == 6 else 4] for first in range(256))
+# Remote checksum offload between our daemons, negotiated in the PI header's flags, which
+# the kernel ignores when a datagram is written into a TUN device (tun_get_user reads only
+# the protocol), so 2015 hosts and socat take such datagrams as ever. The bits are in its
+# second byte: the first stays zero, which tells a tunnel packet from a WireGuard message.
+# On every datagram a daemon with offloads sends: send me partial checksums.
+PI_ACCEPTS_PARTIAL = 0x80
+# On a packet whose TCP or UDP checksum field holds only the pseudo-header sum, as a TSO
+# super-packet's does: the receiver writes it with NEEDS_CSUM and the kernel (or the NIC
+# it is routed on to) finishes the sum; the UDP checksum guards the datagram on the wire.
+PI_PARTIAL = 0x40
+# Partial checksums go only while the peer's last datagram, which said it takes them, is
+# this recent: a peer replaced by a 2015 daemon that has sent nothing yet (a connection
+# opened from our side) gets full ones after this many seconds, not never. A flow that
+# is up both ways hears from its peer every round trip.
+PARTIAL_FRESH = 2
+PROTOCOL_AT = {offset: proto for proto, offset in CHECKSUM_OFFSET.items()}
 
 
 class PlainCodec:
@@ -1503,140 +1458,6 @@ class PlainCodec:
                 "checksums": "partial" if partial else "full"}
 
 
-# --- The tunnel: spec, endpoint, counters, a device and a codec -------------------
-
-
-class Counters:
-    """What crossed one tunnel, counted where it crosses: packets and bytes each way (as
-    they were on the wire), when the last came and went (Unix time, for people), and what
-    was dropped, by reason."""
-
-    __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "last_rx", "last_tx",
-                 "drops")
-
-    def __init__(self):
-        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
-        self.last_rx = self.last_tx = None
-        self.drops = collections.Counter()
-
-    def describe(self):
-        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
-                "drops": dict(self.drops), "last_rx": self.last_rx, "last_tx": self.last_tx}
-
-
-class Tunnel:
-    """One tunnel: what was asked for (spec), where its peer is (endpoint), its device and
-    its codec, composed, and the counts of what crossed. The loop calls forward_from_device
-    when the device has packets; the data port hands its codec what the peer sent. It sends
-    what its codec makes on the data socket, several datagrams a send with UDP GSO."""
-
-    def __init__(self, spec, endpoint, sock, offloads, clock):
-        self.spec = spec
-        self.endpoint = endpoint  # (address as the data socket names it, port), or None
-        self.sock = sock
-        self.offloads = offloads  # what the kernel offers, found at start-up
-        self.clock = clock
-        self.counters = Counters()
-        self.device = self.codec = None  # made for it by the server (Server.make_tunnel)
-        self.wg_peer = None  # an encrypted tunnel's WireGuardPeer, which its codec uses
-        self.index = None  # the device's interface index, once netlink has used it
-        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
-
-    @property
-    def name(self):
-        return self.spec.name
-
-    @property
-    def fd(self):
-        return self.device.fd
-
-    def forward_from_device(self):
-        """The loop's handler of the device's fd: what the kernel routed into it, encoded
-        and sent."""
-        self.device.read(self.codec)
-
-    def send(self, datagrams, stride):
-        """Send datagrams laid end to end, each stride bytes long but the last: with UDP GSO
-        where the kernel and the path take it, else one by one."""
-        if len(datagrams) <= stride or not (self.offloads.udp_gso and self.gso_fits):
-            return self.send_each(datagrams, stride)
-        segment = struct.pack("=H", stride)
-        step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // stride) * stride
-        for start in range(0, len(datagrams), step):
-            chunk = datagrams[start:start + step]
-            try:
-                self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.endpoint)
-            except OSError as e:
-                if self.gso_refused(e):
-                    self.send_each(chunk, stride)  # nothing lost: the same datagrams one by one
-                else:  # a passing error (no route, a firewall, a full buffer): this send is lost
-                    self.count_send_failed(e, -(-len(chunk) // stride))
-            else:
-                self.count_sent(-(-len(chunk) // stride), len(chunk))
-
-    def send_each(self, datagrams, stride):
-        packets = size = 0
-        for start in range(0, len(datagrams), stride):
-            datagram = datagrams[start:start + stride]
-            try:
-                self.sock.sendto(datagram, self.endpoint)
-            except OSError as e:
-                self.count_send_failed(e, 1)
-            else:
-                packets += 1
-                size += len(datagram)
-        self.count_sent(packets, size)
-
-    def send_one(self, parts):
-        """One datagram, gathered from parts by the kernel (no copy made here). Inlined in
-        PlainCodec.encode_packet: keep the two alike."""
-        try:
-            size = self.sock.sendmsg(parts, (), 0, self.endpoint)
-        except OSError as e:
-            self.count_send_failed(e, 1)
-        else:
-            counters = self.counters
-            counters.tx_packets += 1
-            counters.tx_bytes += size
-            counters.last_tx = time.time()
-
-    def count_sent(self, packets, size):
-        if packets:
-            counters = self.counters
-            counters.tx_packets += packets
-            counters.tx_bytes += size
-            counters.last_tx = time.time()
-
-    def count_send_failed(self, error, packets):
-        self.counters.drops["socket_full" if isinstance(error, BlockingIOError)
-                            else "send_error"] += packets
-
-    def gso_refused(self, error):
-        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
-        if so, GSO is turned off where it cannot work, and that is logged once."""
-        if error.errno == errno.EIO:
-            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
-            # every tunnel, as the tunnels of a host mostly share their underlay.
-            self.offloads.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
-        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
-            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
-            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
-            self.gso_fits = False
-            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
-        else:
-            return False
-        return True
-
-    def describe(self):
-        """The tunnel as list gives it: its entry, as it was asked for, its counters, and
-        what its codec adds."""
-        return dict(self.spec.entry(), **self.counters.describe(), **self.codec.describe())
-
-    def close(self):
-        self.device.close()
-
-
 # --- WireGuard: keys and the handshake ----------------------------------------
 
 
@@ -1645,29 +1466,55 @@ class Tunnel:
 
 # The Noise protocol's name: its hash is the first chaining key, so no other construction agrees.
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+
+
 # Hashed in next, so the transcript is WireGuard v1's and no other protocol's.
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+
+
 # Put before a peer's public key to make the key of mac1, and that of the cookie reply's sealing.
 LABEL_MAC1 = b"mac1----"
+
+
 LABEL_COOKIE = b"cookie--"
+
+
 # A message's first four bytes: its type and three zero bytes, read as a little-endian number.
 MESSAGE_INITIATION, MESSAGE_RESPONSE, MESSAGE_COOKIE_REPLY, MESSAGE_TRANSPORT = 1, 2, 3, 4
+
+
 # Each handshake message has one size: a datagram of another size is not one.
 INITIATION_SIZE, RESPONSE_SIZE, COOKIE_REPLY_SIZE = 148, 92, 64
+
+
 # Type, receiver index and counter, before a transport message's sealed packet.
 TRANSPORT_HEADER_SIZE = 16
+
+
 # mac1, mac2 and cookies are BLAKE2s cut to 16 bytes; a Poly1305 tag is 16 bytes too.
 MAC_LEN = TAG_LEN = 16
+
+
 # Type, sender, ephemeral, static (sealed), timestamp (sealed), mac1, mac2.
 INITIATION = struct.Struct("<II32s48s28s16s16s")
+
+
 # Type, sender, receiver, ephemeral, empty (sealed), mac1, mac2.
 RESPONSE = struct.Struct("<III32s16s16s16s")
+
+
 # ChaCha20-Poly1305's 96-bit nonce in WireGuard: 32 zero bits, then the 64-bit counter.
 AEAD_NONCE = struct.Struct("<4xQ")
+
+
 # TAI64N: the TAI64 label of the second (2**62 is 1970, when TAI was 10 s ahead of UTC),
 # then the nanoseconds, both big-endian, so labels compare as bytes as times do.
 TAI64N = struct.Struct(">QI")
+
+
 TAI64_EPOCH = 2 ** 62 + 10
+
+
 # Nanoseconds are rounded down to 2**24 (about 17 ms), as wireguard-go and the kernel do, so
 # an initiation does not tell our clock to the nanosecond; it is finer than 50 initiations a second.
 TAI64N_WHITENER = 2 ** 24
@@ -1804,6 +1651,8 @@ def zero_psk(preshared_key):
 
 # C and H before anything of a handshake is mixed in: the same for every handshake.
 INITIAL_CHAINING_KEY = HASH(CONSTRUCTION)
+
+
 INITIAL_HASH = HASH(INITIAL_CHAINING_KEY + IDENTIFIER)
 
 
@@ -1977,10 +1826,16 @@ def consume_response(sent, message, preshared_key=None):
 
 # The responder's cookie secret lasts two minutes; so does a cookie for the initiator.
 COOKIE_REFRESH_TIME = 120
+
+
 # XChaCha20's nonce: long enough to be drawn at random for every cookie reply.
 COOKIE_NONCE_LEN = 24
+
+
 # Type, receiver (the index of the message it answers), nonce, cookie (sealed).
 COOKIE_REPLY = struct.Struct("<II24s32s")
+
+
 # The first four words of every ChaCha state: "expand 32-byte k".
 CHACHA_CONSTANTS = struct.unpack("<4I", b"expand 32-byte k")
 
@@ -2137,10 +1992,16 @@ class CookieGenerator:
 
 # Packets are sealed padded with zeros to a multiple of this, so their sizes tell less.
 PADDING_MULTIPLE = 16
+
+
 # Type, receiver index, counter.
 TRANSPORT_HEADER = struct.Struct("<IIQ")
+
+
 # A keepalive: the sealed empty packet, the shortest transport message.
 MIN_TRANSPORT_SIZE = TRANSPORT_HEADER_SIZE + TAG_LEN
+
+
 HANDSHAKE_SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE,
                    MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
 
@@ -2232,6 +2093,27 @@ def open_transport(cipher, message):
     return counter, packet
 
 
+def is_wireguard(buffer, size):
+    """Whether a data-port datagram is a WireGuard message: its first byte 1 to 4, then three
+    zero bytes; a 2015-format one starts with the PI header, whose first byte is 0."""
+    return size >= 4 and 0 < buffer[0] <= MESSAGE_TRANSPORT and not (buffer[1] or buffer[2]
+                                                                     or buffer[3])
+
+
+def ip_length(packet):
+    """The length an IP packet says it has, what is left after it being padding; None when
+    its header is not whole and sane (shorter than the least header, a length shorter than
+    its header, or longer than what came), as wireguard-go drops it."""
+    size = len(packet)
+    if size >= 20 and packet[0] >> 4 == 4:
+        length, header = packet[2] << 8 | packet[3], (packet[0] & 15) * 4
+        return length if 20 <= header <= length <= size else None
+    if size >= 40 and packet[0] >> 4 == 6:
+        length = 40 + (packet[4] << 8 | packet[5])
+        return length if length <= size else None
+    return None
+
+
 # --- WireGuard: sessions, counters and the replay window ----------------------
 
 
@@ -2239,29 +2121,51 @@ def open_transport(cipher, message):
 # section 6.1) so the code can be held against it. Times are in seconds.
 # A keypair is replaced after this many messages, long before its nonces could wrap.
 REKEY_AFTER_MESSAGES = 2 ** 60
+
+
 # Counters from here on are never sent nor taken: 2**13 below 2**64, the replay window's room.
 REJECT_AFTER_MESSAGES = 2 ** 64 - 2 ** 13 - 1
+
+
 # The initiator of a session starts the next one when it sends with a keypair this old.
 REKEY_AFTER_TIME = 120
+
+
 # A keypair this old is used for nothing: it neither sends nor receives.
 REJECT_AFTER_TIME = 180
+
+
 # Unanswered initiations are sent again for this long, then given up (until there is data again).
 REKEY_ATTEMPT_TIME = 90
+
+
 # An initiation is sent again after this long unanswered; none is sent more often.
 REKEY_TIMEOUT = 5
+
+
 # Data received and nothing sent for this long: a keepalive tells the peer we are here.
 KEEPALIVE_TIMEOUT = 10
+
+
 # The jitter added to REKEY_TIMEOUT, drawn in ms below this as wireguard-go does (under 1/3 s),
 # so two peers that started together do not retry in step.
 REKEY_TIMEOUT_JITTER_MAX_MS = 334
+
+
 # REKEY_ATTEMPT_TIME in retries, as the kernel and wireguard-go count it: the first
 # initiation and this many + 1 retries, 5 s apart, then the give-up.
 MAX_TIMER_HANDSHAKES = REKEY_ATTEMPT_TIME // REKEY_TIMEOUT
+
+
 # RFC 6479's replay window, sized as the kernel and wireguard-go size it: 128 blocks of 64
 # bits. A sender encrypting on many cores reorders its packets by thousands, and the paper's
 # REJECT_AFTER_MESSAGES keeps 2**13 counters free for this window below 2**64.
 REPLAY_BLOCK_BITS = 64
+
+
 REPLAY_BLOCKS = 128
+
+
 # How far behind the newest counter one is still told apart: the newest's own block is
 # partly ahead of it, so one block of the ring is not window (RFC 6479's redundant block).
 REPLAY_WINDOW = (REPLAY_BLOCKS - 1) * REPLAY_BLOCK_BITS
@@ -2424,10 +2328,20 @@ class Keypairs:
 
 # What PeerTimers.due asks of the data path, in the order it must be done.
 DROP_KEYS = "drop_keys"  # the keypairs are erased: erase the handshake state too
+
+
 FLUSH_STAGED = "flush_staged"  # drop the packets waiting for a keypair: no handshake came
+
+
 SEND_INITIATION = "send_initiation"  # a new initiation, new ephemeral; then on_initiation_sent
+
+
 SEND_STAGED = "send_staged"  # the keypair just confirmed is current: send what waited for one
+
+
 SEND_KEEPALIVE = "send_keepalive"  # a keepalive, unless packets are staged; then what is staged
+
+
 TIMER_ACTIONS = (DROP_KEYS, FLUSH_STAGED, SEND_INITIATION, SEND_STAGED, SEND_KEEPALIVE)
 
 
@@ -2683,157 +2597,12 @@ class PeerTimers:
         return self.randbelow(REKEY_TIMEOUT_JITTER_MAX_MS) / 1000
 
 
-# --- WireGuard: encrypted tunnels, sending and receiving ----------------------
+# --- WireGuard: a peer, and its codec -----------------------------------------
 
 
 # Packets that wait for a session (wireguard-go's MaxStagedPackets): more push out the
 # oldest, counted as staged_overflow.
 MAX_STAGED_PACKETS = 128
-# Handshake messages with a valid mac1 a second past which the daemon is under load: it
-# asks for mac2 (a cookie) first and limits each source, as wireguard-go does about this
-# rate; and stays so this long after (wireguard-go's UnderLoadAfterTime).
-HANDSHAKES_UNDER_LOAD = 50
-UNDER_LOAD_AFTER_TIME = 1
-# Under load, the handshakes a source may have worked on (the DHs) a second, and at once,
-# after its mac2 (wireguard-go's ratelimiter); an IPv6 source is its /64, since a host has
-# one at least. The sources remembered are bounded: past the bound, the one seen least
-# recently is forgotten (and would start again with a full bucket).
-HANDSHAKES_PER_SOURCE, HANDSHAKE_BURST = 20, 5
-MAX_HANDSHAKE_SOURCES = 4096
-IPV6_SOURCE_BYTES = 8
-# A peer's initiations are taken at most one in this many seconds (wireguard-go's
-# HandshakeInitationRate): anyone holding its key gets no more responses out of us.
-HANDSHAKE_INITIATION_RATE = 1 / 50
-# The share of the loop's time handshake work (its DHs) may take, and how much of it may
-# be spent at once: the rest is the data path's, whatever floods the data port. A source
-# that is a tunnel's endpoint is served even past it (it passed mac2 under load), so a
-# legitimate peer's handshake goes through a flood from elsewhere.
-HANDSHAKE_SHARE, HANDSHAKE_SHARE_BURST = 0.1, 0.02
-
-
-def is_wireguard(buffer, size):
-    """Whether a data-port datagram is a WireGuard message: its first byte 1 to 4, then three
-    zero bytes; a 2015-format one starts with the PI header, whose first byte is 0."""
-    return size >= 4 and 0 < buffer[0] <= MESSAGE_TRANSPORT and not (buffer[1] or buffer[2]
-                                                                     or buffer[3])
-
-
-def one_kind(buffer, size, stride):
-    """Whether the datagrams of a GRO train, stride bytes apart in buffer[:size], are all
-    of one kind, handled as one run: all 2015-format ones (the PI header's first byte is
-    0), or all transport messages to one receiver index (the same first 8 bytes). Asked
-    column by column, a slice a byte, not datagram by datagram."""
-    count = -(-size // stride)
-    heads = buffer[0:size:stride]
-    if heads.count(0) == count:
-        return True
-    if heads[0] != MESSAGE_TRANSPORT or size - (count - 1) * stride < TRANSPORT_HEADER_SIZE:
-        return False
-    return all(buffer[at:size:stride].count(buffer[at]) == count for at in range(8))
-
-
-def train_runs(train, stride):
-    """The runs of a GRO train whose datagrams are of one kind, as (start, end, plain) in
-    train: a 2015-format run (plain), a run of transport messages to one receiver index,
-    or one handshake message or other datagram alone."""
-    runs, run_start, run_key = [], 0, None
-    for start in range(0, len(train), stride):
-        datagram = train[start:start + stride]
-        if not datagram[0] or not is_wireguard(datagram, len(datagram)):
-            key = "plain"
-        elif datagram[0] == MESSAGE_TRANSPORT:
-            key = bytes(datagram[:8])
-        else:
-            key = start  # alone: each handshake message is handled on its own
-        if key != run_key and start:
-            runs.append((run_start, start, run_key == "plain"))
-            run_start = start
-        run_key = key
-    runs.append((run_start, len(train), run_key == "plain"))
-    return runs
-
-
-class CryptokeyRouting:
-    """wireguard-go's allowed IPs, for every encrypted tunnel at once: an inner source
-    address belongs to the tunnel of the longest prefix that holds it, and a tunnel takes
-    packets only from its own. A tunnel's prefixes are its subnet and its routes; those no
-    peer sends from belong to none: the tunnel's own address, and its subnet's network
-    address (and an IPv4 subnet's broadcast one). Looked up with a dict a prefix length,
-    longest first, not with ipaddress."""
-
-    def __init__(self):
-        self.tables = {4: {}, 6: {}}  # version -> prefix length -> {prefix as int: holder}
-        self.lengths = {4: [], 6: []}  # version -> [(length, shift, table)], longest first
-        self.held = {}  # tunnel -> [(version, length, prefix)] it put in
-
-    def add(self, tunnel):
-        spec, refused = tunnel.spec, _NoPeer(tunnel)
-        subnet = spec.interface.network
-        networks = [(network, tunnel) for network in (subnet,) + spec.routes]
-        nobody = {spec.interface.ip}
-        if subnet.prefixlen <= subnet.max_prefixlen - 2:  # a /31 or /127 has two hosts, no more
-            nobody.add(subnet.network_address)
-            if subnet.version == 4:
-                nobody.add(subnet.broadcast_address)
-        networks += [(ipaddress.ip_network(address), refused) for address in nobody]
-        held = self.held.setdefault(tunnel, [])
-        for network, holder in networks:
-            key = (network.version, network.prefixlen,
-                   int(network.network_address) >> (network.max_prefixlen - network.prefixlen))
-            self.tables[key[0]].setdefault(key[1], {})[key[2]] = holder
-            held.append(key)
-        self.index()
-
-    def remove(self, tunnel):
-        for version, length, prefix in self.held.pop(tunnel, ()):
-            table = self.tables[version].get(length, {})
-            holder = table.get(prefix)
-            if holder is tunnel or (isinstance(holder, _NoPeer) and holder.tunnel is tunnel):
-                del table[prefix]
-                if not table:
-                    del self.tables[version][length]
-        self.index()
-
-    def index(self):
-        for version, bits in ((4, 32), (6, 128)):
-            self.lengths[version] = [(length, bits - length, table) for length, table in
-                                     sorted(self.tables[version].items(), reverse=True)]
-
-    def owner(self, packet):
-        """The tunnel an inner packet's source address belongs to, or None."""
-        version = packet[0] >> 4 if packet else None
-        if version == 4 and len(packet) >= 20:
-            source = int.from_bytes(packet[12:16], "big")
-        elif version == 6 and len(packet) >= 40:
-            source = int.from_bytes(packet[8:24], "big")
-        else:
-            return None
-        for _, shift, table in self.lengths[version]:
-            holder = table.get(source >> shift)
-            if holder is not None:
-                return None if isinstance(holder, _NoPeer) else holder
-        return None
-
-
-class _NoPeer:
-    """What holds a tunnel's addresses that no peer sends from (CryptokeyRouting)."""
-
-    def __init__(self, tunnel):
-        self.tunnel = tunnel
-
-
-def ip_length(packet):
-    """The length an IP packet says it has, what is left after it being padding; None when
-    its header is not whole and sane (shorter than the least header, a length shorter than
-    its header, or longer than what came), as wireguard-go drops it."""
-    size = len(packet)
-    if size >= 20 and packet[0] >> 4 == 4:
-        length, header = packet[2] << 8 | packet[3], (packet[0] & 15) * 4
-        return length if 20 <= header <= length <= size else None
-    if size >= 40 and packet[0] >> 4 == 6:
-        length = 40 + (packet[4] << 8 | packet[5])
-        return length if length <= size else None
-    return None
 
 
 class WireGuardPeer:
@@ -3075,6 +2844,112 @@ class WireGuardCodec:
         if spec.preshared_key is not None and spec.preshared_key_file is None:
             described["presharedKey"] = "(hidden)"
         return described
+
+
+class CryptokeyRouting:
+    """wireguard-go's allowed IPs, for every encrypted tunnel at once: an inner source
+    address belongs to the tunnel of the longest prefix that holds it, and a tunnel takes
+    packets only from its own. A tunnel's prefixes are its subnet and its routes; those no
+    peer sends from belong to none: the tunnel's own address, and its subnet's network
+    address (and an IPv4 subnet's broadcast one). Looked up with a dict a prefix length,
+    longest first, not with ipaddress."""
+
+    def __init__(self):
+        self.tables = {4: {}, 6: {}}  # version -> prefix length -> {prefix as int: holder}
+        self.lengths = {4: [], 6: []}  # version -> [(length, shift, table)], longest first
+        self.held = {}  # tunnel -> [(version, length, prefix)] it put in
+
+    def add(self, tunnel):
+        spec, refused = tunnel.spec, _NoPeer(tunnel)
+        subnet = spec.interface.network
+        networks = [(network, tunnel) for network in (subnet,) + spec.routes]
+        nobody = {spec.interface.ip}
+        if subnet.prefixlen <= subnet.max_prefixlen - 2:  # a /31 or /127 has two hosts, no more
+            nobody.add(subnet.network_address)
+            if subnet.version == 4:
+                nobody.add(subnet.broadcast_address)
+        networks += [(ipaddress.ip_network(address), refused) for address in nobody]
+        held = self.held.setdefault(tunnel, [])
+        for network, holder in networks:
+            key = (network.version, network.prefixlen,
+                   int(network.network_address) >> (network.max_prefixlen - network.prefixlen))
+            self.tables[key[0]].setdefault(key[1], {})[key[2]] = holder
+            held.append(key)
+        self.index()
+
+    def remove(self, tunnel):
+        for version, length, prefix in self.held.pop(tunnel, ()):
+            table = self.tables[version].get(length, {})
+            holder = table.get(prefix)
+            if holder is tunnel or (isinstance(holder, _NoPeer) and holder.tunnel is tunnel):
+                del table[prefix]
+                if not table:
+                    del self.tables[version][length]
+        self.index()
+
+    def index(self):
+        for version, bits in ((4, 32), (6, 128)):
+            self.lengths[version] = [(length, bits - length, table) for length, table in
+                                     sorted(self.tables[version].items(), reverse=True)]
+
+    def owner(self, packet):
+        """The tunnel an inner packet's source address belongs to, or None."""
+        version = packet[0] >> 4 if packet else None
+        if version == 4 and len(packet) >= 20:
+            source = int.from_bytes(packet[12:16], "big")
+        elif version == 6 and len(packet) >= 40:
+            source = int.from_bytes(packet[8:24], "big")
+        else:
+            return None
+        for _, shift, table in self.lengths[version]:
+            holder = table.get(source >> shift)
+            if holder is not None:
+                return None if isinstance(holder, _NoPeer) else holder
+        return None
+
+
+class _NoPeer:
+    """What holds a tunnel's addresses that no peer sends from (CryptokeyRouting)."""
+
+    def __init__(self, tunnel):
+        self.tunnel = tunnel
+
+
+# --- WireGuard: the daemon's handshakes, and every peer's timers --------------
+
+
+# Handshake messages with a valid mac1 a second past which the daemon is under load: it
+# asks for mac2 (a cookie) first and limits each source, as wireguard-go does about this
+# rate; and stays so this long after (wireguard-go's UnderLoadAfterTime).
+HANDSHAKES_UNDER_LOAD = 50
+
+
+UNDER_LOAD_AFTER_TIME = 1
+
+
+# Under load, the handshakes a source may have worked on (the DHs) a second, and at once,
+# after its mac2 (wireguard-go's ratelimiter); an IPv6 source is its /64, since a host has
+# one at least. The sources remembered are bounded: past the bound, the one seen least
+# recently is forgotten (and would start again with a full bucket).
+HANDSHAKES_PER_SOURCE, HANDSHAKE_BURST = 20, 5
+
+
+MAX_HANDSHAKE_SOURCES = 4096
+
+
+IPV6_SOURCE_BYTES = 8
+
+
+# A peer's initiations are taken at most one in this many seconds (wireguard-go's
+# HandshakeInitationRate): anyone holding its key gets no more responses out of us.
+HANDSHAKE_INITIATION_RATE = 1 / 50
+
+
+# The share of the loop's time handshake work (its DHs) may take, and how much of it may
+# be spent at once: the rest is the data path's, whatever floods the data port. A source
+# that is a tunnel's endpoint is served even past it (it passed mac2 under load), so a
+# legitimate peer's handshake goes through a flood from elsewhere.
+HANDSHAKE_SHARE, HANDSHAKE_SHARE_BURST = 0.1, 0.02
 
 
 def handshake_source(ip):
@@ -3434,24 +3309,438 @@ class WireGuard:
             self.drop_initiation(wg)
 
 
-# --- Control-port policy: who may ask and what they get; the state file -------
+# --- The tunnel: a device and a codec, composed -------------------------------
 
 
-def private_file(path, exclusive=False):
-    """An fd of path opened to be written from its start, mode 600 whatever it had: a file
-    left from before (a temporary one a crash left, made under another umask) is made
-    private before anything is written; exclusive: it must not exist yet. A symbolic
-    link is not followed."""
-    if not exclusive:  # made anew: a leftover, or a link to another file, is not written into
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+class Counters:
+    """What crossed one tunnel, counted where it crosses: packets and bytes each way (as
+    they were on the wire), when the last came and went (Unix time, for people), and what
+    was dropped, by reason."""
+
+    __slots__ = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "last_rx", "last_tx",
+                 "drops")
+
+    def __init__(self):
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+        self.last_rx = self.last_tx = None
+        self.drops = collections.Counter()
+
+    def describe(self):
+        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "drops": dict(self.drops), "last_rx": self.last_rx, "last_tx": self.last_tx}
+
+
+class Tunnel:
+    """One tunnel: what was asked for (spec), where its peer is (endpoint), its device and
+    its codec, composed, and the counts of what crossed. The loop calls forward_from_device
+    when the device has packets; the data port hands its codec what the peer sent. It sends
+    what its codec makes on the data socket, several datagrams a send with UDP GSO."""
+
+    def __init__(self, spec, endpoint, sock, offloads, clock):
+        self.spec = spec
+        self.endpoint = endpoint  # (address as the data socket names it, port), or None
+        self.sock = sock
+        self.offloads = offloads  # what the kernel offers, found at start-up
+        self.clock = clock
+        self.counters = Counters()
+        self.device = self.codec = None  # made for it by the server (Server.make_tunnel)
+        self.wg_peer = None  # an encrypted tunnel's WireGuardPeer, which its codec uses
+        self.index = None  # the device's interface index, once netlink has used it
+        self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
+
+    @property
+    def name(self):
+        return self.spec.name
+
+    @property
+    def fd(self):
+        return self.device.fd
+
+    def forward_from_device(self):
+        """The loop's handler of the device's fd: what the kernel routed into it, encoded
+        and sent."""
+        self.device.read(self.codec)
+
+    def send(self, datagrams, stride):
+        """Send datagrams laid end to end, each stride bytes long but the last: with UDP GSO
+        where the kernel and the path take it, else one by one."""
+        if len(datagrams) <= stride or not (self.offloads.udp_gso and self.gso_fits):
+            return self.send_each(datagrams, stride)
+        segment = struct.pack("=H", stride)
+        step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // stride) * stride
+        for start in range(0, len(datagrams), step):
+            chunk = datagrams[start:start + step]
+            try:
+                self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.endpoint)
+            except OSError as e:
+                if self.gso_refused(e):
+                    self.send_each(chunk, stride)  # nothing lost: the same datagrams one by one
+                else:  # a passing error (no route, a firewall, a full buffer): this send is lost
+                    self.count_send_failed(e, -(-len(chunk) // stride))
+            else:
+                self.count_sent(-(-len(chunk) // stride), len(chunk))
+
+    def send_each(self, datagrams, stride):
+        packets = size = 0
+        for start in range(0, len(datagrams), stride):
+            datagram = datagrams[start:start + stride]
+            try:
+                self.sock.sendto(datagram, self.endpoint)
+            except OSError as e:
+                self.count_send_failed(e, 1)
+            else:
+                packets += 1
+                size += len(datagram)
+        self.count_sent(packets, size)
+
+    def send_one(self, parts):
+        """One datagram, gathered from parts by the kernel (no copy made here). Inlined in
+        PlainCodec.encode_packet: keep the two alike."""
+        try:
+            size = self.sock.sendmsg(parts, (), 0, self.endpoint)
+        except OSError as e:
+            self.count_send_failed(e, 1)
+        else:
+            counters = self.counters
+            counters.tx_packets += 1
+            counters.tx_bytes += size
+            counters.last_tx = time.time()
+
+    def count_sent(self, packets, size):
+        if packets:
+            counters = self.counters
+            counters.tx_packets += packets
+            counters.tx_bytes += size
+            counters.last_tx = time.time()
+
+    def count_send_failed(self, error, packets):
+        self.counters.drops["socket_full" if isinstance(error, BlockingIOError)
+                            else "send_error"] += packets
+
+    def gso_refused(self, error):
+        """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
+        if so, GSO is turned off where it cannot work, and that is logged once."""
+        if error.errno == errno.EIO:
+            # An IPsec route, or, before Linux 6.11, a device that cannot checksum; off for
+            # every tunnel, as the tunnels of a host mostly share their underlay.
+            self.offloads.turn_off("udp_gso", "the underlay refuses it (%s)" % error)
+        elif error.errno in (errno.EMSGSIZE, errno.EINVAL):
+            # Datagrams larger than the underlay MTU must be fragmented, which GSO cannot do
+            # (EINVAL before Linux 6.14); EINVAL also for more segments than the kernel takes.
+            self.gso_fits = False
+            log.info("tunnel %s: sending datagrams one by one: %s", self.name, error)
+        else:
+            return False
+        return True
+
+    def describe(self):
+        """The tunnel as list gives it: its entry, as it was asked for, its counters, and
+        what its codec adds."""
+        return dict(self.spec.entry(), **self.counters.describe(), **self.codec.describe())
+
+    def close(self):
+        self.device.close()
+
+
+# --- The data port: what comes from peers, to the tunnel it is for ------------
+
+
+def one_kind(buffer, size, stride):
+    """Whether the datagrams of a GRO train, stride bytes apart in buffer[:size], are all
+    of one kind, handled as one run: all 2015-format ones (the PI header's first byte is
+    0), or all transport messages to one receiver index (the same first 8 bytes). Asked
+    column by column, a slice a byte, not datagram by datagram."""
+    count = -(-size // stride)
+    heads = buffer[0:size:stride]
+    if heads.count(0) == count:
+        return True
+    if heads[0] != MESSAGE_TRANSPORT or size - (count - 1) * stride < TRANSPORT_HEADER_SIZE:
+        return False
+    return all(buffer[at:size:stride].count(buffer[at]) == count for at in range(8))
+
+
+def train_runs(train, stride):
+    """The runs of a GRO train whose datagrams are of one kind, as (start, end, plain) in
+    train: a 2015-format run (plain), a run of transport messages to one receiver index,
+    or one handshake message or other datagram alone."""
+    runs, run_start, run_key = [], 0, None
+    for start in range(0, len(train), stride):
+        datagram = train[start:start + stride]
+        if not datagram[0] or not is_wireguard(datagram, len(datagram)):
+            key = "plain"
+        elif datagram[0] == MESSAGE_TRANSPORT:
+            key = bytes(datagram[:8])
+        else:
+            key = start  # alone: each handshake message is handled on its own
+        if key != run_key and start:
+            runs.append((run_start, start, run_key == "plain"))
+            run_start = start
+        run_key = key
+    runs.append((run_start, len(train), run_key == "plain"))
+    return runs
+
+
+# --- The loop -----------------------------------------------------------------
+
+
+class Loop:
+    """The one readiness loop: a dict fd -> handler, each called when its fd is ready."""
+
+    def __init__(self):
+        self.poller = select.epoll()
+        self.handlers = {}
+        self.retired = set()  # fds closed during the current round of events
+        self.running = True
+
+    def watch(self, fd, handler):
+        self.poller.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def unwatch(self, fd):
+        self.poller.unregister(fd)
+        del self.handlers[fd]
+        self.retired.add(fd)
+
+    def run(self, timers=None):
+        """Serve the fds until stopped; timers (WireGuard's), if any, sleep the loop no
+        longer than they allow, and take a look after each round."""
+        while self.running:
+            self.retired.clear()
+            for fd, _ in self.poller.poll(timers.poll_timeout() if timers else -1):
+                self.dispatch(fd)
+            if timers:
+                try:
+                    timers.tick()
+                except Exception:
+                    log.exception("error while running the WireGuard timers")
+
+    def dispatch(self, fd):
+        handler = self.handlers.get(fd)
+        if handler is None:
+            if fd not in self.retired:
+                log.error("bug: fd %d is ready but has no handler; no longer watched", fd)
+                self.poller.unregister(fd)
+            return
+        try:
+            handler()
+        except Exception:
+            log.exception("error while handling fd %d", fd)
+
+    def stop(self):
+        self.running = False
+
+    def close(self):
+        self.poller.close()
+
+
+# --- Netlink: IPv6 addresses, routes, devices deleted together ----------------
+
+
+# Closing a TUN fd unregisters its device alone, after an RCU grace period of its own
+# (20-30 ms): 2,000 tunnels took 40 s to close. Devices removed together are put in an
+# interface group and deleted with one RTM_DELLINK, as ip link delete group does: the
+# kernel (rtnl_group_dellink) unregisters them all after one grace period. The group is
+# drawn anew each time from these 2^31 - 2^24 numbers, far above those administrators name
+# (/etc/iproute2/group), so no other device is in it. Not checked with a dump of the links:
+# pyroute2 takes 0.3 ms to parse each, more at 2,000 devices than deleting a few one by one.
+DELETE_GROUPS = (1 << 24, 1 << 31)
+# linux/if_addr.h: an address we give a tunnel is ours at once, without duplicate detection.
+IFA_F_NODAD = 0x02
+
+
+class Netlink:
+    """What pytun cannot give a device, through netlink: an IPv6 address, and routes."""
+
+    def __init__(self):
+        self.ipr = None  # a pyroute2 IPRoute, made when first needed
+
+    def configure(self, tunnel):
+        spec = tunnel.spec
+        if not spec.needs_netlink:
+            return
+        if IPRoute is None:
+            raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
+                               " (pip install pyroute2)")
+        try:
+            if self.ipr is None:
+                self.ipr = IPRoute()
+            tunnel.index = socket.if_nametoindex(spec.name)
+        except OSError as e:
+            raise ControlError("cannot configure %s through netlink: %s" % (spec.name, e)) from None
+        if spec.interface.version == 6:
+            try:
+                self.ipr.addr("add", index=tunnel.index, address=str(spec.interface.ip),
+                              prefixlen=spec.interface.network.prefixlen, flags=IFA_F_NODAD)
+            except NetlinkError as e:
+                raise ControlError("cannot give %s the address %s: %s"
+                                   % (spec.name, spec.interface, e)) from None
+        for route in spec.routes:
+            try:
+                self.ipr.route("add", dst=str(route), oif=tunnel.index)
+            except NetlinkError as e:
+                raise ControlError("cannot route %s through %s: %s" % (route, spec.name, e)) from None
+
+    def unroute(self, tunnel):
+        """Take the tunnel's routes away; what is gone already (the device deleted from
+        outside took them) is no error."""
+        for route in tunnel.spec.routes if tunnel.index else ():
+            try:
+                self.ipr.route("del", dst=str(route), oif=tunnel.index)
+            except NetlinkError:
+                pass
+
+    def delete_together(self, indexes):
+        """Delete the devices of these interface indexes with one RTM_DELLINK: put in a group
+        of their own, the kernel unregisters them together, after one RCU grace period
+        (DELETE_GROUPS). None when done, else why not."""
+        if IPRoute is None:
+            return "pyroute2 is not installed"
+        group = random.randrange(*DELETE_GROUPS)
+        try:
+            if self.ipr is None:
+                self.ipr = IPRoute()
+            for index in indexes:
+                self.ipr.link("set", index=index, group=group)
+            self.ipr.link("del", group=group)
+        except (NetlinkError, OSError) as e:
+            return "netlink: %s" % e
+        return None
+
+    def close(self):
+        if self.ipr is not None:
+            self.ipr.close()
+
+
+# --- The registry of tunnels --------------------------------------------------
+
+
+# A list reply is cut into parts of about this many bytes of tunnels: a part,
+# sealed (its JSON quoted again inside the envelope), still fits in a datagram.
+LIST_PART_BYTES = 30000
+# What a tunnel's counters add to its entry in a list at most (six 20-digit counters, two
+# times, every drop reason): a list's parts are cut once per generation of the tunnels,
+# by their entries and this room, so a part still fits in a datagram however the
+# counters grow by the time it is asked for.
+LIST_COUNTERS_ROOM = 512
+
+
+class Registry:
+    """The tunnels, by name and by peer; those of the state file that could not be made;
+    and the generation of their changes, with the parts a list of them is cut into."""
+
+    def __init__(self, family):
+        self.family = family  # of the data socket, which names peers accordingly
+        self.by_name = {}  # name -> Tunnel
+        self.by_peer = {}  # peer_key(spec) -> Tunnel
+        # name -> entry of a tunnel acknowledged once that could not be made again after a
+        # restart or SIGHUP: kept in the state file, and tried again at the next one.
+        self.unmade = {}
+        # Counts the changes to the tunnels, so a list can tell them; from a random start, so
+        # that a restarted daemon's generations are not its predecessor's.
+        self.generation = int.from_bytes(os.urandom(4), "big")
+        self.parts = (None, [])  # (generation, names in each part of the list)
+
+    def peer_key(self, spec):
+        """How datagrams from the tunnel's peer are known: by the source address as the data
+        socket gives it (an IPv4 one as ::ffff:a.b.c.d on a dual-stack socket), and by
+        the source port too when the tunnel has remotePort."""
+        if self.family == socket.AF_INET6 and spec.remote.version == 4:
+            return "::ffff:%s" % spec.remote, spec.remote_port
+        return str(spec.remote), spec.remote_port
+
+    @staticmethod
+    def by_address(spec):
+        """Whether datagrams of the tunnel are known by their source: plain ones are;
+        encrypted ones by their receiver index and key, never by address."""
+        return not spec.encrypted
+
+    def find_by_peer(self, ip, port):
+        return self.by_peer.get((ip, port)) or self.by_peer.get((ip, None))
+
+    def check_free(self, spec):
+        if spec.name in self.by_name:
+            raise ControlError("tunnel name %r already in use" % spec.name)
+        if spec.remote is not None and spec.remote.version == 6 and self.family != socket.AF_INET6:
+            raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
+                               % spec.remote)
+        other = self.by_peer.get(self.peer_key(spec)) if self.by_address(spec) else None
+        if other is not None:
+            raise ControlError("remoteServer %s already in use by tunnel %r"
+                               % (spec.remote, other.name))
+        for other in self.by_name.values():
+            if other.spec.interface.ip == spec.interface.ip:
+                raise ControlError("tunnelIP %s already in use by tunnel %r"
+                                   % (spec.interface.ip, other.name))
+        try:
+            socket.if_nametoindex(spec.name)
+        except OSError:
+            return
+        raise ControlError("a device named %r already exists" % spec.name)
+
+    def add(self, tunnel):
+        self.by_name[tunnel.name] = tunnel
+        if self.by_address(tunnel.spec):
+            self.by_peer[self.peer_key(tunnel.spec)] = tunnel
+        self.unmade.pop(tunnel.name, None)
+        self.generation += 1
+
+    def remove(self, tunnel):
+        del self.by_name[tunnel.name]
+        if self.by_address(tunnel.spec):
+            del self.by_peer[self.peer_key(tunnel.spec)]
+        self.generation += 1
+
+    def entries(self):
+        """What the state file keeps: every tunnel's entry, and those not made."""
+        return [tunnel.spec.entry() for tunnel in self.by_name.values()] + list(self.unmade.values())
+
+    def list_parts(self):
+        """The names of the tunnels in each part of the list, for this generation."""
+        generation, parts = self.parts
+        if generation != self.generation:
+            parts, size = [[]], 0
+            for tunnel in self.by_name.values():
+                length = len(json.dumps(tunnel.spec.entry())) + LIST_COUNTERS_ROOM
+                if parts[-1] and size + length > LIST_PART_BYTES:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(tunnel.name)
+                size += length
+            self.parts = (self.generation, parts)
+        return parts
+
+
+# --- The control port: who may ask and what they get, the ops -----------------
+
+
+# The largest UDP/IPv4 payload: a reply must fit in one datagram.
+MAX_REPLY = 65535 - 20 - 8
+
+# Control-port security. A request's time may differ from ours by this much, and
+# its nonce is remembered as long, so the same request is not taken twice.
+AUTH_WINDOW = 30
+NONCE_HEX_LEN = 32
+MAC_HEX_LEN = 64
+# Authenticated requests remembered at most: 100,000 a minute is far beyond any mesh.
+MAX_NONCES = 100000
+# What HMAC-SHA256 signs is prefixed with its kind, so a reply cannot pass as a request.
+REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
+REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
+# A shared secret of fewer bytes is too easy to guess.
+MIN_SECRET_LEN = 16
+# Replies per source and second, and the burst allowed, to sources that have not shown they
+# receive at their address: a mesh's set-up fits; a reflected flood does not.
+REPLY_RATE, REPLY_BURST = 100, 200
+# Address validation, as DNS cookies (RFC 7873) do it: a cookie is a MAC of the source's
+# address and port and the time in periods of this many seconds, under a random key made
+# for each period; one is valid in its period and the next, so it lives 2 to 4 minutes.
+COOKIE_PERIOD = 120
+COOKIE_KEY_BYTES = 32
+# Sources whose reply budget is remembered; idle ones are forgotten past this.
+MAX_SOURCES = 4096
+ENVELOPE_FIELDS = ("auth", "payload")
+AUTH_FIELDS = ("ts", "nonce", "mac")
 
 
 def read_secret(path):
@@ -3469,35 +3758,6 @@ def read_secret(path):
         raise StartupError("secret file %s holds %d bytes; it needs at least %d"
                            % (path, len(secret), MIN_SECRET_LEN))
     return secret
-
-
-def read_key_file(path, generate=False):
-    """The Curve25519 private key in path, as wg genkey writes it (base64), refused if
-    others could read it; with generate, a missing file is made first (mode 600)."""
-    need_cryptography("--key-file")
-    if generate and not os.path.exists(path):
-        try:
-            with open(private_file(path, exclusive=True), "w") as f:
-                f.write(key_to_base64(generate_private_key()) + "\n")
-        except OSError as e:
-            raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
-        log.info("key file %s made", path)
-    try:
-        mode = os.stat(path).st_mode
-        with open(path, "rb") as f:
-            text = f.read().strip()
-    except OSError as e:
-        raise StartupError("cannot read key file %s: %s%s" % (
-            path, e.strerror, " (--generate-key makes one)" if not os.path.exists(path) else "")
-        ) from None
-    if mode & 0o077:
-        raise StartupError("key file %s is readable by group or others (mode %03o):"
-                           " chmod 600 it" % (path, mode & 0o777))
-    try:
-        return key_from_base64(text.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        raise StartupError("key file %s does not hold a base64 Curve25519 private key"
-                           " (as wg genkey writes)" % path) from None
 
 
 def request_mac(secret, ts, nonce, payload):
@@ -3663,6 +3923,227 @@ def fit_reply(reply, limit, extra, seal=str.encode):
     return (cut if len(cut) <= limit else None), False
 
 
+# The outcome of one control request: the reply, the nonce to seal it with (None when
+# not authenticated), whether the sender has proven its address, and the control port's
+# counters it adds to.
+Answer = collections.namedtuple("Answer", "reply nonce proven counted")
+
+
+class ControlPort:
+    """The control port: who may ask and what they get, the ops they ask for, and the
+    counts of it all, kept here alone."""
+
+    def __init__(self, server, sock, allow=None, auth=None, cookies=None, budget=None):
+        self.server = server
+        self.sock = sock
+        self.allow = allow or AllowList()
+        self.auth = auth or Authenticator()
+        self.cookies = cookies or Cookies()
+        self.budget = budget or ReplyBudget()
+        self.counts = collections.Counter()
+        self.quiet = QuietLog("refused control requests or unsent replies")
+        self.ops = {"add": self.add, "del": self.delete, "list": self.list, "cookie": self.cookie}
+
+    def handle(self):
+        """The loop's handler: read, answer and reply to a batch of control datagrams."""
+        for _ in range(BATCH):
+            try:
+                datagram, sender = self.sock.recvfrom(BUFFER_SIZE)
+            except BlockingIOError:
+                break
+            self.counts["requests"] += 1
+            if not self.allow.admits(sender[0]):
+                self.counts["not_allowed"] += 1
+                continue
+            answer = self.handle_request(datagram, sender)
+            self.counts.update(answer.counted)
+            reply, counted = self.reply_datagram(answer, len(datagram), sender)
+            self.counts.update(counted)
+            if reply is None:
+                continue
+            try:
+                self.sock.sendto(reply, sender)
+            except OSError as e:
+                self.quiet.warning("cannot reply to %s:%d: %s", sender[0], sender[1], e)
+        self.quiet.flush()
+
+    def reply_datagram(self, answer, limit, sender):
+        """The datagram that goes back, or None, and the counters it adds to. A source that
+        has not proven its address gets no more bytes than it sent (limit), so a spoofed
+        flood is not amplified; within its budget, so the daemon is no reflector either
+        (but for the cookie itself, which the budget must not keep from a manager a
+        spoofer floods in its name); and, without a secret, a cookie to prove its address
+        with, after which it gets every reply whole."""
+        seal = functools.partial(self.auth.seal, nonce=answer.nonce)
+        reply = answer.reply
+        if answer.proven:
+            sealed = seal(json.dumps(reply))
+            if len(sealed) > MAX_REPLY:
+                sealed = seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does not"
+                                          " fit in one datagram" % len(sealed)}))
+            return sealed, ()
+        extra = {} if self.auth.secret else {"cookie": self.cookies.make(sender)}
+        fitted, whole = fit_reply(reply, limit, extra, seal)
+        if fitted is None:
+            return None, ("withheld",)
+        if not (reply.get("op") == "cookie" or reply.get("retry")) \
+                and not self.budget.take(sender[0]):
+            return None, ("rate_limited",)
+        return fitted, () if whole else ("cut",)
+
+    def handle_request(self, datagram, sender):
+        """Check one control datagram and do what it asks; the Answer. Nothing in it can
+        stop the daemon."""
+        nonce, proven = None, self.allow.trusted(sender[0])
+        try:
+            obj, nonce = self.auth.open(datagram)
+            request = parse_request(obj)
+            proven = self.check_cookie(request, nonce, sender) or proven
+            action = self.ops.get(request.op)
+            if action is None:
+                raise ControlError("unknown op %r (expected add, del, list or cookie)"
+                                   % (request.op,))
+        except ControlError as e:
+            return self.refusal(e, sender, nonce, proven)
+        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
+                  len(request.entries))
+        try:
+            return Answer(action(request, sender), nonce, proven, ())
+        except ControlError as e:
+            return self.refusal(e, sender, nonce, proven, op=request.op)
+        except Exception as e:  # a bug costs one request its success, never its answer
+            log.exception("control from %s: %s failed", sender[0], request.op)
+            return Answer({"ok": False, "op": request.op, "error": "internal error: %s" % e},
+                          nonce, proven, ())
+
+    def refusal(self, error, sender, nonce, proven, **fields):
+        """The Answer to a request refused, or not acted on and to be sent again (Retry)."""
+        if isinstance(error, Retry):
+            reply = dict({"ok": False, "retry": True, "error": str(error)}, **fields)
+            return Answer(dict(reply, **error.fields), nonce, proven, (error.reason,))
+        self.quiet.warning("control from %s: %s", sender[0], error)
+        counted = ("refused", error.reason) if error.reason else ("refused",)
+        return Answer(dict({"ok": False, "error": str(error)}, **fields), nonce, proven, counted)
+
+    def check_cookie(self, request, nonce, sender):
+        """Whether the request's cookie proves the sender's address; Retry for a cookie that
+        does not, and ControlError for an authenticated request without one."""
+        if nonce is not None and request.cookie is None and request.op != "cookie":
+            # The cookie binds an authenticated request to this daemon, since it started,
+            # and to its sender: captured, it is good nowhere else and never again.
+            raise ControlError("an authenticated request must carry the cookie this daemon"
+                               " gives ({\"op\": \"cookie\"}); udpProxyServerControl.py 2.1"
+                               " sends it")
+        if request.cookie is None:
+            return False
+        if not self.cookies.valid(request.cookie, sender):
+            # Not acted on: the sender asks again with the new cookie it gets here.
+            raise Retry("cookie expired or not for this address and this daemon: send again"
+                        " with the new one", "bad_cookie", cookie=self.cookies.make(sender))
+        return True
+
+    # The ops.
+
+    def cookie(self, request, sender):
+        """The cookie that proves sender's address: the control script asks for it first."""
+        return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
+
+    def add(self, request, sender):
+        return self.apply_to_each(request.entries, sender, "add",
+                                  functools.partial(self.add_tunnel, sender=sender))
+
+    def add_tunnel(self, entry, sender):
+        """Add a tunnel; a preshared key that came over the network in clear is refused, so
+        that one sent so is never used: a request names a file on this host instead."""
+        if entry.get("presharedKey") is not None and not plain_address(sender[0]).is_loopback:
+            raise ControlError("presharedKey came over the network in clear: refused (take it"
+                               " for exposed, and make another); put the key in a file on this"
+                               " host (mode 600) and give presharedKeyFile (the control"
+                               " script's --psk-file)")
+        self.server.add_tunnel(entry)
+
+    def delete(self, request, sender):
+        with self.server.removing_together():
+            return self.apply_to_each(request.entries, sender, "del", self.server.delete_tunnel)
+
+    def apply_to_each(self, entries, sender, op, act):
+        """Apply act to every entry on its own: one bad tunnel does not stop the others;
+        the state file is written once, when any was done."""
+        if not entries:
+            return {"ok": False, "op": op, "error": "no tunnel given", "results": []}
+        results, errors = [], []
+        for entry in entries:
+            name = entry_name(entry)
+            try:
+                act(entry)
+            except ControlError as e:
+                self.quiet.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
+                results.append({"name": name, "ok": False, "error": str(e)})
+                errors.append("%s: %s" % (name, e))
+            except Exception as e:  # a bug costs this tunnel its success, not the others theirs
+                log.exception("control from %s: %s %s failed", sender[0], op, name)
+                results.append({"name": name, "ok": False, "error": "internal error: %s" % e})
+                errors.append("%s: internal error: %s" % (name, e))
+            else:
+                results.append({"name": name, "ok": True})
+        reply = {"ok": not errors, "op": op, "results": results}
+        if errors:
+            reply["error"] = "; ".join(errors)
+        if len(errors) < len(entries):
+            warning = self.server.keeper.save()
+            if warning:
+                reply["warning"] = warning
+        return reply
+
+    def list(self, request, sender):
+        """Every tunnel with its counts, in parts that each fit in one datagram. The parts
+        of one generation are the same tunnels whenever asked; a part asked for with an
+        older generation is refused, so the asker starts again rather than see a tunnel
+        twice or miss one."""
+        server, registry = self.server, self.server.registry
+        parts = registry.list_parts()
+        if request.generation not in (None, registry.generation):
+            raise Retry("the tunnels changed while they were listed (generation %d, now %d):"
+                        " ask again from part 0" % (request.generation, registry.generation),
+                        "list_changed")
+        if request.part >= len(parts):
+            raise ControlError("no part %d: the list has %d parts" % (request.part, len(parts)))
+        return {
+            "ok": True,
+            "op": "list",
+            "part": request.part,
+            "parts": len(parts),
+            "generation": registry.generation,
+            "dataPort": server.data_port,
+            "uptime": round(time.time() - server.started, 3),
+            "drops": dict(server.drops),
+            "control": dict(self.counts),
+            "unmade": sorted(registry.unmade),
+            "publicKey": server.public_key,
+            "tunnels": [registry.by_name[name].describe() for name in parts[request.part]],
+        }
+
+
+# --- The state: the tunnels kept across restarts ------------------------------
+
+
+def private_file(path, exclusive=False):
+    """An fd of path opened to be written from its start, mode 600 whatever it had: a file
+    left from before (a temporary one a crash left, made under another umask) is made
+    private before anything is written; exclusive: it must not exist yet. A symbolic
+    link is not followed."""
+    if not exclusive:  # made anew: a leftover, or a link to another file, is not written into
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class StateFile:
     """The tunnels that were acknowledged, kept across restarts: written whole after
     every change (temporary file, fsync, rename), read back at start-up and on SIGHUP."""
@@ -3727,7 +4208,112 @@ class StateFile:
             os.close(directory)
 
 
-# --- The server: the loop, the tunnels, the control port and its ops ----------
+class StateKeeper:
+    """What survives a restart: the server's tunnels written to the state file on every
+    change, made again from it at start-up, and made what it says on SIGHUP."""
+
+    def __init__(self, server, state=None):
+        self.server = server
+        self.state = state  # a StateFile, or None without --state-file
+
+    def save(self):
+        """Write the tunnels to the state file before the change is acknowledged; a
+        warning for the reply when it cannot be written."""
+        if self.state is None:
+            return None
+        try:
+            self.state.save(self.server.registry.entries())
+        except OSError as e:
+            log.error("cannot write state file %s: %s", self.state.path, e)
+            return "done, but not written to the state file: %s" % e
+        return None
+
+    def restore(self):
+        """Recreate the tunnels of the state file, each on its own."""
+        if self.state is None:
+            return
+        try:
+            entries = self.state.load()
+        except StateUnreadable as e:
+            if os.path.exists(self.state.path):
+                log.error("state file: %s; starting without its tunnels", e)
+            else:
+                log.info("state file %s does not exist yet: starting without tunnels",
+                         self.state.path)
+            return
+        for entry in entries:
+            try:
+                if not isinstance(entry, dict):
+                    raise ControlError("not an object")
+                self.server.add_tunnel(entry)
+            except ControlError as e:
+                self.not_made(entry, e)
+        log.info("restored %d tunnels from %s", len(self.server.tunnels), self.state.path)
+
+    def not_made(self, entry, error):
+        """A tunnel of the state file that cannot be made (now): said, and kept in the file
+        when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name not in self.server.tunnels:
+            self.server.registry.unmade[name] = entry
+            log.error("state file %s: tunnel %s not made: %s; kept in the file, tried again"
+                      " at the next start or SIGHUP", self.state.path, name, error)
+        else:
+            log.error("state file %s: entry %s skipped: %s", self.state.path,
+                      json.dumps(entry)[:200], error)
+
+    def reload(self):
+        """SIGHUP: make the tunnels what the state file says, touching only the difference.
+        A file that cannot be read or parsed, or one with a bad entry, changes nothing."""
+        if self.state is None:
+            log.warning("SIGHUP: no state file to read (--state-file)")
+            return
+        try:
+            wanted = self.wanted_specs(self.state.load())
+        except StateUnreadable as e:
+            log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
+            return
+        removed = [t for t in self.server.tunnels.values() if wanted.get(t.name) != t.spec]
+        with self.server.removing_together():  # their devices gone before any is made again
+            for tunnel in removed:
+                self.server.remove(tunnel)
+        self.server.registry.unmade.clear()
+        added = 0
+        for name, spec in wanted.items():
+            if name in self.server.tunnels:
+                continue
+            try:
+                self.server.add_spec(spec)
+                added += 1
+            except ControlError as e:
+                self.not_made(spec.entry(), e)
+        log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
+                 len(removed), added, len(self.server.tunnels) - added, len(self.server.registry.unmade))
+
+    def wanted_specs(self, entries):
+        """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
+        wanted = {}
+        for index, entry in enumerate(entries):
+            try:
+                if not isinstance(entry, dict):
+                    raise ControlError("not an object")
+                spec = TunnelSpec.from_entry(entry)
+            except ControlError as e:
+                raise StateUnreadable("%s: tunnels[%d] %s: %s" % (
+                    self.state.path, index, json.dumps(entry)[:200], e)) from None
+            wanted[spec.name] = spec
+        return wanted
+
+
+# --- The server: the sockets, the loop and the parts together -----------------
+
+
+# Socket buffers, set with SO_*BUFFORCE as root: a burst of 64 KB super-packets must not overflow them.
+SOCKET_BUFFER = 4 << 20
+# asm-generic/socket.h; Python's socket module does not name them.
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+# Room for UDP GRO's control message: the segment size, an int.
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
 def bind_udp(port, what, address=BIND_ANY):
@@ -3763,205 +4349,6 @@ def bind_sockets(data_port, control_port, address=BIND_ANY, control_address=None
     data_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
     data_sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
     return data_sock, control_sock
-
-
-class Loop:
-    """The one readiness loop: a dict fd -> handler, each called when its fd is ready."""
-
-    def __init__(self):
-        self.poller = select.epoll()
-        self.handlers = {}
-        self.retired = set()  # fds closed during the current round of events
-        self.running = True
-
-    def watch(self, fd, handler):
-        self.poller.register(fd, select.EPOLLIN)
-        self.handlers[fd] = handler
-
-    def unwatch(self, fd):
-        self.poller.unregister(fd)
-        del self.handlers[fd]
-        self.retired.add(fd)
-
-    def run(self, timers=None):
-        """Serve the fds until stopped; timers (WireGuard's), if any, sleep the loop no
-        longer than they allow, and take a look after each round."""
-        while self.running:
-            self.retired.clear()
-            for fd, _ in self.poller.poll(timers.poll_timeout() if timers else -1):
-                self.dispatch(fd)
-            if timers:
-                try:
-                    timers.tick()
-                except Exception:
-                    log.exception("error while running the WireGuard timers")
-
-    def dispatch(self, fd):
-        handler = self.handlers.get(fd)
-        if handler is None:
-            if fd not in self.retired:
-                log.error("bug: fd %d is ready but has no handler; no longer watched", fd)
-                self.poller.unregister(fd)
-            return
-        try:
-            handler()
-        except Exception:
-            log.exception("error while handling fd %d", fd)
-
-    def stop(self):
-        self.running = False
-
-    def close(self):
-        self.poller.close()
-
-
-class Netlink:
-    """What pytun cannot give a device, through netlink: an IPv6 address, and routes."""
-
-    def __init__(self):
-        self.ipr = None  # a pyroute2 IPRoute, made when first needed
-
-    def configure(self, tunnel):
-        spec = tunnel.spec
-        if not spec.needs_netlink:
-            return
-        if IPRoute is None:
-            raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
-                               " (pip install pyroute2)")
-        try:
-            if self.ipr is None:
-                self.ipr = IPRoute()
-            tunnel.index = socket.if_nametoindex(spec.name)
-        except OSError as e:
-            raise ControlError("cannot configure %s through netlink: %s" % (spec.name, e)) from None
-        if spec.interface.version == 6:
-            try:
-                self.ipr.addr("add", index=tunnel.index, address=str(spec.interface.ip),
-                              prefixlen=spec.interface.network.prefixlen, flags=IFA_F_NODAD)
-            except NetlinkError as e:
-                raise ControlError("cannot give %s the address %s: %s"
-                                   % (spec.name, spec.interface, e)) from None
-        for route in spec.routes:
-            try:
-                self.ipr.route("add", dst=str(route), oif=tunnel.index)
-            except NetlinkError as e:
-                raise ControlError("cannot route %s through %s: %s" % (route, spec.name, e)) from None
-
-    def unroute(self, tunnel):
-        """Take the tunnel's routes away; what is gone already (the device deleted from
-        outside took them) is no error."""
-        for route in tunnel.spec.routes if tunnel.index else ():
-            try:
-                self.ipr.route("del", dst=str(route), oif=tunnel.index)
-            except NetlinkError:
-                pass
-
-    def delete_together(self, indexes):
-        """Delete the devices of these interface indexes with one RTM_DELLINK: put in a group
-        of their own, the kernel unregisters them together, after one RCU grace period
-        (DELETE_GROUPS). None when done, else why not."""
-        if IPRoute is None:
-            return "pyroute2 is not installed"
-        group = random.randrange(*DELETE_GROUPS)
-        try:
-            if self.ipr is None:
-                self.ipr = IPRoute()
-            for index in indexes:
-                self.ipr.link("set", index=index, group=group)
-            self.ipr.link("del", group=group)
-        except (NetlinkError, OSError) as e:
-            return "netlink: %s" % e
-        return None
-
-    def close(self):
-        if self.ipr is not None:
-            self.ipr.close()
-
-
-class Registry:
-    """The tunnels, by name and by peer; those of the state file that could not be made;
-    and the generation of their changes, with the parts a list of them is cut into."""
-
-    def __init__(self, family):
-        self.family = family  # of the data socket, which names peers accordingly
-        self.by_name = {}  # name -> Tunnel
-        self.by_peer = {}  # peer_key(spec) -> Tunnel
-        # name -> entry of a tunnel acknowledged once that could not be made again after a
-        # restart or SIGHUP: kept in the state file, and tried again at the next one.
-        self.unmade = {}
-        # Counts the changes to the tunnels, so a list can tell them; from a random start, so
-        # that a restarted daemon's generations are not its predecessor's.
-        self.generation = int.from_bytes(os.urandom(4), "big")
-        self.parts = (None, [])  # (generation, names in each part of the list)
-
-    def peer_key(self, spec):
-        """How datagrams from the tunnel's peer are known: by the source address as the data
-        socket gives it (an IPv4 one as ::ffff:a.b.c.d on a dual-stack socket), and by
-        the source port too when the tunnel has remotePort."""
-        if self.family == socket.AF_INET6 and spec.remote.version == 4:
-            return "::ffff:%s" % spec.remote, spec.remote_port
-        return str(spec.remote), spec.remote_port
-
-    @staticmethod
-    def by_address(spec):
-        """Whether datagrams of the tunnel are known by their source: plain ones are;
-        encrypted ones by their receiver index and key, never by address."""
-        return not spec.encrypted
-
-    def find_by_peer(self, ip, port):
-        return self.by_peer.get((ip, port)) or self.by_peer.get((ip, None))
-
-    def check_free(self, spec):
-        if spec.name in self.by_name:
-            raise ControlError("tunnel name %r already in use" % spec.name)
-        if spec.remote is not None and spec.remote.version == 6 and self.family != socket.AF_INET6:
-            raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
-                               % spec.remote)
-        other = self.by_peer.get(self.peer_key(spec)) if self.by_address(spec) else None
-        if other is not None:
-            raise ControlError("remoteServer %s already in use by tunnel %r"
-                               % (spec.remote, other.name))
-        for other in self.by_name.values():
-            if other.spec.interface.ip == spec.interface.ip:
-                raise ControlError("tunnelIP %s already in use by tunnel %r"
-                                   % (spec.interface.ip, other.name))
-        try:
-            socket.if_nametoindex(spec.name)
-        except OSError:
-            return
-        raise ControlError("a device named %r already exists" % spec.name)
-
-    def add(self, tunnel):
-        self.by_name[tunnel.name] = tunnel
-        if self.by_address(tunnel.spec):
-            self.by_peer[self.peer_key(tunnel.spec)] = tunnel
-        self.unmade.pop(tunnel.name, None)
-        self.generation += 1
-
-    def remove(self, tunnel):
-        del self.by_name[tunnel.name]
-        if self.by_address(tunnel.spec):
-            del self.by_peer[self.peer_key(tunnel.spec)]
-        self.generation += 1
-
-    def entries(self):
-        """What the state file keeps: every tunnel's entry, and those not made."""
-        return [tunnel.spec.entry() for tunnel in self.by_name.values()] + list(self.unmade.values())
-
-    def list_parts(self):
-        """The names of the tunnels in each part of the list, for this generation."""
-        generation, parts = self.parts
-        if generation != self.generation:
-            parts, size = [[]], 0
-            for tunnel in self.by_name.values():
-                length = len(json.dumps(tunnel.spec.entry())) + LIST_COUNTERS_ROOM
-                if parts[-1] and size + length > LIST_PART_BYTES:
-                    parts.append([])
-                    size = 0
-                parts[-1].append(tunnel.name)
-                size += length
-            self.parts = (self.generation, parts)
-        return parts
 
 
 class Server:
@@ -4221,306 +4608,11 @@ class Server:
         log.info("closed %d tunnels", count)
 
 
-class StateKeeper:
-    """What survives a restart: the server's tunnels written to the state file on every
-    change, made again from it at start-up, and made what it says on SIGHUP."""
-
-    def __init__(self, server, state=None):
-        self.server = server
-        self.state = state  # a StateFile, or None without --state-file
-
-    def save(self):
-        """Write the tunnels to the state file before the change is acknowledged; a
-        warning for the reply when it cannot be written."""
-        if self.state is None:
-            return None
-        try:
-            self.state.save(self.server.registry.entries())
-        except OSError as e:
-            log.error("cannot write state file %s: %s", self.state.path, e)
-            return "done, but not written to the state file: %s" % e
-        return None
-
-    def restore(self):
-        """Recreate the tunnels of the state file, each on its own."""
-        if self.state is None:
-            return
-        try:
-            entries = self.state.load()
-        except StateUnreadable as e:
-            if os.path.exists(self.state.path):
-                log.error("state file: %s; starting without its tunnels", e)
-            else:
-                log.info("state file %s does not exist yet: starting without tunnels",
-                         self.state.path)
-            return
-        for entry in entries:
-            try:
-                if not isinstance(entry, dict):
-                    raise ControlError("not an object")
-                self.server.add_tunnel(entry)
-            except ControlError as e:
-                self.not_made(entry, e)
-        log.info("restored %d tunnels from %s", len(self.server.tunnels), self.state.path)
-
-    def not_made(self, entry, error):
-        """A tunnel of the state file that cannot be made (now): said, and kept in the file
-        when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name not in self.server.tunnels:
-            self.server.registry.unmade[name] = entry
-            log.error("state file %s: tunnel %s not made: %s; kept in the file, tried again"
-                      " at the next start or SIGHUP", self.state.path, name, error)
-        else:
-            log.error("state file %s: entry %s skipped: %s", self.state.path,
-                      json.dumps(entry)[:200], error)
-
-    def reload(self):
-        """SIGHUP: make the tunnels what the state file says, touching only the difference.
-        A file that cannot be read or parsed, or one with a bad entry, changes nothing."""
-        if self.state is None:
-            log.warning("SIGHUP: no state file to read (--state-file)")
-            return
-        try:
-            wanted = self.wanted_specs(self.state.load())
-        except StateUnreadable as e:
-            log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
-            return
-        removed = [t for t in self.server.tunnels.values() if wanted.get(t.name) != t.spec]
-        with self.server.removing_together():  # their devices gone before any is made again
-            for tunnel in removed:
-                self.server.remove(tunnel)
-        self.server.registry.unmade.clear()
-        added = 0
-        for name, spec in wanted.items():
-            if name in self.server.tunnels:
-                continue
-            try:
-                self.server.add_spec(spec)
-                added += 1
-            except ControlError as e:
-                self.not_made(spec.entry(), e)
-        log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
-                 len(removed), added, len(self.server.tunnels) - added, len(self.server.registry.unmade))
-
-    def wanted_specs(self, entries):
-        """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
-        wanted = {}
-        for index, entry in enumerate(entries):
-            try:
-                if not isinstance(entry, dict):
-                    raise ControlError("not an object")
-                spec = TunnelSpec.from_entry(entry)
-            except ControlError as e:
-                raise StateUnreadable("%s: tunnels[%d] %s: %s" % (
-                    self.state.path, index, json.dumps(entry)[:200], e)) from None
-            wanted[spec.name] = spec
-        return wanted
-
-
-
-# The outcome of one control request: the reply, the nonce to seal it with (None when
-# not authenticated), whether the sender has proven its address, and the control port's
-# counters it adds to.
-Answer = collections.namedtuple("Answer", "reply nonce proven counted")
-
-
-class ControlPort:
-    """The control port: who may ask and what they get, the ops they ask for, and the
-    counts of it all, kept here alone."""
-
-    def __init__(self, server, sock, allow=None, auth=None, cookies=None, budget=None):
-        self.server = server
-        self.sock = sock
-        self.allow = allow or AllowList()
-        self.auth = auth or Authenticator()
-        self.cookies = cookies or Cookies()
-        self.budget = budget or ReplyBudget()
-        self.counts = collections.Counter()
-        self.quiet = QuietLog("refused control requests or unsent replies")
-        self.ops = {"add": self.add, "del": self.delete, "list": self.list, "cookie": self.cookie}
-
-    def handle(self):
-        """The loop's handler: read, answer and reply to a batch of control datagrams."""
-        for _ in range(BATCH):
-            try:
-                datagram, sender = self.sock.recvfrom(BUFFER_SIZE)
-            except BlockingIOError:
-                break
-            self.counts["requests"] += 1
-            if not self.allow.admits(sender[0]):
-                self.counts["not_allowed"] += 1
-                continue
-            answer = self.handle_request(datagram, sender)
-            self.counts.update(answer.counted)
-            reply, counted = self.reply_datagram(answer, len(datagram), sender)
-            self.counts.update(counted)
-            if reply is None:
-                continue
-            try:
-                self.sock.sendto(reply, sender)
-            except OSError as e:
-                self.quiet.warning("cannot reply to %s:%d: %s", sender[0], sender[1], e)
-        self.quiet.flush()
-
-    def reply_datagram(self, answer, limit, sender):
-        """The datagram that goes back, or None, and the counters it adds to. A source that
-        has not proven its address gets no more bytes than it sent (limit), so a spoofed
-        flood is not amplified; within its budget, so the daemon is no reflector either
-        (but for the cookie itself, which the budget must not keep from a manager a
-        spoofer floods in its name); and, without a secret, a cookie to prove its address
-        with, after which it gets every reply whole."""
-        seal = functools.partial(self.auth.seal, nonce=answer.nonce)
-        reply = answer.reply
-        if answer.proven:
-            sealed = seal(json.dumps(reply))
-            if len(sealed) > MAX_REPLY:
-                sealed = seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does not"
-                                          " fit in one datagram" % len(sealed)}))
-            return sealed, ()
-        extra = {} if self.auth.secret else {"cookie": self.cookies.make(sender)}
-        fitted, whole = fit_reply(reply, limit, extra, seal)
-        if fitted is None:
-            return None, ("withheld",)
-        if not (reply.get("op") == "cookie" or reply.get("retry")) \
-                and not self.budget.take(sender[0]):
-            return None, ("rate_limited",)
-        return fitted, () if whole else ("cut",)
-
-    def handle_request(self, datagram, sender):
-        """Check one control datagram and do what it asks; the Answer. Nothing in it can
-        stop the daemon."""
-        nonce, proven = None, self.allow.trusted(sender[0])
-        try:
-            obj, nonce = self.auth.open(datagram)
-            request = parse_request(obj)
-            proven = self.check_cookie(request, nonce, sender) or proven
-            action = self.ops.get(request.op)
-            if action is None:
-                raise ControlError("unknown op %r (expected add, del, list or cookie)"
-                                   % (request.op,))
-        except ControlError as e:
-            return self.refusal(e, sender, nonce, proven)
-        log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
-                  len(request.entries))
-        try:
-            return Answer(action(request, sender), nonce, proven, ())
-        except ControlError as e:
-            return self.refusal(e, sender, nonce, proven, op=request.op)
-        except Exception as e:  # a bug costs one request its success, never its answer
-            log.exception("control from %s: %s failed", sender[0], request.op)
-            return Answer({"ok": False, "op": request.op, "error": "internal error: %s" % e},
-                          nonce, proven, ())
-
-    def refusal(self, error, sender, nonce, proven, **fields):
-        """The Answer to a request refused, or not acted on and to be sent again (Retry)."""
-        if isinstance(error, Retry):
-            reply = dict({"ok": False, "retry": True, "error": str(error)}, **fields)
-            return Answer(dict(reply, **error.fields), nonce, proven, (error.reason,))
-        self.quiet.warning("control from %s: %s", sender[0], error)
-        counted = ("refused", error.reason) if error.reason else ("refused",)
-        return Answer(dict({"ok": False, "error": str(error)}, **fields), nonce, proven, counted)
-
-    def check_cookie(self, request, nonce, sender):
-        """Whether the request's cookie proves the sender's address; Retry for a cookie that
-        does not, and ControlError for an authenticated request without one."""
-        if nonce is not None and request.cookie is None and request.op != "cookie":
-            # The cookie binds an authenticated request to this daemon, since it started,
-            # and to its sender: captured, it is good nowhere else and never again.
-            raise ControlError("an authenticated request must carry the cookie this daemon"
-                               " gives ({\"op\": \"cookie\"}); udpProxyServerControl.py 2.1"
-                               " sends it")
-        if request.cookie is None:
-            return False
-        if not self.cookies.valid(request.cookie, sender):
-            # Not acted on: the sender asks again with the new cookie it gets here.
-            raise Retry("cookie expired or not for this address and this daemon: send again"
-                        " with the new one", "bad_cookie", cookie=self.cookies.make(sender))
-        return True
-
-    # The ops.
-
-    def cookie(self, request, sender):
-        """The cookie that proves sender's address: the control script asks for it first."""
-        return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
-
-    def add(self, request, sender):
-        return self.apply_to_each(request.entries, sender, "add",
-                                  functools.partial(self.add_tunnel, sender=sender))
-
-    def add_tunnel(self, entry, sender):
-        """Add a tunnel; a preshared key that came over the network in clear is refused, so
-        that one sent so is never used: a request names a file on this host instead."""
-        if entry.get("presharedKey") is not None and not plain_address(sender[0]).is_loopback:
-            raise ControlError("presharedKey came over the network in clear: refused (take it"
-                               " for exposed, and make another); put the key in a file on this"
-                               " host (mode 600) and give presharedKeyFile (the control"
-                               " script's --psk-file)")
-        self.server.add_tunnel(entry)
-
-    def delete(self, request, sender):
-        with self.server.removing_together():
-            return self.apply_to_each(request.entries, sender, "del", self.server.delete_tunnel)
-
-    def apply_to_each(self, entries, sender, op, act):
-        """Apply act to every entry on its own: one bad tunnel does not stop the others;
-        the state file is written once, when any was done."""
-        if not entries:
-            return {"ok": False, "op": op, "error": "no tunnel given", "results": []}
-        results, errors = [], []
-        for entry in entries:
-            name = entry_name(entry)
-            try:
-                act(entry)
-            except ControlError as e:
-                self.quiet.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
-                results.append({"name": name, "ok": False, "error": str(e)})
-                errors.append("%s: %s" % (name, e))
-            except Exception as e:  # a bug costs this tunnel its success, not the others theirs
-                log.exception("control from %s: %s %s failed", sender[0], op, name)
-                results.append({"name": name, "ok": False, "error": "internal error: %s" % e})
-                errors.append("%s: internal error: %s" % (name, e))
-            else:
-                results.append({"name": name, "ok": True})
-        reply = {"ok": not errors, "op": op, "results": results}
-        if errors:
-            reply["error"] = "; ".join(errors)
-        if len(errors) < len(entries):
-            warning = self.server.keeper.save()
-            if warning:
-                reply["warning"] = warning
-        return reply
-
-    def list(self, request, sender):
-        """Every tunnel with its counts, in parts that each fit in one datagram. The parts
-        of one generation are the same tunnels whenever asked; a part asked for with an
-        older generation is refused, so the asker starts again rather than see a tunnel
-        twice or miss one."""
-        server, registry = self.server, self.server.registry
-        parts = registry.list_parts()
-        if request.generation not in (None, registry.generation):
-            raise Retry("the tunnels changed while they were listed (generation %d, now %d):"
-                        " ask again from part 0" % (request.generation, registry.generation),
-                        "list_changed")
-        if request.part >= len(parts):
-            raise ControlError("no part %d: the list has %d parts" % (request.part, len(parts)))
-        return {
-            "ok": True,
-            "op": "list",
-            "part": request.part,
-            "parts": len(parts),
-            "generation": registry.generation,
-            "dataPort": server.data_port,
-            "uptime": round(time.time() - server.started, 3),
-            "drops": dict(server.drops),
-            "control": dict(self.counts),
-            "unmade": sorted(registry.unmade),
-            "publicKey": server.public_key,
-            "tunnels": [registry.by_name[name].describe() for name in parts[request.part]],
-        }
-
-
 # --- Start-up -----------------------------------------------------------------
+
+
+# CAP_NET_ADMIN, from linux/capability.h: needed to create TUN devices.
+CAP_NET_ADMIN = 12
 
 
 def check_can_create_tun():
@@ -4536,6 +4628,35 @@ def check_can_create_tun():
     except OSError as e:
         raise StartupError("cannot open /dev/net/tun: %s (is the tun module loaded?)"
                            % e.strerror) from None
+
+
+def read_key_file(path, generate=False):
+    """The Curve25519 private key in path, as wg genkey writes it (base64), refused if
+    others could read it; with generate, a missing file is made first (mode 600)."""
+    need_cryptography("--key-file")
+    if generate and not os.path.exists(path):
+        try:
+            with open(private_file(path, exclusive=True), "w") as f:
+                f.write(key_to_base64(generate_private_key()) + "\n")
+        except OSError as e:
+            raise StartupError("cannot create key file %s: %s" % (path, e.strerror)) from None
+        log.info("key file %s made", path)
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise StartupError("cannot read key file %s: %s%s" % (
+            path, e.strerror, " (--generate-key makes one)" if not os.path.exists(path) else "")
+        ) from None
+    if mode & 0o077:
+        raise StartupError("key file %s is readable by group or others (mode %03o):"
+                           " chmod 600 it" % (path, mode & 0o777))
+    try:
+        return key_from_base64(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise StartupError("key file %s does not hold a base64 Curve25519 private key"
+                           " (as wg genkey writes)" % path) from None
 
 
 def notify_systemd(state):
