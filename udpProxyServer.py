@@ -103,9 +103,6 @@ GSO_MAX_BYTES = 65535 - 20 - 8
 # Where the checksum field is in a TCP and in a UDP header, and the protocol by where.
 CHECKSUM_OFFSET = {6: 16, 17: 6}
 TCP, UDP = 6, 17
-# A tunnel's counters, as list gives them after its entry.
-COUNTER_FIELDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "drops", "last_rx",
-                  "last_tx")
 
 
 class ControlError(ValueError):
@@ -3481,6 +3478,110 @@ def train_runs(train, stride):
     return runs
 
 
+class DataPort:
+    """The data port, as the daemon receives on it: datagrams of both kinds from every
+    peer, each to the tunnel it is for (a 2015-format one by its source, a WireGuard one
+    by its receiver index, through the daemon's WireGuard), and the counts of those no
+    tunnel took."""
+
+    def __init__(self, sock, registry, offloads, drops):
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.registry = registry
+        self.offloads = offloads  # what the kernel offers: UDP GRO or not
+        self.wireguard = None  # the daemon's WireGuard, where it has a key
+        self.drops = drops  # the daemon's: datagrams no tunnel took, by reason
+        # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
+        self.buffer = bytearray(2 * BUFFER_SIZE)
+        self.view = memoryview(self.buffer)
+
+    def receive(self):
+        """The loop's handler of the data socket: a batch of what the peers sent, each
+        datagram or GRO train to the tunnel it is for (or to the daemon's WireGuard, which
+        finds it), a train of more than one kind cut into runs first. Inlined in
+        receive_one_by_one, for a kernel without UDP GRO: keep the two alike."""
+        if not self.offloads.udp_gro:
+            return self.receive_one_by_one()
+        find_by_peer = self.registry.find_by_peer
+        for _ in range(BATCH):
+            try:
+                size, ancdata, flags, (ip, port, *_) = self.sock.recvmsg_into(
+                    [self.buffer], GRO_CMSG_SPACE)
+            except BlockingIOError:
+                return
+            try:
+                stride = gro_size(ancdata) or max(size, 1)
+                if stride < size and not one_kind(self.buffer, size, stride):
+                    self.receive_mixed(self.view[:size], stride, (ip, port), flags)
+                    continue
+                if is_wireguard(self.buffer, size):
+                    self.receive_wireguard(self.view[:size], stride, (ip, port))
+                    continue
+                tunnel = find_by_peer(ip, port)
+                if tunnel is None:
+                    self.drops["unknown_source"] += 1
+                elif flags & socket.MSG_TRUNC:
+                    tunnel.counters.drops["truncated"] += 1
+                else:
+                    tunnel.codec.decode(self.view[:size], stride, (ip, port))
+            except Exception:
+                self.internal_error()
+
+    def internal_error(self):
+        """A bug met while handling what came on the data port: it costs that datagram or
+        train alone, counted, and is logged a few times a minute."""
+        self.drops["internal_error"] += 1
+        DATA_PATH_BUGS.log(logging.ERROR, "internal error on a datagram from the data port"
+                           " (-o list counts them as internal_error)", exc_info=True)
+
+    def receive_mixed(self, train, stride, source, flags=0):
+        """A GRO train whose datagrams are not all of one kind (plain ones and WireGuard
+        messages of one peer daemon, two keypairs at a rekey, a datagram spoofed into the
+        flow): cut into runs of one kind each, every run handled on its own."""
+        for start, end, plain in train_runs(train, stride):
+            run = train[start:end]
+            if not plain:
+                self.receive_wireguard(run, stride, source)
+                continue
+            tunnel = self.registry.find_by_peer(*source)
+            if tunnel is None:
+                self.drops["unknown_source"] += -(-len(run) // stride)
+            elif flags & socket.MSG_TRUNC and end == len(train):
+                tunnel.counters.drops["truncated"] += 1
+            else:
+                tunnel.codec.decode(run, stride, source)
+
+    def receive_one_by_one(self):
+        """receive's work without UDP GRO: each datagram on its own, as it came, with the
+        cheaper recvfrom_into and the registry's find_by_peer inlined (a call less a
+        datagram, on the --no-offload path): keep the two alike."""
+        recvfrom_into, buffer, view, by_peer = (self.sock.recvfrom_into, self.buffer,
+                                                self.view, self.registry.by_peer)
+        for _ in range(BATCH):
+            try:
+                size, (ip, port, *_) = recvfrom_into(buffer)
+            except BlockingIOError:
+                return
+            try:
+                if buffer[0] and is_wireguard(buffer, size):  # a 2015-format one starts with 0
+                    self.receive_wireguard(view[:size], max(size, 1), (ip, port))
+                    continue
+                tunnel = by_peer.get((ip, port)) or by_peer.get((ip, None))  # as find_by_peer
+                if tunnel is None:
+                    self.drops["unknown_source"] += 1
+                else:
+                    tunnel.codec.decode(view[:size], max(size, 1), (ip, port))
+            except Exception:
+                self.internal_error()
+
+    def receive_wireguard(self, datagrams, stride, source):
+        """One data port for both kinds: WireGuard messages go to the daemon's WireGuard."""
+        if self.wireguard is None:
+            self.drops["wireguard_without_key"] += 1
+        else:
+            self.wireguard.receive(datagrams, stride, source)
+
+
 # --- The loop -----------------------------------------------------------------
 
 
@@ -4248,13 +4349,13 @@ class StateKeeper:
                 self.server.add_tunnel(entry)
             except ControlError as e:
                 self.not_made(entry, e)
-        log.info("restored %d tunnels from %s", len(self.server.tunnels), self.state.path)
+        log.info("restored %d tunnels from %s", len(self.server.registry.by_name), self.state.path)
 
     def not_made(self, entry, error):
         """A tunnel of the state file that cannot be made (now): said, and kept in the file
         when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
         name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name not in self.server.tunnels:
+        if isinstance(name, str) and name not in self.server.registry.by_name:
             self.server.registry.unmade[name] = entry
             log.error("state file %s: tunnel %s not made: %s; kept in the file, tried again"
                       " at the next start or SIGHUP", self.state.path, name, error)
@@ -4273,14 +4374,14 @@ class StateKeeper:
         except StateUnreadable as e:
             log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
             return
-        removed = [t for t in self.server.tunnels.values() if wanted.get(t.name) != t.spec]
+        removed = [t for t in self.server.registry.by_name.values() if wanted.get(t.name) != t.spec]
         with self.server.removing_together():  # their devices gone before any is made again
             for tunnel in removed:
                 self.server.remove(tunnel)
         self.server.registry.unmade.clear()
         added = 0
         for name, spec in wanted.items():
-            if name in self.server.tunnels:
+            if name in self.server.registry.by_name:
                 continue
             try:
                 self.server.add_spec(spec)
@@ -4288,7 +4389,7 @@ class StateKeeper:
             except ControlError as e:
                 self.not_made(spec.entry(), e)
         log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
-                 len(removed), added, len(self.server.tunnels) - added, len(self.server.registry.unmade))
+                 len(removed), added, len(self.server.registry.by_name) - added, len(self.server.registry.unmade))
 
     def wanted_specs(self, entries):
         """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
@@ -4374,103 +4475,16 @@ class Server:
         self.wireguard = WireGuard(private_key, data_sock, self.drops, clock) \
             if private_key else None
         self.started = time.time()
-        # UDP GRO hands over up to 64 segments of up to 64 KB in all; more is cut and counted.
-        self.buffer = bytearray(2 * BUFFER_SIZE)
-        self.view = memoryview(self.buffer)
+        self.data = DataPort(data_sock, self.registry, self.offloads, self.drops)
+        self.data.wireguard = self.wireguard
         self.control = ControlPort(self, control_sock, **policy)
-        self.loop.watch(data_sock.fileno(), self.receive_from_peers)
+        self.loop.watch(data_sock.fileno(), self.data.receive)
         self.loop.watch(control_sock.fileno(), self.control.handle)
-
-    @property
-    def tunnels(self):
-        return self.registry.by_name
 
     def run(self):
         log.info("listening for control on UDP port %d, data on UDP port %d",
                  self.control.sock.getsockname()[1], self.data_port)
         self.loop.run(self.wireguard)
-
-    # The data path: what the peers send, to the tunnel it is for.
-
-    def receive_from_peers(self):
-        if not self.offloads.udp_gro:
-            return self.receive_one_by_one()
-        find_by_peer = self.registry.find_by_peer
-        for _ in range(BATCH):
-            try:
-                size, ancdata, flags, (ip, port, *_) = self.data_sock.recvmsg_into(
-                    [self.buffer], GRO_CMSG_SPACE)
-            except BlockingIOError:
-                return
-            try:
-                stride = gro_size(ancdata) or max(size, 1)
-                if stride < size and not one_kind(self.buffer, size, stride):
-                    self.receive_mixed(self.view[:size], stride, (ip, port), flags)
-                    continue
-                if is_wireguard(self.buffer, size):
-                    self.receive_wireguard(self.view[:size], stride, (ip, port))
-                    continue
-                tunnel = find_by_peer(ip, port)
-                if tunnel is None:
-                    self.drops["unknown_source"] += 1
-                elif flags & socket.MSG_TRUNC:
-                    tunnel.counters.drops["truncated"] += 1
-                else:
-                    tunnel.codec.decode(self.view[:size], stride, (ip, port))
-            except Exception:
-                self.internal_error()
-
-    def internal_error(self):
-        """A bug met while handling what came on the data port: it costs that datagram or
-        train alone, counted, and is logged a few times a minute."""
-        self.drops["internal_error"] += 1
-        DATA_PATH_BUGS.log(logging.ERROR, "internal error on a datagram from the data port"
-                           " (-o list counts them as internal_error)", exc_info=True)
-
-    def receive_mixed(self, train, stride, source, flags=0):
-        """A GRO train whose datagrams are not all of one kind (plain ones and WireGuard
-        messages of one peer daemon, two keypairs at a rekey, a datagram spoofed into the
-        flow): cut into runs of one kind each, every run handled on its own."""
-        for start, end, plain in train_runs(train, stride):
-            run = train[start:end]
-            if not plain:
-                self.receive_wireguard(run, stride, source)
-                continue
-            tunnel = self.registry.find_by_peer(*source)
-            if tunnel is None:
-                self.drops["unknown_source"] += -(-len(run) // stride)
-            elif flags & socket.MSG_TRUNC and end == len(train):
-                tunnel.counters.drops["truncated"] += 1
-            else:
-                tunnel.codec.decode(run, stride, source)
-
-    def receive_one_by_one(self):
-        """The data path without UDP GRO: each datagram on its own, as it came."""
-        recvfrom_into, buffer, view, by_peer = (self.data_sock.recvfrom_into, self.buffer,
-                                                self.view, self.registry.by_peer)
-        for _ in range(BATCH):
-            try:
-                size, (ip, port, *_) = recvfrom_into(buffer)
-            except BlockingIOError:
-                return
-            try:
-                if buffer[0] and is_wireguard(buffer, size):  # a 2015-format one starts with 0
-                    self.receive_wireguard(view[:size], max(size, 1), (ip, port))
-                    continue
-                tunnel = by_peer.get((ip, port)) or by_peer.get((ip, None))  # as find_by_peer
-                if tunnel is None:
-                    self.drops["unknown_source"] += 1
-                else:
-                    tunnel.codec.decode(view[:size], max(size, 1), (ip, port))
-            except Exception:
-                self.internal_error()
-
-    def receive_wireguard(self, datagrams, stride, source):
-        """One data port for both kinds: WireGuard messages go to the daemon's WireGuard."""
-        if self.wireguard is None:
-            self.drops["wireguard_without_key"] += 1
-        else:
-            self.wireguard.receive(datagrams, stride, source)
 
     def forward(self, tunnel):
         try:
@@ -4538,7 +4552,7 @@ class Server:
         if "name" not in entry:
             raise ControlError("missing field 'name'")
         name = entry["name"]
-        tunnel = self.tunnels.get(name) if isinstance(name, str) else None
+        tunnel = self.registry.by_name.get(name) if isinstance(name, str) else None
         if tunnel is None and isinstance(name, str) and name in self.registry.unmade:
             del self.registry.unmade[name]  # no longer wanted: out of the state file
             log.info("tunnel %s (not made) deleted", name)
@@ -4595,9 +4609,9 @@ class Server:
 
     def close(self):
         """Close every tunnel (their devices go with them, together), then the sockets."""
-        count = len(self.tunnels)
+        count = len(self.registry.by_name)
         with self.removing_together():
-            for tunnel in list(self.tunnels.values()):
+            for tunnel in list(self.registry.by_name.values()):
                 self.remove(tunnel)
         self.control.quiet.flush(force=True)
         for sock in (self.data_sock, self.control.sock):
@@ -4844,7 +4858,7 @@ def main(argv=None):
         log.info("public key: %s", key_to_base64(public_key(private_key)))
     signal_fds = watch_signals(server)
     server.keeper.restore()
-    notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.tunnels))
+    notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.registry.by_name))
     try:
         server.run()
     finally:

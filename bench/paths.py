@@ -45,7 +45,7 @@ def pair(offloads, encrypted, stack):
 
 
 def pump(server):
-    for tunnel in list(server.tunnels.values()):
+    for tunnel in list(server.registry.by_name.values()):
         server.loop.dispatch(tunnel.fd)
     server.loop.dispatch(server.data_sock.fileno())
     if server.wireguard:
@@ -82,7 +82,7 @@ def measure(kind, offloads, encrypted, rounds):
                 for frame in frames:
                     a_devices.outer["t"].send(frame)
                 started = time.perf_counter()
-                a.loop.dispatch(a.tunnels["t"].fd)
+                a.loop.dispatch(a.registry.by_name["t"].fd)
                 send += time.perf_counter() - started
                 started = time.perf_counter()
                 b.loop.dispatch(b.data_sock.fileno())

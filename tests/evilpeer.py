@@ -12,7 +12,6 @@ its identity's marker, so a capture on another tunnel's device can tell it apart
 """
 
 import json
-import os
 import random
 import socket
 import struct

@@ -236,7 +236,7 @@ def add_loopback_tunnel(server, peer, name="udp2", address="10.0.1.1"):
         "name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
         "remotePort": peer.getsockname()[1]}]}).encode(), ("127.0.0.1", 9))
     assert reply == {"ok": True, "op": "add", "results": [{"name": name, "ok": True}]}
-    return server.tunnels[name]
+    return server.registry.by_name[name]
 
 
 def deliver(tunnel, datagrams, stride):

@@ -86,6 +86,7 @@ def test_a_peer_restarted_without_offloads_mid_transfer_gets_full_checksums(lab)
     finally:
         flow.join(150)
     assert results and results[0][1] == results[0][0]
+    assert a.ping("10.0.1.2")  # a hears from b as it is now, should the transfer have ended first
     tunnel = a.tunnels()["udp2"]
     assert (tunnel["peerOffload"], tunnel["checksums"]) == (False, "full"), tunnel
     assert b.tunnels()["udp1"]["checksums"] == "full"

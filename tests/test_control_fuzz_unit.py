@@ -58,7 +58,7 @@ def ask(server, request, sender="127.0.0.1"):
     given); the daemon left as it was (a request that added a tunnel has it deleted again)."""
     raw = request if isinstance(request, bytes) else json.dumps(request).encode()
     reply = server.control.handle_request(raw, (sender, 40000)).reply
-    for name in list(server.tunnels):
+    for name in list(server.registry.by_name):
         server.delete_tunnel({"name": name})
     server.registry.unmade.clear()
     return reply

@@ -7,16 +7,15 @@ import logging
 import os
 import socket
 import struct
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import packets
 import udpProxyServer as ups
-from fakes import (FakeDevices, Wire, add_loopback_tunnel, answer, deliver, fake_server,
+from fakes import (Wire, add_loopback_tunnel, answer, deliver, fake_server,
                    refuse_joined_writes, told_partial, udp, vnet)
-from udpProxyServer import ControlError, Server, TunnelSpec, parse_request
+from udpProxyServer import ControlError, TunnelSpec, parse_request
 
 PACKET = b"E" + bytes(27)  # a 28-byte IPv4 packet, as a device without offloads gives it
 DATAGRAM = ups.PI_BY_VERSION[4] + PACKET  # and as it goes on the wire, in the 2015 format
@@ -159,7 +158,7 @@ def test_device_that_cannot_be_created_is_an_error_reply(server):
                           b' "remoteServer": "198.18.0.2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] is False
     assert reply["results"][0]["error"] == "cannot create device 'udp2': Device or resource busy"
-    assert not server.tunnels and not server.registry.by_peer
+    assert not server.registry.by_name and not server.registry.by_peer
 
 
 def test_del_unregisters_and_closes_the_device(server):
@@ -471,7 +470,7 @@ def test_a_valid_cookie_proves_the_sender_and_a_bad_one_is_not_acted_on():
             clock[0] += later  # another address, then the cookie's own after it expired
             reply, _, proven = answer(server, json.dumps(dict(ADD, cookie=cookie)).encode(), sender)
             assert reply["retry"] and not reply["ok"] and not proven
-            assert "udp2" not in server.tunnels  # not acted on: the sender asks again
+            assert "udp2" not in server.registry.by_name  # not acted on: the sender asks again
         assert server.control.counts["bad_cookie"] == 2
         reply, _, proven = answer(server, json.dumps(ADD).encode(), MANAGER)
         assert reply["ok"] and not proven  # a plain request, as in 2015, is acted on
@@ -523,7 +522,7 @@ def test_an_add_that_fails_with_any_error_leaves_nothing_and_the_others_go_on(tm
         assert [r["ok"] for r in reply["results"]] == [False, True]
         assert "cannot configure udp2 through netlink" in reply["results"][0]["error"]
         assert made[0].fileno() == -1  # the half-made device is closed, so the kernel deletes it
-        assert list(server.tunnels) == ["udp3"] and len(server.loop.handlers) == 3
+        assert list(server.registry.by_name) == ["udp3"] and len(server.loop.handlers) == 3
         assert saved_names(server) == ["udp3"]
 
 
@@ -547,14 +546,14 @@ def test_a_tunnel_whose_device_failed_leaves_the_state_file(tmp_path):
     with server_with_state(tmp_path) as (server, devices):
         answer(server, json.dumps({"op": "add", "tunnel": [entry("udp2", 2), entry("udp3", 3)]})
                       .encode(), ("127.0.0.1", 9))
-        tunnel = server.tunnels["udp2"]
+        tunnel = server.registry.by_name["udp2"]
 
         def gone():
             raise ups.TunnelGone("No such device")
 
         tunnel.forward_from_device = gone
         server.loop.dispatch(tunnel.fd)
-        assert list(server.tunnels) == ["udp3"] and saved_names(server) == ["udp3"]
+        assert list(server.registry.by_name) == ["udp3"] and saved_names(server) == ["udp3"]
 
 
 @pytest.mark.parametrize("content", [None, b'{"version": 1, "tunn', b"\xff\xfe", b"[]"])
@@ -567,7 +566,7 @@ def test_sighup_with_a_missing_or_corrupt_state_file_keeps_every_tunnel(tmp_path
             with open(server.keeper.state.path, "wb") as f:
                 f.write(content)
         server.keeper.reload()
-        assert list(server.tunnels) == ["udp2"]
+        assert list(server.registry.by_name) == ["udp2"]
 
 
 def test_sighup_with_a_readable_file_listing_fewer_tunnels_removes_them(tmp_path):
@@ -576,7 +575,7 @@ def test_sighup_with_a_readable_file_listing_fewer_tunnels_removes_them(tmp_path
                       .encode(), ("127.0.0.1", 9))
         server.keeper.state.save([entry("udp3", 3)])
         server.keeper.reload()
-        assert list(server.tunnels) == ["udp3"]
+        assert list(server.registry.by_name) == ["udp3"]
 
 
 def test_a_tunnel_that_cannot_be_made_again_stays_in_the_state_file_until_made_or_deleted(
@@ -588,7 +587,7 @@ def test_a_tunnel_that_cannot_be_made_again_stays_in_the_state_file_until_made_o
         with missing as patch:
             patch.setattr(ups, "IPRoute", NoNetlink)  # e.g. pyroute2 gone after an upgrade
             server.keeper.restore()
-        assert sorted(server.tunnels) == ["udp3", "udp4"] and list(server.registry.unmade) == ["udp2"]
+        assert sorted(server.registry.by_name) == ["udp3", "udp4"] and list(server.registry.unmade) == ["udp2"]
         assert list_of(server)["unmade"] == ["udp2"]
         answer(server, json.dumps({"op": "del", "tunnel": [{"name": "udp4"}]}).encode(),
                       ("127.0.0.1", 9))
@@ -606,7 +605,7 @@ def test_sighup_with_a_bad_entry_changes_nothing(tmp_path, bad):
                       .encode(), ("127.0.0.1", 9))
         server.keeper.state.save([entry("udp2", 2), bad])
         server.keeper.reload()
-        assert sorted(server.tunnels) == ["udp2", "udp3"]
+        assert sorted(server.registry.by_name) == ["udp2", "udp3"]
 
 
 def list_of(server, **request):
@@ -629,14 +628,14 @@ def test_a_list_in_parts_shows_every_tunnel_once_while_counters_grow():
         add_many(server, 150)
         first = list_of(server)
         assert first["parts"] > 1
-        for tunnel in server.tunnels.values():  # counters at their largest
+        for tunnel in server.registry.by_name.values():  # counters at their largest
             tunnel.counters.rx_packets = tunnel.counters.rx_bytes = tunnel.counters.tx_packets = tunnel.counters.tx_bytes = 2**64
             tunnel.counters.last_rx = tunnel.counters.last_tx = 1795000000.123456
             tunnel.counters.drops.update({reason: 2**64 for reason in (
                 "short", "truncated", "tun_refused", "tun_full", "socket_full", "send_error")})
         names = [t["name"] for part in range(first["parts"]) for t in list_of(
             server, part=part, generation=first["generation"])["tunnels"]]
-        assert sorted(names) == sorted(server.tunnels)
+        assert sorted(names) == sorted(server.registry.by_name)
         for part in range(first["parts"]):  # each part, counters and all, fits a datagram
             reply = list_of(server, part=part)
             assert len(json.dumps(reply)) + len(json.dumps(json.dumps(reply))) < ups.MAX_REPLY
@@ -725,7 +724,7 @@ def tunnels_on_netlink(tmp_path, monkeypatch, count, **netlink):
     with server_with_state(tmp_path) as (server, devices):
         answer(server, json.dumps({"op": "add", "tunnel": [entry("udp%d" % i, i)
                                    for i in range(2, count + 2)]}).encode(), ("127.0.0.1", 9))
-        fake = GroupNetlink([t.fd for t in server.tunnels.values()], **netlink)
+        fake = GroupNetlink([t.fd for t in server.registry.by_name.values()], **netlink)
         fake.groups[1000] = 7
         monkeypatch.setattr(ups, "IPRoute", fake)
         monkeypatch.setattr(ups, "held_device_index",
@@ -743,15 +742,15 @@ def test_one_del_puts_just_its_devices_in_a_group_and_deletes_that_group_once(tm
                                                                            monkeypatch, caplog):
     with tunnels_on_netlink(tmp_path, monkeypatch, 4) as (server, netlink), \
             caplog.at_level(logging.INFO, logger="udpProxyServer"):
-        removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
+        removed = [server.registry.by_name[name] for name in ("udp2", "udp3", "udp5")]
         assert delete(server, "udp2", "udp3", "udp5")["ok"]
         group = netlink.requests[-1][2]
         assert ups.DELETE_GROUPS[0] <= group < ups.DELETE_GROUPS[1]
         assert sorted(netlink.requests[:-1]) == sorted(("set", t.fd, group) for t in removed)
         assert netlink.requests[-1] == ("del", None, group)
-        assert netlink.groups == {server.tunnels["udp4"].fd: 0, 1000: 7}
+        assert netlink.groups == {server.registry.by_name["udp4"].fd: 0, 1000: 7}
         assert all(tunnel.device.tun.fileno() == -1 for tunnel in removed)  # closed after
-        assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
+        assert list(server.registry.by_name) == ["udp4"] and saved_names(server) == ["udp4"]
         assert "3 devices deleted together" in caplog.text
         netlink.requests.clear()
         assert delete(server, "udp4")["ok"]
@@ -764,11 +763,11 @@ def test_devices_not_deleted_together_are_closed_one_by_one_said_in_one_line(
     refused = (command, errno.EOPNOTSUPP)
     with tunnels_on_netlink(tmp_path, monkeypatch, 4, refused=refused) as (server, netlink), \
             caplog.at_level(logging.INFO, logger="udpProxyServer"):
-        removed = [server.tunnels[name] for name in ("udp2", "udp3", "udp5")]
+        removed = [server.registry.by_name[name] for name in ("udp2", "udp3", "udp5")]
         assert delete(server, "udp2", "udp3", "udp5")["ok"]
         assert netlink.requests[-1][0] == command  # nothing asked after the refusal
         assert all(tunnel.device.tun.fileno() == -1 for tunnel in removed)
-        assert list(server.tunnels) == ["udp4"] and saved_names(server) == ["udp4"]
+        assert list(server.registry.by_name) == ["udp4"] and saved_names(server) == ["udp4"]
         said = [r.getMessage() for r in caplog.records if "together" in r.getMessage()]
         assert len(said) == 1, said
         assert said[0].startswith("3 devices not deleted together (netlink: ")

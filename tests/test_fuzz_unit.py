@@ -80,7 +80,7 @@ def no_internal_error(reply):
 
 
 def consistent(server):
-    for name, tunnel in server.tunnels.items():
+    for name, tunnel in server.registry.by_name.items():
         assert tunnel.name == name and server.loop.handlers.get(tunnel.fd)
         assert server.registry.by_peer[server.registry.peer_key(tunnel.spec)] is tunnel
 
@@ -95,7 +95,7 @@ def test_structured_requests_are_done_or_refused_never_an_internal_error(drawn):
         consistent(server)
         if valid and request["op"] == "add" and distinct(request["tunnel"]):
             assert reply["ok"], reply  # a valid request gets past every check and is done
-            assert sorted(server.tunnels) == sorted(e["name"] for e in request["tunnel"])
+            assert sorted(server.registry.by_name) == sorted(e["name"] for e in request["tunnel"])
 
 
 def distinct(entries):
@@ -164,4 +164,4 @@ def test_the_envelope_fuzz_reaches_the_ops():
             {"name": "udp2", "tunnelIP": "10.0.1.1", "remoteServer": "198.18.0.2"}]}
         reply, _, proven = answer(server, ctl.Session(SECRET, clock=lambda: NOW).seal(request),
                                          SENDER)
-        assert reply["ok"] and proven and list(server.tunnels) == ["udp2"]
+        assert reply["ok"] and proven and list(server.registry.by_name) == ["udp2"]

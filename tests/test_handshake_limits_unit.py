@@ -93,7 +93,7 @@ def test_a_peers_initiations_are_taken_one_in_20_ms(daemon):
         receive(server)
         types = [ups.message_type(d) for d in drain(peer.sock)]
         assert (ups.MESSAGE_RESPONSE in types) == answered, step
-    assert server.tunnels["wgp"].counters.drops["initiation_flood"] == 1
+    assert server.registry.by_name["wgp"].counters.drops["initiation_flood"] == 1
 
 
 @pytest.mark.parametrize("key", [bytes(32), bytes([1]) + bytes(31),
@@ -105,7 +105,7 @@ def test_a_public_key_of_small_order_is_refused_at_add(daemon, key):
     reply = add(server, {"name": "wgp", "tunnelIP": "10.0.1.1", "remoteServer": "127.0.0.1",
                          "publicKey": ups.key_to_base64(key)})
     assert not reply["ok"] and "invalid publicKey" in reply["error"]
-    assert "small order" in reply["error"] and "wgp" not in server.tunnels
+    assert "small order" in reply["error"] and "wgp" not in server.registry.by_name
 
 
 def flood_from(peer, server, count, cookie_aware=True):
@@ -201,7 +201,7 @@ def test_a_tunnels_endpoint_is_served_past_the_share(daemon):
     server.wireguard.limits.share = -1  # spent for a long while
     server.wireguard.endpoints.clear()
     assert flood_from(peer, server, 1) == []  # not a known endpoint: waits
-    server.wireguard.endpoints[server.tunnels["wgp"].endpoint[0]] += 1  # as the tunnel names it
+    server.wireguard.endpoints[server.registry.by_name["wgp"].endpoint[0]] += 1  # as the tunnel names it
     clock.advance(1)
     assert flood_from(peer, server, 1) == [ups.MESSAGE_RESPONSE]
 
@@ -224,21 +224,21 @@ def test_a_bug_in_one_tunnels_timers_costs_only_that_tunnel(daemon, monkeypatch,
     server, devices, clock = daemon
     good, bad = WirePeer(server.wireguard.public_key), WirePeer(server.wireguard.public_key)
     assert add(server, bad.entry("wgb", "10.0.2.1"), good.entry("wgg", "10.0.1.1"))["ok"]
-    monkeypatch.setattr(server.tunnels["wgb"].wg_peer.timers, "due",
+    monkeypatch.setattr(server.registry.by_name["wgb"].wg_peer.timers, "due",
                         lambda now: (_ for _ in ()).throw(RuntimeError("boom")))
     devices.outer["wgg"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2", b"x"))
-    server.loop.dispatch(server.tunnels["wgg"].fd)
+    server.loop.dispatch(server.registry.by_name["wgg"].fd)
     with caplog.at_level(logging.ERROR, "udpProxyServer"):
         server.wireguard.run_timers()
     assert [ups.message_type(d) for d in drain(good.sock)] == [ups.MESSAGE_INITIATION]
-    assert server.tunnels["wgb"].counters.drops["internal_error"] == 1 and "boom" in caplog.text
+    assert server.registry.by_name["wgb"].counters.drops["internal_error"] == 1 and "boom" in caplog.text
 
 
 def test_packets_pushed_out_of_the_staged_queue_are_counted(daemon):
     server, devices, _ = daemon
     peer = WirePeer(server.wireguard.public_key)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
-    tunnel = server.tunnels["wgp"]
+    tunnel = server.registry.by_name["wgp"]
     for i in range(ups.MAX_STAGED_PACKETS + 7):
         devices.outer["wgp"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2",
                                                                   b"%d" % i))
@@ -265,7 +265,7 @@ def test_tunnels_to_dead_peers_are_not_looked_at_once_given_up(daemon, monkeypat
         server.wireguard.tick()
     assert looked == [] and server.wireguard.poll_timeout() > 100
     # Told something, one tunnel is looked at, and wakes when its timer comes.
-    tunnel = server.tunnels["wg3"]
+    tunnel = server.registry.by_name["wg3"]
     tunnel.wg_peer.timers.set_persistent_keepalive(25)
     server.wireguard.touch(tunnel)
     assert server.wireguard.poll_timeout() == 0
@@ -278,7 +278,7 @@ def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
     peer = WirePeer(server.wireguard.public_key)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     peer.handshake(server, server.data_port)
-    tunnel = server.tunnels["wgp"]
+    tunnel = server.registry.by_name["wgp"]
     keypair = tunnel.wg_peer.keypairs.current
     assert keypair.send_cipher is not None
     # The daemon initiates (a packet, no session of its own making needed): then deletes.
@@ -300,7 +300,7 @@ def test_a_tunnel_removed_and_made_again_with_the_same_key_has_only_its_own_time
     peer = WirePeer(server.wireguard.public_key)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     server.wireguard.tick()
-    old = server.tunnels["wgp"]
+    old = server.registry.by_name["wgp"]
     answer(server, b'{"op": "del", "tunnel": [{"name": "wgp"}]}', ("127.0.0.1", 9))
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     looked = []

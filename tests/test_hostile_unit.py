@@ -81,7 +81,7 @@ def test_broken_inner_packets_never_reach_another_tunnels_device(encrypted_serve
     assert [p for p in to_victim if marker in p] == []
     assert len(to_victim) == 1 and b"victim" in to_victim[0]
     assert sum(p.count(marker) for p in written_packets(devices, "wga", offload)) == 3
-    assert server.tunnels["wga"].counters.drops == {reason: 2}
+    assert server.registry.by_name["wga"].counters.drops == {reason: 2}
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info]
 
 
@@ -110,7 +110,7 @@ def test_a_train_across_a_rekey_delivers_both_keypairs_messages(encrypted_server
     receive(server)
     written = b"".join(written_packets(devices, "wgv", offload))
     assert all(b"old %d" % i in written and b"new %d" % i in written for i in range(3))
-    assert not server.tunnels["wgv"].counters.drops
+    assert not server.registry.by_name["wgv"].counters.drops
 
 
 def test_a_spoofed_datagram_heading_a_train_costs_only_itself(encrypted_server):
@@ -179,7 +179,7 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
         assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
         # A packet for the peer: the daemon initiates, and the peer does not answer that.
         devices.outer["wgp"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2", b"x"))
-        server.loop.dispatch(server.tunnels["wgp"].fd)
+        server.loop.dispatch(server.registry.by_name["wgp"].fd)
         server.wireguard.run_timers()
         assert [ups.message_type(d) for d in drain(peer.sock)] == [ups.MESSAGE_INITIATION]
         # The peer's own initiation crosses it: the daemon answers; the handshake is not
@@ -189,11 +189,11 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
         receive(server)
         peer.keys = ups.consume_response(sent, peer.receive(ups.MESSAGE_RESPONSE))
         peer.cipher = ups.transport_cipher(peer.keys.send_key)
-        assert server.tunnels["wgp"].describe()["latestHandshake"] is None
+        assert server.registry.by_name["wgp"].describe()["latestHandshake"] is None
         clock.advance(1)
         peer.send([b""], server.data_port)  # a keepalive confirms it
         receive(server)
-        assert server.tunnels["wgp"].describe()["latestHandshake"] is not None
+        assert server.registry.by_name["wgp"].describe()["latestHandshake"] is not None
         assert [ups.message_type(d) for d in drain(peer.sock)] == [ups.MESSAGE_TRANSPORT]  # the staged packet
         for _ in range(40):  # long past the retry of the daemon's own initiation
             clock.advance(0.5)
@@ -201,7 +201,7 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
             receive(server)
         sent_types = {ups.message_type(d) for d in drain(peer.sock)}
         assert ups.MESSAGE_INITIATION not in sent_types
-        assert server.tunnels["wgp"].wg_peer.initiation is None  # its keys let go of, not at 540 s
+        assert server.registry.by_name["wgp"].wg_peer.initiation is None  # its keys let go of, not at 540 s
 
 
 def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypted_server):
@@ -209,11 +209,11 @@ def test_an_authenticated_packet_that_is_dropped_still_tells_the_timers(encrypte
     daemon answers with a keepalive in time, and a session is not thought silent."""
     server, devices = encrypted_server
     attacker, _ = two_tunnels(server)
-    timers = server.tunnels["wga"].wg_peer.timers
+    timers = server.registry.by_name["wga"].wg_peer.timers
     timers.deadlines.pop("send_keepalive", None)
     attacker.send([ipv4_packet(ATTACKER, "10.0.1.1", b"x", total=0)], server.data_port)
     receive(server)
-    assert server.tunnels["wga"].counters.drops == {"malformed": 1}
+    assert server.registry.by_name["wga"].counters.drops == {"malformed": 1}
     assert "send_keepalive" in timers.deadlines
 
 
@@ -236,7 +236,7 @@ def test_a_source_belongs_to_the_tunnel_of_the_longest_prefix(encrypted_server):
     offload = bool(server.offloads.tun_flags)
     assert [p[-5:] for p in written_packets(devices, "wgw", offload)] == [b"mine!"]
     assert [p[-4:] for p in written_packets(devices, "wgn", offload)] == [b"ours"]
-    assert server.tunnels["wgw"].counters.drops == {"not_allowed_source": 2}
+    assert server.registry.by_name["wgw"].counters.drops == {"not_allowed_source": 2}
 
 
 @pytest.mark.parametrize("prefix, peer, refused", [
@@ -255,7 +255,7 @@ def test_a_subnets_sources_are_its_hosts_but_ours(encrypted_server, prefix, peer
                    for source in [peer] + refused], server.data_port)
     receive(server)
     assert [p[20:].decode() for p in written_packets(devices, "wga", offload)] == [peer]
-    assert server.tunnels["wga"].counters.drops == {"not_allowed_source": len(refused)}
+    assert server.registry.by_name["wga"].counters.drops == {"not_allowed_source": len(refused)}
 
 
 def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_server, monkeypatch,
@@ -264,7 +264,7 @@ def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_ser
     offload = bool(server.offloads.tun_flags)
     attacker, victim = two_tunnels(server)
     devices.written("wgv")
-    real = ups.Server.receive_wireguard
+    real = ups.DataPort.receive_wireguard
     calls = []
 
     def buggy(self, datagrams, stride, source):
@@ -273,7 +273,7 @@ def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_ser
             raise RuntimeError("a bug")
         return real(self, datagrams, stride, source)
 
-    monkeypatch.setattr(ups.Server, "receive_wireguard", buggy)
+    monkeypatch.setattr(ups.DataPort, "receive_wireguard", buggy)
     victim.send([ipv4_packet(VICTIM, "10.0.2.1", b"lost %d" % i) for i in range(3)],
                 server.data_port)
     with caplog.at_level(logging.ERROR, "udpProxyServer"):
@@ -292,14 +292,14 @@ def test_a_bug_while_sending_leaves_nothing_queued_for_the_next_send(monkeypatch
         for name, sock, address in (("udp2", peer, "10.0.1.1"), ("udp3", other, "10.0.2.1")):
             assert add(server, {"name": name, "tunnelIP": address, "remoteServer": "127.0.0.1",
                                 "remotePort": sock.getsockname()[1]})["ok"]
-        tunnel = server.tunnels["udp2"]
+        tunnel = server.registry.by_name["udp2"]
         monkeypatch.setattr(tunnel, "send", lambda *_: (_ for _ in ()).throw(RuntimeError("x")))
         devices.outer["udp2"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2",
                                                                    b"mine"))
         server.loop.dispatch(tunnel.fd)
         devices.outer["udp3"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.2.1", "10.0.2.2",
                                                                    b"other's"))
-        server.loop.dispatch(server.tunnels["udp3"].fd)
+        server.loop.dispatch(server.registry.by_name["udp3"].fd)
         monkeypatch.undo()
         server.loop.dispatch(tunnel.fd)  # nothing to read: nothing must go
         peer.settimeout(0.2)

@@ -32,7 +32,7 @@ def psk_file(tmp_path, key=PSK, mode=0o600, name="psk"):
 def test_a_preshared_key_from_a_file_on_the_daemons_host_is_used(daemon, tmp_path):
     peer = WirePeer(daemon.wireguard.public_key)
     assert add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=psk_file(tmp_path)))["ok"]
-    assert daemon.tunnels["wgp"].wg_peer.preshared_key == PSK
+    assert daemon.registry.by_name["wgp"].wg_peer.preshared_key == PSK
     # A handshake with the key goes through; the peer's response needs it.
     sent, message = peer.initiation()
     peer.sock.sendto(message, ("127.0.0.1", daemon.data_port))
@@ -101,7 +101,7 @@ def test_no_unusable_file_is_read_nor_told_apart(daemon, tmp_path, caplog):
         for path, why in unusable_files(tmp_path).items():
             caplog.clear()
             reply = add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=path))
-            assert not reply["ok"] and "wgp" not in daemon.tunnels, path
+            assert not reply["ok"] and "wgp" not in daemon.registry.by_name, path
             errors.add(reply["error"].replace(repr(path), "PATH"))
             assert why in caplog.text, (path, caplog.text)
     finally:
@@ -116,9 +116,9 @@ def test_an_inline_key_from_the_network_is_refused_and_from_this_host_taken(daem
     request = json.dumps({"op": "add", "tunnel": [entry]}).encode()
     reply = answer(daemon, request, ("198.18.0.9", 40000))[0]
     assert not reply["ok"] and "came over the network in clear" in reply["error"]
-    assert "wgp" not in daemon.tunnels
+    assert "wgp" not in daemon.registry.by_name
     reply = answer(daemon, request, ("::1", 40000))[0]
-    assert reply["ok"] and daemon.tunnels["wgp"].wg_peer.preshared_key == PSK
+    assert reply["ok"] and daemon.registry.by_name["wgp"].wg_peer.preshared_key == PSK
 
 
 def test_both_forms_at_once_are_refused(daemon, tmp_path):
@@ -134,7 +134,7 @@ def test_a_reload_reads_the_file_again_so_a_new_key_takes_effect(daemon, tmp_pat
     assert add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=path))["ok"]
     psk_file(tmp_path, key=bytes(32))
     daemon.keeper.reload()
-    assert daemon.tunnels["wgp"].wg_peer.preshared_key == bytes(32)
+    assert daemon.registry.by_name["wgp"].wg_peer.preshared_key == bytes(32)
 
 
 def test_the_control_script_sends_the_path_and_never_reads_the_key(tmp_path):

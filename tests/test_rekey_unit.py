@@ -21,7 +21,7 @@ def pump(servers, rnd):
     of a handshake under way, as when they cross it on the wire."""
     for _ in range(8):
         steps = [step for server in servers for step in (
-            *[lambda s=server, t=tunnel: s.loop.dispatch(t.fd) for tunnel in server.tunnels.values()],
+            *[lambda s=server, t=tunnel: s.loop.dispatch(t.fd) for tunnel in server.registry.by_name.values()],
             lambda s=server: s.loop.dispatch(s.data_sock.fileno()),
             lambda s=server: s.wireguard.tick())]
         rnd.shuffle(steps)
@@ -67,13 +67,13 @@ def test_a_stream_both_ways_loses_nothing_across_rekeys(offloads, seed):
             for key, devices, name in (("ab", b_devices, "wga"), ("ba", a_devices, "wgb")):
                 got[key] += [struct.unpack_from("!I", w, skip + 23)[0]
                              for w in devices.written(name)]
-            current = a.tunnels["wgb"].wg_peer.keypairs.current
+            current = a.registry.by_name["wgb"].wg_peer.keypairs.current
             if current is not None:
                 sessions.add(current.local_index)
         assert got["ab"] == list(range(sent["ab"])) and got["ba"] == list(range(sent["ba"]))
         assert len(sessions) >= 5  # the first session and four rekeys at least
         for server, name in ((a, "wgb"), (b, "wga")):
-            assert not server.tunnels[name].counters.drops and not server.drops
+            assert not server.registry.by_name[name].counters.drops and not server.drops
 
 
 def test_a_message_sealed_with_the_old_keys_after_the_rekey_was_answered_is_taken():
@@ -90,7 +90,7 @@ def test_a_message_sealed_with_the_old_keys_after_the_rekey_was_answered_is_take
                        "publicKey": ups.key_to_base64(ups.public_key(keys[1]))})["ok"]
         assert add(b, {"name": "wga", "tunnelIP": "10.0.1.2",
                        "publicKey": ups.key_to_base64(ups.public_key(keys[0]))})["ok"]
-        a_tunnel, b_tunnel = a.tunnels["wgb"], b.tunnels["wga"]
+        a_tunnel, b_tunnel = a.registry.by_name["wgb"], b.registry.by_name["wga"]
         a_devices.outer["wgb"].send(ups.ZERO_VNET_HDR + numbered("10.0.1.1", "10.0.1.2", 0))
         pump((a, b), random.Random(0))  # a initiates the first session; b answers
         assert a_tunnel.wg_peer.keypairs.current.is_initiator
