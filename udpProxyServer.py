@@ -136,7 +136,7 @@ class CryptographyMissing(ControlError, StartupError):
                          % what)
 
 
-class TunnelGone(Exception):
+class DeviceGone(Exception):
     """The tunnel's device failed for good, e.g. deleted from outside."""
 
 
@@ -385,7 +385,7 @@ class TunnelSpec:
     remote: object  # ipaddress.IPv4Address or IPv6Address; None: learned from the peer
     remote_port: int = None  # None: the peer's data port is ours
     routes: tuple = ()  # networks the daemon routes through the tunnel
-    public_key: bytes = None  # the peer's: the tunnel is encrypted (WireGuard)
+    peer_key: bytes = None  # the peer's public key: the tunnel is encrypted (WireGuard)
     preshared_key: bytes = None
     preshared_key_file: str = None  # where preshared_key was read, on this host
     keepalive: int = None  # seconds between persistent keepalives; None or 0: none
@@ -407,7 +407,7 @@ class TunnelSpec:
             remote=None if remote is None else parse_remote(remote),
             remote_port=None if port is None else parse_port(port),
             routes=parse_routes(entry.get("routes", [])),
-            public_key=optional(entry, "publicKey", parse_key),
+            peer_key=optional(entry, "publicKey", parse_key),
             preshared_key=(optional(entry, "presharedKey", parse_key)
                            or optional(entry, "presharedKeyFile", read_key_file_field)),
             preshared_key_file=optional(entry, "presharedKeyFile", lambda path, _: path),
@@ -415,7 +415,7 @@ class TunnelSpec:
         )
         if entry.get("presharedKey") is not None and spec.preshared_key_file is not None:
             raise ControlError("give presharedKey or presharedKeyFile, not both")
-        if spec.public_key is None and (spec.preshared_key or spec.keepalive is not None):
+        if spec.peer_key is None and (spec.preshared_key or spec.keepalive is not None):
             raise ControlError("presharedKey, presharedKeyFile and persistentKeepalive go with"
                                " publicKey")
         if spec.interface.version == 6 and spec.mtu < MIN_IPV6_MTU:
@@ -437,8 +437,8 @@ class TunnelSpec:
             entry["remotePort"] = self.remote_port
         if self.routes:
             entry["routes"] = [str(route) for route in self.routes]
-        if self.public_key is not None:
-            entry["publicKey"] = base64.b64encode(self.public_key).decode()
+        if self.peer_key is not None:
+            entry["publicKey"] = base64.b64encode(self.peer_key).decode()
         if self.preshared_key_file is not None:  # read again from there at each start
             entry["presharedKeyFile"] = self.preshared_key_file
         elif self.preshared_key is not None:  # given from this host, as it was given
@@ -449,7 +449,7 @@ class TunnelSpec:
 
     @property
     def encrypted(self):
-        return self.public_key is not None
+        return self.peer_key is not None
 
     @property
     def needs_netlink(self):
@@ -569,13 +569,13 @@ def ones_sum(data):
     value = int.from_bytes(data, "big")
     if len(data) & 1:
         value <<= 8
-    for half, mask in folds(len(data)):
+    for half, mask in _folds(len(data)):
         value = (value >> half) + (value & mask)
     return value % 0xFFFF
 
 
 @functools.lru_cache(maxsize=256)
-def folds(size):
+def _folds(size):
     """How to fold the integer of size bytes in halves, at multiples of 16 bits, before
     taking it modulo 0xFFFF: cheaper than one long division. Made once for each of the
     few packet sizes a tunnel sees."""
@@ -717,7 +717,7 @@ def split_gso(packet, proto, l4_start, gso_size, out, done=0, prefix=b"", partia
             payload_sum = 0
         elif size == inline_size:
             payload_sum = from_bytes(payload, "big")
-            for half, mask in folds(size):
+            for half, mask in _folds(size):
                 payload_sum = (payload_sum >> half) + (payload_sum & mask)
         else:
             payload_sum = ones_sum(payload)
@@ -810,7 +810,7 @@ class Joiner:
     def offer(self, packet, flow, sums=0):
         """Add packet to the group if it fits; False if the group must be written first."""
         if not self.packets:
-            self.start(packet, flow)
+            self._start(packet, flow)
             self.sums = [sums]
             return True
         key, header_len, l4, proto = flow
@@ -830,7 +830,7 @@ class Joiner:
         self.closed = self.closed or size < self.gso_size
         return True
 
-    def start(self, packet, flow):
+    def _start(self, packet, flow):
         key, header_len, l4, proto = flow
         self.packets = [packet]
         self.flow = flow
@@ -838,7 +838,7 @@ class Joiner:
         self.length = self.length_first = len(packet)
         self.closed = self.gso_size == 0
         # What a packet of the same size continuing the group has in its headers.
-        self.mask = join_mask(packet[0] >> 4, proto, l4, header_len)
+        self.mask = _join_mask(packet[0] >> 4, proto, l4, header_len)
         self.expected = int.from_bytes(packet[:header_len], "big") & self.mask
         self.seq_at = l4 + 4 if proto == TCP else None
         if proto == TCP:
@@ -849,7 +849,7 @@ class Joiner:
     def continues(self, packet, sums):
         """Add packet to the group at once, without parsing it, if it is the group's next
         segment as one super-packet cut makes it: of the first one's size, its headers the
-        first one's but for what changes from one segment to the next (join_mask), the
+        first one's but for what changes from one segment to the next (_join_mask), the
         sequence number next. False for anything else, which offer() then looks at."""
         if (not self.packets or self.closed or len(packet) != self.length_first
                 or len(self.packets) >= GSO_MAX_SEGMENTS
@@ -899,7 +899,7 @@ class Joiner:
 
 
 @functools.lru_cache(maxsize=64)
-def join_mask(version, proto, l4, header_len):
+def _join_mask(version, proto, l4, header_len):
     """The bits of a packet's headers, header_len bytes read as one number, that the next
     segment of its flow has the same: all but the IPv4 id and checksum, the TCP sequence
     number, PSH and checksum, and the UDP checksum."""
@@ -1121,7 +1121,7 @@ class OffloadDevice:
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    raise TunnelGone(e) from None
+                    raise DeviceGone(e) from None
                 try:
                     flags, gso_type, _, gso_size, start, offset = VNET_HDR.unpack(buffers.vnet)
                     packet = buffers.packet_view[HEADROOM:HEADROOM + size]
@@ -1132,7 +1132,7 @@ class OffloadDevice:
                         codec.encode_packet(packet, (start, offset) if flags & VNET_F_NEEDS_CSUM
                                             else None)
                 except Exception:
-                    count_bug(counters, self.name)
+                    _count_bug(counters, self.name)
         finally:
             codec.encode_end()
 
@@ -1144,65 +1144,65 @@ class OffloadDevice:
         the kernel to finish (a joined write has it finish every one)."""
         joiner, joining = self.joiner, self.joining
         if not joining and self.join_again_at is not None:
-            joining = self.join_again()
+            joining = self._join_again()
         if joining and joiner.continues(packet, sums):
             return
         flow = flow_of(packet) if joining else None
         if flow is None or (flow[3] == UDP and not self.join_udp):
-            self.write_joined()
+            self._write_joined()
             header = single_header(packet, sums)
             if header is None:
                 self.counters.drops["bad_partial"] += 1
             else:
-                self.writev([header, packet], 1, size)
+                self._writev([header, packet], 1, size)
         elif not joiner.offer(packet, flow, sums):
-            self.write_joined()
+            self._write_joined()
             joiner.offer(packet, flow, sums)
 
     def flush(self):
         """Write what is being joined: the end of a run of writes."""
         try:
-            self.write_joined()
+            self._write_joined()
         finally:
             self.joiner.packets = []
 
-    def join_again(self):
+    def _join_again(self):
         """Whether joining is on again, JOIN_RETRY after the kernel refused a joined write."""
         if self.clock() >= self.join_again_at:
             self.join_again_at = None
             self.joining = self.offloads.join
         return self.joining
 
-    def write_joined(self):
+    def _write_joined(self):
         if self.joiner.packets:
             iov, self.joined = self.joiner.take()
             size = sum(len(p) for p, _ in self.joined) + PI_HEADER_LEN * len(self.joined)
             try:
-                self.writev(iov, len(self.joined), size)
+                self._writev(iov, len(self.joined), size)
             finally:
                 self.joined = []
 
-    def writev(self, buffers, packets, size):
+    def _writev(self, buffers, packets, size):
         """One write into the device, of packets packets that took size bytes on the wire."""
         try:
             os.writev(self.fd, buffers)
         except OSError as e:
-            self.write_failed(e, packets)
+            self._write_failed(e, packets)
         else:
             counters = self.counters
             counters.rx_packets += packets
             counters.rx_bytes += size
             counters.last_rx = time.time()
 
-    def write_failed(self, error, packets):
-        if packets > 1 and self.join_refused(error):
+    def _write_failed(self, error, packets):
+        if packets > 1 and self._join_refused(error):
             for packet, sums in self.joined:  # nothing lost: these first, one by one
-                self.writev([single_header(packet, sums), packet], 1, PI_HEADER_LEN + len(packet))
+                self._writev([single_header(packet, sums), packet], 1, PI_HEADER_LEN + len(packet))
         else:
             self.counters.drops["tun_full" if isinstance(error, BlockingIOError)
                                 else "tun_refused"] += packets
 
-    def join_refused(self, error):
+    def _join_refused(self, error):
         """Whether error, on a joined write, means the TUN device refuses joined packets.
         Some kernels do (a regression), or refuse one: this device then writes packets one
         by one for a while."""
@@ -1244,11 +1244,11 @@ class NoOffloadDevice:
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    raise TunnelGone(e) from None
+                    raise DeviceGone(e) from None
                 try:
                     codec.encode_packet(view[HEADROOM:HEADROOM + size], None)
                 except Exception:
-                    count_bug(self.counters, self.name)
+                    _count_bug(self.counters, self.name)
         finally:
             codec.encode_end()
 
@@ -1276,7 +1276,7 @@ class NoOffloadDevice:
         self.tun.close()
 
 
-def count_bug(counters, name):
+def _count_bug(counters, name):
     """A bug met while handling one packet or datagram: it costs that one alone, counted as
     internal_error, and is logged with its traceback a few times a minute."""
     counters.drops["internal_error"] += 1
@@ -1341,7 +1341,7 @@ class PlainCodec:
     def encode_super_packet(self, packet, proto, l4_start, gso_size):
         """A super-packet cut into datagrams and sent, its checksums partial while the peer
         takes them and finds the L4 header where it looks for it."""
-        self.send_small()
+        self._send_small()
         partial = self.partial and transport_start(packet) == (l4_start, proto)
         prefix = bytearray(PI_BY_VERSION[packet[0] >> 4])
         prefix[1] = self.flags | PI_PARTIAL if partial else self.flags
@@ -1382,7 +1382,7 @@ class PlainCodec:
                                or self.small_len % self.small_stride
                                or self.small_len + length > GSO_MAX_BYTES
                                or self.small_len // self.small_stride >= GSO_MAX_SEGMENTS):
-            self.send_small()
+            self._send_small()
         if not self.small_len:
             self.small_stride = length
         at, small = self.small_len, self.buffers.small
@@ -1393,14 +1393,14 @@ class PlainCodec:
 
     def encode_end(self):
         try:
-            self.send_small()
+            self._send_small()
         finally:
             self.small_len = 0  # the buffer is every tunnel's: nothing queued outlives a read
         if self.sent_alone:  # counted here, once a round: a packet's work is the least
             self.tunnel.count_sent(self.sent_alone, self.sent_bytes)
             self.sent_alone = self.sent_bytes = 0
 
-    def send_small(self):
+    def _send_small(self):
         length, self.small_len = self.small_len, 0  # nothing left, whatever send does
         if length:
             self.tunnel.send(self.buffers.small_view[:length], self.small_stride)
@@ -1425,7 +1425,7 @@ class PlainCodec:
                 if device.joining:  # a device that joins packets may hold this one back
                     device.flush()
             except Exception:
-                count_bug(self.tunnel.counters, self.tunnel.name)
+                _count_bug(self.tunnel.counters, self.tunnel.name)
             if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
                 self.peer_heard_at = self.clock()
             return
@@ -1441,7 +1441,7 @@ class PlainCodec:
                     device.write(datagram[PI_HEADER_LEN:], len(datagram),
                                  SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
                 except Exception:
-                    count_bug(self.tunnel.counters, self.tunnel.name)
+                    _count_bug(self.tunnel.counters, self.tunnel.name)
         finally:
             device.flush()
         if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
@@ -2608,14 +2608,14 @@ class WireGuardPeer:
     the timers, and the packets waiting for a session."""
 
     def __init__(self, spec, static_static, clock=time.monotonic):
-        self.public_key = spec.public_key
+        self.remote_public = spec.peer_key  # the peer's public key
         self.preshared_key = spec.preshared_key
         self.static_static = static_static  # DH of our static key and the peer's, made once
         self.last_initiation_consumed = float("-inf")  # when its last initiation was taken
         self.keypairs = Keypairs(clock)
         self.timers = PeerTimers(self.keypairs, clock,
                                  persistent_keepalive=spec.keepalive or 0)
-        self.cookies = CookieGenerator(spec.public_key)
+        self.cookies = CookieGenerator(spec.peer_key)
         self.initiation = None  # the InitiationSent awaiting its response
         self.last_timestamp = b""  # of the newest initiation taken: older ones are replays
         self.latest_handshake = None  # when a handshake last completed here, in Unix time
@@ -2659,9 +2659,9 @@ class WireGuardCodec:
             keypair = self.keypair
             if keypair is None:
                 for start in range(0, total, stride):
-                    self.stage(buffers.out_view[start:min(start + stride, total)])
+                    self._stage(buffers.out_view[start:min(start + stride, total)])
                 continue
-            self.send_sealed()
+            self._send_sealed()
             # seal's work inlined for a round of segments (a call less each): keep the two
             # alike.
             cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.mtu
@@ -2673,7 +2673,7 @@ class WireGuardCodec:
                     counter = keypair.next_counter()
                 except KeypairExhausted:
                     self.keypair = None
-                    self.stage(segment)
+                    self._stage(segment)
                     continue
                 size = transport_size(len(segment), mtu)
                 if size != len(segment):  # zeros after it, in a copy: its neighbour follows it
@@ -2691,29 +2691,29 @@ class WireGuardCodec:
         finished: a WireGuard peer wants whole ones), sealed."""
         if partial_sum is not None:
             complete_checksum(packet, *partial_sum)
-        self.seal(packet)
+        self._seal(packet)
 
-    def seal(self, packet):
+    def _seal(self, packet):
         """Seal one packet into a message after those waiting, padded to a multiple of 16
         but not past the MTU; equal packets make equal messages, so a run goes out in one
         GSO send. Without a keypair that may send, the packet waits for a handshake.
         Inlined in encode_super_packet: keep the two alike."""
         keypair = self.keypair
         if keypair is None:
-            self.stage(packet)
+            self._stage(packet)
             return
         try:
             counter = keypair.next_counter()
         except KeypairExhausted:
             self.keypair = None
-            self.stage(packet)
+            self._stage(packet)
             return
         size = transport_size(len(packet), self.mtu)
         length = TRANSPORT_HEADER_SIZE + size + TAG_LEN
         if self.sealed_len and (length != self.sealed_stride or not self.batch
                                 or self.sealed_len + length > GSO_MAX_BYTES
                                 or self.sealed_len // self.sealed_stride >= GSO_MAX_SEGMENTS):
-            self.send_sealed()
+            self._send_sealed()
         if size != len(packet):  # zeros after it, in a copy: its neighbour follows it
             padded = self.buffers.padded_view
             padded[:len(packet)] = packet
@@ -2727,7 +2727,7 @@ class WireGuardCodec:
 
     def encode_end(self):
         try:
-            sent = self.send_sealed()
+            sent = self._send_sealed()
         finally:
             self.sealed_len = 0  # the buffer is every tunnel's: nothing sealed outlives a read
         if sent or self.sent_super:
@@ -2736,13 +2736,13 @@ class WireGuardCodec:
             self.wg_peer.timers.on_packet_staged()
         self.wireguard.touch(self.tunnel)
 
-    def send_sealed(self):
+    def _send_sealed(self):
         length, self.sealed_len = self.sealed_len, 0
         if length:
             self.tunnel.send(self.buffers.sealed_view[:length], self.sealed_stride)
         return length
 
-    def stage(self, packet):
+    def _stage(self, packet):
         """Keep a packet until a session can carry it; past MAX_STAGED_PACKETS the oldest
         is pushed out, as wireguard-go drops it, and counted."""
         staged = self.wg_peer.staged
@@ -2759,7 +2759,7 @@ class WireGuardCodec:
         self.encode_begin()
         try:
             for packet in staged:
-                self.seal(packet)
+                self._seal(packet)
         finally:
             self.encode_end()
 
@@ -2810,14 +2810,14 @@ class WireGuardCodec:
                 except WireGuardRefused:
                     drops["not_authentic"] += 1
                 except Exception:
-                    count_bug(tunnel.counters, tunnel.name)
+                    _count_bug(tunnel.counters, tunnel.name)
         finally:
             device.flush()
         if authenticated:
-            self.authenticated(keypair, data, source)
+            self._authenticated(keypair, data, source)
         return True
 
-    def authenticated(self, keypair, data, source):
+    def _authenticated(self, keypair, data, source):
         """Messages came authenticated with keypair, data of them with a packet, from source:
         the peer is there now (roaming), and the timers are told."""
         wireguard, wg_peer = self.wireguard, self.wg_peer
@@ -2872,7 +2872,7 @@ class CryptokeyRouting:
                    int(network.network_address) >> (network.max_prefixlen - network.prefixlen))
             self.tables[key[0]].setdefault(key[1], {})[key[2]] = holder
             held.append(key)
-        self.index()
+        self._reindex()
 
     def remove(self, tunnel):
         for version, length, prefix in self.held.pop(tunnel, ()):
@@ -2882,9 +2882,9 @@ class CryptokeyRouting:
                 del table[prefix]
                 if not table:
                     del self.tables[version][length]
-        self.index()
+        self._reindex()
 
-    def index(self):
+    def _reindex(self):
         for version, bits in ((4, 32), (6, 128)):
             self.lengths[version] = [(length, bits - length, table) for length, table in
                                      sorted(self.tables[version].items(), reverse=True)]
@@ -2949,7 +2949,7 @@ HANDSHAKE_INITIATION_RATE = 1 / 50
 HANDSHAKE_SHARE, HANDSHAKE_SHARE_BURST = 0.1, 0.02
 
 
-def handshake_source(ip):
+def _handshake_source(ip):
     """Who a source address is for the handshake limits: an IPv4 address (as the dual-stack
     data socket gives it), or an IPv6 address's /64."""
     if ip.startswith("::ffff:") or ":" not in ip:
@@ -2969,7 +2969,7 @@ class HandshakeLimits:
         self.clock = clock
         self.window_start, self.in_window = float("-inf"), 0
         self.loaded_until = float("-inf")
-        self.sources = collections.OrderedDict()  # handshake_source -> (tokens, when), oldest first
+        self.sources = collections.OrderedDict()  # _handshake_source -> (tokens, when), oldest first
         self.share = HANDSHAKE_SHARE_BURST  # seconds of handshake work that may be spent now
         self.share_counted = clock()
 
@@ -2985,7 +2985,7 @@ class HandshakeLimits:
     def source_allows(self, ip, now):
         """Take one handshake from the source's bucket; False when it has none left. O(1):
         a new source past the bound pushes out the one seen least recently."""
-        source = handshake_source(ip)
+        source = _handshake_source(ip)
         sources = self.sources
         if source in sources:
             tokens, then = sources.pop(source)
@@ -3016,14 +3016,14 @@ class WireGuard:
     def __init__(self, private_key, sock, drops, clock=time.monotonic, cost_clock=time.perf_counter):
         need_cryptography()
         self.private_key = private_key_object(private_key)  # loaded once: it is in every DH
-        self.public_key = public_key(self.private_key)
+        self.local_public = public_key(self.private_key)
         self.sock = sock
         self.clock = clock
         # The last initiation's timestamp: the next is the wall time, or later if that was
         # set back, as a peer takes only a newer one.
         self.last_timestamp_ns = 0
         self.cost_clock = cost_clock  # what handshake work is timed with
-        self.checker = CookieChecker(self.public_key)
+        self.checker = CookieChecker(self.local_public)
         self.limits = HandshakeLimits(clock)
         self.by_key = {}  # the peer's public key -> tunnel
         self.by_index = {}  # our index -> tunnel (its handshake under way, or a keypair)
@@ -3037,33 +3037,33 @@ class WireGuard:
         self.wakeups = []  # heap of (when, order, tunnel)
         self.order = itertools.count()
 
-    def new_index(self, tunnel):
+    def _new_index(self, tunnel):
         while True:
             index = int.from_bytes(os.urandom(4), "little")
             if index not in self.by_index:
                 self.by_index[index] = tunnel
                 return index
 
-    def forget_index(self, index):
+    def _forget_index(self, index):
         self.by_index.pop(index, None)
 
     def peer_for(self, spec):
         """The WireGuardPeer of a new encrypted tunnel, or ControlError when its key cannot
         be one: in use, ours, or of small order (no DH can be made with it)."""
-        other = self.by_key.get(spec.public_key)
+        other = self.by_key.get(spec.peer_key)
         if other is not None:
             raise ControlError("publicKey already in use by tunnel %r" % other.name)
-        if spec.public_key == self.public_key:
+        if spec.peer_key == self.local_public:
             raise ControlError("publicKey is this daemon's own")
         try:
-            static_static = DH(self.private_key, spec.public_key)
+            static_static = DH(self.private_key, spec.peer_key)
         except WireGuardRefused as e:
             raise ControlError("invalid publicKey: %s" % e) from None
         return WireGuardPeer(spec, static_static, self.clock)
 
     def add(self, tunnel):
-        tunnel.wg_peer.keypairs.retire = lambda keypair: self.forget_index(keypair.local_index)
-        self.by_key[tunnel.spec.public_key] = tunnel
+        tunnel.wg_peer.keypairs.retire = lambda keypair: self._forget_index(keypair.local_index)
+        self.by_key[tunnel.spec.peer_key] = tunnel
         self.routing.add(tunnel)
         if tunnel.endpoint is not None:
             self.endpoints[tunnel.endpoint[0]] += 1
@@ -3071,7 +3071,7 @@ class WireGuard:
         self.touch(tunnel)
 
     def remove(self, tunnel):
-        self.by_key.pop(tunnel.spec.public_key, None)
+        self.by_key.pop(tunnel.spec.peer_key, None)
         self.routing.remove(tunnel)
         self.set_endpoint(tunnel, None)
         for index in [i for i, t in self.by_index.items() if t is tunnel]:
@@ -3143,14 +3143,14 @@ class WireGuard:
             started = self.cost_clock()
             try:
                 if kind == MESSAGE_INITIATION:
-                    self.take_initiation(message, source, now)
+                    self._take_initiation(message, source, now)
                 else:
-                    self.take_response(message, source)
+                    self._take_response(message, source)
             finally:
                 self.limits.spent(self.cost_clock() - started)
 
-    def take_initiation(self, message, source, now):
-        opened = open_initiation(self.private_key, message, self.public_key)
+    def _take_initiation(self, message, source, now):
+        opened = open_initiation(self.private_key, message, self.local_public)
         tunnel = self.by_key.get(opened.remote_public)
         if tunnel is None:  # one DH spent, the least a responder can
             self.drops["unknown_peer"] += 1
@@ -3165,14 +3165,14 @@ class WireGuard:
             return
         wg.last_timestamp, wg.last_initiation_consumed = received.timestamp, now
         wg.timers.on_initiation_received()
-        keys, response = create_response(received, self.new_index(tunnel), wg.preshared_key)
+        keys, response = create_response(received, self._new_index(tunnel), wg.preshared_key)
         self.set_endpoint(tunnel, source)
         self.send(wg.cookies.add_macs(response, self.clock()), source, tunnel)
         self.begin_session(tunnel, keys)
         wg.timers.on_response_sent()
         self.touch(tunnel)
 
-    def take_response(self, message, source):
+    def _take_response(self, message, source):
         tunnel = self.by_index.get(receiver_index(message))
         wg = tunnel.wg_peer if tunnel else None
         if wg is None or wg.initiation is None or \
@@ -3191,7 +3191,7 @@ class WireGuard:
         keypair took it)."""
         if wg.initiation is not None:
             if not keep_index:
-                self.forget_index(wg.initiation.local_index)
+                self._forget_index(wg.initiation.local_index)
             wg.initiation.erase()
             wg.initiation = None
 
@@ -3228,7 +3228,7 @@ class WireGuard:
             return 0
         while self.wakeups:
             when, _, tunnel = self.wakeups[0]
-            if tunnel.wg_peer.wakeup == when and self.by_key.get(tunnel.spec.public_key) is tunnel:
+            if tunnel.wg_peer.wakeup == when and self.by_key.get(tunnel.spec.peer_key) is tunnel:
                 return max(0.0, when - self.clock())
             heapq.heappop(self.wakeups)  # stale: moved later, or the tunnel gone
         return -1
@@ -3244,23 +3244,23 @@ class WireGuard:
                 tunnel.wg_peer.wakeup = None
                 due.add(tunnel)
         for tunnel in due:
-            if self.by_key.get(tunnel.spec.public_key) is tunnel:
-                self.run_timers_of(tunnel, now)
+            if self.by_key.get(tunnel.spec.peer_key) is tunnel:
+                self._run_timers_of(tunnel, now)
 
     def run_timers(self, now=None):
         """Every tunnel's timers, now."""
         now = self.clock() if now is None else now
         self.touched.clear()
         for tunnel in list(self.by_key.values()):
-            self.run_timers_of(tunnel, now)
+            self._run_timers_of(tunnel, now)
 
-    def run_timers_of(self, tunnel, now):
+    def _run_timers_of(self, tunnel, now):
         """Do what the tunnel's timers want now, and wake again when they next want
         something; a bug in one tunnel's costs that tunnel's turn, not the others'."""
         wg = tunnel.wg_peer
         try:
             for action in wg.timers.due(now):
-                self.act(tunnel, action)
+                self._act(tunnel, action)
         except Exception:
             tunnel.counters.drops["internal_error"] += 1
             self.quiet.log(logging.ERROR, "tunnel %s: error in its WireGuard timers",
@@ -3276,19 +3276,19 @@ class WireGuard:
         self.last_timestamp_ns = max(time.time_ns(), self.last_timestamp_ns + TAI64N_WHITENER)
         return tai64n(self.last_timestamp_ns)
 
-    def act(self, tunnel, action):
+    def _act(self, tunnel, action):
         wg = tunnel.wg_peer
         if action == SEND_INITIATION:
             if tunnel.endpoint is None:
                 return  # waiting for the peer: it knows where we are
             self.drop_initiation(wg)
-            index = self.new_index(tunnel)
+            index = self._new_index(tunnel)
             try:
                 wg.initiation, message = create_initiation(
-                    self.private_key, wg.public_key, index, self.timestamp(),
+                    self.private_key, wg.remote_public, index, self.timestamp(),
                     static_static=wg.static_static)
             except BaseException:
-                self.forget_index(index)
+                self._forget_index(index)
                 raise
             self.send(wg.cookies.add_macs(message, self.clock()), tunnel.endpoint, tunnel)
             wg.timers.on_initiation_sent()
@@ -3341,7 +3341,7 @@ class Tunnel:
         self.offloads = offloads  # what the kernel offers, found at start-up
         self.clock = clock
         self.counters = Counters()
-        self.device = self.codec = None  # made for it by the server (Server.make_tunnel)
+        self.device = self.codec = None  # made for it by the server (Server._make_tunnel)
         self.wg_peer = None  # an encrypted tunnel's WireGuardPeer, which its codec uses
         self.index = None  # the device's interface index, once netlink has used it
         self.gso_fits = True  # false once the underlay refuses GSO sends of this tunnel's size
@@ -3363,7 +3363,7 @@ class Tunnel:
         """Send datagrams laid end to end, each stride bytes long but the last: with UDP GSO
         where the kernel and the path take it, else one by one."""
         if len(datagrams) <= stride or not (self.offloads.udp_gso and self.gso_fits):
-            return self.send_each(datagrams, stride)
+            return self._send_each(datagrams, stride)
         segment = struct.pack("=H", stride)
         step = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // stride) * stride
         for start in range(0, len(datagrams), step):
@@ -3371,14 +3371,14 @@ class Tunnel:
             try:
                 self.sock.sendmsg([chunk], [(SOL_UDP, UDP_SEGMENT, segment)], 0, self.endpoint)
             except OSError as e:
-                if self.gso_refused(e):
-                    self.send_each(chunk, stride)  # nothing lost: the same datagrams one by one
+                if self._gso_refused(e):
+                    self._send_each(chunk, stride)  # nothing lost: the same datagrams one by one
                 else:  # a passing error (no route, a firewall, a full buffer): this send is lost
                     self.count_send_failed(e, -(-len(chunk) // stride))
             else:
                 self.count_sent(-(-len(chunk) // stride), len(chunk))
 
-    def send_each(self, datagrams, stride):
+    def _send_each(self, datagrams, stride):
         packets = size = 0
         for start in range(0, len(datagrams), stride):
             datagram = datagrams[start:start + stride]
@@ -3415,7 +3415,7 @@ class Tunnel:
         self.counters.drops["socket_full" if isinstance(error, BlockingIOError)
                             else "send_error"] += packets
 
-    def gso_refused(self, error):
+    def _gso_refused(self, error):
         """Whether error says GSO cannot send these datagrams at all, as udp_send_skb() answers;
         if so, GSO is turned off where it cannot work, and that is logged once."""
         if error.errno == errno.EIO:
@@ -3499,10 +3499,10 @@ class DataPort:
         """The loop's handler of the data socket: a batch of what the peers sent, each
         datagram or GRO train to the tunnel it is for (or to the daemon's WireGuard, which
         finds it), a train of more than one kind cut into runs first. Inlined in
-        receive_one_by_one, for a kernel without UDP GRO: keep the two alike."""
+        _receive_one_by_one, for a kernel without UDP GRO: keep the two alike."""
         if not self.offloads.udp_gro:
-            return self.receive_one_by_one()
-        find_by_peer = self.registry.find_by_peer
+            return self._receive_one_by_one()
+        find_by_source = self.registry.find_by_source
         for _ in range(BATCH):
             try:
                 size, ancdata, flags, (ip, port, *_) = self.sock.recvmsg_into(
@@ -3512,12 +3512,12 @@ class DataPort:
             try:
                 stride = gro_size(ancdata) or max(size, 1)
                 if stride < size and not one_kind(self.buffer, size, stride):
-                    self.receive_mixed(self.view[:size], stride, (ip, port), flags)
+                    self._receive_mixed(self.view[:size], stride, (ip, port), flags)
                     continue
                 if is_wireguard(self.buffer, size):
-                    self.receive_wireguard(self.view[:size], stride, (ip, port))
+                    self._receive_wireguard(self.view[:size], stride, (ip, port))
                     continue
-                tunnel = find_by_peer(ip, port)
+                tunnel = find_by_source(ip, port)
                 if tunnel is None:
                     self.drops["unknown_source"] += 1
                 elif flags & socket.MSG_TRUNC:
@@ -3525,25 +3525,25 @@ class DataPort:
                 else:
                     tunnel.codec.decode(self.view[:size], stride, (ip, port))
             except Exception:
-                self.internal_error()
+                self._internal_error()
 
-    def internal_error(self):
+    def _internal_error(self):
         """A bug met while handling what came on the data port: it costs that datagram or
         train alone, counted, and is logged a few times a minute."""
         self.drops["internal_error"] += 1
         DATA_PATH_BUGS.log(logging.ERROR, "internal error on a datagram from the data port"
                            " (-o list counts them as internal_error)", exc_info=True)
 
-    def receive_mixed(self, train, stride, source, flags=0):
+    def _receive_mixed(self, train, stride, source, flags=0):
         """A GRO train whose datagrams are not all of one kind (plain ones and WireGuard
         messages of one peer daemon, two keypairs at a rekey, a datagram spoofed into the
         flow): cut into runs of one kind each, every run handled on its own."""
         for start, end, plain in train_runs(train, stride):
             run = train[start:end]
             if not plain:
-                self.receive_wireguard(run, stride, source)
+                self._receive_wireguard(run, stride, source)
                 continue
-            tunnel = self.registry.find_by_peer(*source)
+            tunnel = self.registry.find_by_source(*source)
             if tunnel is None:
                 self.drops["unknown_source"] += -(-len(run) // stride)
             elif flags & socket.MSG_TRUNC and end == len(train):
@@ -3551,12 +3551,12 @@ class DataPort:
             else:
                 tunnel.codec.decode(run, stride, source)
 
-    def receive_one_by_one(self):
+    def _receive_one_by_one(self):
         """receive's work without UDP GRO: each datagram on its own, as it came, with the
-        cheaper recvfrom_into and the registry's find_by_peer inlined (a call less a
+        cheaper recvfrom_into and the registry's find_by_source inlined (a call less a
         datagram, on the --no-offload path): keep the two alike."""
-        recvfrom_into, buffer, view, by_peer = (self.sock.recvfrom_into, self.buffer,
-                                                self.view, self.registry.by_peer)
+        recvfrom_into, buffer, view, by_source = (self.sock.recvfrom_into, self.buffer,
+                                                self.view, self.registry.by_source)
         for _ in range(BATCH):
             try:
                 size, (ip, port, *_) = recvfrom_into(buffer)
@@ -3564,17 +3564,17 @@ class DataPort:
                 return
             try:
                 if buffer[0] and is_wireguard(buffer, size):  # a 2015-format one starts with 0
-                    self.receive_wireguard(view[:size], max(size, 1), (ip, port))
+                    self._receive_wireguard(view[:size], max(size, 1), (ip, port))
                     continue
-                tunnel = by_peer.get((ip, port)) or by_peer.get((ip, None))  # as find_by_peer
+                tunnel = by_source.get((ip, port)) or by_source.get((ip, None))  # as find_by_source
                 if tunnel is None:
                     self.drops["unknown_source"] += 1
                 else:
                     tunnel.codec.decode(view[:size], max(size, 1), (ip, port))
             except Exception:
-                self.internal_error()
+                self._internal_error()
 
-    def receive_wireguard(self, datagrams, stride, source):
+    def _receive_wireguard(self, datagrams, stride, source):
         """One data port for both kinds: WireGuard messages go to the daemon's WireGuard."""
         if self.wireguard is None:
             self.drops["wireguard_without_key"] += 1
@@ -3733,7 +3733,7 @@ class Registry:
     def __init__(self, family):
         self.family = family  # of the data socket, which names peers accordingly
         self.by_name = {}  # name -> Tunnel
-        self.by_peer = {}  # peer_key(spec) -> Tunnel
+        self.by_source = {}  # source_key(spec) -> Tunnel
         # name -> entry of a tunnel acknowledged once that could not be made again after a
         # restart or SIGHUP: kept in the state file, and tried again at the next one.
         self.unmade = {}
@@ -3742,7 +3742,7 @@ class Registry:
         self.generation = int.from_bytes(os.urandom(4), "big")
         self.parts = (None, [])  # (generation, names in each part of the list)
 
-    def peer_key(self, spec):
+    def source_key(self, spec):
         """How datagrams from the tunnel's peer are known: by the source address as the data
         socket gives it (an IPv4 one as ::ffff:a.b.c.d on a dual-stack socket), and by
         the source port too when the tunnel has remotePort."""
@@ -3756,8 +3756,8 @@ class Registry:
         encrypted ones by their receiver index and key, never by address."""
         return not spec.encrypted
 
-    def find_by_peer(self, ip, port):
-        return self.by_peer.get((ip, port)) or self.by_peer.get((ip, None))
+    def find_by_source(self, ip, port):
+        return self.by_source.get((ip, port)) or self.by_source.get((ip, None))
 
     def check_free(self, spec):
         if spec.name in self.by_name:
@@ -3765,7 +3765,7 @@ class Registry:
         if spec.remote is not None and spec.remote.version == 6 and self.family != socket.AF_INET6:
             raise ControlError("remoteServer %s is IPv6, but the data socket is IPv4 (-b)"
                                % spec.remote)
-        other = self.by_peer.get(self.peer_key(spec)) if self.by_address(spec) else None
+        other = self.by_source.get(self.source_key(spec)) if self.by_address(spec) else None
         if other is not None:
             raise ControlError("remoteServer %s already in use by tunnel %r"
                                % (spec.remote, other.name))
@@ -3782,14 +3782,14 @@ class Registry:
     def add(self, tunnel):
         self.by_name[tunnel.name] = tunnel
         if self.by_address(tunnel.spec):
-            self.by_peer[self.peer_key(tunnel.spec)] = tunnel
+            self.by_source[self.source_key(tunnel.spec)] = tunnel
         self.unmade.pop(tunnel.name, None)
         self.generation += 1
 
     def remove(self, tunnel):
         del self.by_name[tunnel.name]
         if self.by_address(tunnel.spec):
-            del self.by_peer[self.peer_key(tunnel.spec)]
+            del self.by_source[self.source_key(tunnel.spec)]
         self.generation += 1
 
     def entries(self):
@@ -3944,7 +3944,7 @@ class Authenticator:
         return json.dumps({"auth": auth, "payload": payload}).encode()
 
 
-class Cookies:
+class ControlCookies:
     """Address validation without state per client: a source that sends back the
     cookie it was given at its address and port has shown it receives there, so
     what is sent to it cannot be a flood reflected at someone else."""
@@ -4039,7 +4039,7 @@ class ControlPort:
         self.sock = sock
         self.allow = allow or AllowList()
         self.auth = auth or Authenticator()
-        self.cookies = cookies or Cookies()
+        self.cookies = cookies or ControlCookies()
         self.budget = budget or ReplyBudget()
         self.counts = collections.Counter()
         self.quiet = QuietLog("refused control requests or unsent replies")
@@ -4099,7 +4099,7 @@ class ControlPort:
         try:
             obj, nonce = self.auth.open(datagram)
             request = parse_request(obj)
-            proven = self.check_cookie(request, nonce, sender) or proven
+            proven = self._check_cookie(request, nonce, sender) or proven
             action = self.ops.get(request.op)
             if action is None:
                 raise ControlError("unknown op %r (expected add, del, list or cookie)"
@@ -4126,7 +4126,7 @@ class ControlPort:
         counted = ("refused", error.reason) if error.reason else ("refused",)
         return Answer(dict({"ok": False, "error": str(error)}, **fields), nonce, proven, counted)
 
-    def check_cookie(self, request, nonce, sender):
+    def _check_cookie(self, request, nonce, sender):
         """Whether the request's cookie proves the sender's address; Retry for a cookie that
         does not, and ControlError for an authenticated request without one."""
         if nonce is not None and request.cookie is None and request.op != "cookie":
@@ -4150,7 +4150,7 @@ class ControlPort:
         return {"ok": True, "op": "cookie", "cookie": self.cookies.make(sender)}
 
     def add(self, request, sender):
-        return self.apply_to_each(request.entries, sender, "add",
+        return self._apply_to_each(request.entries, sender, "add",
                                   functools.partial(self.add_tunnel, sender=sender))
 
     def add_tunnel(self, entry, sender):
@@ -4165,9 +4165,9 @@ class ControlPort:
 
     def delete(self, request, sender):
         with self.server.removing_together():
-            return self.apply_to_each(request.entries, sender, "del", self.server.delete_tunnel)
+            return self._apply_to_each(request.entries, sender, "del", self.server.delete_tunnel)
 
-    def apply_to_each(self, entries, sender, op, act):
+    def _apply_to_each(self, entries, sender, op, act):
         """Apply act to every entry on its own: one bad tunnel does not stop the others;
         the state file is written once, when any was done."""
         if not entries:
@@ -4220,7 +4220,7 @@ class ControlPort:
             "drops": dict(server.drops),
             "control": dict(self.counts),
             "unmade": sorted(registry.unmade),
-            "publicKey": server.public_key,
+            "publicKey": server.public_key_b64,
             "tunnels": [registry.by_name[name].describe() for name in parts[request.part]],
         }
 
@@ -4348,10 +4348,10 @@ class StateKeeper:
                     raise ControlError("not an object")
                 self.server.add_tunnel(entry)
             except ControlError as e:
-                self.not_made(entry, e)
+                self._not_made(entry, e)
         log.info("restored %d tunnels from %s", len(self.server.registry.by_name), self.state.path)
 
-    def not_made(self, entry, error):
+    def _not_made(self, entry, error):
         """A tunnel of the state file that cannot be made (now): said, and kept in the file
         when it has a name, so a restart or SIGHUP once the cause is gone makes it."""
         name = entry.get("name") if isinstance(entry, dict) else None
@@ -4370,7 +4370,7 @@ class StateKeeper:
             log.warning("SIGHUP: no state file to read (--state-file)")
             return
         try:
-            wanted = self.wanted_specs(self.state.load())
+            wanted = self._wanted_specs(self.state.load())
         except StateUnreadable as e:
             log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
             return
@@ -4387,11 +4387,11 @@ class StateKeeper:
                 self.server.add_spec(spec)
                 added += 1
             except ControlError as e:
-                self.not_made(spec.entry(), e)
+                self._not_made(spec.entry(), e)
         log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
                  len(removed), added, len(self.server.registry.by_name) - added, len(self.server.registry.unmade))
 
-    def wanted_specs(self, entries):
+    def _wanted_specs(self, entries):
         """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
         wanted = {}
         for index, entry in enumerate(entries):
@@ -4464,7 +4464,7 @@ class Server:
         self.offloads = offloads or Offloads()
         self.keeper = StateKeeper(self, state)
         self.private_key = private_key  # this host's WireGuard identity, from --key-file
-        self.public_key = key_to_base64(public_key(private_key)) if private_key else None
+        self.public_key_b64 = key_to_base64(public_key(private_key)) if private_key else None
         self.clock = clock  # when the data path's fallbacks end
         self.loop = Loop()
         self.registry = Registry(data_sock.family)
@@ -4486,10 +4486,10 @@ class Server:
                  self.control.sock.getsockname()[1], self.data_port)
         self.loop.run(self.wireguard)
 
-    def forward(self, tunnel):
+    def _forward(self, tunnel):
         try:
             tunnel.forward_from_device()
-        except TunnelGone as e:
+        except DeviceGone as e:
             log.error("tunnel %s: device failed (%s); tunnel removed", tunnel.name, e)
             self.remove(tunnel)
             self.keeper.save()
@@ -4512,10 +4512,10 @@ class Server:
             tun = self.open_device(spec, self.offloads.tun_flags)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
-        tunnel = self.make_tunnel(spec, tun, wg)
+        tunnel = self._make_tunnel(spec, tun, wg)
         try:
             self.netlink.configure(tunnel)
-            self.loop.watch(tunnel.fd, lambda: self.forward(tunnel))
+            self.loop.watch(tunnel.fd, lambda: self._forward(tunnel))
         except BaseException:
             tunnel.close()  # not left half-made: the device and its routes go
             raise
@@ -4526,13 +4526,13 @@ class Server:
                  "%s:%d" % tunnel.endpoint if tunnel.endpoint else "the peer, when it shows where",
                  spec.mtu, ", encrypted" if spec.encrypted else "")
 
-    def make_tunnel(self, spec, tun, wg_peer=None):
+    def _make_tunnel(self, spec, tun, wg_peer=None):
         """The tunnel of spec on its TUN device: that device with offloads or without,
         composed with the 2015 wire format's codec, or WireGuard's with its peer wg_peer."""
         if spec.remote is None:
             endpoint = None
         else:
-            host, _ = self.registry.peer_key(spec)
+            host, _ = self.registry.source_key(spec)
             endpoint = (host, spec.remote_port or self.data_port)
         offloads = bool(self.offloads.tun_flags)
         tunnel = Tunnel(spec, endpoint, self.data_sock, self.offloads, self.clock)
@@ -4589,9 +4589,9 @@ class Server:
             yield
         finally:
             tunnels, self.removed_together = self.removed_together, None
-            self.close_devices(tunnels)
+            self._close_devices(tunnels)
 
-    def close_devices(self, tunnels):
+    def _close_devices(self, tunnels):
         """Close the tunnels' fds, their devices deleted together first where netlink can;
         where it cannot, one line says so and each closing fd deletes its device on its own."""
         try:

@@ -158,7 +158,7 @@ def test_device_that_cannot_be_created_is_an_error_reply(server):
                           b' "remoteServer": "198.18.0.2"}]}', ("127.0.0.1", 9))
     assert reply["ok"] is False
     assert reply["results"][0]["error"] == "cannot create device 'udp2': Device or resource busy"
-    assert not server.registry.by_name and not server.registry.by_peer
+    assert not server.registry.by_name and not server.registry.by_source
 
 
 def test_del_unregisters_and_closes_the_device(server):
@@ -459,7 +459,7 @@ ADD = {"op": "add", "tunnel": [{"name": "udp2", "tunnelIP": "10.0.1.1",
 def test_a_valid_cookie_proves_the_sender_and_a_bad_one_is_not_acted_on():
     clock = [1795000000.0]
     with fake_server(netlink=True) as (server, _):
-        server.control.cookies = ups.Cookies(clock=lambda: clock[0])
+        server.control.cookies = ups.ControlCookies(clock=lambda: clock[0])
         reply, _, proven = answer(server, b'{"op": "cookie"}', MANAGER)
         assert reply["ok"] and not proven
         cookie = reply["cookie"]
@@ -549,7 +549,7 @@ def test_a_tunnel_whose_device_failed_leaves_the_state_file(tmp_path):
         tunnel = server.registry.by_name["udp2"]
 
         def gone():
-            raise ups.TunnelGone("No such device")
+            raise ups.DeviceGone("No such device")
 
         tunnel.forward_from_device = gone
         server.loop.dispatch(tunnel.fd)

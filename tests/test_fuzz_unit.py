@@ -82,7 +82,7 @@ def no_internal_error(reply):
 def consistent(server):
     for name, tunnel in server.registry.by_name.items():
         assert tunnel.name == name and server.loop.handlers.get(tunnel.fd)
-        assert server.registry.by_peer[server.registry.peer_key(tunnel.spec)] is tunnel
+        assert server.registry.by_source[server.registry.source_key(tunnel.spec)] is tunnel
 
 
 @given(requests())
@@ -139,7 +139,7 @@ def envelopes(draw, server):
 def locked_server():
     with fake_server() as (server, devices):
         server.control.auth = ups.Authenticator(SECRET, clock=lambda: NOW)
-        server.control.cookies = ups.Cookies(clock=lambda: NOW)
+        server.control.cookies = ups.ControlCookies(clock=lambda: NOW)
         yield server
 
 

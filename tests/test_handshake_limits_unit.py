@@ -60,7 +60,7 @@ def drain(sock):
 
 def test_an_initiation_from_an_unknown_key_costs_one_dh(daemon, monkeypatch):
     server, _, _ = daemon
-    stranger = WirePeer(server.wireguard.public_key)  # knows our public key, has no tunnel
+    stranger = WirePeer(server.wireguard.local_public)  # knows our public key, has no tunnel
     _, message = stranger.initiation()
     calls = count_dh(monkeypatch, server)
     stranger.sock.sendto(message, ("127.0.0.1", server.data_port))
@@ -71,7 +71,7 @@ def test_an_initiation_from_an_unknown_key_costs_one_dh(daemon, monkeypatch):
 
 def test_a_known_peers_initiation_uses_the_static_dh_made_at_add(daemon, monkeypatch):
     server, _, _ = daemon
-    peer = WirePeer(server.wireguard.public_key)
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     _, message = peer.initiation()
     calls = count_dh(monkeypatch, server)
@@ -84,7 +84,7 @@ def test_a_known_peers_initiation_uses_the_static_dh_made_at_add(daemon, monkeyp
 
 def test_a_peers_initiations_are_taken_one_in_20_ms(daemon):
     server, _, clock = daemon
-    peer = WirePeer(server.wireguard.public_key)
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     for step, answered in ((0, True), (0.01, False), (0.011, True)):
         clock.advance(step)
@@ -125,7 +125,7 @@ def flood_from(peer, server, count, cookie_aware=True):
 
 def test_under_load_a_source_with_a_valid_cookie_is_limited_to_its_bucket(daemon, monkeypatch):
     server, _, clock = daemon
-    stranger = WirePeer(server.wireguard.public_key)
+    stranger = WirePeer(server.wireguard.local_public)
     calls = count_dh(monkeypatch, server)
     back = flood_from(stranger, server, 200)  # all within one instant of the clock
     assert back.count(ups.MESSAGE_COOKIE_REPLY) >= 1
@@ -143,8 +143,8 @@ def test_under_load_a_peer_elsewhere_still_gets_its_handshake(daemon):
     """The side the limit must not hurt: a legitimate peer at another address, with its
     cookie, during a flood from one source that keeps the daemon under load."""
     server, _, clock = daemon
-    stranger = WirePeer(server.wireguard.public_key, address="127.0.0.2")
-    peer = WirePeer(server.wireguard.public_key)
+    stranger = WirePeer(server.wireguard.local_public, address="127.0.0.2")
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     receive(server)
     drain(peer.sock)  # the daemon's own initiation, at add: this peer does not answer it
@@ -184,7 +184,7 @@ def test_the_table_of_sources_is_bounded_and_a_newcomer_is_never_shut_out():
 def test_past_its_share_of_the_loop_handshake_work_waits(daemon):
     server, _, clock = daemon
     server.wireguard.cost_clock = FakeCost(ups.HANDSHAKE_SHARE_BURST)  # each takes it all
-    stranger = WirePeer(server.wireguard.public_key)
+    stranger = WirePeer(server.wireguard.local_public)
     flood_from(stranger, server, 3, cookie_aware=False)
     assert server.drops["unknown_peer"] == 1 and server.drops["handshake_share_spent"] == 2
     clock.advance(ups.HANDSHAKE_SHARE_BURST / ups.HANDSHAKE_SHARE)  # the share comes back
@@ -194,7 +194,7 @@ def test_past_its_share_of_the_loop_handshake_work_waits(daemon):
 
 def test_a_tunnels_endpoint_is_served_past_the_share(daemon):
     server, _, clock = daemon
-    peer = WirePeer(server.wireguard.public_key)
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     receive(server)
     drain(peer.sock)  # the daemon's own initiation, at add: this peer does not answer it
@@ -222,7 +222,7 @@ def test_cookie_replies_are_the_protocols_and_never_share_a_nonce():
 
 def test_a_bug_in_one_tunnels_timers_costs_only_that_tunnel(daemon, monkeypatch, caplog):
     server, devices, clock = daemon
-    good, bad = WirePeer(server.wireguard.public_key), WirePeer(server.wireguard.public_key)
+    good, bad = WirePeer(server.wireguard.local_public), WirePeer(server.wireguard.local_public)
     assert add(server, bad.entry("wgb", "10.0.2.1"), good.entry("wgg", "10.0.1.1"))["ok"]
     monkeypatch.setattr(server.registry.by_name["wgb"].wg_peer.timers, "due",
                         lambda now: (_ for _ in ()).throw(RuntimeError("boom")))
@@ -236,7 +236,7 @@ def test_a_bug_in_one_tunnels_timers_costs_only_that_tunnel(daemon, monkeypatch,
 
 def test_packets_pushed_out_of_the_staged_queue_are_counted(daemon):
     server, devices, _ = daemon
-    peer = WirePeer(server.wireguard.public_key)
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     tunnel = server.registry.by_name["wgp"]
     for i in range(ups.MAX_STAGED_PACKETS + 7):
@@ -249,7 +249,7 @@ def test_packets_pushed_out_of_the_staged_queue_are_counted(daemon):
 
 def test_tunnels_to_dead_peers_are_not_looked_at_once_given_up(daemon, monkeypatch):
     server, _, clock = daemon
-    peers = [WirePeer(server.wireguard.public_key) for _ in range(20)]
+    peers = [WirePeer(server.wireguard.local_public) for _ in range(20)]
     assert add(server, *[p.entry("wg%d" % i, "10.0.%d.1" % i) for i, p in enumerate(peers)])["ok"]
     for _ in range(4 * (ups.REKEY_ATTEMPT_TIME + 4 * ups.REKEY_TIMEOUT)):  # tried, given up
         clock.advance(0.25)
@@ -275,7 +275,7 @@ def test_tunnels_to_dead_peers_are_not_looked_at_once_given_up(daemon, monkeypat
 
 def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
     server, devices, clock = daemon
-    peer = WirePeer(server.wireguard.public_key)
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     peer.handshake(server, server.data_port)
     tunnel = server.registry.by_name["wgp"]
@@ -297,7 +297,7 @@ def test_keys_are_let_go_of_when_a_session_and_a_handshake_end(daemon):
 
 def test_a_tunnel_removed_and_made_again_with_the_same_key_has_only_its_own_timers(daemon):
     server, _, clock = daemon
-    peer = WirePeer(server.wireguard.public_key)
+    peer = WirePeer(server.wireguard.local_public)
     assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
     server.wireguard.tick()
     old = server.registry.by_name["wgp"]

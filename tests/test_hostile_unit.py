@@ -16,7 +16,7 @@ ATTACKER, VICTIM = "10.0.1.2", "10.0.2.2"
 def two_tunnels(server):
     """Two encrypted tunnels of server, each to a WirePeer that has completed a handshake:
     (attacker, victim), each with its tunnel's name and the daemon's address in it."""
-    public = server.wireguard.public_key
+    public = server.wireguard.local_public
     attacker, victim = WirePeer(public), WirePeer(public)
     reply = add(server, attacker.entry("wga", "10.0.1.1"), victim.entry("wgv", "10.0.2.1"))
     assert reply["ok"], reply
@@ -175,7 +175,7 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
     clock = Clock()
     with fake_server(offloads=True, private_key=ups.generate_private_key(),
                      clock=clock) as (server, devices):
-        peer = WirePeer(server.wireguard.public_key)
+        peer = WirePeer(server.wireguard.local_public)
         assert add(server, peer.entry("wgp", "10.0.1.1"))["ok"]
         # A packet for the peer: the daemon initiates, and the peer does not answer that.
         devices.outer["wgp"].send(ups.ZERO_VNET_HDR + ipv4_packet("10.0.1.1", "10.0.1.2", b"x"))
@@ -222,7 +222,7 @@ def test_a_source_belongs_to_the_tunnel_of_the_longest_prefix(encrypted_server):
     routes 192.168.0.0/16 may not send as 192.168.2.5 when another tunnel routes
     192.168.2.0/24; nor as an address of another tunnel's subnet."""
     server, devices = encrypted_server
-    public = server.wireguard.public_key
+    public = server.wireguard.local_public
     wide, narrow = WirePeer(public), WirePeer(public)
     assert add(server, wide.entry("wgw", "10.0.1.1", routes=["192.168.0.0/16"]),
                narrow.entry("wgn", "10.0.2.1", routes=["192.168.2.0/24"]))["ok"]
@@ -247,7 +247,7 @@ def test_a_source_belongs_to_the_tunnel_of_the_longest_prefix(encrypted_server):
 def test_a_subnets_sources_are_its_hosts_but_ours(encrypted_server, prefix, peer, refused):
     server, devices = encrypted_server
     offload = bool(server.offloads.tun_flags)
-    attacker = WirePeer(server.wireguard.public_key)
+    attacker = WirePeer(server.wireguard.local_public)
     assert add(server, attacker.entry("wga", "10.0.1.1/%d" % prefix))["ok"]
     attacker.handshake(server, server.data_port)
     devices.written("wga")
@@ -264,7 +264,7 @@ def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_ser
     offload = bool(server.offloads.tun_flags)
     attacker, victim = two_tunnels(server)
     devices.written("wgv")
-    real = ups.DataPort.receive_wireguard
+    real = ups.DataPort._receive_wireguard
     calls = []
 
     def buggy(self, datagrams, stride, source):
@@ -273,7 +273,7 @@ def test_a_bug_on_the_receive_path_costs_that_datagram_and_no_more(encrypted_ser
             raise RuntimeError("a bug")
         return real(self, datagrams, stride, source)
 
-    monkeypatch.setattr(ups.DataPort, "receive_wireguard", buggy)
+    monkeypatch.setattr(ups.DataPort, "_receive_wireguard", buggy)
     victim.send([ipv4_packet(VICTIM, "10.0.2.1", b"lost %d" % i) for i in range(3)],
                 server.data_port)
     with caplog.at_level(logging.ERROR, "udpProxyServer"):

@@ -166,7 +166,7 @@ def test_any_envelope_is_opened_or_refused_with_control_error(auth, payload):
 
 def test_a_cookie_proves_one_address_and_port_for_one_to_two_periods():
     clock = [NOW]
-    cookies = ups.Cookies(clock=lambda: clock[0])
+    cookies = ups.ControlCookies(clock=lambda: clock[0])
     manager = ("198.18.0.9", 40000)
     cookie = cookies.make(manager)
     assert len(cookie) == ups.COOKIE_HEX_LEN and cookies.valid(cookie, manager)
@@ -181,7 +181,7 @@ def test_a_cookie_proves_one_address_and_port_for_one_to_two_periods():
 
 def test_another_daemon_gives_other_cookies():
     manager = ("198.18.0.9", 40000)
-    assert ups.Cookies(clock=lambda: NOW).make(manager) != ups.Cookies(clock=lambda: NOW).make(manager)
+    assert ups.ControlCookies(clock=lambda: NOW).make(manager) != ups.ControlCookies(clock=lambda: NOW).make(manager)
 
 
 error_texts = st.text(max_size=400)

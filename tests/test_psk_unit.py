@@ -30,7 +30,7 @@ def psk_file(tmp_path, key=PSK, mode=0o600, name="psk"):
 
 
 def test_a_preshared_key_from_a_file_on_the_daemons_host_is_used(daemon, tmp_path):
-    peer = WirePeer(daemon.wireguard.public_key)
+    peer = WirePeer(daemon.wireguard.local_public)
     assert add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=psk_file(tmp_path)))["ok"]
     assert daemon.registry.by_name["wgp"].wg_peer.preshared_key == PSK
     # A handshake with the key goes through; the peer's response needs it.
@@ -45,7 +45,7 @@ def test_a_preshared_key_from_a_file_on_the_daemons_host_is_used(daemon, tmp_pat
 
 def test_the_state_file_and_the_list_keep_the_path_never_the_key(daemon, tmp_path):
     path = psk_file(tmp_path)
-    peer = WirePeer(daemon.wireguard.public_key)
+    peer = WirePeer(daemon.wireguard.local_public)
     assert add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=path))["ok"]
     saved = (tmp_path / "tunnels.json").read_text()
     assert ups.key_to_base64(PSK) not in saved
@@ -57,7 +57,7 @@ def test_the_state_file_and_the_list_keep_the_path_never_the_key(daemon, tmp_pat
 
 @pytest.mark.parametrize("value", ["psk", 7, "", "relative/psk", ["/etc/psk"]])
 def test_a_preshared_key_file_not_given_by_its_absolute_path_is_refused(daemon, value):
-    peer = WirePeer(daemon.wireguard.public_key)
+    peer = WirePeer(daemon.wireguard.local_public)
     reply = add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=value))
     assert not reply["ok"] and "an absolute path on the daemon's host" in reply["error"]
 
@@ -96,7 +96,7 @@ def test_no_unusable_file_is_read_nor_told_apart(daemon, tmp_path, caplog):
     signal.signal(signal.SIGALRM, blocked)
     signal.alarm(20)  # a read that blocks fails the test instead of hanging it
     try:
-        peer = WirePeer(daemon.wireguard.public_key)
+        peer = WirePeer(daemon.wireguard.local_public)
         errors = set()
         for path, why in unusable_files(tmp_path).items():
             caplog.clear()
@@ -111,7 +111,7 @@ def test_no_unusable_file_is_read_nor_told_apart(daemon, tmp_path, caplog):
 
 
 def test_an_inline_key_from_the_network_is_refused_and_from_this_host_taken(daemon, tmp_path):
-    peer = WirePeer(daemon.wireguard.public_key)
+    peer = WirePeer(daemon.wireguard.local_public)
     entry = peer.entry("wgp", "10.0.1.1", presharedKey=ups.key_to_base64(PSK))
     request = json.dumps({"op": "add", "tunnel": [entry]}).encode()
     reply = answer(daemon, request, ("198.18.0.9", 40000))[0]
@@ -122,7 +122,7 @@ def test_an_inline_key_from_the_network_is_refused_and_from_this_host_taken(daem
 
 
 def test_both_forms_at_once_are_refused(daemon, tmp_path):
-    peer = WirePeer(daemon.wireguard.public_key)
+    peer = WirePeer(daemon.wireguard.local_public)
     reply = add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=psk_file(tmp_path),
                                    presharedKey=ups.key_to_base64(PSK)))
     assert "not both" in reply["error"]
@@ -130,7 +130,7 @@ def test_both_forms_at_once_are_refused(daemon, tmp_path):
 
 def test_a_reload_reads_the_file_again_so_a_new_key_takes_effect(daemon, tmp_path):
     path = psk_file(tmp_path)
-    peer = WirePeer(daemon.wireguard.public_key)
+    peer = WirePeer(daemon.wireguard.local_public)
     assert add(daemon, peer.entry("wgp", "10.0.1.1", presharedKeyFile=path))["ok"]
     psk_file(tmp_path, key=bytes(32))
     daemon.keeper.reload()

@@ -229,7 +229,7 @@ def test_without_cryptography_plain_tunnels_load_and_encrypted_ones_say_what_is_
     assert out == "encrypted tunnels: the cryptography package is needed (pip install cryptography)\n"
 
 
-# --- Cookies under load -------------------------------------------------------------------
+# --- ControlCookies under load -------------------------------------------------------------------
 
 # draft-irtf-cfrg-xchacha-03, section 2.2.1: HChaCha20.
 HCHACHA_KEY = bytes(range(32))
