@@ -1,16 +1,80 @@
 #!/usr/bin/env python3
 """udpProxyServer: carry the packets of TUN devices to peer hosts over UDP.
 
-One daemon runs on every host of a mesh. Each point-to-point tunnel is a TUN
-device; what the kernel routes into it is sent to the tunnel's remote server as
-one UDP datagram per packet, and datagrams from that server are written back
-into the device. Tunnels are added, deleted and listed at run time with JSON
-messages on the control port (see udpProxyServerControl.py).
+One daemon runs on every host of a mesh. Each point-to-point tunnel is a TUN device and a
+peer: what the kernel routes into the device goes to the peer in UDP datagrams, and what
+the peer sends is written into the device. A plain tunnel speaks the 2015 wire format (a
+PI header and a packet a datagram); an encrypted one speaks WireGuard. Tunnels are added,
+deleted and listed at run time with JSON messages on the control port (see
+udpProxyServerControl.py). Needs the standard library and python-pytun, pyroute2 for IPv6
+tunnel addresses and routes, and cryptography for encrypted tunnels, so it runs when
+copied alone to a host.
 
-Needs the standard library and python-pytun, pyroute2 for IPv6 tunnel
-addresses and routes, and cryptography for encrypted tunnels (WireGuard), so it
-runs when copied alone to a host.
+The map. The sections, in order, each using only those above it:
+
+    Constants shared by the sections, exceptions, the logger
+    Control messages       TunnelSpec: a tunnel as asked for, every field checked
+    Packet arithmetic      checksums; split_gso cuts a super-packet, Joiner joins packets
+    Offloads               Offloads: what the kernel offers, found at start-up
+    Devices                OffloadDevice (virtio headers, super-packets), NoOffloadDevice
+    The 2015 wire format   PlainCodec: a datagram a packet, after a PI header
+    WireGuard: keys and the handshake      pure functions of keys and bytes
+    WireGuard: cookies under load          mac1 and mac2, CookieChecker, CookieGenerator
+    WireGuard: transport messages          seal_transport, open_transport
+    WireGuard: sessions, counters and the replay window   ReplayWindow, Keypair(s)
+    WireGuard: timers                      PeerTimers: decisions from an injected clock
+    WireGuard: a peer, and its codec       WireGuardPeer, WireGuardCodec, CryptokeyRouting
+    WireGuard: the daemon's handshakes, and every peer's timers   HandshakeLimits, WireGuard
+    The tunnel             Tunnel: spec, endpoint, counters, a device and a codec composed
+    The data port          DataPort: each datagram, or GRO train, to the tunnel it is for
+    The loop               Loop: one readiness loop, a dict fd -> handler
+    Netlink                IPv6 addresses, routes, devices deleted together
+    The registry           Registry: the tunnels by name and by source
+    The control port       who may ask (AllowList, Authenticator, ControlCookies,
+                           ReplyBudget) and ControlPort with its ops
+    The state              StateFile, and StateKeeper: the tunnels kept across restarts
+    The server             Server: the sockets, the loop and the parts together
+    Start-up               main
+
+The data path, as the methods called in order; a device is an OffloadDevice, or a
+NoOffloadDevice where named:
+
+    A plain tunnel, outbound (the loop: the device's fd is ready):
+        Server._forward -> Tunnel.forward_from_device -> OffloadDevice.read
+        -> PlainCodec.encode_super_packet (split_gso) or PlainCodec.encode_packet (queued)
+        -> PlainCodec.encode_end -> Tunnel.send (sendmsg with UDP GSO)
+        NoOffloadDevice.read -> PlainCodec.encode_packet (one sendto, the PI header in the
+        room before the packet)
+    A plain tunnel, inbound (the loop: the data socket is ready):
+        DataPort.receive (recvmsg_into: one datagram, or a GRO train)
+        -> PlainCodec.decode -> OffloadDevice.write (Joiner.continues, Joiner.offer)
+        -> OffloadDevice.flush (one writev)
+        DataPort._receive_one_by_one -> PlainCodec.decode -> NoOffloadDevice.write
+    An encrypted tunnel, outbound:
+        Server._forward -> Tunnel.forward_from_device -> OffloadDevice.read
+        -> WireGuardCodec.encode_begin (Keypairs.current_for_sending)
+        -> WireGuardCodec.encode_super_packet (split_gso, each segment sealed:
+           seal_transport_into) or WireGuardCodec.encode_packet (WireGuardCodec._seal)
+        -> WireGuardCodec.encode_end -> Tunnel.send
+    An encrypted tunnel, inbound:
+        DataPort.receive -> DataPort._receive_wireguard -> WireGuard.receive (the tunnel of
+        the receiver index) -> WireGuardCodec.decode (Keypairs.lookup, open_transport_into,
+        ReplayWindow.accept, ip_length, CryptokeyRouting.owner) -> OffloadDevice.write
+        -> OffloadDevice.flush
+    Handshakes: DataPort.receive -> DataPort._receive_wireguard -> WireGuard.receive
+        -> WireGuard.handshake_message (size, mac1, mac2 under load, the loop's share,
+        the source's bucket) -> WireGuard._take_initiation (open_initiation, the peer by
+        its key, finish_initiation, create_response) or WireGuard._take_response
+    Timers: Loop.run -> WireGuard.tick -> WireGuard._run_timers_of (PeerTimers.due)
+        -> WireGuard._act (create_initiation, WireGuardCodec.send_staged, send_keepalive)
+
+Copies made on purpose on the hot paths, a Python call less a packet, each marked at
+both places: PlainCodec.encode_packet holds Tunnel.send_one's work; PlainCodec.decode
+holds its loop's work for a datagram alone; WireGuardCodec.encode_super_packet holds
+WireGuardCodec._seal's; DataPort._receive_one_by_one holds DataPort.receive's, and
+Registry.find_by_source's.
 """
+
 import argparse
 import base64
 import binascii
@@ -1429,7 +1493,7 @@ class PlainCodec:
             if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
                 self.peer_heard_at = self.clock()
             return
-        try:
+        try:  # a run; copied above for a datagram alone: keep the two alike
             for start in range(0, len(datagrams), stride):
                 datagram = datagrams[start:start + stride]
                 if len(datagram) <= PI_HEADER_LEN:
@@ -2662,8 +2726,8 @@ class WireGuardCodec:
                     self._stage(buffers.out_view[start:min(start + stride, total)])
                 continue
             self._send_sealed()
-            # seal's work inlined for a round of segments (a call less each): keep the two
-            # alike.
+            # _seal's work, inlined for a round of segments (a call less each segment):
+            # keep the two alike.
             cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.mtu
             sealed, padded, out = buffers.sealed_view, buffers.padded_view, buffers.out_view
             at = message_stride = 0
@@ -3757,6 +3821,8 @@ class Registry:
         return not spec.encrypted
 
     def find_by_source(self, ip, port):
+        """The plain tunnel a datagram from ip and port is for, or None. Inlined in
+        DataPort._receive_one_by_one: keep the two alike."""
         return self.by_source.get((ip, port)) or self.by_source.get((ip, None))
 
     def check_free(self, spec):

@@ -8,6 +8,24 @@ Standard library only, so it runs when copied alone to a management host.
 
 Exit status: 0 when everything was done, 1 when the daemon refused something,
 2 for bad arguments, 3 when no reply came.
+
+The map. The sections, in order, each using only those above it:
+
+    Constants
+    Building and sealing a request      build_message, Session (the secret's envelope)
+    Sending it and waiting for the reply   Daemon: the cookie first, then the request
+    Printing               format_reply, format_table
+    The mesh               parse_mesh and its checks, then the plan, a pure function of
+                           the file and the daemons' lists: plan_mesh (pair_subnets,
+                           mesh_plan, host_plans), and pair_states against it
+    Applying the mesh      read_tunnels, then print_plan (--dry-run) or apply_plan
+                           (change_host), or --status
+    main
+
+A request: main -> build_message -> Daemon.request (the cookie, then Session.seal ->
+Daemon.exchange -> Daemon.wait_for_reply -> Session.open) -> format_reply. A mesh: main
+-> main_mesh -> load_mesh -> apply_mesh -> read_tunnels (Daemon.fetch_list on every host)
+-> plan_mesh -> print_plan or apply_plan; main_status -> read_mesh -> pair_states.
 """
 
 import argparse
@@ -25,6 +43,10 @@ import secrets
 import socket
 import sys
 import time
+
+
+# --- Constants ------------------------------------------------------------------
+
 
 __version__ = "2.0.0"
 
@@ -764,11 +786,12 @@ class HostPlan:
     # they are: name -> peer
 
 
-def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None):
+def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None, wanted=None):
     """For each host in current (those that answered), only the difference between its
-    tunnels and the file's (with keys, an encrypted mesh's); its tunnels to hosts in
-    unanswered are neither deleted nor added."""
-    wanted = mesh_plan(mesh, current, unanswered, keys)
+    tunnels and the file's (wanted: mesh_plan's, made here if not given; with keys, an
+    encrypted mesh's); its tunnels to hosts in unanswered are neither deleted nor added."""
+    if wanted is None:
+        wanted = mesh_plan(mesh, current, unanswered, keys)
     held = held_tunnels(mesh, current, unanswered)
     plans = {}
     for name, have in current.items():
@@ -791,6 +814,33 @@ def down_plans(mesh, current):
     return plans
 
 
+@dataclasses.dataclass
+class MeshPlan:
+    """What applying the mesh file does, host by host, from what the daemons listed: the
+    HostPlan of each host that can be changed; the hosts that cannot, name -> why (no
+    answer, or an encrypted mesh's host with no key to use), all in one place; and what
+    each host should have (name -> tunnel name -> control entry), which --status holds
+    the hosts' tunnels to."""
+    hosts: dict
+    failed: dict
+    wanted: dict
+    keyless: frozenset = frozenset()  # of failed, the hosts that answered but have no key
+
+
+def plan_mesh(mesh, listings, down=False):
+    """The MeshPlan of bringing every daemon to the file (or, down, of deleting the mesh's
+    tunnels): --dry-run prints it, applying runs it, --status compares against it. A pure
+    function of the file and the daemons' lists."""
+    in_order = lambda why: {h.name: why[h.name] for h in mesh.hosts if h.name in why}  # noqa: E731
+    if down:
+        return MeshPlan(down_plans(mesh, listings.tunnels), in_order(listings.unanswered), {})
+    tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
+    failed = in_order(dict(listings.unanswered, **keyless))
+    wanted = mesh_plan(mesh, tunnels, failed, keys)
+    return MeshPlan(host_plans(mesh, tunnels, listings.data_ports, failed, keys, wanted),
+                    failed, wanted, frozenset(keyless))
+
+
 def pair_states(mesh, listings, now):
     """Each host's end of each pair, as its daemon lists it: host -> peer -> (state, age):
     "no answer" (its daemon gave no list), "missing", "differs" (not what applying the
@@ -798,9 +848,8 @@ def pair_states(mesh, listings, now):
     latest handshake (encrypted) or packet received (plain). An end towards a host that
     did not answer or has no key to use is judged by its age alone. And the hosts that
     gave no list or no key to use: name -> why."""
-    tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
-    failed = dict(listings.unanswered, **keyless)
-    wanted = mesh_plan(mesh, tunnels, failed, keys)
+    plan = plan_mesh(mesh, listings)
+    failed, wanted = plan.failed, plan.wanted
     states = {}
     for host in mesh.hosts:
         row = states[host.name] = {}
@@ -885,34 +934,41 @@ def mesh_daemons(mesh, session, timeout):
 
 
 def apply_to_daemons(mesh, daemons, dry_run, say, down=False):
-    """Read every host's tunnels, plan, and change each host; the hosts that failed: name -> why."""
-    listings = read_tunnels(mesh, daemons)
-    if down:
-        keyless = {}
-        plans = down_plans(mesh, listings.tunnels)
-    else:
-        tunnels, keys, keyless = plannable(mesh, listings.tunnels, listings.keys)
-        plans = host_plans(mesh, tunnels, listings.data_ports,
-                           dict(listings.unanswered, **keyless), keys)
-    failed = {}
+    """Read every host's tunnels, plan, and print the plan (dry_run) or apply it; the hosts
+    that failed: name -> why."""
+    plan = plan_mesh(mesh, read_tunnels(mesh, daemons), down)
+    return (print_plan if dry_run else apply_plan)(mesh, plan, daemons, say)
+
+
+def print_plan(mesh, plan, daemons, say):
+    """--dry-run: each host's lines of what would change; the hosts that cannot be changed."""
     for host in mesh.hosts:
         label = "%s (%s)" % (host.name, host.address)
-        why = listings.unanswered.get(host.name) or keyless.get(host.name)
-        if why:
-            failed[host.name] = why
-            say("%s: FAILED: %s" % (label, why))
+        if host.name in plan.failed:
+            say("%s: FAILED: %s" % (label, plan.failed[host.name]))
+        else:
+            say_plan(label, plan.hosts[host.name], say, plan.keyless)
+    return dict(plan.failed)
+
+
+def apply_plan(mesh, plan, daemons, say):
+    """Change each host as its plan says, a line each; the hosts that failed, those that
+    could not be changed and those that refused or did not answer a change."""
+    failed = dict(plan.failed)
+    for host in mesh.hosts:
+        label = "%s (%s)" % (host.name, host.address)
+        if host.name in plan.failed:
+            say("%s: FAILED: %s" % (label, plan.failed[host.name]))
             continue
-        plan = plans[host.name]
-        if dry_run:
-            say_plan(label, plan, say, keyless)
-            continue
-        error = change_host(daemons[host.name], plan.stale, plan.new)
+        host_plan = plan.hosts[host.name]
+        error = change_host(daemons[host.name], host_plan.stale, host_plan.new)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
             say("%s: %d added, %d deleted, %d unchanged%s" % (
-                label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
+                label, len(host_plan.new), len(host_plan.stale), host_plan.unchanged,
+                held_note(host_plan, plan.keyless)))
     return failed
 
 
@@ -1074,7 +1130,7 @@ def main_status(args, session, mesh):
     return EXIT_OK if all_up(states, failed) else EXIT_REFUSED
 
 
-# --- main ---------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------
 
 
 def port(text):

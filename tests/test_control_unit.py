@@ -683,3 +683,18 @@ def test_with_a_secret_an_unsigned_retry_is_not_followed(tmp_path, capsys):
                          "-n", "u", "--timeout", "1"]) == 1
         thread.join(10)
     assert got == [{"op": "del", "tunnel": [{"name": "u"}], "cookie": COOKIE}]
+
+
+def test_a_mesh_plan_has_a_plan_or_a_failure_for_every_host_and_what_each_should_have(tmp_path):
+    """plan_mesh: one pure function of the file and the lists, which --dry-run prints,
+    applying runs and --status holds the hosts to."""
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    listings = ctl.Listings({"minion-1": {}, "minion-3": {}}, {"minion-1": 5000, "minion-3": 5000},
+                            {}, {"minion-2": "no reply within 2 s"})
+    plan = ctl.plan_mesh(mesh, listings)
+    assert sorted(plan.hosts) == ["minion-1", "minion-3"] and plan.failed == {
+        "minion-2": "no reply within 2 s"}
+    assert [e["name"] for e in plan.hosts["minion-1"].new] == ["m-minion-3"]  # not to minion-2
+    assert plan.wanted["minion-1"]["m-minion-3"]["remoteServer"] == "172.100.2.3"
+    down = ctl.plan_mesh(mesh, listings, down=True)
+    assert down.failed == plan.failed and down.wanted == {}
