@@ -14,6 +14,14 @@ def cannot_run(reason):
     (pytest.fail if REQUIRE_INTEGRATION else pytest.skip)(reason)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that builds test hosts (the lab fixture, itself or through another) is an
+    integration test: pytest -m "not integration" is the fast loop, without root."""
+    for item in items:
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def lab():
     """A fresh lab of network namespaces, torn down even when the test fails."""

@@ -298,6 +298,15 @@ def transfer(sender, receiver, address, size, port=7000):
     return (int(sent[0]), sent[1]), (int(received[0]), received[1])
 
 
+def key_file(lab, host, name=None):
+    """A key file for host's daemon (host.key, or name, in the lab's folder), made by the
+    daemon as a user makes it; returns (path, public key)."""
+    path = os.path.join(lab.workdir, name or "%s.key" % host.name)
+    public = host.run(sys.executable, lab.script("udpProxyServer.py"), "--public-key",
+                      "--key-file", path, "--generate-key").stdout.strip()
+    return path, public
+
+
 def write_secret(lab, name="secret"):
     """A shared secret in the lab's folder, readable by its owner only."""
     path = os.path.join(lab.workdir, name)

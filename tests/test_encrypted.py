@@ -13,20 +13,12 @@ import sys
 import pytest
 
 from conftest import cannot_run
-from lab import HELPERS, transfer, wait_until
+from lab import HELPERS, key_file, transfer, wait_until
 
 MEGABYTES = 16 << 20
 # What fits a 1500-byte underlay with WireGuard's 60 bytes (IPv4, UDP, its header and tag).
 MTU = 1420
 WG_PORT = 51820
-
-
-def key_file(lab, host):
-    """A key file for host's daemon, made by the daemon; returns (path, public key)."""
-    path = os.path.join(lab.workdir, "%s.key" % host.name)
-    public = host.run(sys.executable, lab.script("udpProxyServer.py"), "--public-key",
-                      "--key-file", path, "--generate-key").stdout.strip()
-    return path, public
 
 
 def encrypted_pair(lab, *flags):

@@ -4,22 +4,13 @@ otherwise), built and watched by --mesh from a management host without a secret.
 import json
 import os
 import re
-import sys
 
 import pytest
 
-from lab import MESH_HOSTS, wait_until
+from lab import MESH_HOSTS, key_file, wait_until
 
 # What an encrypted mesh's tunnels get when the file gives no mtu.
 ENCRYPTED_MTU = 1420
-
-
-def new_key(lab, host, name):
-    """A key file for host's daemon, made by the daemon; returns (path, public key)."""
-    path = os.path.join(lab.workdir, name)
-    public = host.run(sys.executable, lab.script("udpProxyServer.py"), "--public-key",
-                      "--key-file", path, "--generate-key").stdout.strip()
-    return path, public
 
 
 @pytest.fixture
@@ -29,7 +20,7 @@ def keyed(lab):
     hosts = [lab.host(name, index) for name, index in MESH_HOSTS]
     keys = {}
     for host in hosts:
-        path, keys[host.name] = new_key(lab, host, host.name + ".key")
+        path, keys[host.name] = key_file(lab, host)
         host.start_daemon("--key-file", path)
     path = os.path.join(lab.workdir, "mesh.json")
     with open(path, "w") as f:
@@ -78,7 +69,7 @@ def test_a_manager_builds_an_encrypted_mesh_and_a_new_key_remakes_just_its_pairs
 
     # And with a new key: its pairs are remade, both ends; the pair without it goes on.
     two.stop_daemon()
-    two_key, keys["minion-2"] = new_key(lab, two, "minion-2.new.key")
+    two_key, keys["minion-2"] = key_file(lab, two, "minion-2.new.key")
     two.start_daemon("--key-file", two_key)
     before = one.tunnels()["m-minion-3"]
     rekeyed = manager.control("--mesh", path).stdout
