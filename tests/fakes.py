@@ -131,6 +131,19 @@ def add(server, *entries):
     return answer(server, request, ("127.0.0.1", 9))[0]
 
 
+def drain(sock):
+    """Every datagram waiting on sock."""
+    sock.setblocking(False)
+    datagrams = []
+    try:
+        while True:
+            datagrams.append(sock.recv(65535))
+    except BlockingIOError:
+        return datagrams
+    finally:
+        sock.settimeout(5)
+
+
 def receive(server):
     """Let the daemon take what waits on its data port, and run its timers."""
     server.loop.dispatch(server.data_sock.fileno())

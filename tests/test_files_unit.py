@@ -69,18 +69,11 @@ def test_a_generated_key_file_is_600(tmp_path, open_umask):
     assert mode(path) == 0o600 and ups.key_from_base64(path.read_text()) == key
 
 
-def test_a_temporary_file_that_is_a_link_is_not_followed(tmp_path):
+@pytest.mark.parametrize("link", [os.symlink, os.link], ids=["symbolic", "hard"])
+def test_a_temporary_file_linked_elsewhere_is_not_written_through(tmp_path, link):
     target = tmp_path / "elsewhere"
     target.write_text("not ours to write")
-    os.symlink(target, tmp_path / "tunnels.json.tmp")
+    link(target, tmp_path / "tunnels.json.tmp")
     ups.StateFile(str(tmp_path / "tunnels.json")).save([ENTRY])
     assert target.read_text() == "not ours to write"
     assert json.loads((tmp_path / "tunnels.json").read_text())["tunnels"] == [ENTRY]
-
-
-def test_a_temporary_file_hard_linked_elsewhere_is_not_written_into(tmp_path):
-    target = tmp_path / "elsewhere"
-    target.write_text("not ours to write")
-    os.link(target, tmp_path / "tunnels.json.tmp")
-    ups.StateFile(str(tmp_path / "tunnels.json")).save([ENTRY])
-    assert target.read_text() == "not ours to write"

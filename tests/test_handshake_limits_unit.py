@@ -8,7 +8,7 @@ import logging
 import pytest
 
 import udpProxyServer as ups
-from fakes import Clock, WirePeer, add, answer, fake_server, ipv4_packet, receive
+from fakes import Clock, WirePeer, add, drain, answer, fake_server, ipv4_packet, receive
 
 
 class FakeCost:
@@ -44,18 +44,6 @@ def count_dh(monkeypatch, server):
 
     monkeypatch.setattr(ups, "DH", counted)
     return calls
-
-
-def drain(sock):
-    sock.setblocking(False)
-    datagrams = []
-    try:
-        while True:
-            datagrams.append(sock.recv(65535))
-    except BlockingIOError:
-        return datagrams
-    finally:
-        sock.settimeout(5)
 
 
 def test_an_initiation_from_an_unknown_key_costs_one_dh(daemon, monkeypatch):

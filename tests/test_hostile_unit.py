@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import udpProxyServer as ups
-from fakes import Clock, WirePeer, add, fake_server, ipv4_packet, receive
+from fakes import Clock, WirePeer, add, drain, fake_server, ipv4_packet, receive
 from fakes import udp as fakes_udp
 
 ATTACKER, VICTIM = "10.0.1.2", "10.0.2.2"
@@ -156,19 +156,6 @@ def test_plain_and_encrypted_datagrams_of_one_peer_daemon_in_one_train(encrypted
 
 
 # --- The responder's handshake, complete once confirmed ------------------------
-
-
-def drain(sock):
-    """Every datagram waiting on sock."""
-    sock.setblocking(False)
-    datagrams = []
-    try:
-        while True:
-            datagrams.append(sock.recv(65535))
-    except BlockingIOError:
-        return datagrams
-    finally:
-        sock.settimeout(5)
 
 
 def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed():
