@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 import lab as lablib
+from fakes import fake_offload_server
 
 # CI sets it: there the integration tests must run, and one that cannot fails instead of
 # skipping, so a run that tested nothing real cannot pass.
@@ -54,3 +55,10 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures the fault tests measured")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def offload_server():
+    """A daemon with fake devices speaking virtio headers (fakes.fake_offload_server)."""
+    with fake_offload_server() as made:
+        yield made

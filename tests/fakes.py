@@ -117,6 +117,13 @@ def fake_server(offloads=None, private_key=None, clock=None, state=None, netlink
         server.close()
 
 
+def fake_offload_server():
+    """fake_server with the offloads of a kernel that has them all but USO, and the
+    daemon's own netlink."""
+    return fake_server(netlink=True, offloads=ups.Offloads(
+        tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True, udp_gro=True, join=True))
+
+
 def answer(server, datagram, sender):
     """What the control port makes of one datagram: its reply, the nonce to seal it with
     and whether the sender is proven; counted as the port counts it."""

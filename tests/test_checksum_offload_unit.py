@@ -10,17 +10,10 @@ from hypothesis import given, settings, strategies as st
 
 import packets
 import udpProxyServer as ups
-from fakes import (add_loopback_tunnel, deliver, fake_server, refuse_joined_writes, udp,
-                   vnet)
-from test_daemon_unit import fake_offload_server
+from fakes import (add_loopback_tunnel, deliver, fake_offload_server, fake_server,
+                   refuse_joined_writes, udp, vnet)
 
 ACCEPTS, PARTIAL = ups.PI_ACCEPTS_PARTIAL, ups.PI_PARTIAL
-
-
-@pytest.fixture
-def offload_server():
-    with fake_offload_server() as made:
-        yield made
 
 
 def finish(packet, l4):

@@ -206,17 +206,6 @@ def test_an_error_in_a_handler_is_logged_and_the_loop_goes_on(server, caplog):
 # --- The offload tunnel, its device a socketpair end speaking virtio headers ------------
 
 
-def fake_offload_server():
-    return fake_server(netlink=True, offloads=ups.Offloads(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True,
-                                    udp_gro=True, join=True))
-
-
-@pytest.fixture
-def offload_server():
-    with fake_offload_server() as made:
-        yield made
-
-
 def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_server):
     server, devices = offload_server
     payload = os.urandom(5000)
