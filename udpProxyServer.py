@@ -28,11 +28,13 @@ The map. The sections, in order, each using only those above it:
     The tunnel             Tunnel: spec, endpoint, counters, a device and a codec composed
     The data port          DataPort: each datagram, or GRO train, to the tunnel it is for
     The loop               Loop: one readiness loop, a dict fd -> handler
-    Netlink                IPv6 addresses, routes, devices deleted together
+    Netlink                IPv6 addresses, routes, what a kept device has (Kept),
+                           devices deleted together
     The registry           Registry: the tunnels by name and by source
     The control port       who may ask (AllowList, Authenticator, ControlCookies,
                            ReplyBudget) and ControlPort with its ops
     The state              StateFile, and StateKeeper: the tunnels kept across restarts
+    The metrics            metrics_text, MetricsFile: the counters for Prometheus
     The server             Server: the sockets, the loop and the parts together
     Start-up               main
 
@@ -277,6 +279,9 @@ KEY_FILE_MAX = 256
 TUNNEL_FIELDS = ("name", "tunnelIP", "netmask", "mtu", "remoteServer", "remotePort", "routes",
                  "publicKey", "presharedKey", "presharedKeyFile", "persistentKeepalive")
 REQUEST_FIELDS = ("op", "tunnel", "part", "generation", "cookie")
+# What a tunnel can have changed in place (the set op, SIGHUP), its device and sessions
+# kept: field -> TunnelSpec's. Any other change remakes it.
+IN_PLACE = {"mtu": "mtu", "routes": "routes", "persistentKeepalive": "keepalive"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -510,6 +515,30 @@ class TunnelSpec:
         if self.keepalive is not None:
             entry["persistentKeepalive"] = self.keepalive
         return entry
+
+    def changed(self, entry):
+        """This tunnel with what a set entry gives changed: each field given replaces this
+        tunnel's (null takes it away: the default again), the others stay; ControlError
+        for a field that cannot be so, or a tunnel that would not be valid."""
+        if len(entry) < 2:
+            raise ControlError("nothing to change: give the fields to change beside the name")
+        merged = self.entry()
+        if "tunnelIP" in entry and "netmask" not in entry:
+            merged.pop("netmask", None)  # the new address carries its own, or the default
+        if "presharedKey" in entry or "presharedKeyFile" in entry:
+            merged.pop("presharedKey", None)
+            merged.pop("presharedKeyFile", None)
+        for field, value in entry.items():
+            if value is None:
+                merged.pop(field, None)
+            else:
+                merged[field] = value
+        return TunnelSpec.from_entry(merged)
+
+    def differs_in_place(self, other):
+        """Whether other is this tunnel but for what can be changed in place."""
+        return dataclasses.replace(other, mtu=self.mtu, routes=self.routes,
+                                   keepalive=self.keepalive) == self
 
     @property
     def encrypted(self):
@@ -1064,10 +1093,13 @@ IN6_ADDR_GEN_MODE_NONE = 1
 JOIN_RETRY = 60
 
 
-def open_tun(spec, offload_flags=0):
-    """Create and configure the TUN device for spec; it vanishes when closed. It reads and
-    writes bare IP packets (IFF_NO_PI: the kernel tells IPv4 from IPv6 by the version),
-    after a virtio header each with offload flags."""
+def open_tun(spec, offload_flags=0, alias=None):
+    """Create and configure the TUN device for spec, or take up the one of that name kept
+    from before; it reads and writes bare IP packets (IFF_NO_PI: the kernel tells IPv4 from
+    IPv6 by the version), after a virtio header each with offload flags. Without alias it
+    vanishes when closed; with alias (a state file's: device_alias) it is kept (persistent,
+    TUNSETPERSIST) until deleted for good (close_tun), and says whose it is in its alias.
+    Made persistent last: a new device that fails here goes, a kept one stays."""
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload_flags else 0)
     device = pytun.TunTapDevice(name=spec.name, flags=flags)
     try:
@@ -1080,10 +1112,27 @@ def open_tun(spec, offload_flags=0):
         device.mtu = spec.mtu
         device.up()
         os.set_blocking(device.fileno(), False)
+        if alias is not None:
+            with open(os.path.join(SYS_NET, spec.name, "ifalias"), "w") as f:
+                f.write(alias + "\n")
+            device.persist(True)
     except BaseException:
         device.close()
         raise
     return device
+
+
+def close_tun(tun, delete):
+    """Let go of a TUN device: deleted (made not persistent first, were it kept), or, not
+    delete, kept with its addresses and routes (if persistent), dropping what is routed
+    into it until a daemon takes it up again."""
+    try:
+        if delete:
+            tun.persist(False)
+    except OSError:
+        pass  # deleted already (from outside, or together with others)
+    finally:
+        tun.close()
 
 
 def no_ipv6_link_local(name):
@@ -1100,6 +1149,70 @@ def no_ipv6_link_local(name):
     except OSError as e:
         SETUP_WARNINGS.log(logging.WARNING, "tunnel %s: cannot turn its IPv6 link-local address"
                            " off (%s): its kernel may send IPv6 through it", name, e)
+
+
+# A device kept across restarts (with --state-file) says whose it is in its alias, as
+# ip link shows it: this, and the state file that keeps its tunnel. Another daemon's
+# device, or someone else's TUN device of the same name, is never taken up.
+DEVICE_ALIAS = "udpProxyServer "
+# linux/if.h: IFALIASZ, with its NUL.
+MAX_ALIAS = 255
+SYS_NET = "/sys/class/net"
+# linux/if_tun.h: the kind of a device, in its tun_flags.
+IFF_TUN = 0x0001
+
+
+def device_alias(state_path):
+    """The alias of the devices of the tunnels a state file keeps: its absolute path, or
+    a digest of it where that is too long for an alias."""
+    path = os.path.abspath(state_path)
+    if len((DEVICE_ALIAS + path).encode()) > MAX_ALIAS or "\n" in path:
+        path = "sha256:" + hashlib.sha256(path.encode()).hexdigest()
+    return DEVICE_ALIAS + path
+
+
+def read_sys_net(name, attribute):
+    """A device's attribute as /sys/class/net shows it, None where it shows no such device."""
+    try:
+        with open(os.path.join(SYS_NET, name, attribute)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def device_owner(name):
+    """Whose the device of that name is: its alias, "" if it has none; None when no device
+    has that name. Read in /sys, which must show this network namespace (ip netns exec
+    mounts it so): where it shows another device of that name, or none, this fails."""
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        return None
+    if read_sys_net(name, "ifindex") != str(index):
+        raise ControlError("cannot tell whose device %r is: /sys/class/net does not show this"
+                           " network namespace (mount sysfs in it, as ip netns exec does)" % name)
+    return read_sys_net(name, "ifalias") or ""
+
+
+def is_tun(name):
+    flags = read_sys_net(name, "tun_flags")
+    return flags is not None and bool(int(flags, 16) & IFF_TUN)
+
+
+def kept_devices(alias):
+    """The names of the TUN devices that carry alias: kept for a state file's tunnels."""
+    try:
+        names = os.listdir(SYS_NET)
+    except OSError:
+        return []
+    return sorted(name for name in names
+                  if read_sys_net(name, "ifalias") == alias and is_tun(name))
+
+
+def delete_kept_device(name):
+    """Delete a kept device for good: taken up, made not persistent, and closed."""
+    tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    close_tun(tun, delete=True)
 
 
 def held_device_index(fd):
@@ -1280,8 +1393,11 @@ class OffloadDevice:
         self.join_refusal_logged = True
         return True
 
-    def close(self):
-        self.tun.close()
+    def set_mtu(self, mtu):
+        self.tun.mtu = mtu
+
+    def close(self, delete=True):
+        close_tun(self.tun, delete)
 
 
 class NoOffloadDevice:
@@ -1336,8 +1452,11 @@ class NoOffloadDevice:
     def flush(self):
         pass  # nothing is held back
 
-    def close(self):
-        self.tun.close()
+    def set_mtu(self, mtu):
+        self.tun.mtu = mtu
+
+    def close(self, delete=True):
+        close_tun(self.tun, delete)
 
 
 def _count_bug(counters, name):
@@ -1346,6 +1465,13 @@ def _count_bug(counters, name):
     counters.drops["internal_error"] += 1
     DATA_PATH_BUGS.log(logging.ERROR, "tunnel %s: internal error on a packet (-o list counts"
                        " them as internal_error)", name, exc_info=True)
+
+
+# A tunnel's state, as list gives it: a plain tunnel is up when its peer was heard this
+# recently (WireGuard's REJECT_AFTER_TIME, after which no session is valid); an encrypted
+# one is down once its handshake has been tried this long without an answer (three tries).
+ACTIVE_WINDOW = 180
+CONNECTING_TIME = 15
 
 
 # --- The 2015 wire format: a codec --------------------------------------------
@@ -1513,10 +1639,21 @@ class PlainCodec:
 
     def describe(self):
         """What list adds for a plain tunnel: whether the peer takes partial checksums, and
-        which this tunnel sends."""
+        which this tunnel sends, and its state."""
         partial = self.flags and self.peer_takes_partial
         return {"peerOffload": self.peer_takes_partial,
-                "checksums": "partial" if partial else "full"}
+                "checksums": "partial" if partial else "full", "state": self.state()}
+
+    def state(self, now=None):
+        """up: the peer was heard within ACTIVE_WINDOW; down: we sent within it and heard
+        nothing; idle: neither. (The 2015 format has no keepalives: an end that only sends
+        is down.)"""
+        counters, now = self.tunnel.counters, time.time() if now is None else now
+        if counters.last_rx is not None and now - counters.last_rx <= ACTIVE_WINDOW:
+            return "up"
+        if counters.last_tx is not None and now - counters.last_tx <= ACTIVE_WINDOW:
+            return "down"
+        return "idle"
 
 
 # --- WireGuard: keys and the handshake ----------------------------------------
@@ -2428,6 +2565,7 @@ class PeerTimers:
         self.need_another_keepalive = False
         self.sent_lastminute_handshake = False
         self.last_sent_handshake = None  # our last initiation or response: initiations' pace
+        self.trying_since = None  # when our first initiation still unanswered went out
         self.persistent_keepalive_interval = 0
         self.set_persistent_keepalive(persistent_keepalive)
 
@@ -2481,6 +2619,8 @@ class PeerTimers:
         """A handshake initiation went out, a first one or a retry."""
         now = self.clock()
         self.last_sent_handshake = now
+        if self.trying_since is None:
+            self.trying_since = now
         self._any_authenticated_packet_traversal(now)
         self._any_authenticated_packet_sent()
         self._handshake_initiated(now)
@@ -2605,6 +2745,7 @@ class PeerTimers:
 
     def _session_derived(self, now):
         self._mod("zero_key_material", now, REJECT_AFTER_TIME * 3)
+        self.trying_since = None  # the peer answers: a handshake with it went through
 
     # What each timer does when it expires.
 
@@ -2900,11 +3041,25 @@ class WireGuardCodec:
         if endpoint is not None:
             address = plain_address(endpoint[0])
             endpoint = ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, endpoint[1])
-        described = {"latestHandshake": self.wg_peer.latest_handshake, "endpoint": endpoint}
+        described = {"latestHandshake": self.wg_peer.latest_handshake, "endpoint": endpoint,
+                     "state": self.state()}
         spec = self.tunnel.spec
         if spec.preshared_key is not None and spec.preshared_key_file is None:
             described["presharedKey"] = "(hidden)"
         return described
+
+
+    def state(self):
+        """down: our handshake has had no answer for CONNECTING_TIME (and the timers may
+        have given up); up: a session is valid; connecting: a handshake is under way;
+        idle: no session, and nothing wanted one."""
+        timers, now = self.wg_peer.timers, self.wg_peer.timers.clock()
+        if timers.trying_since is not None and now - timers.trying_since >= CONNECTING_TIME:
+            return "down"
+        keypair = self.wg_peer.keypairs.current
+        if keypair is not None and not keypair.expired(now):
+            return "up"
+        return "idle" if timers.trying_since is None else "connecting"
 
 
 class CryptokeyRouting:
@@ -3124,6 +3279,18 @@ class WireGuard:
         except WireGuardRefused as e:
             raise ControlError("invalid publicKey: %s" % e) from None
         return WireGuardPeer(spec, static_static, self.clock)
+
+    def set_key(self, private_key):
+        """This host's new key (SIGHUP, the key file changed): every peer's static-static made
+        again and handshakes under way dropped (made with the old key; the timers try again).
+        Sessions go on until their peers, given the new public key, shake hands anew."""
+        self.private_key = private_key_object(private_key)
+        self.local_public = public_key(self.private_key)
+        self.checker = CookieChecker(self.local_public)
+        for tunnel in self.by_key.values():
+            tunnel.wg_peer.static_static = DH(self.private_key, tunnel.wg_peer.remote_public)
+            self.drop_initiation(tunnel.wg_peer)
+            self.touch(tunnel)
 
     def add(self, tunnel):
         tunnel.wg_peer.keypairs.retire = lambda keypair: self._forget_index(keypair.local_index)
@@ -3500,8 +3667,9 @@ class Tunnel:
         what its codec adds."""
         return dict(self.spec.entry(), **self.counters.describe(), **self.codec.describe())
 
-    def close(self):
-        self.device.close()
+    def close(self, delete=True):
+        """Close the device: deleted, or (not delete) kept for the next start (open_tun)."""
+        self.device.close(delete)
 
 
 # --- The data port: what comes from peers, to the tunnel it is for ------------
@@ -3652,11 +3820,18 @@ class DataPort:
 class Loop:
     """The one readiness loop: a dict fd -> handler, each called when its fd is ready."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self.poller = select.epoll()
         self.handlers = {}
         self.retired = set()  # fds closed during the current round of events
         self.running = True
+        self.clock = clock
+        self.jobs = []  # [when next, interval, job] of the jobs run every so often
+
+    def every(self, interval, job):
+        """Run job now and every interval seconds after, between rounds: from the loop, so
+        that a loop stuck stops it too (the watchdog's ping)."""
+        self.jobs.append([self.clock(), interval, job])
 
     def watch(self, fd, handler):
         self.poller.register(fd, select.EPOLLIN)
@@ -3672,13 +3847,32 @@ class Loop:
         longer than they allow, and take a look after each round."""
         while self.running:
             self.retired.clear()
-            for fd, _ in self.poller.poll(timers.poll_timeout() if timers else -1):
+            for fd, _ in self.poller.poll(self._timeout(timers)):
                 self.dispatch(fd)
             if timers:
                 try:
                     timers.tick()
                 except Exception:
                     log.exception("error while running the WireGuard timers")
+            if self.jobs:
+                self._run_jobs()
+
+    def _timeout(self, timers):
+        timeout = timers.poll_timeout() if timers else -1
+        if self.jobs:
+            until_job = max(0.0, min(job[0] for job in self.jobs) - self.clock())
+            timeout = until_job if timeout < 0 else min(timeout, until_job)
+        return timeout
+
+    def _run_jobs(self):
+        now = self.clock()
+        for job in self.jobs:
+            if job[0] <= now:
+                job[0] = now + job[1]
+                try:
+                    job[2]()
+                except Exception:
+                    log.exception("error in %s", getattr(job[2], "__name__", job[2]))
 
     def dispatch(self, fd):
         handler = self.handlers.get(fd)
@@ -3714,26 +3908,58 @@ DELETE_GROUPS = (1 << 24, 1 << 31)
 IFA_F_NODAD = 0x02
 
 
+# Routes the daemon adds say so (their protocol, as ip route shows it: proto 87): those a
+# device kept across a restart has and its tunnel no longer wants are told from any added
+# by hand. Not among iproute2's rt_protos.
+ROUTE_PROTOCOL = 87
+# rtnetlink: the main routing table, and the protocol of the routes the kernel adds itself.
+RT_TABLE_MAIN, RTPROT_KERNEL = 254, 2
+
+
+@dataclasses.dataclass
+class Kept:
+    """What a device taken up from before has (a restart's, or a tunnel changed in place):
+    routes through it, network -> protocol, and addresses but link-local ones."""
+    routes: dict = dataclasses.field(default_factory=dict)
+    addresses: set = dataclasses.field(default_factory=set)
+
+    @classmethod
+    def of_spec(cls, spec):
+        """What the daemon gave the device of spec."""
+        return cls({route: ROUTE_PROTOCOL for route in spec.routes}, {spec.interface})
+
+
 class Netlink:
     """What pytun cannot give a device, through netlink: an IPv6 address, and routes."""
 
     def __init__(self):
         self.ipr = None  # a pyroute2 IPRoute, made when first needed
 
-    def configure(self, tunnel):
-        spec = tunnel.spec
-        if not spec.needs_netlink:
-            return
+    def _connect(self, what):
+        """The netlink socket, opened when first needed: OSError where it cannot be."""
         if IPRoute is None:
-            raise ControlError("IPv6 tunnel addresses and routes need pyroute2"
-                               " (pip install pyroute2)")
+            raise ControlError("%s need pyroute2 (pip install pyroute2)" % what)
+        if self.ipr is None:
+            self.ipr = IPRoute()
+
+    def configure(self, tunnel, kept=None):
+        """Give the tunnel's device its IPv6 address and routes. kept: what a device taken
+        up from before has, made what the spec says with nothing taken away in between: what
+        it lacks added first, then what the daemon gave it and spec has not deleted."""
+        spec, kept = tunnel.spec, kept or Kept()
+        stale_routes = [route for route, protocol in kept.routes.items()
+                        if protocol == ROUTE_PROTOCOL and route not in spec.routes]
+        # pytun set an IPv4 address in place of the one before.
+        stale_addresses = [address for address in kept.addresses if address != spec.interface
+                           and not address.version == spec.interface.version == 4]
+        if not (spec.needs_netlink or stale_routes or stale_addresses):
+            return
         try:
-            if self.ipr is None:
-                self.ipr = IPRoute()
+            self._connect("IPv6 tunnel addresses and routes")
             tunnel.index = socket.if_nametoindex(spec.name)
         except OSError as e:
             raise ControlError("cannot configure %s through netlink: %s" % (spec.name, e)) from None
-        if spec.interface.version == 6:
+        if spec.interface.version == 6 and spec.interface not in kept.addresses:
             try:
                 self.ipr.addr("add", index=tunnel.index, address=str(spec.interface.ip),
                               prefixlen=spec.interface.network.prefixlen, flags=IFA_F_NODAD)
@@ -3741,19 +3967,57 @@ class Netlink:
                 raise ControlError("cannot give %s the address %s: %s"
                                    % (spec.name, spec.interface, e)) from None
         for route in spec.routes:
+            if route in kept.routes:
+                continue
             try:
-                self.ipr.route("add", dst=str(route), oif=tunnel.index)
+                self.ipr.route("add", dst=str(route), oif=tunnel.index, proto=ROUTE_PROTOCOL)
             except NetlinkError as e:
                 raise ControlError("cannot route %s through %s: %s" % (route, spec.name, e)) from None
+        for route in stale_routes:
+            self._delete_route(route, tunnel.index)
+        for address in stale_addresses:
+            with contextlib.suppress(NetlinkError):
+                self.ipr.addr("del", index=tunnel.index, address=str(address.ip),
+                              prefixlen=address.network.prefixlen)
+
+    def _delete_route(self, route, index):
+        with contextlib.suppress(NetlinkError):  # gone already: the device taken away from outside
+            self.ipr.route("del", dst=str(route), oif=index)
 
     def unroute(self, tunnel):
         """Take the tunnel's routes away; what is gone already (the device deleted from
         outside took them) is no error."""
         for route in tunnel.spec.routes if tunnel.index else ():
-            try:
-                self.ipr.route("del", dst=str(route), oif=tunnel.index)
-            except NetlinkError:
-                pass
+            self._delete_route(route, tunnel.index)
+
+    def kept(self, indexes):
+        """What the devices of these interface indexes, kept from before, have: index ->
+        Kept, from one dump of the main table's routes and one of the addresses."""
+        found = {index: Kept() for index in indexes}
+        if not found or IPRoute is None:
+            return found  # without pyroute2 no tunnel had routes or an IPv6 address
+        try:
+            self._connect("devices kept from before")
+        except OSError as e:
+            log.error("cannot read what the devices kept from before have (netlink: %s):"
+                      " their routes are made again", e)
+            return found
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for message in self.ipr.route("dump", family=family, table=RT_TABLE_MAIN):
+                here = found.get(message.get_attr("RTA_OIF"))
+                if here is None or message["proto"] == RTPROT_KERNEL:
+                    continue
+                destination = message.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                network = ipaddress.ip_network("%s/%d" % (destination, message["dst_len"]))
+                here.routes[network] = message["proto"]
+        for message in self.ipr.addr("dump"):
+            here = found.get(message["index"])
+            address = message.get_attr("IFA_ADDRESS")
+            if here is not None and address is not None:
+                interface = ipaddress.ip_interface("%s/%d" % (address, message["prefixlen"]))
+                if not interface.is_link_local:
+                    here.addresses.add(interface)
+        return found
 
     def delete_together(self, indexes):
         """Delete the devices of these interface indexes with one RTM_DELLINK: put in a group
@@ -3839,11 +4103,6 @@ class Registry:
             if other.spec.interface.ip == spec.interface.ip:
                 raise ControlError("tunnelIP %s already in use by tunnel %r"
                                    % (spec.interface.ip, other.name))
-        try:
-            socket.if_nametoindex(spec.name)
-        except OSError:
-            return
-        raise ControlError("a device named %r already exists" % spec.name)
 
     def add(self, tunnel):
         self.by_name[tunnel.name] = tunnel
@@ -3896,6 +4155,8 @@ REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 # A shared secret of fewer bytes is too easy to guess.
 MIN_SECRET_LEN = 16
+# A secret file holds one secret a line: two while the fleet moves from one to the next.
+MAX_SECRETS = 2
 # Replies per source and second, and the burst allowed, to sources that have not shown they
 # receive at their address: a mesh's set-up fits; a reflected flood does not.
 REPLY_RATE, REPLY_BURST = 100, 200
@@ -3911,20 +4172,25 @@ AUTH_FIELDS = ("ts", "nonce", "mac")
 
 
 def read_secret(path):
-    """The shared secret in path, refused if others could read it."""
+    """The shared secrets in path, one a line, one or two (the second while the fleet
+    moves from one to the other), refused if others could read the file."""
     try:
         mode = os.stat(path).st_mode
         with open(path, "rb") as f:
-            secret = f.read().strip()
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     except OSError as e:
         raise StartupError("cannot read secret file %s: %s" % (path, e.strerror)) from None
     if mode & 0o077:
         raise StartupError("secret file %s is readable by group or others (mode %03o):"
                            " chmod 600 it" % (path, mode & 0o777))
-    if len(secret) < MIN_SECRET_LEN:
-        raise StartupError("secret file %s holds %d bytes; it needs at least %d"
-                           % (path, len(secret), MIN_SECRET_LEN))
-    return secret
+    if not 1 <= len(lines) <= MAX_SECRETS:
+        raise StartupError("secret file %s holds %d secrets; it holds one a line, one or two"
+                           " (while they are rotated)" % (path, len(lines)))
+    for number, secret in enumerate(lines, 1):
+        if len(secret) < MIN_SECRET_LEN:
+            raise StartupError("secret file %s: line %d holds %d bytes; a secret needs at"
+                               " least %d" % (path, number, len(secret), MIN_SECRET_LEN))
+    return tuple(lines)
 
 
 def request_mac(secret, ts, nonce, payload):
@@ -3954,25 +4220,30 @@ class AllowList:
         return address.is_loopback or any(address in network for network in self.networks)
 
 
-class Authenticator:
-    """Requests authenticated with HMAC-SHA256 under the shared secret (--secret-file),
-    with a time window and nonces against replay, and their replies sealed; without a
-    secret, plain requests pass and envelopes are refused."""
+# A request authenticated: its nonce, and the secret it was signed with, which seals the reply.
+Envelope = collections.namedtuple("Envelope", "nonce secret")
 
-    def __init__(self, secret=None, clock=time.time):
-        self.secret = secret
+
+class Authenticator:
+    """Requests authenticated with HMAC-SHA256 under a shared secret (--secret-file: one,
+    or two while they are rotated, either taken), with a time window and nonces against
+    replay, and their replies sealed with the secret the request was; without a secret,
+    plain requests pass and envelopes are refused."""
+
+    def __init__(self, *secrets, clock=time.time):
+        self.secrets = secrets
         self.clock = clock
         self.nonces = {}  # nonce -> until when it is remembered
 
     def open(self, datagram):
-        """The request a datagram holds and its nonce (None when not authenticated)."""
+        """The request a datagram holds and its Envelope (None when not authenticated)."""
         obj = decode(datagram)
         if "auth" not in obj:
-            if self.secret is not None:
+            if self.secrets:
                 raise ControlError("authentication required: this daemon has a secret;"
                                    " use udpProxyServerControl.py --secret-file")
             return obj, None
-        if self.secret is None:
+        if not self.secrets:
             raise ControlError("this daemon has no secret: send the plain request")
         check_fields(obj, ENVELOPE_FIELDS, "envelope")
         auth, payload = obj.get("auth"), obj.get("payload")
@@ -3984,10 +4255,13 @@ class Authenticator:
                 or not is_hex(mac, MAC_HEX_LEN)):
             raise ControlError("auth needs ts (whole seconds), nonce (%d hex digits) and mac"
                                " (%d hex digits)" % (NONCE_HEX_LEN, MAC_HEX_LEN))
-        if not hmac.compare_digest(request_mac(self.secret, ts, nonce, payload), mac):
+        for secret in self.secrets:
+            if hmac.compare_digest(request_mac(secret, ts, nonce, payload), mac):
+                break
+        else:
             raise ControlError("authentication failed", "auth_failed")
         self.check_fresh(ts, nonce)
-        return decode(payload), nonce
+        return decode(payload), Envelope(nonce, secret)
 
     def check_fresh(self, ts, nonce):
         now = self.clock()
@@ -4002,11 +4276,11 @@ class Authenticator:
             raise ControlError("too many authenticated requests in %d s" % AUTH_WINDOW)
         self.nonces[nonce] = ts + AUTH_WINDOW
 
-    def seal(self, payload, nonce):
-        """The reply datagram: sealed under the secret for an authenticated request."""
-        if nonce is None:
+    def seal(self, payload, envelope):
+        """The reply datagram: sealed, for an authenticated request, under its secret."""
+        if envelope is None:
             return payload.encode()
-        auth = {"nonce": nonce, "mac": reply_mac(self.secret, nonce, payload)}
+        auth = {"nonce": envelope.nonce, "mac": reply_mac(envelope.secret, envelope.nonce, payload)}
         return json.dumps({"auth": auth, "payload": payload}).encode()
 
 
@@ -4090,10 +4364,10 @@ def fit_reply(reply, limit, extra, seal=str.encode):
     return (cut if len(cut) <= limit else None), False
 
 
-# The outcome of one control request: the reply, the nonce to seal it with (None when
+# The outcome of one control request: the reply, the Envelope to seal it with (None when
 # not authenticated), whether the sender has proven its address, and the control port's
 # counters it adds to.
-Answer = collections.namedtuple("Answer", "reply nonce proven counted")
+Answer = collections.namedtuple("Answer", "reply envelope proven counted")
 
 
 class ControlPort:
@@ -4109,7 +4383,8 @@ class ControlPort:
         self.budget = budget or ReplyBudget()
         self.counts = collections.Counter()
         self.quiet = QuietLog("refused control requests or unsent replies")
-        self.ops = {"add": self.add, "del": self.delete, "list": self.list, "cookie": self.cookie}
+        self.ops = {"add": self.add, "del": self.delete, "set": self.set, "list": self.list,
+                    "cookie": self.cookie}
 
     def handle(self):
         """The loop's handler: read, answer and reply to a batch of control datagrams."""
@@ -4141,7 +4416,7 @@ class ControlPort:
         (but for the cookie itself, which the budget must not keep from a manager a
         spoofer floods in its name); and, without a secret, a cookie to prove its address
         with, after which it gets every reply whole."""
-        seal = functools.partial(self.auth.seal, nonce=answer.nonce)
+        seal = functools.partial(self.auth.seal, envelope=answer.envelope)
         reply = answer.reply
         if answer.proven:
             sealed = seal(json.dumps(reply))
@@ -4149,7 +4424,7 @@ class ControlPort:
                 sealed = seal(json.dumps({"ok": False, "error": "the reply (%d bytes) does not"
                                           " fit in one datagram" % len(sealed)}))
             return sealed, ()
-        extra = {} if self.auth.secret else {"cookie": self.cookies.make(sender)}
+        extra = {} if self.auth.secrets else {"cookie": self.cookies.make(sender)}
         fitted, whole = fit_reply(reply, limit, extra, seal)
         if fitted is None:
             return None, ("withheld",)
@@ -4161,41 +4436,41 @@ class ControlPort:
     def handle_request(self, datagram, sender):
         """Check one control datagram and do what it asks; the Answer. Nothing in it can
         stop the daemon."""
-        nonce, proven = None, self.allow.trusted(sender[0])
+        envelope, proven = None, self.allow.trusted(sender[0])
         try:
-            obj, nonce = self.auth.open(datagram)
+            obj, envelope = self.auth.open(datagram)
             request = parse_request(obj)
-            proven = self._check_cookie(request, nonce, sender) or proven
+            proven = self._check_cookie(request, envelope, sender) or proven
             action = self.ops.get(request.op)
             if action is None:
-                raise ControlError("unknown op %r (expected add, del, list or cookie)"
+                raise ControlError("unknown op %r (expected add, del, set, list or cookie)"
                                    % (request.op,))
         except ControlError as e:
-            return self.refusal(e, sender, nonce, proven)
+            return self.refusal(e, sender, envelope, proven)
         log.debug("control from %s:%d: %s of %d tunnels", sender[0], sender[1], request.op,
                   len(request.entries))
         try:
-            return Answer(action(request, sender), nonce, proven, ())
+            return Answer(action(request, sender), envelope, proven, ())
         except ControlError as e:
-            return self.refusal(e, sender, nonce, proven, op=request.op)
+            return self.refusal(e, sender, envelope, proven, op=request.op)
         except Exception as e:  # a bug costs one request its success, never its answer
             log.exception("control from %s: %s failed", sender[0], request.op)
             return Answer({"ok": False, "op": request.op, "error": "internal error: %s" % e},
-                          nonce, proven, ())
+                          envelope, proven, ())
 
-    def refusal(self, error, sender, nonce, proven, **fields):
+    def refusal(self, error, sender, envelope, proven, **fields):
         """The Answer to a request refused, or not acted on and to be sent again (Retry)."""
         if isinstance(error, Retry):
             reply = dict({"ok": False, "retry": True, "error": str(error)}, **fields)
-            return Answer(dict(reply, **error.fields), nonce, proven, (error.reason,))
+            return Answer(dict(reply, **error.fields), envelope, proven, (error.reason,))
         self.quiet.warning("control from %s: %s", sender[0], error)
         counted = ("refused", error.reason) if error.reason else ("refused",)
-        return Answer(dict({"ok": False, "error": str(error)}, **fields), nonce, proven, counted)
+        return Answer(dict({"ok": False, "error": str(error)}, **fields), envelope, proven, counted)
 
-    def _check_cookie(self, request, nonce, sender):
+    def _check_cookie(self, request, envelope, sender):
         """Whether the request's cookie proves the sender's address; Retry for a cookie that
         does not, and ControlError for an authenticated request without one."""
-        if nonce is not None and request.cookie is None and request.op != "cookie":
+        if envelope is not None and request.cookie is None and request.op != "cookie":
             # The cookie binds an authenticated request to this daemon, since it started,
             # and to its sender: captured, it is good nowhere else and never again.
             raise ControlError("an authenticated request must carry the cookie this daemon"
@@ -4220,14 +4495,26 @@ class ControlPort:
                                   functools.partial(self.add_tunnel, sender=sender))
 
     def add_tunnel(self, entry, sender):
-        """Add a tunnel; a preshared key that came over the network in clear is refused, so
-        that one sent so is never used: a request names a file on this host instead."""
+        self._refuse_key_in_clear(entry, sender)
+        self.server.add_tunnel(entry)
+
+    def set(self, request, sender):
+        return self._apply_to_each(request.entries, sender, "set",
+                                  functools.partial(self.set_tunnel, sender=sender))
+
+    def set_tunnel(self, entry, sender):
+        self._refuse_key_in_clear(entry, sender)
+        return self.server.set_tunnel(entry)
+
+    @staticmethod
+    def _refuse_key_in_clear(entry, sender):
+        """A preshared key that came over the network in clear is refused, so that one sent
+        so is never used: a request names a file on this host instead."""
         if entry.get("presharedKey") is not None and not plain_address(sender[0]).is_loopback:
             raise ControlError("presharedKey came over the network in clear: refused (take it"
                                " for exposed, and make another); put the key in a file on this"
                                " host (mode 600) and give presharedKeyFile (the control"
                                " script's --psk-file)")
-        self.server.add_tunnel(entry)
 
     def delete(self, request, sender):
         with self.server.removing_together():
@@ -4242,7 +4529,7 @@ class ControlPort:
         for entry in entries:
             name = entry_name(entry)
             try:
-                act(entry)
+                done = act(entry)
             except ControlError as e:
                 self.quiet.warning("control from %s: %s %s refused: %s", sender[0], op, name, e)
                 results.append({"name": name, "ok": False, "error": str(e)})
@@ -4252,7 +4539,7 @@ class ControlPort:
                 results.append({"name": name, "ok": False, "error": "internal error: %s" % e})
                 errors.append("%s: internal error: %s" % (name, e))
             else:
-                results.append({"name": name, "ok": True})
+                results.append(dict({"name": name, "ok": True}, **(done or {})))
         reply = {"ok": not errors, "op": op, "results": results}
         if errors:
             reply["error"] = "; ".join(errors)
@@ -4317,6 +4604,26 @@ class StateFile:
 
     def __init__(self, path):
         self.path = path
+        self.lock_fd = None
+
+    def lock(self):
+        """Hold the state file's lock (PATH.lock, which names the holder) while the daemon
+        runs: one daemon a state file, and its kept devices removed only when none runs."""
+        lock_path = self.path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StartupError("cannot open %s: %s" % (lock_path, e.strerror)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError("state file %s is in use by another udpProxyServer (pid %s)"
+                               % (self.path, holder)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, b"%d\n" % os.getpid())
+        self.lock_fd = fd
 
     def load(self):
         """The tunnel entries in the file, or StateUnreadable saying why; a corrupt file
@@ -4396,7 +4703,9 @@ class StateKeeper:
         return None
 
     def restore(self):
-        """Recreate the tunnels of the state file, each on its own."""
+        """Recreate the tunnels of the state file, each on its own, on the devices kept
+        from before where there are; then delete the kept devices whose tunnels the file
+        no longer has. A file that cannot be read leaves every kept device as it is."""
         if self.state is None:
             return
         try:
@@ -4404,18 +4713,38 @@ class StateKeeper:
         except StateUnreadable as e:
             if os.path.exists(self.state.path):
                 log.error("state file: %s; starting without its tunnels", e)
-            else:
-                log.info("state file %s does not exist yet: starting without tunnels",
-                         self.state.path)
-            return
+                return
+            log.info("state file %s does not exist yet: starting without tunnels",
+                     self.state.path)
+            entries = []
+        server = self.server
+        names = kept_devices(server.alias)
+        indexes = {}
+        for name in names:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                indexes[name] = socket.if_nametoindex(name)
+        found = server.netlink.kept(indexes.values())
+        server.kept = {name: found[index] for name, index in indexes.items()}
         for entry in entries:
             try:
                 if not isinstance(entry, dict):
                     raise ControlError("not an object")
-                self.server.add_tunnel(entry)
+                server.add_tunnel(entry)
             except ControlError as e:
                 self._not_made(entry, e)
-        log.info("restored %d tunnels from %s", len(self.server.registry.by_name), self.state.path)
+        server.kept.clear()
+        unwanted = [name for name in names
+                    if name not in server.registry.by_name and name not in server.registry.unmade]
+        for name in unwanted:
+            try:
+                delete_kept_device(name)
+            except OSError as e:
+                log.error("device %s, kept for a tunnel the state file no longer has:"
+                          " cannot delete it: %s", name, e)
+        taken_up = sum(name in server.registry.by_name for name in names)
+        log.info("restored %d tunnels from %s%s%s", len(server.registry.by_name), self.state.path,
+                 ", %d on devices kept from before" % taken_up if names else "",
+                 ", %d kept devices deleted (not in the file)" % len(unwanted) if unwanted else "")
 
     def _not_made(self, entry, error):
         """A tunnel of the state file that cannot be made (now): said, and kept in the file
@@ -4440,22 +4769,32 @@ class StateKeeper:
         except StateUnreadable as e:
             log.error("SIGHUP: state file: %s; every tunnel kept as it is", e)
             return
-        removed = [t for t in self.server.registry.by_name.values() if wanted.get(t.name) != t.spec]
-        with self.server.removing_together():  # their devices gone before any is made again
+        server = self.server
+        removed = [t for t in server.registry.by_name.values() if t.name not in wanted]
+        changed = [t for t in server.registry.by_name.values()
+                   if t.name in wanted and wanted[t.name] != t.spec]
+        unchanged = len(server.registry.by_name) - len(removed) - len(changed)
+        with server.removing_together():  # their devices gone before any is made again
             for tunnel in removed:
-                self.server.remove(tunnel)
-        self.server.registry.unmade.clear()
+                server.remove(tunnel)
+        server.registry.unmade.clear()
+        for tunnel in changed:
+            try:
+                server.change(tunnel, wanted[tunnel.name])
+            except ControlError as e:
+                self._not_made(wanted[tunnel.name].entry(), e)
         added = 0
         for name, spec in wanted.items():
-            if name in self.server.registry.by_name:
+            if name in server.registry.by_name or name in server.registry.unmade:
                 continue
             try:
-                self.server.add_spec(spec)
+                server.add_spec(spec)
                 added += 1
             except ControlError as e:
                 self._not_made(spec.entry(), e)
-        log.info("state file re-read: %d tunnels removed, %d added, %d unchanged, %d not made",
-                 len(removed), added, len(self.server.registry.by_name) - added, len(self.server.registry.unmade))
+        log.info("state file re-read: %d tunnels removed, %d changed, %d added, %d unchanged,"
+                 " %d not made", len(removed), len(changed), added, unchanged,
+                 len(server.registry.unmade))
 
     def _wanted_specs(self, entries):
         """name -> TunnelSpec of every entry, or StateUnreadable naming the first bad one."""
@@ -4470,6 +4809,127 @@ class StateKeeper:
                     self.state.path, index, json.dumps(entry)[:200], e)) from None
             wanted[spec.name] = spec
         return wanted
+
+
+# --- The metrics: the counters for Prometheus ----------------------------------
+
+
+# node_exporter's textfile collector reads the file whenever it is scraped: written whole
+# this often, it is never more than this old while the daemon runs.
+METRICS_INTERVAL = 15
+TUNNEL_STATES = ("up", "idle", "connecting", "down")
+# name, type, help, and what it is of a tunnel's list entry (Tunnel.describe).
+TUNNEL_METRICS = (
+    ("receive_bytes_total", "counter", "Bytes received from the peer, as on the wire.",
+     "rx_bytes"),
+    ("receive_packets_total", "counter", "Datagrams received from the peer.", "rx_packets"),
+    ("transmit_bytes_total", "counter", "Bytes sent to the peer, as on the wire.", "tx_bytes"),
+    ("transmit_packets_total", "counter", "Datagrams sent to the peer.", "tx_packets"),
+    ("last_receive_seconds", "gauge", "When the peer was last heard, in Unix time.",
+     "last_rx"),
+    ("last_transmit_seconds", "gauge", "When the peer was last sent to, in Unix time.",
+     "last_tx"),
+)
+
+
+def metric_labels(**labels):
+    """Prometheus label pairs, each value escaped as the text format wants."""
+    return "{%s}" % ",".join('%s="%s"' % (name, str(value).replace("\\", "\\\\").replace(
+        '"', '\\"').replace("\n", "\\n")) for name, value in labels.items())
+
+
+def metrics_text(server, now=None):
+    """The daemon's counters, per tunnel and daemon-wide, in the Prometheus text format."""
+    now = time.time() if now is None else now
+    lines = []
+
+    def family(name, kind, help_text, samples):
+        lines.append("# HELP udpproxy_%s %s" % (name, help_text))
+        lines.append("# TYPE udpproxy_%s %s" % (name, kind))
+        lines.extend("udpproxy_%s%s %s" % (name, labels, value) for labels, value in samples)
+
+    described = [(tunnel, tunnel.describe()) for tunnel in server.registry.by_name.values()]
+    ids = [(entry, dict(tunnel=tunnel.name, peer=tunnel_peer(tunnel)))
+           for tunnel, entry in described]
+    family("tunnel_info", "gauge", "A tunnel: its address, and whether it is encrypted.",
+           [(metric_labels(tunnel=tunnel.name, peer=tunnel_peer(tunnel),
+                           address=tunnel.spec.interface,
+                           encrypted=str(tunnel.spec.encrypted).lower()), 1)
+            for tunnel, _ in described])
+    family("tunnel_state", "gauge", "A tunnel's state: 1 for the one it is in (up, idle,"
+           " connecting, down).", [(metric_labels(**labels, state=state), int(
+               entry["state"] == state)) for entry, labels in ids for state in TUNNEL_STATES])
+    for name, kind, help_text, field in TUNNEL_METRICS:
+        family("tunnel_" + name, kind, help_text, [
+            (metric_labels(**labels), entry[field]) for entry, labels in ids
+            if entry[field] is not None])
+    family("tunnel_latest_handshake_seconds", "gauge", "When an encrypted tunnel's latest"
+           " handshake completed, in Unix time; 0: never.", [
+               (metric_labels(**labels), entry["latestHandshake"] or 0)
+               for entry, labels in ids if "publicKey" in entry])
+    family("tunnel_dropped_packets_total", "counter", "What a tunnel dropped, by reason.", [
+        (metric_labels(**labels, reason=reason), count)
+        for entry, labels in ids for reason, count in sorted(entry["drops"].items())])
+    family("tunnels", "gauge", "Tunnels the daemon carries.", [("", len(described))])
+    family("tunnels_not_made", "gauge", "Tunnels of the state file that could not be made.",
+           [("", len(server.registry.unmade))])
+    family("dropped_datagrams_total", "counter", "Datagrams on the data port that no tunnel"
+           " took, by reason.", [(metric_labels(reason=reason), count)
+                                 for reason, count in sorted(server.drops.items())])
+    counts = server.control.counts
+    family("control_requests_total", "counter", "Datagrams on the control port.",
+           [("", counts["requests"])])
+    family("control_outcomes_total", "counter", "What became of control requests not done"
+           " as asked, by outcome.", [(metric_labels(outcome=outcome), count)
+                                      for outcome, count in sorted(counts.items())
+                                      if outcome != "requests"])
+    family("start_time_seconds", "gauge", "When the daemon started, in Unix time.",
+           [("", round(server.started, 3))])
+    family("build_info", "gauge", "The daemon's version.",
+           [(metric_labels(version=__version__), 1)])
+    return "\n".join(lines) + "\n"
+
+
+def tunnel_peer(tunnel):
+    """The peer's address, as the metrics name it: as given, or where it last sent from."""
+    if tunnel.spec.remote is not None:
+        return str(tunnel.spec.remote)
+    return str(plain_address(tunnel.endpoint[0])) if tunnel.endpoint else ""
+
+
+class MetricsFile:
+    """--metrics-file: metrics_text written whole every METRICS_INTERVAL (a temporary file
+    renamed over it), readable by all, for node_exporter's textfile collector."""
+
+    def __init__(self, path, server):
+        self.path = path
+        self.server = server
+        self.quiet = QuietLog("metrics file writes that failed")
+
+    def check(self):
+        """At start-up: StartupError when the file cannot be written."""
+        try:
+            self.write()
+        except OSError as e:
+            raise StartupError("cannot write metrics file %s: %s" % (self.path, e.strerror)) from None
+
+    def write(self):
+        temporary = self.path + ".tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w") as f:
+            os.fchmod(fd, 0o644)
+            f.write(metrics_text(self.server))
+        os.replace(temporary, self.path)
+
+    def __call__(self):
+        """The loop's job."""
+        try:
+            self.write()
+        except OSError as e:
+            self.quiet.warning("cannot write metrics file %s: %s", self.path, e)
+        self.quiet.flush()
 
 
 # --- The server: the sockets, the loop and the parts together -----------------
@@ -4529,6 +4989,9 @@ class Server:
         self.open_device = open_device
         self.offloads = offloads or Offloads()
         self.keeper = StateKeeper(self, state)
+        # With a state file the devices are kept across restarts, marked as this file's.
+        self.alias = device_alias(state.path) if state is not None else None
+        self.kept = {}  # name -> Kept: the devices kept from before, until taken up
         self.private_key = private_key  # this host's WireGuard identity, from --key-file
         self.public_key_b64 = key_to_base64(public_key(private_key)) if private_key else None
         self.clock = clock  # when the data path's fallbacks end
@@ -4546,6 +5009,13 @@ class Server:
         self.control = ControlPort(self, control_sock, **policy)
         self.loop.watch(data_sock.fileno(), self.data.receive)
         self.loop.watch(control_sock.fileno(), self.control.handle)
+
+    def set_private_key(self, private_key):
+        """A new WireGuard key for this host, taken in place (WireGuard.set_key)."""
+        self.private_key = private_key
+        self.public_key_b64 = key_to_base64(public_key(private_key))
+        self.wireguard.set_key(private_key)
+        log.info("new key taken: public key %s", self.public_key_b64)
 
     def run(self):
         log.info("listening for control on UDP port %d, data on UDP port %d",
@@ -4565,7 +5035,9 @@ class Server:
     def add_tunnel(self, entry):
         self.add_spec(TunnelSpec.from_entry(entry))
 
-    def add_spec(self, spec):
+    def add_spec(self, spec, kept=None):
+        """Make the tunnel of spec, on a new device, or on the one of its name kept from
+        before (kept: what it has; found when not given)."""
         wg = None
         if spec.encrypted:
             need_cryptography()
@@ -4574,16 +5046,19 @@ class Server:
                                    " start it with --key-file")
             wg = self.wireguard.peer_for(spec)
         self.registry.check_free(spec)
+        kept = self._kept_device(spec.name) if kept is None else kept
         try:
-            tun = self.open_device(spec, self.offloads.tun_flags)
+            tun = self.open_device(spec, self.offloads.tun_flags, self.alias)
         except OSError as e:
             raise ControlError("cannot create device %r: %s" % (spec.name, e.strerror or e)) from None
         tunnel = self._make_tunnel(spec, tun, wg)
         try:
-            self.netlink.configure(tunnel)
+            self.netlink.configure(tunnel, kept)
             self.loop.watch(tunnel.fd, lambda: self._forward(tunnel))
         except BaseException:
-            tunnel.close()  # not left half-made: the device and its routes go
+            # Not left half-made: a new device and its routes go; one kept from before
+            # stays, dropping what is routed into it, and its tunnel is tried again.
+            tunnel.close(delete=kept is None)
             raise
         if spec.encrypted:
             self.wireguard.add(tunnel)
@@ -4591,6 +5066,25 @@ class Server:
         log.info("tunnel %s added: %s -> %s, mtu %d%s", spec.name, spec.interface,
                  "%s:%d" % tunnel.endpoint if tunnel.endpoint else "the peer, when it shows where",
                  spec.mtu, ", encrypted" if spec.encrypted else "")
+
+    def _kept_device(self, name):
+        """What the device of that name has when it is one kept for this daemon's state
+        file, to be taken up; None when there is no device of that name; ControlError when
+        there is one, not ours."""
+        owner = device_owner(name)
+        if owner is None:
+            return None
+        if owner == self.alias and is_tun(name):
+            kept = self.kept.pop(name, None)
+            if kept is None:  # not found at start-up: made since, by a daemon of this state file
+                index = socket.if_nametoindex(name)
+                kept = self.netlink.kept([index])[index]
+            return kept
+        if owner.startswith(DEVICE_ALIAS):
+            raise ControlError("device %r is kept for the tunnels of another state file (%s);"
+                               " udpProxyServer.py --remove-all --state-file with that file"
+                               " deletes them" % (name, owner[len(DEVICE_ALIAS):]))
+        raise ControlError("a device named %r already exists" % name)
 
     def _make_tunnel(self, spec, tun, wg_peer=None):
         """The tunnel of spec on its TUN device: that device with offloads or without,
@@ -4628,18 +5122,68 @@ class Server:
         self.remove(tunnel)
         log.info("tunnel %s deleted", name)
 
-    def remove(self, tunnel):
-        """Forget the tunnel and close its device: now, or within removing_together() at
-        its end, with the others."""
+    def set_tunnel(self, entry):
+        """The set op: change a tunnel as the entry says (TunnelSpec.changed); how it was
+        changed, for the reply."""
+        name = entry.get("name")
+        tunnel = self.registry.by_name.get(name) if isinstance(name, str) else None
+        if tunnel is None:
+            raise ControlError("no tunnel named %r" % (name,))
+        return {"changed": self.change(tunnel, tunnel.spec.changed(entry))}
+
+    def change(self, tunnel, spec):
+        """Make the tunnel what spec says: in place when what differs can be changed so
+        (IN_PLACE: its device, its routes but those changed, and its sessions kept); else
+        remade, on its device kept (with a state file) so that its routes never go, or on
+        a new one (without, as in 2015). "in place", "remade" or "nothing"."""
+        old = tunnel.spec
+        if old == spec:
+            return "nothing"
+        if not old.differs_in_place(spec):
+            keep = self.alias is not None
+            self.remove(tunnel, keep)
+            self.add_spec(spec, Kept.of_spec(old) if keep else None)
+            log.info("tunnel %s remade%s", spec.name, " on its device" if keep else "")
+            return "remade"
+        if spec.routes != old.routes:
+            tunnel.spec = spec
+            try:
+                self.netlink.configure(tunnel, Kept.of_spec(old))
+            except ControlError:
+                tunnel.spec = old
+                raise
+        if spec.mtu != old.mtu:
+            try:
+                tunnel.device.set_mtu(spec.mtu)
+            except OSError as e:
+                raise ControlError("cannot set the mtu of %s to %d: %s"
+                                   % (spec.name, spec.mtu, e.strerror or e)) from None
+            if tunnel.wg_peer is not None:
+                tunnel.codec.mtu = spec.mtu  # the padding's bound
+        if spec.keepalive != old.keepalive:
+            tunnel.wg_peer.timers.set_persistent_keepalive(spec.keepalive or 0)
+            self.wireguard.touch(tunnel)
+        tunnel.spec = spec
+        self.registry.generation += 1
+        log.info("tunnel %s changed in place: %s", spec.name, ", ".join(
+            "%s %s" % (field, json.dumps(spec.entry().get(field)))
+            for field in IN_PLACE if spec.entry().get(field) != old.entry().get(field)))
+        return "in place"
+
+    def remove(self, tunnel, keep=False):
+        """Forget the tunnel and delete its device: now, or within removing_together() at
+        its end, with the others; keep: its device stays as it is, routes and all (a
+        shutdown with a state file, a tunnel remade on its device)."""
         self.registry.remove(tunnel)
         if tunnel.spec.encrypted:
             self.wireguard.remove(tunnel)
         try:
             self.loop.unwatch(tunnel.fd)
-            self.netlink.unroute(tunnel)
+            if not keep:
+                self.netlink.unroute(tunnel)
         finally:
-            if self.removed_together is None:
-                tunnel.close()
+            if keep or self.removed_together is None:
+                tunnel.close(delete=not keep)
             else:
                 self.removed_together.append(tunnel)
 
@@ -4674,18 +5218,22 @@ class Server:
                 tunnel.close()
 
     def close(self):
-        """Close every tunnel (their devices go with them, together), then the sockets."""
+        """Close every tunnel, then the sockets. With a state file their devices are kept
+        for the next start, routes and all, dropping what is routed into them meanwhile;
+        without, they go (together), as in 2015."""
         count = len(self.registry.by_name)
+        keep = self.alias is not None
         with self.removing_together():
             for tunnel in list(self.registry.by_name.values()):
-                self.remove(tunnel)
+                self.remove(tunnel, keep)
         self.control.quiet.flush(force=True)
         for sock in (self.data_sock, self.control.sock):
             self.loop.unwatch(sock.fileno())
             sock.close()
         self.netlink.close()
         self.loop.close()
-        log.info("closed %d tunnels", count)
+        log.info("closed %d tunnels%s", count, "; their devices are kept for the next start"
+                 " (--state-file)" if keep and count else "")
 
 
 # --- Start-up -----------------------------------------------------------------
@@ -4783,9 +5331,47 @@ def raise_fd_limit():
     return hard
 
 
-def watch_signals(server):
+def watchdog_interval():
+    """How often to tell systemd the loop runs: half the WatchdogSec it asks for
+    (WATCHDOG_USEC, for this process); None when it asks for none."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        log.warning("WATCHDOG_USEC=%r is not a number: no watchdog", usec)
+        return None
+
+
+def ping_watchdog():
+    notify_systemd("WATCHDOG=1")
+
+
+def reload_files(server, args):
+    """SIGHUP: the secret file and the key file read again, then the state file; a file
+    that cannot be read keeps what was in use, and says so."""
+    if args.secret_file:
+        try:
+            server.control.auth.secrets = read_secret(args.secret_file)
+            log.info("secret file %s re-read: %d secrets", args.secret_file,
+                     len(server.control.auth.secrets))
+        except StartupError as e:
+            log.error("SIGHUP: %s; the secrets in use are kept", e)
+    if args.key_file:
+        try:
+            key = read_key_file(args.key_file)
+        except StartupError as e:
+            log.error("SIGHUP: %s; the key in use is kept", e)
+        else:
+            if key != server.private_key:
+                server.set_private_key(key)
+    server.keeper.reload()
+
+
+def watch_signals(server, on_reload):
     """Turn SIGTERM, SIGINT and SIGHUP into a readable fd in the loop, so shutting down
-    and re-reading the state file are events like any other."""
+    and re-reading the files are events like any other."""
     reader, writer = socket.socketpair()
     reader.setblocking(False)
     writer.setblocking(False)
@@ -4793,9 +5379,9 @@ def watch_signals(server):
     def on_signal():
         for signum in reader.recv(BATCH):
             if signum == signal.SIGHUP:
-                log.info("SIGHUP received, re-reading the state file")
+                log.info("SIGHUP received, re-reading the files")
                 notify_systemd("RELOADING=1")
-                server.keeper.reload()
+                on_reload()
                 notify_systemd("READY=1")
             else:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
@@ -4812,6 +5398,16 @@ def port(text):
     value = int(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError("port %r out of range (1-65535)" % text)
+    return value
+
+
+def seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError("%r is not a number of seconds from 0.1 to 86400" % text)
     return value
 
 
@@ -4839,7 +5435,8 @@ examples:
   %(prog)s --public-key --key-file /etc/udpProxyServer/private.key
 
 Tunnels are added with udpProxyServerControl.py. SIGTERM and SIGINT close them all
-and exit; SIGHUP re-reads the state file.
+and exit (with a state file, their devices and routes stay for the next start);
+SIGHUP re-reads the secret file, the key file and the state file.
 """
 
 
@@ -4863,7 +5460,18 @@ def parse_args(argv):
                         help="take control requests only from CIDR (and loopback); give the"
                              " flag once for each network")
     parser.add_argument("--state-file", metavar="PATH",
-                        help="keep the tunnels in PATH: recreated at start-up, re-read on SIGHUP")
+                        help="keep the tunnels in PATH: recreated at start-up, re-read on SIGHUP;"
+                             " their devices and routes outlive the daemon, dropping what is"
+                             " routed into them until it is back")
+    parser.add_argument("--remove-all", action="store_true",
+                        help="with --state-file: delete the devices kept for its tunnels, empty"
+                             " it, and exit (refused while a daemon runs with it)")
+    parser.add_argument("--metrics-file", metavar="PATH",
+                        help="write the counters to PATH, in the Prometheus text format (for"
+                             " node_exporter's textfile collector)")
+    parser.add_argument("--metrics-interval", type=seconds, default=METRICS_INTERVAL,
+                        metavar="SECONDS", help="with --metrics-file: how often (default"
+                        " %(default)s)")
     parser.add_argument("--key-file", metavar="PATH",
                         help="this host's WireGuard private key (base64, as wg genkey writes it;"
                              " mode 600), for encrypted tunnels")
@@ -4878,6 +5486,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if (args.generate_key or args.public_key) and not args.key_file:
         parser.error("--generate-key and --public-key go with --key-file")
+    if args.remove_all and not args.state_file:
+        parser.error("--remove-all goes with --state-file")
     return args
 
 
@@ -4891,6 +5501,37 @@ def print_public_key(args):
     return 0
 
 
+def remove_all(path):
+    """--remove-all: the devices kept for the tunnels of the state file in path deleted, and
+    the file emptied; refused while a daemon runs with it (its lock)."""
+    state = StateFile(path)
+    try:
+        check_can_create_tun()
+        state.lock()
+    except StartupError as e:
+        print("udpProxyServer: %s" % e, file=sys.stderr)
+        return 1
+    names = kept_devices(device_alias(path))
+    failed = []
+    for name in names:
+        try:
+            delete_kept_device(name)
+        except OSError as e:
+            failed.append("%s (%s)" % (name, e))
+    try:
+        tunnels = len(state.load())
+    except StateUnreadable:
+        tunnels = 0
+    if os.path.exists(path):
+        state.save([])
+    print("udpProxyServer: %d kept devices deleted, %d tunnels taken out of %s"
+          % (len(names) - len(failed), tunnels, path))
+    if failed:
+        print("udpProxyServer: cannot delete %s" % ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -4899,31 +5540,42 @@ def main(argv=None):
         return 1
     if args.public_key:
         return print_public_key(args)
+    if args.remove_all:
+        return remove_all(args.state_file)
     try:
         private_key = read_key_file(args.key_file, args.generate_key) if args.key_file else None
-        secret = read_secret(args.secret_file) if args.secret_file else None
+        secrets = read_secret(args.secret_file) if args.secret_file else ()
         check_can_create_tun()
         log.debug("open file limit: %d", raise_fd_limit())
         state = StateFile(args.state_file) if args.state_file else None
+        if state is not None:
+            state.lock()
         data_sock, control_sock = bind_sockets(args.dataPort, args.controlPort, args.bind,
                                                args.control_bind)
         offloads = probe_offloads(data_sock) if args.offload else Offloads()
         log.info("offloads: %s", offloads.describe() if args.offload else "off (--no-offload)")
         server = Server(data_sock, control_sock, offloads=offloads, state=state,
                         private_key=private_key, allow=AllowList(args.allow),
-                        auth=Authenticator(secret))
+                        auth=Authenticator(*secrets))
+        if args.metrics_file:
+            metrics = MetricsFile(args.metrics_file, server)
+            metrics.check()
+            server.loop.every(args.metrics_interval, metrics)
     except StartupError as e:
         print("udpProxyServer: %s" % e, file=sys.stderr)
         return 1
-    if secret is None:
+    if not secrets:
         host, port = server.control.sock.getsockname()[:2]
         log.warning("no --secret-file: the control port %s takes requests from anyone who"
                     " can reach it%s", "[%s]:%d" % (host, port) if ":" in host else
                     "%s:%d" % (host, port), "" if args.allow else " (see also --allow and --control-bind)")
     if private_key is not None:
         log.info("public key: %s", key_to_base64(public_key(private_key)))
-    signal_fds = watch_signals(server)
+    signal_fds = watch_signals(server, functools.partial(reload_files, server, args))
     server.keeper.restore()
+    interval = watchdog_interval()
+    if interval:
+        server.loop.every(interval, ping_watchdog)
     notify_systemd("READY=1\nSTATUS=%d tunnels" % len(server.registry.by_name))
     try:
         server.run()

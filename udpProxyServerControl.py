@@ -76,6 +76,8 @@ PADDED_REQUEST = 512
 # daemon, which takes every message as a request with tunnels, from tripping over it.
 COOKIE_REQUEST = {"op": "cookie", "tunnel": []}
 # A list whose tunnels change while it is fetched part by part is fetched again, this often.
+# A secret file holds one secret a line: two while the fleet moves from one to the next.
+MAX_SECRETS = 2
 LIST_ATTEMPTS = 5
 
 # The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
@@ -149,21 +151,26 @@ class BadSecret(Exception):
     """The secret file cannot be used."""
 
 
-def read_secret(path, what="secret file"):
-    """The shared secret (or key) in path, refused if others could read it."""
+def read_secret(path):
+    """The secret to sign with: the first line of path (a second one is the daemons' while
+    secrets are rotated), refused if others could read the file."""
     try:
         mode = os.stat(path).st_mode
         with open(path, "rb") as f:
-            secret = f.read().strip()
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
     except OSError as e:
-        raise BadSecret("cannot read %s %s: %s" % (what, path, e.strerror)) from None
+        raise BadSecret("cannot read secret file %s: %s" % (path, e.strerror)) from None
     if mode & 0o077:
-        raise BadSecret("%s %s is readable by group or others (mode %03o): chmod 600 it"
-                        % (what, path, mode & 0o777))
-    if len(secret) < MIN_SECRET_LEN:
-        raise BadSecret("%s %s holds %d bytes; it needs at least %d"
-                        % (what, path, len(secret), MIN_SECRET_LEN))
-    return secret
+        raise BadSecret("secret file %s is readable by group or others (mode %03o): chmod 600 it"
+                        % (path, mode & 0o777))
+    if not 1 <= len(lines) <= MAX_SECRETS:
+        raise BadSecret("secret file %s holds %d secrets; it holds one a line, one or two"
+                        " (while they are rotated)" % (path, len(lines)))
+    for number, secret in enumerate(lines, 1):
+        if len(secret) < MIN_SECRET_LEN:
+            raise BadSecret("secret file %s: line %d holds %d bytes; a secret needs at least %d"
+                            % (path, number, len(secret), MIN_SECRET_LEN))
+    return lines[0]
 
 
 class Session:

@@ -17,20 +17,46 @@ OFFLOADS = dict(tun_flags=ups.TUN_F_CSUM | ups.TUN_F_TSO4, udp_gso=True, udp_gro
                 join=True)
 
 
+class FakeTun(socket.socket):
+    """A fake device's end the daemon holds: a datagram socket, with what pytun's device
+    has beside its fd (persist, mtu)."""
+
+    def __init__(self, sock, devices, name):
+        super().__init__(sock.family, sock.type, sock.proto, sock.detach())
+        self.devices, self.name = devices, name
+
+    def persist(self, flag):
+        (self.devices.persistent.add if flag else self.devices.persistent.discard)(self.name)
+
+    @property
+    def mtu(self):
+        return self.devices.mtu[self.name]
+
+    @mtu.setter
+    def mtu(self, value):
+        self.devices.mtu[self.name] = value
+
+
 class FakeDevices:
     """Stands in for TUN devices: each is one end of a datagram socketpair."""
 
     def __init__(self):
         self.outer = {}  # name -> the end the test plays the kernel on
         self.fail_with = None
+        self.persistent = set()  # the names of the devices a close would keep
+        self.mtu = {}
 
-    def __call__(self, spec, offload_flags=0):
+    def __call__(self, spec, offload_flags=0, alias=None):
         if self.fail_with:
             raise OSError(self.fail_with, os.strerror(self.fail_with))
         inner, outer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        inner = FakeTun(inner, self, spec.name)
         inner.setblocking(False)
         outer.settimeout(5)
         self.outer[spec.name] = outer
+        self.mtu[spec.name] = spec.mtu
+        if alias is not None:
+            inner.persist(True)
         return inner
 
     def written(self, name):
@@ -53,8 +79,11 @@ class FakeNetlink:
     def __init__(self):
         self.routes = {}  # tunnel name -> its routes, while configured
 
-    def configure(self, tunnel):
+    def configure(self, tunnel, kept=None):
         self.routes[tunnel.name] = tunnel.spec.routes
+
+    def kept(self, indexes):
+        return {index: ups.Kept() for index in indexes}
 
     def unroute(self, tunnel):
         self.routes.pop(tunnel.name, None)
@@ -125,11 +154,11 @@ def fake_offload_server():
 
 
 def answer(server, datagram, sender):
-    """What the control port makes of one datagram: its reply, the nonce to seal it with
+    """What the control port makes of one datagram: its reply, the envelope to seal it with
     and whether the sender is proven; counted as the port counts it."""
-    reply, nonce, proven, counted = server.control.handle_request(datagram, sender)
+    reply, envelope, proven, counted = server.control.handle_request(datagram, sender)
     server.control.counts.update(counted)
-    return reply, nonce, proven
+    return reply, envelope, proven
 
 
 def add(server, *entries):

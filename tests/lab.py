@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ class Lab:
             shutil.copy(os.path.join(REPO, script), self.workdir)
         self.switch = None
         self.hosts = {}
+        self.closing = []  # what close() calls first
 
     def __enter__(self):
         return self
@@ -97,6 +99,8 @@ class Lab:
         return os.path.join(self.workdir, name)
 
     def close(self):
+        for close in self.closing:
+            close()
         for proc in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -329,6 +333,68 @@ def mesh_file(lab, hosts, name="mesh.json", extra_lan=None, mtu=1400, underlay="
     with open(path, "w") as f:
         json.dump(mesh, f)
     return path
+
+
+class Systemd:
+    """What systemd is to a Type=notify service, as far as the tests need it: the socket
+    its daemon tells READY=1 and WATCHDOG=1 on (NOTIFY_SOCKET), and when each came."""
+
+    def __init__(self, lab, name="notify"):
+        self.path = os.path.join(lab.workdir, name)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        lab.closing.append(self.sock.close)
+
+    def env(self, watchdog_sec=None):
+        env = {"NOTIFY_SOCKET": self.path}
+        if watchdog_sec:
+            env["WATCHDOG_USEC"] = str(int(watchdog_sec * 1e6))
+        return env
+
+    def wait_for(self, state, within=PATIENCE):
+        """The time (time.time()) the daemon next said state; AssertionError when it did not
+        within that many seconds."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                said = self.sock.recv(4096).decode()
+            except socket.timeout:
+                break
+            if state in said.split("\n"):
+                return time.time()
+        raise AssertionError("the daemon did not say %s within %s s" % (state, within))
+
+
+class Pinger:
+    """ping at 50 packets a second, each stamped and carrying marker (8 ASCII bytes), so a
+    capture elsewhere can find them; stop() gives the times the replies came."""
+
+    def __init__(self, lab, host, destination, marker, source=None, seconds=60):
+        assert len(marker) == 8
+        argv = ["ping", "-D", "-n", "-i", "0.02", "-W", "1", "-w", str(seconds),
+                "-p", marker.encode().hex()]
+        if source:
+            argv += ["-I", source]
+        self.proc = lab.spawn(host.ns, argv + [destination], "%s-ping-%s.log" % (host.name, marker))
+
+    def replies(self):
+        """The times of the replies so far."""
+        with open(self.proc.log_path) as f:
+            return [float(line[1:line.index("]")]) for line in f
+                    if line.startswith("[") and "bytes from" in line]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(PATIENCE)
+        return self.replies()
+
+
+def longest_gap(replies, since=None):
+    """The longest time without a reply between two replies (after since, if given)."""
+    times = [t for t in replies if since is None or t >= since]
+    return max((b - a for a, b in zip(times, times[1:])), default=None)
 
 
 def wait_until(condition, what):

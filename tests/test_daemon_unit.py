@@ -484,9 +484,8 @@ def entry(name, third, **changes):
 
 @contextlib.contextmanager
 def server_with_state(tmp_path):
-    with fake_server(netlink=True) as (server, devices):
-        server.keeper.state = ups.StateFile(str(tmp_path / "state.json"))
-        yield server, devices
+    with fake_server(netlink=True, state=ups.StateFile(str(tmp_path / "state.json"))) as made:
+        yield made
 
 
 def saved_names(server):
@@ -504,13 +503,15 @@ def test_an_add_that_fails_with_any_error_leaves_nothing_and_the_others_go_on(tm
         monkeypatch.setattr(ups, "IPRoute", NoNetlink)
         made = []
         opened = server.open_device
-        server.open_device = lambda spec, flags: made.append(opened(spec, flags)) or made[-1]
+        server.open_device = lambda *args: made.append(opened(*args)) or made[-1]
         reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [
             entry("udp2", 2, routes=["192.168.2.0/24"]), entry("udp3", 3)]}).encode(),
             ("127.0.0.1", 9))
         assert [r["ok"] for r in reply["results"]] == [False, True]
         assert "cannot configure udp2 through netlink" in reply["results"][0]["error"]
-        assert made[0].fileno() == -1  # the half-made device is closed, so the kernel deletes it
+        # The half-made device is closed, not kept (with a state file, devices are), so the
+        # kernel deletes it.
+        assert made[0].fileno() == -1 and devices.persistent == {"udp3"}
         assert list(server.registry.by_name) == ["udp3"] and len(server.loop.handlers) == 3
         assert saved_names(server) == ["udp3"]
 
@@ -519,10 +520,10 @@ def test_a_bug_while_adding_one_tunnel_costs_only_that_tunnel(tmp_path):
     with server_with_state(tmp_path) as (server, devices):
         opened = server.open_device
 
-        def open_device(spec, flags):
+        def open_device(spec, *args):
             if spec.name == "udp2":
                 raise RuntimeError("a bug")
-            return opened(spec, flags)
+            return opened(spec, *args)
 
         server.open_device = open_device
         reply, _, _ = answer(server, json.dumps({"op": "add", "tunnel": [

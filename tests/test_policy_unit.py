@@ -23,9 +23,9 @@ def sealed(message, secret=SECRET, at=NOW):
 def test_an_authenticated_request_is_opened_and_its_reply_sealed_for_the_sender():
     auth = Authenticator(SECRET, clock=lambda: NOW)
     datagram, session = sealed({"op": "list"})
-    request, nonce = auth.open(datagram)
-    assert request == {"op": "list"} and nonce == session.nonce
-    reply = json.loads(auth.seal(json.dumps({"ok": True, "op": "list"}), nonce))
+    request, envelope = auth.open(datagram)
+    assert request == {"op": "list"} and envelope == (session.nonce, SECRET)
+    reply = json.loads(auth.seal(json.dumps({"ok": True, "op": "list"}), envelope))
     assert session.open(reply) == ({"ok": True, "op": "list"}, True)
 
 
@@ -109,10 +109,39 @@ def test_a_secret_file_others_can_read_is_refused(tmp_path, read):
     with pytest.raises(Exception, match="readable by group or others \\(mode 644\\): chmod 600"):
         read(str(path))
     path.chmod(0o600)
-    assert read(str(path)) == SECRET
+    assert read(str(path)) in (SECRET, (SECRET,))
     path.write_bytes(b"short")
-    with pytest.raises(Exception, match="holds 5 bytes; it needs at least 16"):
+    with pytest.raises(Exception, match="line 1 holds 5 bytes; a secret needs at least 16"):
         read(str(path))
+
+
+def test_a_secret_file_holds_one_or_two_secrets_and_the_control_script_signs_with_the_first(
+        tmp_path):
+    path = tmp_path / "secret"
+    path.write_bytes(b"the next secret, first\n\n" + SECRET + b"\n")
+    path.chmod(0o600)
+    assert ups.read_secret(str(path)) == (b"the next secret, first", SECRET)
+    assert ctl.read_secret(str(path)) == b"the next secret, first"
+    for text, error in ((b"\n\n", "holds 0 secrets"), (SECRET + b"\nshort\n", "line 2 holds 5 bytes"),
+                        (b"\n".join([SECRET] * 3), "holds 3 secrets; it holds one a line")):
+        path.write_bytes(text)
+        for read in (ups.read_secret, ctl.read_secret):
+            with pytest.raises(Exception, match=error):
+                read(str(path))
+
+
+def test_a_daemon_with_two_secrets_takes_requests_signed_with_either_and_seals_with_the_same():
+    old, new = SECRET, b"the next secret of the fleet"
+    auth = Authenticator(new, old, clock=lambda: NOW)
+    for secret in (old, new):
+        session = ctl.Session(secret, clock=lambda: NOW)
+        request, envelope = auth.open(session.seal({"op": "list"}))
+        assert request == {"op": "list"} and envelope.secret == secret
+        reply = json.loads(auth.seal(json.dumps({"ok": True}), envelope))
+        assert session.open(reply) == ({"ok": True}, True)
+    stranger = ctl.Session(b"a secret of no one here", clock=lambda: NOW)
+    with pytest.raises(ControlError, match="authentication failed"):
+        auth.open(stranger.seal({"op": "list"}))
 
 
 ENTRY = {"name": "udp2", "tunnelIP": "10.0.1.1", "netmask": "255.255.255.252", "mtu": 1400,

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import udpProxyServer as ups
-from lab import REPO
+from lab import HELPERS, REPO, Systemd
 
 
 def test_the_daemon_tells_systemd_it_is_ready_reloading_and_stopping(lab):
@@ -28,6 +28,36 @@ def test_the_daemon_tells_systemd_it_is_ready_reloading_and_stopping(lab):
         assert [systemd.recv(4096) for _ in range(2)] == [b"RELOADING=1", b"READY=1"]
         assert a.stop_daemon() == 0
         assert systemd.recv(4096) == b"STOPPING=1"
+
+
+def test_a_hung_loop_stops_the_watchdog_pings_and_the_restart_keeps_the_tunnels(lab):
+    """The daemon as systemd runs it with WatchdogSec= (here 2 s): WATCHDOG=1 comes from
+    the loop; a loop made to hang (tests/hang.py) stops it, and systemd, as it would,
+    aborts the daemon and starts it again, its tunnels and devices there all along."""
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    systemd = Systemd(lab)
+    state = os.path.join(lab.workdir, "state.json")
+    argv = [sys.executable, os.path.join(HELPERS, "hang.py"), lab.script("udpProxyServer.py"),
+            "--state-file", state]
+    daemon = lab.spawn(a.ns, argv, "a-daemon-hanging.log", env=systemd.env(watchdog_sec=2))
+    systemd.wait_for("READY=1")
+    b.start_daemon()
+    a.add_tunnel("udp2", "10.0.1.1", b)
+    b.add_tunnel("udp1", "10.0.1.2", a)
+    for _ in range(3):
+        systemd.wait_for("WATCHDOG=1", within=2)
+    daemon.send_signal(signal.SIGUSR1)  # the loop hangs
+    with pytest.raises(AssertionError, match="did not say WATCHDOG=1 within 3"):
+        while True:  # a ping may have been on its way
+            systemd.wait_for("WATCHDOG=1", within=3)
+    assert daemon.poll() is None  # alive, and stuck
+    daemon.send_signal(signal.SIGABRT)  # WatchdogSec passed: what systemd does
+    daemon.wait(20)
+    assert a.link_exists("udp2")  # kept, dropping what is routed into it
+    lab.spawn(a.ns, argv, "a-daemon-again.log", env=systemd.env(watchdog_sec=2))
+    systemd.wait_for("READY=1")
+    systemd.wait_for("WATCHDOG=1", within=2)
+    assert set(a.tunnels()) == {"udp2"} and a.ping("10.0.1.2")
 
 
 def test_under_systemd_log_lines_carry_their_priority_for_the_journal():
@@ -64,6 +94,8 @@ def test_the_systemd_unit_runs_the_installed_command_as_a_notify_service():
     with open(os.path.join(REPO, "udpProxyServer.service")) as f:
         unit = f.read()
     assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    # A loop stuck this long is restarted (the daemon pings at half of it).
+    assert re.search(r"^WatchdogSec=\d+$", unit, re.M) and "Restart=on-failure" in unit
     # The venv the README installs into, as Debian 12 allows it.
     with open(os.path.join(REPO, "README.md")) as f:
         venv = re.search(r"sudo python3 -m venv (\S+)", f.read()).group(1)
