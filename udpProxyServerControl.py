@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import base64
 import binascii
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -40,6 +41,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -62,12 +64,20 @@ MAX_REPLY = 65535
 # --mesh --status: a tunnel end with no handshake (encrypted) or packet received (plain)
 # for longer is down; WireGuard's REJECT_AFTER_TIME, after which no session is valid.
 STATUS_DOWN_AFTER = 180
+# A tunnel end's states, as daemons list them: up (a session, or a packet received lately),
+# idle (nothing sent or wanted lately), connecting, down (sent, and no answer); and what
+# --status adds. Those not up, the worst first, as the condensed status lists them.
+TUNNEL_STATES = ("up", "idle", "connecting", "down")
+HEALTHY = ("up", "idle")
+NOT_UP = ("no answer", "missing", "differs", "down", "connecting", "idle")
 # Authenticated requests (--secret-file): HMAC-SHA256 over the kind, time, nonce and
 # payload; the daemon's reply is signed over its kind, our nonce and its payload.
 REQUEST_MAC_PREFIX = b"udpProxyServer request\n"
 REPLY_MAC_PREFIX = b"udpProxyServer reply\n"
 NONCE_BYTES = 16
 MIN_SECRET_LEN = 16
+# A secret file holds one secret a line: two while the fleet moves from one to the next.
+MAX_SECRETS = 2
 # A daemon answers a source that has not yet shown it receives at its address with no
 # more bytes than it was sent; plain requests are padded (JSON allows trailing blanks)
 # so that the cookie that proves our address, or a refusal with its reason, fits.
@@ -76,14 +86,16 @@ PADDED_REQUEST = 512
 # daemon, which takes every message as a request with tunnels, from tripping over it.
 COOKIE_REQUEST = {"op": "cookie", "tunnel": []}
 # A list whose tunnels change while it is fetched part by part is fetched again, this often.
-# A secret file holds one secret a line: two while the fleet moves from one to the next.
-MAX_SECRETS = 2
 LIST_ATTEMPTS = 5
 
 # The mesh file's fields; tunnels named with the prefix belong to the mesh (and only
 # they are deleted when the file no longer wants them); adds go this many a message.
-MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt", "hosts")
-MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey")
+MESH_FIELDS = ("controlPort", "mtu", "tunnelNet", "tunnelPrefix", "encrypt",
+               "persistentKeepalive", "hosts")
+MESH_HOST_FIELDS = ("name", "address", "lan", "publicKey", "persistentKeepalive")
+# What a daemon changes in a tunnel in place (the set op), its device and session kept;
+# set remakes a tunnel for any other change.
+IN_PLACE = ("mtu", "routes", "persistentKeepalive")
 MESH_TUNNEL_PREFIX = "m-"
 MESH_BATCH = 50
 # A mesh's default MTU fits its tunnels' datagrams in the usual 1500-byte underlay, as
@@ -126,12 +138,19 @@ def build_message(args):
         return {"op": "list"}
     if args.operation == "del":
         return {"op": "del", "tunnel": [{"name": args.name}]}
+    if args.operation == "set":
+        tunnel = {"name": args.name}
+        for field, value in (("mtu", args.mtu), ("routes", args.route),
+                             ("persistentKeepalive", args.keepalive)):
+            if value is not None:
+                tunnel[field] = value
+        return {"op": "set", "tunnel": [tunnel]}
     tunnel = {"name": args.name, "tunnelIP": args.tunnel}
     # The 2015 default netmask goes with a bare IPv4 address; an IPv6 one or one with a
     # prefix length carries its own.
     if args.mask is not None or not (":" in args.tunnel or "/" in args.tunnel):
         tunnel["netmask"] = args.mask or DEFAULT_NETMASK
-    tunnel["mtu"] = args.mtu
+    tunnel["mtu"] = DEFAULT_MTU if args.mtu is None else args.mtu
     if args.remote is not None:  # only an encrypted tunnel may wait for its peer
         tunnel["remoteServer"] = args.remote
     if args.remote_port is not None:
@@ -500,6 +519,7 @@ class MeshHost:
     address: object  # ipaddress.IPv4Address or IPv6Address
     lans: list  # ipaddress networks reached through this host
     public_key: str = None  # its daemon's, in base64 as wg pubkey writes it; None: as it says
+    keepalive: int = None  # its tunnels' persistentKeepalive; None: the mesh's
 
 
 @dataclasses.dataclass
@@ -510,6 +530,10 @@ class Mesh:
     mtu: int
     control_port: int
     encrypt: bool = False  # every pair an encrypted (WireGuard) tunnel
+    keepalive: int = 0  # every host's tunnels' persistentKeepalive, unless the host says
+
+    def keepalive_of(self, host):
+        return self.keepalive if host.keepalive is None else host.keepalive
 
 
 def parse_mesh(data):
@@ -527,10 +551,14 @@ def parse_mesh(data):
     encrypt = data.get("encrypt", False)
     if not isinstance(encrypt, bool):
         raise MeshError("encrypt %r: must be true or false" % (encrypt,))
+    keepalive = mesh_keepalive(data.get("persistentKeepalive", 0), "persistentKeepalive")
     hosts = [mesh_host(entry, index) for index, entry in enumerate(data.get("hosts") or [])]
     if len(hosts) < 2:
         raise MeshError("a mesh needs at least two hosts in 'hosts'")
     check_keys(hosts, encrypt)
+    if not encrypt and (keepalive or any(host.keepalive for host in hosts)):
+        raise MeshError("persistentKeepalive given, but the mesh is not encrypted (plain"
+                        " tunnels have no keepalives; add \"encrypt\": true)")
     check_unique(hosts)
     check_lans(hosts, tunnel_net)
     pairs = len(hosts) * (len(hosts) - 1) // 2
@@ -544,7 +572,13 @@ def parse_mesh(data):
         raise MeshError("mtu %r: must be a whole number from 68 to 65503" % (mtu,))
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise MeshError("controlPort %r: must be a whole number from 1 to 65535" % (port,))
-    return Mesh(hosts, tunnel_net, prefix, mtu, port, encrypt)
+    return Mesh(hosts, tunnel_net, prefix, mtu, port, encrypt, keepalive)
+
+
+def mesh_keepalive(value, where):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise MeshError("%s %r: seconds from 0 (none) to 65535" % (where, value))
+    return value
 
 
 def mesh_network(value, where):
@@ -579,7 +613,10 @@ def mesh_host(entry, index):
     if given is not None and key is None:
         raise MeshError("%s: publicKey %r is not a key: %d bytes in base64, as wg pubkey writes"
                         % (where, given, KEY_BYTES))
-    return MeshHost(name, address, lans, key)
+    keepalive = entry.get("persistentKeepalive")
+    if keepalive is not None:
+        keepalive = mesh_keepalive(keepalive, "%s: persistentKeepalive" % where)
+    return MeshHost(name, address, lans, key, keepalive)
 
 
 def public_key(text):
@@ -780,17 +817,24 @@ def mesh_plan(mesh, current, unanswered=frozenset(), keys=None):
             }
             if mesh.encrypt:
                 wanted[here.name][tunnel_name(there.name)]["publicKey"] = keys[there.name]
+                if mesh.keepalive_of(here):
+                    wanted[here.name][tunnel_name(there.name)]["persistentKeepalive"] = \
+                        mesh.keepalive_of(here)
     return wanted
 
 
 @dataclasses.dataclass
 class HostPlan:
-    """What applying the mesh does on one host: delete stale, then add new; held stays."""
+    """What applying the mesh does on one host: delete stale, change changed in place, then
+    add new; held stays."""
     stale: list  # names of the tunnels to delete
     new: list  # control entries of the tunnels to add
     unchanged: int  # how many of the tunnels it should have it has already
     held: dict  # its tunnels to hosts that did not answer (or have no usable key), left as
     # they are: name -> peer
+    changed: list = dataclasses.field(default_factory=list)  # set entries: changes in place
+    # The changed tunnels' whole control entries: for a daemon older than set, deleted and added.
+    changed_whole: list = dataclasses.field(default_factory=list)
 
 
 def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None, wanted=None):
@@ -803,11 +847,48 @@ def host_plans(mesh, current, data_ports, unanswered=frozenset(), keys=None, wan
     plans = {}
     for name, have in current.items():
         want, port, kept = wanted[name], data_ports[name], held[name]
-        stale = sorted(tunnel for tunnel, listed in have.items() if tunnel not in kept
-                       and (tunnel not in want or not same_tunnel(want[tunnel], listed, port)))
-        new = [want[tunnel] for tunnel in sorted(want) if tunnel not in have or tunnel in stale]
-        plans[name] = HostPlan(stale, new, len(want) - len(new), kept)
+        differ = {tunnel: difference(want[tunnel], listed, port)
+                  for tunnel, listed in sorted(have.items()) if tunnel in want and tunnel not in kept}
+        changed = [dict(fields, name=tunnel) for tunnel, fields in differ.items() if fields]
+        stale = sorted(tunnel for tunnel in have if tunnel not in kept and tunnel not in want)
+        new = [want[tunnel] for tunnel in sorted(want) if tunnel not in have]
+        plans[name] = HostPlan(stale, new, len(want) - len(new) - len(changed), kept, changed,
+                               [want[entry["name"]] for entry in changed])
     return plans
+
+
+def difference(entry, listed, data_port):
+    """What a tunnel a daemon lists lacks to be the one the mesh wants: each field that
+    differs, as wanted (None: the daemon's default), as the set op takes them; {} when it
+    is that one: encrypted to the peer's key of now, with the keepalive wanted and no
+    preshared key of its own, or plain, as wanted."""
+    fields = {}
+    if listed_interface(listed) != ipaddress.ip_interface(entry["tunnelIP"]):
+        fields["tunnelIP"] = entry["tunnelIP"]
+    if listed.get("remoteServer") is None or ipaddress.ip_address(
+            listed["remoteServer"]) != ipaddress.ip_address(entry["remoteServer"]):
+        fields["remoteServer"] = entry["remoteServer"]
+    if listed.get("remotePort", data_port) != data_port:
+        fields["remotePort"] = None
+    if listed.get("publicKey") != entry.get("publicKey"):
+        fields["publicKey"] = entry.get("publicKey")
+    for field in ("presharedKey", "presharedKeyFile"):
+        if listed.get(field) is not None:
+            fields[field] = None
+    for field in IN_PLACE:
+        if sorted_field(listed, field) != sorted_field(entry, field):
+            fields[field] = entry.get(field)
+    return fields
+
+
+def sorted_field(entry, field):
+    """A field as the mesh compares it: routes in order, none given as none."""
+    value = entry.get(field)
+    if field == "routes":
+        return sorted(value or [])
+    if field == "persistentKeepalive":
+        return value or None  # 0 is none
+    return value
 
 
 def down_plans(mesh, current):
@@ -878,29 +959,26 @@ def pair_states(mesh, listings, now):
 
 
 def liveness(listed, now):
-    """A listed tunnel's state, "up" or "down", and the age of what tells it."""
+    """A listed tunnel's state as its daemon gives it (TUNNEL_STATES; a daemon before 2.1
+    gives none: "up" or "down" by the age), and the age of its latest handshake
+    (encrypted) or packet received (plain)."""
     stamp = listed.get("latestHandshake") if listed.get("publicKey") else listed.get("last_rx")
     age = None if stamp is None else max(0, int(now - stamp))
-    return ("up" if age is not None and age <= STATUS_DOWN_AFTER else "down"), age
+    state = listed.get("state")
+    if state not in TUNNEL_STATES:
+        state = "up" if age is not None and age <= STATUS_DOWN_AFTER else "down"
+    return state, age
 
 
-def all_up(states, failed):
-    return not failed and all(state == "up" for row in states.values() for state, _ in row.values())
+def healthy(states, failed):
+    """Whether every host answered and every tunnel end is up or idle."""
+    return not failed and all(state in HEALTHY for row in states.values()
+                              for state, _ in row.values())
 
 
 def same_tunnel(entry, listed, data_port):
-    """Whether a tunnel a daemon lists is the one the mesh wants: encrypted to the peer's
-    key of now (and with no preshared key or keepalive of its own), or plain as wanted."""
-    return (listed_interface(listed) == ipaddress.ip_interface(entry["tunnelIP"])
-            and listed["mtu"] == entry["mtu"]
-            and listed.get("remoteServer") is not None
-            and ipaddress.ip_address(listed["remoteServer"]) == ipaddress.ip_address(entry["remoteServer"])
-            and listed.get("remotePort", data_port) == data_port
-            and sorted(listed.get("routes", [])) == entry["routes"]
-            and listed.get("publicKey") == entry.get("publicKey")
-            and listed.get("presharedKey") is None
-            and listed.get("presharedKeyFile") is None
-            and listed.get("persistentKeepalive") is None)
+    """Whether a tunnel a daemon lists is the one the mesh wants."""
+    return not difference(entry, listed, data_port)
 
 
 # --- Applying the mesh: reading the file and the daemons, changing them, saying so ---
@@ -968,13 +1046,14 @@ def apply_plan(mesh, plan, daemons, say):
             say("%s: FAILED: %s" % (label, plan.failed[host.name]))
             continue
         host_plan = plan.hosts[host.name]
-        error = change_host(daemons[host.name], host_plan.stale, host_plan.new)
+        error = change_host(daemons[host.name], host_plan)
         if error:
             failed[host.name] = error
             say("%s: FAILED: %s" % (label, error))
         else:
-            say("%s: %d added, %d deleted, %d unchanged%s" % (
-                label, len(host_plan.new), len(host_plan.stale), host_plan.unchanged,
+            say("%s: %d added, %d deleted, %s%d unchanged%s" % (
+                label, len(host_plan.new), len(host_plan.stale),
+                changed_note(host_plan, "changed"), host_plan.unchanged,
                 held_note(host_plan, plan.keyless)))
     return failed
 
@@ -1007,10 +1086,21 @@ def say_plan(label, plan, say, keyless=()):
             label, entry["name"], entry["tunnelIP"], entry["remoteServer"],
             ", ".join(entry["routes"]) or "none",
             ", publicKey %s" % entry["publicKey"] if "publicKey" in entry else ""))
+    for entry in plan.changed:
+        fields = [field for field in entry if field != "name"]
+        say("%s: would change %s %s: %s" % (
+            label, entry["name"], "in place" if set(fields) <= set(IN_PLACE) else "(remade)",
+            ", ".join("%s %s" % (field, json.dumps(entry[field])) for field in fields)))
     for name, peer in sorted(plan.held.items()):
         say("%s: would leave %s as is (%s)" % (label, name, held_why([peer], keyless)))
-    say("%s: %d to add, %d to delete, %d unchanged%s" % (
-        label, len(plan.new), len(plan.stale), plan.unchanged, held_note(plan, keyless)))
+    say("%s: %d to add, %d to delete, %s%d unchanged%s" % (
+        label, len(plan.new), len(plan.stale), changed_note(plan, "to change"), plan.unchanged,
+        held_note(plan, keyless)))
+
+
+def changed_note(plan, verb):
+    """What a host's line says of the tunnels changed, if any."""
+    return "%d %s, " % (len(plan.changed), verb) if plan.changed else ""
 
 
 def held_note(plan, keyless=()):
@@ -1030,9 +1120,9 @@ def held_why(peers, keyless):
         ("no answer from ", silent), ("no usable key from ", unkeyed)) if names)
 
 
-def format_status(mesh, states, failed):
-    """The lines of --status: a host x host matrix of the pairs' ends, why hosts failed,
-    and a summary."""
+def format_status(mesh, states, failed, width=None):
+    """The lines of --status: a host x host matrix of the pairs' ends (or, wider than
+    width, each end that is not up, a line each), why hosts failed, and a summary."""
     labels = ["%s (%s)" % (host.name, host.address) for host in mesh.hosts]
     cells = [["-" if peer is host else format_state(*states[host.name][peer.name])
               for peer in mesh.hosts] for host in mesh.hosts]
@@ -1041,23 +1131,38 @@ def format_status(mesh, states, failed):
               for i, peer in enumerate(mesh.hosts)]
     rows = [["from \\ to"] + [peer.name for peer in mesh.hosts]]
     rows += [[label] + row for label, row in zip(labels, cells)]
-    lines = ["each host's tunnel (row) to each other host (column), as its daemon lists it:"]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, [first] + widths)).rstrip()
+    matrix = ["  ".join(cell.ljust(size) for cell, size in zip(row, [first] + widths)).rstrip()
               for row in rows]
+    if width is None or max(len(line) for line in matrix) <= width:
+        lines = ["each host's tunnel (row) to each other host (column), as its daemon lists it:"]
+        lines += matrix
+    else:
+        lines = ["each host's tunnel to each other host that is not up, as its daemon lists it"
+                 " (the matrix is wider than the terminal):"]
+        ends = [(NOT_UP.index(state), host.name, peer.name, format_state(state, age))
+                for host in mesh.hosts for peer in mesh.hosts if peer is not host
+                for state, age in [states[host.name][peer.name]] if state != "up"]
+        lines += ["  %s -> %s: %s" % (host, peer, cell) for _, host, peer, cell in sorted(ends)]
     for host, label in zip(mesh.hosts, labels):
         if host.name in failed:
             silent = all(state == "no answer" for state, _ in states[host.name].values())
             lines.append("%s: %s: %s" % (label, "no answer" if silent else "no usable key",
                                          failed[host.name]))
-    ends = [state for row in states.values() for state, _ in row.values()]
-    up = ends.count("up")
-    lines.append("mesh: all %d tunnel ends up" % len(ends) if all_up(states, failed)
-                 else "mesh: %d of %d tunnel ends up" % (up, len(ends)))
+    lines.append(status_summary(mesh, states))
     return lines
 
 
+def status_summary(mesh, states):
+    """mesh: 28 hosts, 756 of 756 tunnel ends up, 0 down (and how many are in each other
+    state, where any are)."""
+    counts = collections.Counter(state for row in states.values() for state, _ in row.values())
+    return "mesh: %d hosts, %d of %d tunnel ends up, %d down%s" % (
+        len(mesh.hosts), counts["up"], sum(counts.values()), counts["down"], "".join(
+            ", %d %s" % (counts[state], state) for state in NOT_UP if state != "down" and counts[state]))
+
+
 def format_state(state, age):
-    if age is None or state not in ("up", "down"):
+    if age is None or state not in TUNNEL_STATES:
         return state
     return "%s %s" % (state, format_span(age))
 
@@ -1072,28 +1177,48 @@ def format_span(seconds):
 
 def status_json(mesh, states, failed):
     """--status --json: the same as data."""
-    return {"ok": all_up(states, failed), "hosts": [host.name for host in mesh.hosts],
+    return {"ok": healthy(states, failed), "hosts": [host.name for host in mesh.hosts],
             "pairs": {host: {peer: {"state": state, "age": age}
                              for peer, (state, age) in row.items()}
                       for host, row in states.items()},
             "failed": failed}
 
 
-def change_host(daemon, stale, new):
-    """Delete, then add, in messages of a bounded size; the first error, or None."""
-    messages = []
+def change_host(daemon, plan):
+    """Delete, change (in place where the daemon can), then add, in messages of a bounded
+    size; the first error, or None. A daemon older than the set op has the tunnels to
+    change deleted and added again."""
+    stale, new = list(plan.stale), list(plan.new)
     if stale:
-        messages.append({"op": "del", "tunnel": [{"name": name} for name in stale]})
+        error, refused = send(daemon, {"op": "del", "tunnel": [{"name": name} for name in stale]})
+        if error or refused:
+            return error or refused
+    for start in range(0, len(plan.changed), MESH_BATCH):
+        error, refused = send(daemon, {"op": "set",
+                                       "tunnel": plan.changed[start:start + MESH_BATCH]})
+        if refused and "unknown op" in refused:  # a daemon before 2.1: deleted, then added
+            error, refused = send(daemon, {"op": "del", "tunnel": [
+                {"name": entry["name"]} for entry in plan.changed_whole]})
+            new += plan.changed_whole
+            if error or refused:
+                return error or refused
+            break
+        if error or refused:
+            return error or refused
     for start in range(0, len(new), MESH_BATCH):
-        messages.append({"op": "add", "tunnel": new[start:start + MESH_BATCH]})
-    for message in messages:
-        try:
-            reply = daemon.request(message)
-        except NoReply as e:
-            return str(e)
-        if not reply.get("ok"):
-            return reply.get("error", "refused")
+        error, refused = send(daemon, {"op": "add", "tunnel": new[start:start + MESH_BATCH]})
+        if error or refused:
+            return error or refused
     return None
+
+
+def send(daemon, message):
+    """Send a request: (why no reply came, None), or (None, the error of a refusal, or None)."""
+    try:
+        reply = daemon.request(message)
+    except NoReply as e:
+        return str(e), None
+    return None, None if reply.get("ok") else reply.get("error", "refused")
 
 
 def main_mesh(args, session):
@@ -1133,8 +1258,9 @@ def main_status(args, session, mesh):
     else:
         pairs = len(mesh.hosts) * (len(mesh.hosts) - 1) // 2
         print("mesh %s: %d hosts, %d tunnels" % (args.mesh, len(mesh.hosts), pairs))
-        print("\n".join(format_status(mesh, states, failed)))
-    return EXIT_OK if all_up(states, failed) else EXIT_REFUSED
+        width = shutil.get_terminal_size().columns
+        print("\n".join(format_status(mesh, states, failed, width)))
+    return EXIT_OK if healthy(states, failed) else EXIT_REFUSED
 
 
 # --- main -----------------------------------------------------------------------
@@ -1163,16 +1289,17 @@ def parse_args(argv):
     parser.add_argument("-s", "--server", help="the daemon's host")
     parser.add_argument("-p", "--port", type=port, default=CONTROL_PORT,
                         help="the daemon's control port (default %(default)s)")
-    parser.add_argument("-o", "--operation", choices=("add", "del", "list"), default="add",
-                        help="what to do (default %(default)s)")
+    parser.add_argument("-o", "--operation", choices=("add", "del", "set", "list"),
+                        default="add", help="what to do (default %(default)s); set changes a"
+                        " tunnel's --mtu, --route and --keepalive in place")
     parser.add_argument("-n", "--name", help="tunnel name, at most 15 bytes")
     parser.add_argument("-t", "--tunnel", help="the tunnel's own IP address")
     parser.add_argument("-tm", "--mask",
                         help="the tunnel's netmask or prefix length (default %s for an IPv4"
                              " -t, /%d for an IPv6 one; -t fd00::1/64 carries its own)"
                              % (DEFAULT_NETMASK, DEFAULT_IPV6_PREFIX))
-    parser.add_argument("-m", "--mtu", type=int, default=DEFAULT_MTU,
-                        help="the tunnel's MTU (default %(default)s)")
+    parser.add_argument("-m", "--mtu", type=int,
+                        help="the tunnel's MTU (default %d)" % DEFAULT_MTU)
     parser.add_argument("-r", "--remote", help="the IP address of the peer's daemon")
     parser.add_argument("--remote-port", type=port,
                         help="the peer's data port, when it is not this daemon's")
@@ -1207,6 +1334,11 @@ def parse_args(argv):
     parser.add_argument("--secret-file", metavar="PATH",
                         help="authenticate with the shared secret in PATH (mode 600), as the"
                              " daemon's --secret-file")
+    parser.add_argument("--write-state", metavar="FILE",
+                        help="with -o add or del: change the daemon state file FILE (made if"
+                             " missing, mode 600) instead of asking a daemon, for one started"
+                             " later with --state-file FILE: how a 2015 host's tunnels are"
+                             " carried over")
     parser.add_argument("--json", action="store_true",
                         help="print the daemon's reply (or with --mesh --status, the states)"
                              " as JSON instead of for a person")
@@ -1226,6 +1358,8 @@ def parse_args(argv):
     for flag in ("dry_run", "down", "status"):
         if getattr(args, flag):
             parser.error("--%s goes with --mesh" % flag.replace("_", "-"))
+    if args.write_state and args.operation not in ("add", "del"):
+        parser.error("--write-state goes with -o add or -o del")
 
     if args.route and args.server_arg and "/" in args.server_arg:
         # The README once wrote --route CIDR ...: a second network after one --route lands here.
@@ -1233,19 +1367,61 @@ def parse_args(argv):
     if args.server and args.server_arg and args.server != args.server_arg:
         parser.error("two servers given: %r and %r" % (args.server_arg, args.server))
     args.server = args.server or args.server_arg
-    if not args.server:
+    if not args.server and not args.write_state:
         parser.error("the server is required (-s SERVER)")
     needed = {"add": ("name", "tunnel") + (() if args.peer_key else ("remote",)),
-              "del": ("name",), "list": ()}
+              "del": ("name",), "set": ("name",), "list": ()}
     for field in needed[args.operation]:
         if getattr(args, field) is None:
             parser.error("-o %s needs --%s" % (args.operation, field))
-    if (args.psk_file or args.keepalive is not None) and not args.peer_key:
+    if args.operation == "set" and args.mtu is None and args.route is None \
+            and args.keepalive is None:
+        parser.error("-o set needs --mtu, --route or --keepalive")
+    if args.psk_file and not args.peer_key or (
+            args.keepalive is not None and not args.peer_key and args.operation != "set"):
         parser.error("--psk-file and --keepalive go with --peer-key")
     if args.psk_file and not os.path.isabs(args.psk_file):
         parser.error("--psk-file %r: give the file's absolute path on the daemon's host"
                      % args.psk_file)
     return args
+
+
+def write_state(path, message):
+    """--write-state: the add or del of message made in the state file at path, as the
+    daemon writes it ({"version": 1, "tunnels": [...]}; a tunnel of the same name replaced),
+    whole or not at all (a temporary file renamed over it), readable by root alone."""
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("tunnels"), list):
+            raise ValueError("it has no list 'tunnels'")
+    except FileNotFoundError:
+        state = {"version": 1, "tunnels": []}
+    except (OSError, ValueError) as e:
+        print("udpProxyServerControl: state file %s: %s" % (path, e), file=sys.stderr)
+        return EXIT_USAGE
+    names = {entry["name"] for entry in message["tunnel"]}
+    state["tunnels"] = [entry for entry in state["tunnels"]
+                        if not (isinstance(entry, dict) and entry.get("name") in names)]
+    if message["op"] == "add":
+        state["tunnels"] += message["tunnel"]
+    temporary = path + ".tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w") as f:
+            json.dump(state, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(fd)
+        os.replace(temporary, path)
+    except OSError as e:
+        print("udpProxyServerControl: cannot write %s: %s" % (path, e.strerror), file=sys.stderr)
+        return EXIT_USAGE
+    print("%s: %s %s; it holds %d tunnels" % (path, message["op"], ", ".join(sorted(names)),
+                                             len(state["tunnels"])))
+    return EXIT_OK
 
 
 def main(argv=None):
@@ -1258,6 +1434,8 @@ def main(argv=None):
     if args.mesh:
         return main_mesh(args, session)
     message = build_message(args)
+    if args.write_state:
+        return write_state(args.write_state, message)
     try:
         if args.operation == "list" and args.timeout:
             reply = fetch_list(args.server, args.port, args.timeout, session)

@@ -372,14 +372,16 @@ def test_an_encrypted_plan_gives_each_tunnel_its_peers_key_and_remakes_just_a_ne
     for again in ctl.host_plans(mesh, current, ports, keys=KEYS).values():
         assert (again.stale, again.new, again.unchanged) == ([], [], 2)
 
-    # minion-2's key replaced: the other hosts' tunnels to it are remade with the new key,
-    # in the subnet they had; nothing else changes.
+    # minion-2's key replaced: the other hosts' tunnels to it are set to the new key (the
+    # daemon remakes them, on their devices), in the subnet they had; nothing else changes.
     plans = ctl.host_plans(mesh, current, ports, keys=dict(KEYS, **{"minion-2": key(9)}))
     for host in ("minion-1", "minion-3"):
-        assert plans[host].stale == ["m-minion-2"]
-        assert plans[host].new == [dict(plan[host]["m-minion-2"], publicKey=key(9))]
+        assert (plans[host].stale, plans[host].new) == ([], [])
+        assert plans[host].changed == [{"name": "m-minion-2", "publicKey": key(9)}]
+        assert plans[host].changed_whole == [dict(plan[host]["m-minion-2"], publicKey=key(9))]
         assert plans[host].unchanged == 1
-    assert (plans["minion-2"].stale, plans["minion-2"].new) == ([], [])
+    assert (plans["minion-2"].stale, plans["minion-2"].new, plans["minion-2"].changed) == \
+        ([], [], [])
 
     # A plain mesh's tunnels are not what an encrypted one wants, nor the other way round.
     plain = ctl.mesh_plan(ctl.load_mesh(write_mesh(tmp_path)), {})
@@ -474,8 +476,8 @@ def test_status_gives_each_hosts_end_of_each_pair_as_its_daemon_lists_it(tmp_pat
     assert lines[3].split() == ["minion-2", "(172.100.1.2)", "no", "answer", "-", "no", "answer"]
     assert lines[4].split() == ["minion-3", "(172.100.2.3)", "differs", "missing", "-"]
     assert "minion-2 (172.100.1.2): no answer: no reply within 2 s" in lines
-    assert lines[-1] == "mesh: 1 of 6 tunnel ends up"
-    assert not ctl.all_up(states, failed)
+    assert lines[-1] == "mesh: 3 hosts, 1 of 6 tunnel ends up, 1 down, 2 no answer, 1 missing, 1 differs"
+    assert not ctl.healthy(states, failed)
     assert ctl.status_json(mesh, states, failed) == {
         "ok": False, "hosts": ["minion-1", "minion-2", "minion-3"],
         "pairs": {host: {peer: {"state": state, "age": age} for peer, (state, age) in row.items()}
@@ -493,12 +495,56 @@ def test_status_of_a_plain_mesh_goes_by_the_last_packet_received(tmp_path):
         data_ports=dict.fromkeys(plan, 5000), keys=dict.fromkeys(plan), unanswered={})
     states, failed = ctl.pair_states(mesh, listings, NOW + 0.4)
     assert states["minion-3"] == {"minion-1": ("up", 180), "minion-2": ("up", 180)}
-    assert failed == {} and ctl.all_up(states, failed)
-    assert ctl.format_status(mesh, states, failed)[-1] == "mesh: all 6 tunnel ends up"
+    assert failed == {} and ctl.healthy(states, failed)
+    assert ctl.format_status(mesh, states, failed)[-1] == "mesh: 3 hosts, 6 of 6 tunnel ends up, 0 down"
     listings.tunnels["minion-2"]["m-minion-1"]["last_rx"] = None
     states, _ = ctl.pair_states(mesh, listings, NOW)
     assert states["minion-2"]["minion-1"] == ("down", None)
-    assert not ctl.all_up(states, {})
+    assert not ctl.healthy(states, {})
+
+
+def test_status_takes_each_end_s_state_from_its_daemon_idle_apart_from_down(tmp_path):
+    mesh = ctl.load_mesh(write_mesh(tmp_path))
+    plan = ctl.mesh_plan(mesh, {})
+    said = {"minion-1": "up", "minion-2": "idle", "minion-3": "connecting"}
+    listings = ctl.Listings(
+        tunnels={host: {name: dict(entry, remotePort=5000, last_rx=NOW - 600, state=said[host])
+                        for name, entry in tunnels.items()} for host, tunnels in plan.items()},
+        data_ports=dict.fromkeys(plan, 5000), keys=dict.fromkeys(plan), unanswered={})
+    states, failed = ctl.pair_states(mesh, listings, NOW)
+    assert states["minion-1"]["minion-2"] == ("up", 600)
+    assert states["minion-2"]["minion-3"] == ("idle", 600)
+    assert states["minion-3"]["minion-1"] == ("connecting", 600)
+    assert ctl.format_status(mesh, states, failed)[-1] == (
+        "mesh: 3 hosts, 2 of 6 tunnel ends up, 0 down, 2 connecting, 2 idle")
+    assert not ctl.healthy(states, failed)  # connecting is not yet up
+    listings.tunnels["minion-3"] = {name: dict(entry, state="idle")
+                                    for name, entry in listings.tunnels["minion-3"].items()}
+    assert ctl.healthy(*ctl.pair_states(mesh, listings, NOW))  # idle pairs are well
+
+
+def test_status_wider_than_the_terminal_lists_only_the_ends_not_up(tmp_path):
+    hosts = [{"name": "host-%02d" % i, "address": "198.18.1.%d" % i} for i in range(1, 31)]
+    path = tmp_path / "mesh.json"
+    path.write_text(json.dumps({"tunnelNet": "10.0.0.0/16", "hosts": hosts}))
+    mesh = ctl.load_mesh(str(path))
+    plan = ctl.mesh_plan(mesh, {})
+    listings = ctl.Listings(
+        tunnels={host: {name: dict(entry, remotePort=5000, state="up")
+                        for name, entry in tunnels.items()} for host, tunnels in plan.items()},
+        data_ports=dict.fromkeys(plan, 5000), keys=dict.fromkeys(plan), unanswered={})
+    listings.tunnels["host-07"]["m-host-30"]["state"] = "down"
+    listings.tunnels["host-30"]["m-host-07"]["state"] = "idle"
+    del listings.tunnels["host-12"]["m-host-01"]
+    states, failed = ctl.pair_states(mesh, listings, NOW)
+    wide = ctl.format_status(mesh, states, failed)
+    assert max(len(line) for line in wide) > 250  # the whole matrix
+    lines = ctl.format_status(mesh, states, failed, width=120)
+    assert max(len(line) for line in lines) <= 120
+    assert lines[1:-1] == ["  host-12 -> host-01: missing", "  host-07 -> host-30: down",
+                           "  host-30 -> host-07: idle"]
+    assert lines[-1] == "mesh: 30 hosts, 867 of 870 tunnel ends up, 1 down, 1 missing, 1 idle"
+    assert ctl.format_status(mesh, states, failed, width=400)[1:-1] == wide[1:-1]
 
 
 @pytest.mark.parametrize("changes, complaint", [
@@ -557,10 +603,12 @@ def test_a_mesh_defaults_to_an_mtu_that_fits_its_tunnels_in_1500_bytes(tmp_path)
     assert mtu() == mtu(encrypt=False) == 1500 - 40 - 8 - 4  # IPv6, UDP, packet information
     assert (mtu(encrypt=True, mtu=1400), mtu(mtu=1500)) == (1400, 1500)  # the file's wins
     # A single tunnel keeps the 2015 control script's default.
-    assert args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2").mtu == 1500
+    assert ctl.build_message(args("h", "-n", "u", "-t", "10.0.0.1", "-r", "198.18.0.2"))[
+        "tunnel"][0]["mtu"] == 1500
 
 
-def test_a_mesh_built_at_1500_without_an_mtu_is_remade_at_the_default_and_kept_with_one(tmp_path):
+def test_a_mesh_built_at_1500_without_an_mtu_is_changed_in_place_to_the_default_and_kept_with_one(
+        tmp_path):
     hosts = json.loads(open(write_mesh(tmp_path)).read())["hosts"][:2]
     current = {"minion-1": {"m-minion-2": dict(listed("10.0.0.1", "172.100.1.2",
                                                       ["192.168.2.0/24"]), mtu=1500)},
@@ -570,8 +618,10 @@ def test_a_mesh_built_at_1500_without_an_mtu_is_remade_at_the_default_and_kept_w
     mesh = json.loads(open(write_mesh(tmp_path, hosts=hosts)).read())
     del mesh["mtu"]
     plans = ctl.host_plans(ctl.parse_mesh(mesh), current, ports)
-    assert [(p.stale, [e["mtu"] for e in p.new]) for p in plans.values()] == \
-        [(["m-minion-2"], [1448]), (["m-minion-1"], [1448])]
+    assert [(p.stale, p.new, p.changed) for p in plans.values()] == \
+        [([], [], [{"name": "m-minion-2", "mtu": 1448}]),
+         ([], [], [{"name": "m-minion-1", "mtu": 1448}])]
+    assert [[e["mtu"] for e in p.changed_whole] for p in plans.values()] == [[1448], [1448]]
     kept = ctl.host_plans(ctl.parse_mesh(dict(mesh, mtu=1500)), current, ports)
     assert [(p.stale, p.new, p.unchanged) for p in kept.values()] == [([], [], 1)] * 2
 

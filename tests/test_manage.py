@@ -74,16 +74,27 @@ def test_a_manager_builds_reapplies_and_edits_a_mesh_without_a_secret(lab, fleet
     assert "mesh: all 3 hosts done" in first
     for host in hosts:
         assert "%s (%s): 2 added, 0 deleted, 0 unchanged" % (host.name, host.address) in first
+    # Nothing sent yet: every pair idle, which is well.
+    idle = manager.control("--mesh", path, "--status")
+    assert "mesh: 3 hosts, 0 of 6 tunnel ends up, 0 down, 6 idle" in idle.stdout
+    assert idle.returncode == 0
     assert all(a.ping(b.lan, source=a.lan) for a in hosts for b in hosts if a is not b)
+    assert "mesh: 3 hosts, 6 of 6 tunnel ends up, 0 down" in manager.control(
+        "--mesh", path, "--status").stdout
 
     again = manager.control("--mesh", path).stdout
     for host in hosts:
         assert "%s (%s): 0 added, 0 deleted, 2 unchanged" % (host.name, host.address) in again
 
-    edited = manager.control("--mesh", mesh_file(lab, hosts, extra_lan="192.168.33.0/24")).stdout
     one, two, three = hosts
-    for host in (one, two):  # their tunnel to minion-3 now routes its new LAN too
-        assert "%s (%s): 1 added, 1 deleted, 1 unchanged" % (host.name, host.address) in edited
+    before = one.tunnels()["m-minion-3"]
+    index = one.run("cat", "/sys/class/net/m-minion-3/ifindex").stdout
+    edited = manager.control("--mesh", mesh_file(lab, hosts, extra_lan="192.168.33.0/24")).stdout
+    for host in (one, two):  # their tunnel to minion-3 now routes its new LAN too, in place
+        assert "%s (%s): 0 added, 0 deleted, 1 changed, 1 unchanged" % (
+            host.name, host.address) in edited
+    assert one.run("cat", "/sys/class/net/m-minion-3/ifindex").stdout == index
+    assert one.tunnels()["m-minion-3"]["tx_packets"] >= before["tx_packets"] > 0
     assert "%s (%s): 0 added, 0 deleted, 2 unchanged" % (three.name, three.address) in edited
     assert "192.168.33.0/24 dev m-minion-3" in one.routes()
     assert all(a.ping(b.lan, source=a.lan) for a in hosts for b in hosts if a is not b)

@@ -38,7 +38,8 @@ def line(host, text):
     return "%s (%s): %s" % (host.name, host.address, text)
 
 
-def test_a_manager_builds_an_encrypted_mesh_and_a_new_key_remakes_just_its_pairs(lab, keyed):
+def test_a_manager_builds_an_encrypted_mesh_keeps_it_and_a_new_key_remakes_just_its_pairs(
+        lab, keyed):
     hosts, manager, path, keys = keyed
     one, two, three = hosts
     first = manager.control("--mesh", path).stdout
@@ -55,6 +56,24 @@ def test_a_manager_builds_an_encrypted_mesh_and_a_new_key_remakes_just_its_pairs
     again = manager.control("--mesh", path).stdout
     for host in hosts:
         assert line(host, "0 added, 0 deleted, 2 unchanged") in again
+
+    # minion-3 goes behind a NAT: a keepalive for its ends, set in place, the sessions and
+    # counters going on.
+    with open(path) as f:
+        mesh = json.load(f)
+    mesh["hosts"][2]["persistentKeepalive"] = 25
+    with open(path, "w") as f:
+        json.dump(mesh, f)
+    before = three.tunnels()["m-minion-1"]
+    kept = manager.control("--mesh", path).stdout
+    assert line(three, "0 added, 0 deleted, 2 changed, 0 unchanged") in kept
+    for host in (one, two):
+        assert line(host, "0 added, 0 deleted, 2 unchanged") in kept
+    after = three.tunnels()["m-minion-1"]
+    assert after["persistentKeepalive"] == 25 and "persistentKeepalive" not in \
+        one.tunnels()["m-minion-3"]
+    assert after["latestHandshake"] == before["latestHandshake"]
+    assert after["tx_packets"] >= before["tx_packets"] > 0
 
     # minion-2 started again without a key: named, and every pair it is part of left alone.
     two.stop_daemon()
@@ -74,8 +93,8 @@ def test_a_manager_builds_an_encrypted_mesh_and_a_new_key_remakes_just_its_pairs
     before = one.tunnels()["m-minion-3"]
     rekeyed = manager.control("--mesh", path).stdout
     assert line(two, "2 added, 0 deleted, 0 unchanged") in rekeyed
-    for host in (one, three):
-        assert line(host, "1 added, 1 deleted, 1 unchanged") in rekeyed
+    for host in (one, three):  # remade on the device it had
+        assert line(host, "0 added, 0 deleted, 1 changed, 1 unchanged") in rekeyed
         assert host.tunnels()["m-minion-2"]["publicKey"] == keys["minion-2"]
     after = one.tunnels()["m-minion-3"]
     assert after["tunnelIP"] == before["tunnelIP"]
@@ -101,6 +120,11 @@ def status(manager, path, *extra):
     return result.returncode, rows, result.stdout
 
 
+def states(cells):
+    """The states of a row's cells, without their ages."""
+    return [cell.split()[0] if cell[0].isalpha() else cell for cell in cells]
+
+
 def test_status_shows_each_end_missing_down_up_and_a_stopped_host(keyed):
     hosts, manager, path, _ = keyed
     code, rows, _ = status(manager, path)
@@ -111,21 +135,24 @@ def test_status_shows_each_end_missing_down_up_and_a_stopped_host(keyed):
     assert all(host.tunnels() == {} for host in hosts)  # it changes nothing
 
     # Each tunnel shakes hands as soon as it is made; minion-3's data port is shut for now,
-    # so its pairs stay down while the other comes up.
+    # so its handshakes go unanswered: connecting, then down, while the other pair comes up.
     hosts[2].run("nft", "-f", "-", input="table inet shut {\n chain input {\n  type filter"
                  " hook input priority 0;\n  udp dport 5000 drop\n }\n}\n")
     manager.control("--mesh", path)
     wait_until(lambda: status(manager, path)[1]["minion-1"][1].startswith("up"),
                "minion-1's end to minion-2 up with nothing sent through it")
+    assert states(status(manager, path)[1]["minion-3"]) == ["connecting", "connecting", "-"]
+    wait_until(lambda: states(status(manager, path)[1]["minion-3"]) == ["down", "down", "-"],
+               "minion-3's ends down once their handshakes went unanswered for 15 s")
     code, rows, out = status(manager, path)
-    assert code == 1 and "mesh: 2 of 6 tunnel ends up" in out
-    assert rows["minion-1"][2] == rows["minion-3"][0] == "down"
+    assert code == 1 and "mesh: 3 hosts, 2 of 6 tunnel ends up, 2 down, 2 idle" in out
+    assert states(rows["minion-1"])[2] == states(rows["minion-2"])[2] == "idle"  # they answered
     hosts[2].run("nft", "delete", "table", "inet", "shut")
     wait_until(lambda: status(manager, path)[0] == 0, "every end up once the port is open")
 
     assert every_lan_reaches_every_other(hosts)
     code, rows, out = status(manager, path)
-    assert code == 0 and "mesh: all 6 tunnel ends up" in out
+    assert code == 0 and "mesh: 3 hosts, 6 of 6 tunnel ends up, 0 down" in out
     for name, cells in rows.items():
         assert [cell.split()[0] for cell in cells if cell != "-"] == ["up", "up"], name
     listed = json.loads(manager.control("--mesh", path, "--status", "--json").stdout)

@@ -148,7 +148,7 @@ def test_a_host_that_does_not_answer_keeps_every_tunnel_it_shares(lab):
     assert {name: t["tunnelIP"] for name, t in two.tunnels(secret=secret).items()} == \
         {name: t["tunnelIP"] for name, t in before["minion-2"].items()}
 
-    assert "minion-3 (198.18.0.3): 1 added, 2 deleted, 0 unchanged, 1 left as is" \
+    assert "minion-3 (198.18.0.3): 0 added, 1 deleted, 1 changed, 0 unchanged, 1 left as is" \
            " (no answer from minion-2)" in result.stdout
     assert "minion-4 (198.18.0.4): 0 added, 1 deleted, 1 unchanged, 1 left as is" \
            " (no answer from minion-2)" in result.stdout
