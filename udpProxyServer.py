@@ -1103,8 +1103,9 @@ def open_tun(spec, offload_flags=0, alias=None):
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload_flags else 0)
     device = pytun.TunTapDevice(name=spec.name, flags=flags)
     try:
-        if offload_flags:
-            fcntl.ioctl(device.fileno(), TUNSETOFFLOAD, offload_flags)
+        # Set even to none: a kept device keeps the offloads of the daemon before, and one
+        # without offloads must not be handed super-packets.
+        fcntl.ioctl(device.fileno(), TUNSETOFFLOAD, offload_flags)
         if spec.interface.version == 4:
             device.addr = str(spec.interface.ip)
             device.netmask = str(spec.interface.netmask)

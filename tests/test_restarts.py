@@ -10,7 +10,7 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from lab import HELPERS, Pinger, Systemd, key_file, longest_gap, wait_until, write_secret
+from lab import HELPERS, Pinger, Systemd, key_file, wait_until, write_secret
 
 
 def watch(lab, host, marker, seconds=60):
