@@ -843,6 +843,108 @@ def split_gso(packet, proto, l4_start, gso_size, out, done=0, prefix=b"", partia
     return stride, at, done if done < payload_len else None
 
 
+# Super-packets across the wire, between two daemons of ours with offloads: a TCP
+# super-packet goes as a train of chunks, a datagram each, each of the size its segment
+# would have had: the PI header (PI_CHUNK, the super-packet's id, the chunk's offset in
+# the payload), the super-packet's headers as read but for the TCP checksum field, which
+# carries the segment size, and that slice of the payload. Nothing is summed or rewritten
+# a chunk; the receiver writes each run of contiguous chunks as one GSO packet, and its
+# kernel cuts that into the very segments the sender's kernel would have made, so a lost
+# chunk costs its own bytes alone.
+CHUNK_PI = struct.Struct("!2sH")  # PI header's first two bytes, the chunk's payload offset
+# recvmsg's flag as a plain int: socket's is an IntFlag, whose & runs in Python.
+MSG_TRUNC = int(socket.MSG_TRUNC)
+
+
+def cut_chunks(packet, l4, gso_size, pi):
+    """The chunks of TCP super-packet packet (its TCP header at l4, no IPv6 extension
+    headers) laid end to end, each after pi (the PI header's first two bytes) and its
+    offset, and their stride; None when it makes one chunk. One join: nothing is done a
+    chunk but slicing."""
+    header_len = l4 + (packet[l4 + 12] >> 4) * 4
+    payload_len = len(packet) - header_len
+    if payload_len <= gso_size or len(packet) > MAX_IP_PACKET:
+        return None
+    header = bytearray(packet[:header_len])
+    # Its lengths as the whole super-packet's (the kernel's may say anything), which tell
+    # the receiver where the last chunk ends.
+    if packet[0] >> 4 == 4:
+        struct.pack_into("!H", header, 2, len(packet))
+    else:
+        struct.pack_into("!H", header, 4, len(packet) - 40)
+    struct.pack_into("!H", header, l4 + 16, gso_size)
+    header, pack, parts = bytes(header), CHUNK_PI.pack, []
+    add = parts.extend
+    for offset in range(header_len, len(packet), gso_size):
+        add((pack(pi, offset - header_len), header, packet[offset:offset + gso_size]))
+    return b"".join(parts), PI_HEADER_LEN + header_len + gso_size
+
+
+def chunk_layout(datagram):
+    """What a chunk's headers say: (l4, header length, segment size, payload length), or
+    None when they are not those of a TCP super-packet this chunk can belong to."""
+    size = len(datagram)
+    if size < PI_HEADER_LEN + 40:
+        return None
+    version = datagram[4] >> 4
+    if version == 4:
+        l4 = (datagram[4] & 15) * 4
+        if l4 < 20 or datagram[13] != TCP:
+            return None
+    elif version == 6 and datagram[10] == TCP:
+        l4 = 40
+    else:
+        return None
+    if size < PI_HEADER_LEN + l4 + 20:
+        return None
+    header_len = l4 + (datagram[PI_HEADER_LEN + l4 + 12] >> 4) * 4
+    if header_len < l4 + 20 or size <= PI_HEADER_LEN + header_len:
+        return None
+    at = PI_HEADER_LEN + l4 + 16
+    gso_size = datagram[at] << 8 | datagram[at + 1]
+    if version == 4:
+        total = (datagram[6] << 8 | datagram[7]) - header_len
+    else:
+        total = (datagram[8] << 8 | datagram[9]) + 40 - header_len
+    if gso_size == 0 or total <= 0:
+        return None
+    return l4, header_len, gso_size, total
+
+
+def run_header(header, l4, gso_size, offset, run_len, last):
+    """The virtio header and the IP and TCP headers to write the run of chunks from payload
+    byte offset on, run_len bytes, as one packet: the headers the first of its segments had
+    when the sender's kernel cut the super-packet (IPv4 id, sequence number, CWR on the
+    first segment only, FIN and PSH on the last only), with the lengths of the run and its
+    checksum left partial for the kernel to finish."""
+    header = bytearray(header)
+    header_len = len(header)
+    if header[0] >> 4 == 4:
+        ip_id = (header[4] << 8 | header[5]) + offset // gso_size & 0xFFFF
+        struct.pack_into("!HH", header, 2, header_len + run_len, ip_id)
+        header[10:12] = b"\0\0"
+        struct.pack_into("!H", header, 10, checksum(ones_sum(header[:l4])))
+        gso_type = GSO_TCPV4
+    else:
+        struct.pack_into("!H", header, 4, header_len - 40 + run_len)
+        gso_type = GSO_TCPV6
+    seq = int.from_bytes(header[l4 + 4:l4 + 8], "big") + offset & 0xFFFFFFFF
+    struct.pack_into("!I", header, l4 + 4, seq)
+    flags = header[l4 + 13]
+    if not last:
+        flags &= ~(TCP_FIN | TCP_PSH)
+    if offset:
+        flags &= ~TCP_CWR
+    header[l4 + 13] = flags
+    partial = pseudo_sum(header, TCP, header_len - l4 + run_len) % 0xFFFF
+    struct.pack_into("!H", header, l4 + 16, partial or 0xFFFF)
+    if run_len > gso_size:
+        vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, header_len, gso_size, l4, 16)
+    else:
+        vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16)
+    return vnet, header
+
+
 def flow_of(packet):
     """How packet may be joined with its neighbours: (key, header length, L4 start,
     protocol) for a TCP or UDP packet that can be, or None. Packets join when their
@@ -1344,6 +1446,34 @@ class OffloadDevice:
         finally:
             self.joiner.packets = []
 
+    # A peer's super-packet chunks (PI_CHUNK): each run of them one GSO write.
+    takes_chunks = True
+
+    def write_chunks(self, header, l4, gso_size, offset, parts, size, last):
+        """A run of chunks, parts the payload from byte offset on, into the device as one
+        packet; or, where the device takes no joined writes, cut here into its segments,
+        each written alone. size: the bytes they took on the wire."""
+        self._write_joined()
+        run_len = sum(len(part) for part in parts)
+        vnet, run = run_header(header, l4, gso_size, offset, run_len, last)
+        if self.joining or (self.join_again_at is not None and self._join_again()):
+            try:
+                os.writev(self.fd, [vnet, run, *parts])
+            except OSError as e:
+                if not (len(parts) > 1 and self._join_refused(e)):
+                    self.counters.drops["tun_full" if isinstance(e, BlockingIOError)
+                                        else "tun_refused"] += len(parts)
+                    return
+            else:
+                self._count_written(len(parts), size)
+                return
+        packet, done = memoryview(bytes(run) + b"".join(parts)), 0
+        while done is not None:  # several rounds only for small segments, as when sending
+            stride, total, done = split_gso(packet, TCP, l4, gso_size, self.buffers.out, done)
+            for at in range(0, total, stride):
+                segment = self.buffers.out_view[at:min(at + stride, total)]
+                self._writev([ZERO_VNET_HDR, segment], 1, PI_HEADER_LEN + len(segment))
+
     def _join_again(self):
         """Whether joining is on again, JOIN_RETRY after the kernel refused a joined write."""
         if self.clock() >= self.join_again_at:
@@ -1367,10 +1497,13 @@ class OffloadDevice:
         except OSError as e:
             self._write_failed(e, packets)
         else:
-            counters = self.counters
-            counters.rx_packets += packets
-            counters.rx_bytes += size
-            counters.last_rx = time.time()
+            self._count_written(packets, size)
+
+    def _count_written(self, packets, size):
+        counters = self.counters
+        counters.rx_packets += packets
+        counters.rx_bytes += size
+        counters.last_rx = time.time()
 
     def _write_failed(self, error, packets):
         if packets > 1 and self._join_refused(error):
@@ -1404,6 +1537,8 @@ class OffloadDevice:
 class NoOffloadDevice:
     """A TUN device without offloads (--no-offload, or a kernel without them), as one
     tunnel uses it: bare packets of at most its MTU each way, a read or a write each."""
+
+    takes_chunks = False  # its daemon never says it takes super-packet chunks
 
     def __init__(self, tun, name, counters, buffers):
         self.tun = tun
@@ -1492,6 +1627,15 @@ PI_ACCEPTS_PARTIAL = 0x80
 # super-packet's does: the receiver writes it with NEEDS_CSUM and the kernel (or the NIC
 # it is routed on to) finishes the sum; the UDP checksum guards the datagram on the wire.
 PI_PARTIAL = 0x40
+# On every datagram a daemon with offloads sends: send me TCP super-packets in chunks
+# (cut_chunks). And on each chunk: PI_CHUNK, the super-packet's id in the low bits of
+# the same byte (chunks of one super-packet have the same), its payload offset in the
+# PI header's last two bytes, where the EtherType was (the headers after it say the IP
+# version). A 2015 daemon, socat and a daemon without offloads never say they take
+# them, and never get one.
+PI_TAKES_CHUNKS = 0x20
+PI_CHUNK = 0x10
+PI_CHUNK_ID = 0x0F
 # Partial checksums go only while the peer's last datagram, which said it takes them, is
 # this recent: a peer replaced by a 2015 daemon that has sent nothing yet (a connection
 # opened from our side) gets full ones after this many seconds, not never. A flow that
@@ -1512,13 +1656,17 @@ class PlainCodec:
         self.buffers = buffers
         # A daemon whose device takes partial checksums says so on every datagram, and
         # sends several datagrams a send; one without offloads does neither, as in 2015.
-        self.flags = PI_ACCEPTS_PARTIAL if offloads else 0
+        self.flags = PI_ACCEPTS_PARTIAL | PI_TAKES_CHUNKS if offloads else 0
         self.batch = offloads
         # Whether the peer's last datagram said it takes partial checksums (a daemon of
-        # ours with offloads), None until one comes, and when its datagrams last came.
+        # ours with offloads), None until one comes, and when its datagrams last came;
+        # and whether it said it takes super-packets in chunks.
         self.peer_takes_partial = None
+        self.peer_takes_chunks = False
         self.peer_heard_at = float("-inf")
         self.partial = False  # in this round of sends: whether checksums go partial
+        self.chunks = False  # and whether TCP super-packets go in chunks
+        self.chunk_id = 0  # the next super-packet's
         self.small_len = self.small_stride = 0  # single packets waiting in buffers.small
         self.sent_alone = self.sent_bytes = 0  # in this round: datagrams sent alone
 
@@ -1528,12 +1676,20 @@ class PlainCodec:
         """What the peer takes does not change while a read runs: asked once a round."""
         self.partial = bool(self.flags and self.peer_takes_partial
                             and self.clock() - self.peer_heard_at < PARTIAL_FRESH)
+        self.chunks = self.partial and self.peer_takes_chunks
 
     def encode_super_packet(self, packet, proto, l4_start, gso_size):
         """A super-packet cut into datagrams and sent, its checksums partial while the peer
         takes them and finds the L4 header where it looks for it."""
         self._send_small()
         partial = self.partial and transport_start(packet) == (l4_start, proto)
+        if partial and proto == TCP and self.chunks:
+            pi = bytes((0, self.flags | PI_CHUNK | self.chunk_id))
+            self.chunk_id = (self.chunk_id + 1) & PI_CHUNK_ID
+            cut = cut_chunks(packet, l4_start, gso_size, pi)
+            if cut is not None:
+                self.tunnel.send(*cut)
+                return
         prefix = bytearray(PI_BY_VERSION[packet[0] >> 4])
         prefix[1] = self.flags | PI_PARTIAL if partial else self.flags
         buffers, done = self.buffers, 0
@@ -1610,14 +1766,30 @@ class PlainCodec:
                 return
             flags = datagrams[1]
             self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
+            self.peer_takes_chunks = bool(flags & PI_TAKES_CHUNKS)
             try:
-                device.write(datagrams[PI_HEADER_LEN:], len(datagrams),
-                             SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
+                if flags & PI_CHUNK:
+                    self._decode_chunks(datagrams, stride)
+                else:
+                    device.write(datagrams[PI_HEADER_LEN:], len(datagrams),
+                                 SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
                 if device.joining:  # a device that joins packets may hold this one back
                     device.flush()
             except Exception:
                 _count_bug(self.tunnel.counters, self.tunnel.name)
             if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
+                self.peer_heard_at = self.clock()
+            return
+        flags = datagrams[1]
+        if flags & PI_CHUNK and datagrams[1::stride].tobytes().count(flags) == -(
+                -len(datagrams) // stride):  # a train of chunks
+            self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
+            self.peer_takes_chunks = bool(flags & PI_TAKES_CHUNKS)
+            try:
+                self._decode_chunks(datagrams, stride)
+            except Exception:
+                _count_bug(self.tunnel.counters, self.tunnel.name)
+            if self.flags:
                 self.peer_heard_at = self.clock()
             return
         try:  # a run; copied above for a datagram alone: keep the two alike
@@ -1628,9 +1800,13 @@ class PlainCodec:
                     continue
                 flags = datagram[1]
                 self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
+                self.peer_takes_chunks = bool(flags & PI_TAKES_CHUNKS)
                 try:
-                    device.write(datagram[PI_HEADER_LEN:], len(datagram),
-                                 SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
+                    if flags & PI_CHUNK:
+                        self._decode_chunks(datagram, stride)
+                    else:
+                        device.write(datagram[PI_HEADER_LEN:], len(datagram),
+                                     SUMS_PARTIAL if flags & PI_PARTIAL else SUMS_FULL)
                 except Exception:
                     _count_bug(self.tunnel.counters, self.tunnel.name)
         finally:
@@ -1638,12 +1814,91 @@ class PlainCodec:
         if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
             self.peer_heard_at = self.clock()
 
+    def _decode_chunks(self, datagrams, stride):
+        """Super-packet chunks from the peer, stride bytes apart: each run of contiguous
+        chunks of one super-packet written as one packet; a chunk that fits no super-packet
+        (a size, offset or header that disagree) is dropped, counted as bad_chunk."""
+        device, drops = self.tunnel.device, self.tunnel.counters.drops
+        if not device.takes_chunks:  # from the time we said otherwise
+            drops["unwanted_chunk"] += -(-len(datagrams) // stride)
+            return
+        if len(datagrams) > stride:
+            datagrams = self._whole_run(datagrams, stride, device)
+            if datagrams is None:
+                return
+        parts, expected = [], -1  # the run so far, and the offset its next chunk has
+        pi = header = None
+        body = l4 = gso_size = total = first = wire = 0
+        for start in range(0, len(datagrams), stride):
+            datagram = datagrams[start:start + stride]
+            if len(datagram) <= PI_HEADER_LEN:
+                drops["short"] += 1
+                continue
+            offset = datagram[2] << 8 | datagram[3]
+            if (offset == expected and datagram[1] == pi
+                    and datagram[PI_HEADER_LEN:body] == header):
+                payload = datagram[body:]
+                if len(payload) == gso_size or offset + len(payload) == total:
+                    parts.append(payload)
+                    expected += len(payload)
+                    wire += len(datagram)
+                    continue
+            if parts:
+                device.write_chunks(header, l4, gso_size, first, parts, wire, expected == total)
+                parts, expected = [], -1
+            layout = chunk_layout(datagram)
+            if layout is None:
+                drops["bad_chunk"] += 1
+                continue
+            l4, header_len, gso_size, total = layout
+            body = PI_HEADER_LEN + header_len
+            payload = datagram[body:]
+            if (offset % gso_size or len(payload) > gso_size or offset + len(payload) > total
+                    or len(payload) < gso_size and offset + len(payload) != total):
+                drops["bad_chunk"] += 1
+                continue
+            pi, header, first = datagram[1], datagram[PI_HEADER_LEN:body].tobytes(), offset
+            parts, expected, wire = [payload], offset + len(payload), len(datagram)
+        if parts:
+            device.write_chunks(header, l4, gso_size, first, parts, wire, expected == total)
+
+    @staticmethod
+    def _whole_run(datagrams, stride, device):
+        """A GRO train of chunks that is one run (the common case: the chunks of one
+        super-packet, in order, none missing), written at once, checked column by column
+        rather than chunk by chunk; None once written, else the train, for the general
+        case."""
+        layout = chunk_layout(datagrams[:stride])
+        if layout is None:
+            return datagrams
+        l4, header_len, gso_size, total = layout
+        body, size = PI_HEADER_LEN + header_len, len(datagrams)
+        count, first = -(-size // stride), datagrams[2] << 8 | datagrams[3]
+        last_len = size - (count - 1) * stride - body
+        end = first + (count - 1) * gso_size + last_len
+        if (stride != body + gso_size or first % gso_size or last_len <= 0
+                or end > total or last_len < gso_size and end != total):
+            return datagrams
+        data = datagrams.tobytes()
+        offsets = struct.pack("!%dH" % count, *range(first, end, gso_size))
+        header = data[PI_HEADER_LEN:body]
+        if (data[2::stride] != offsets[0::2] or data[3::stride] != offsets[1::2]
+                or not all(data.startswith(header, at) for at in range(
+                    stride + PI_HEADER_LEN, size, stride))):
+            return datagrams
+        device.write_chunks(header, l4, gso_size, first,
+                            [datagrams[at:at + stride - body] for at in range(body, size, stride)],
+                            size, end == total)
+        return None
+
     def describe(self):
         """What list adds for a plain tunnel: whether the peer takes partial checksums, and
         which this tunnel sends, and its state."""
         partial = self.flags and self.peer_takes_partial
         return {"peerOffload": self.peer_takes_partial,
-                "checksums": "partial" if partial else "full", "state": self.state()}
+                "checksums": "partial" if partial else "full",
+                "superPackets": "chunks" if partial and self.peer_takes_chunks else "segments",
+                "state": self.state()}
 
     def state(self, now=None):
         """up: the peer was heard within ACTIVE_WINDOW; down: we sent within it and heard
@@ -3753,7 +4008,7 @@ class DataPort:
                 tunnel = find_by_source(ip, port)
                 if tunnel is None:
                     self.drops["unknown_source"] += 1
-                elif flags & socket.MSG_TRUNC:
+                elif flags & MSG_TRUNC:
                     tunnel.counters.drops["truncated"] += 1
                 else:
                     tunnel.codec.decode(self.view[:size], stride, (ip, port))
@@ -3779,7 +4034,7 @@ class DataPort:
             tunnel = self.registry.find_by_source(*source)
             if tunnel is None:
                 self.drops["unknown_source"] += -(-len(run) // stride)
-            elif flags & socket.MSG_TRUNC and end == len(train):
+            elif flags & MSG_TRUNC and end == len(train):
                 tunnel.counters.drops["truncated"] += 1
             else:
                 tunnel.codec.decode(run, stride, source)

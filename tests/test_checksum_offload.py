@@ -11,7 +11,7 @@ import threading
 from conftest import cannot_run
 from lab import HELPERS, Host, sh, transfer, wait_until
 
-MEGABYTES = 16 << 20
+MEGABYTES = 64 << 20
 # Host c sits behind host b on a LAN of its own, reached from a through the tunnel.
 LAN_C = ("192.168.50.1", "192.168.50.2")
 TRANSFER_PORT = 7000
@@ -78,8 +78,8 @@ def test_a_peer_restarted_without_offloads_mid_transfer_gets_full_checksums(lab)
         transfer(a, b, "10.0.1.2", MEGABYTES)))
     flow.start()
     try:
-        wait_until(lambda: a.tunnels()["udp2"]["checksums"] == "partial",
-                   "partial checksums while b is new")
+        wait_until(lambda: a.tunnels()["udp2"]["superPackets"] == "chunks",
+                   "partial checksums and super-packets in chunks while b is new")
         wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > MEGABYTES // 4, "a quarter sent")
         b.stop_daemon()
         b.start_daemon("--no-offload", "--state-file", state)
@@ -88,6 +88,7 @@ def test_a_peer_restarted_without_offloads_mid_transfer_gets_full_checksums(lab)
     assert results and results[0][1] == results[0][0]
     assert a.ping("10.0.1.2")  # a hears from b as it is now, should the transfer have ended first
     tunnel = a.tunnels()["udp2"]
-    assert (tunnel["peerOffload"], tunnel["checksums"]) == (False, "full"), tunnel
+    assert (tunnel["peerOffload"], tunnel["checksums"], tunnel["superPackets"]) == (
+        False, "full", "segments"), tunnel
     assert b.tunnels()["udp1"]["checksums"] == "full"
     assert "bad_partial" not in b.tunnels()["udp1"]["drops"]

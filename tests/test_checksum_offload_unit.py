@@ -14,6 +14,9 @@ from fakes import (add_loopback_tunnel, deliver, fake_offload_server, fake_serve
                    refuse_joined_writes, udp, vnet)
 
 ACCEPTS, PARTIAL = ups.PI_ACCEPTS_PARTIAL, ups.PI_PARTIAL
+# What a daemon with offloads says on every datagram: it takes partial checksums, and
+# super-packets in chunks. The peers here say only the first, as a daemon of 2.1 did.
+SAYS = ups.PI_ACCEPTS_PARTIAL | ups.PI_TAKES_CHUNKS
 
 
 def finish(packet, l4):
@@ -89,19 +92,19 @@ def test_partial_checksums_go_only_while_the_peer_says_it_takes_them(offload_ser
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
         before, _ = send_super_packet(devices, server, tunnel, peer, payload)
-        assert [d[1] for d in before] == [ACCEPTS] * 3 and all(packets.valid(d[4:]) for d in before)
+        assert [d[1] for d in before] == [SAYS] * 3 and all(packets.valid(d[4:]) for d in before)
         assert tunnel.describe()["checksums"] == "full"
         assert tunnel.describe()["peerOffload"] is None
         hear_from_peer(server, peer, ACCEPTS)
         during, l4 = send_super_packet(devices, server, tunnel, peer, payload)
-        assert [d[1] for d in during] == [ACCEPTS | PARTIAL] * 3
+        assert [d[1] for d in during] == [SAYS | PARTIAL] * 3
         assert [finish(d[4:], l4) for d in during] == [bytearray(d[4:]) for d in before]
         assert (tunnel.describe()["checksums"], tunnel.describe()["peerOffload"]) == ("partial", True)
         tunnel.codec.peer_heard_at -= ups.PARTIAL_FRESH  # nothing since: it may be another peer now
         assert send_super_packet(devices, server, tunnel, peer, payload)[0] == before
         hear_from_peer(server, peer, ACCEPTS)
         assert [d[1] for d in send_super_packet(devices, server, tunnel, peer, payload)[0]] == \
-            [ACCEPTS | PARTIAL] * 3
+            [SAYS | PARTIAL] * 3
         hear_from_peer(server, peer, 0)  # the peer is now a 2015 daemon, or --no-offload
         after, _ = send_super_packet(devices, server, tunnel, peer, payload)
         assert after == before
@@ -115,7 +118,7 @@ def test_a_single_packet_the_kernel_left_partial_stays_partial_for_a_new_peer(of
     struct.pack_into("!H", segment, l4 + 6, ~packets.rfc1071(packets.pseudo(segment, l4)) & 0xFFFF)
     with udp() as peer:
         tunnel = add_loopback_tunnel(server, peer)
-        for flags, expected in ((0, ACCEPTS), (ACCEPTS, ACCEPTS | PARTIAL)):
+        for flags, expected in ((0, SAYS), (ACCEPTS, SAYS | PARTIAL)):
             hear_from_peer(server, peer, flags)
             devices.outer["udp2"].send(vnet(start=l4, offset=6, flags=ups.VNET_F_NEEDS_CSUM)
                                        + bytes(segment))

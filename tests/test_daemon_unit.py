@@ -217,7 +217,8 @@ def test_a_super_packet_from_the_device_goes_out_as_valid_datagrams(offload_serv
                                    + bytes(packet))
         server.loop.dispatch(tunnel.fd)
         datagrams = [peer.recv(65535) for _ in range(5)]
-    assert all(d[:4] == bytes([0, ups.PI_ACCEPTS_PARTIAL]) + b"\x08\x00" and packets.valid(d[4:])
+    assert all(d[:4] == bytes([0, ups.PI_ACCEPTS_PARTIAL | ups.PI_TAKES_CHUNKS]) + b"\x08\x00"
+               and packets.valid(d[4:])
                for d in datagrams)  # full checksums: the peer has not said it takes partial ones
     assert b"".join(d[4 + l4 + 32:] for d in datagrams) == payload
     assert (tunnel.counters.tx_packets, tunnel.counters.tx_bytes) == (5, sum(map(len, datagrams)))

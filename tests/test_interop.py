@@ -9,7 +9,7 @@ import pytest
 from conftest import cannot_run
 from lab import transfer, wait_until
 
-MEGABYTES = 8 << 20
+MEGABYTES = 64 << 20
 MODES = {"offload": (), "no-offload": ("--no-offload",)}
 
 
@@ -70,7 +70,7 @@ def test_control_is_answered_while_the_data_path_is_saturated(pair):
     a, b = pair
     results = []
     flood = threading.Thread(target=lambda: results.append(
-        transfer(a, b, "10.0.1.2", 64 * MEGABYTES)))
+        transfer(a, b, "10.0.1.2", 8 * MEGABYTES)))
     flood.start()
     try:
         wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > MEGABYTES, "the transfer is under way")

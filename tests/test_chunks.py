@@ -1,0 +1,51 @@
+"""Super-packets in chunks between two new daemons, on real devices: 64 MiB of TCP intact
+with and without loss on the underlay, and the older kinds of peer (a 2015 daemon, a
+daemon without offloads) still get per-segment datagrams only."""
+
+import pytest
+
+from lab import transfer
+
+MEGABYTES = 64 << 20
+
+
+def lose(host, percent):
+    """Drop that share of the datagrams host receives on the data port, at random."""
+    host.run("nft", "-f", "-", input=(
+        "table inet loss {\n chain input {\n  type filter hook input priority 0;\n"
+        "  udp dport 5000 numgen random mod 1000 < %d drop\n }\n}\n" % (percent * 10)))
+
+
+@pytest.mark.parametrize("loss", [0, 0.1, 1])
+def test_tcp_crosses_in_chunks_intact_with_and_without_loss(lab, loss):
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon()
+    b.start_daemon()
+    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
+    b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
+    assert a.ping("10.0.1.2") and b.ping("10.0.1.1")
+    assert a.tunnels()["udp2"]["superPackets"] == "chunks"
+    if loss:
+        lose(a, loss)
+        lose(b, loss)
+    for sender, receiver, address in ((a, b, "10.0.1.2"), (b, a, "10.0.1.1")):
+        sent, received = transfer(sender, receiver, address, MEGABYTES)
+        assert received == sent
+    for host, name in ((a, "udp2"), (b, "udp1")):
+        tunnel = host.tunnels()[name]
+        assert tunnel["superPackets"] == "chunks", tunnel
+        assert not {"bad_chunk", "unwanted_chunk", "internal_error"} & set(tunnel["drops"])
+
+
+def test_a_2015_daemon_gets_segments_and_tcp_crosses_intact(lab):
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon()
+    b.start_2015_daemon()
+    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
+    b.control_2015("127.0.0.1", "add", "udp1", "10.0.1.2", a.address)
+    b.run("ip", "link", "set", "udp1", "mtu", "1400")
+    assert a.ping("10.0.1.2")
+    sent, received = transfer(a, b, "10.0.1.2", MEGABYTES)
+    assert received == sent
+    tunnel = a.tunnels()["udp2"]
+    assert (tunnel["superPackets"], tunnel["checksums"]) == ("segments", "full")
