@@ -2,9 +2,11 @@
 with and without loss on the underlay, and the older kinds of peer (a 2015 daemon, a
 daemon without offloads) still get per-segment datagrams only."""
 
+import threading
+
 import pytest
 
-from lab import transfer
+from lab import transfer, wait_until
 
 MEGABYTES = 64 << 20
 
@@ -49,3 +51,30 @@ def test_a_2015_daemon_gets_segments_and_tcp_crosses_intact(lab):
     assert received == sent
     tunnel = a.tunnels()["udp2"]
     assert (tunnel["superPackets"], tunnel["checksums"]) == ("segments", "full")
+
+
+def test_mtu_changed_both_ends_mid_transfer_loses_nothing(lab):
+    """The MTU set in place on both ends (-o set) while 512 MiB cross in chunks, down and
+    back up: chunks of the old size and the new meet on the way."""
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon()
+    b.start_daemon()
+    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
+    b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
+    assert a.ping("10.0.1.2")
+    results = []
+    mover = threading.Thread(target=lambda: results.append(
+        transfer(a, b, "10.0.1.2", 8 * MEGABYTES)))
+    mover.start()
+    try:
+        for mtu, part in (("1200", 1), ("1400", 3)):
+            wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > part * MEGABYTES,
+                       "the transfer under way")
+            for host, name in ((a, "udp2"), (b, "udp1")):
+                host.control("127.0.0.1", "-o", "set", "-n", name, "--mtu", mtu)
+            assert not results  # changed while it ran
+    finally:
+        mover.join(150)
+    assert results and results[0][1] == results[0][0]
+    assert a.tunnels()["udp2"]["mtu"] == 1400
+    assert not {"bad_chunk", "internal_error"} & set(b.tunnels()["udp1"]["drops"])
