@@ -639,7 +639,7 @@ def plain_address(host):
 
 # An IP packet, and so a packet the kernel joins from our pieces, is at most 64 KB.
 MAX_IP_PACKET = 65535
-TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
+TCP_FIN, TCP_PSH, TCP_ACK, TCP_URG, TCP_CWR = 0x01, 0x08, 0x10, 0x20, 0x80
 # Wire formats of what the packet arithmetic rewrites for each segment, and of what it reads.
 IPV4_VARYING = struct.Struct("!HHHHH")  # total length, id, flags+fragment, ttl+protocol, checksum
 TCP_VARYING = struct.Struct("!IIBBHH")  # seq, ack, data offset, flags, window, checksum
@@ -943,6 +943,67 @@ def run_header(header, l4, gso_size, offset, run_len, last):
     else:
         vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, 0, 0, l4, 16)
     return vnet, header
+
+
+# Between two daemons of ours with offloads an encrypted tunnel sends a TCP super-packet
+# in chunks too, each sealed into a transport message of its own: the plaintext is the
+# super-packet's headers and a slice of its payload, the IP version nibble 0 (for IPv4)
+# or 1 (for IPv6) to say it is a chunk (wireguard-go drops any such plaintext, and is
+# never sent one), the lengths the whole super-packet's, the TCP checksum field the
+# segment size and the urgent pointer the chunk's offset (only a super-packet without
+# URG goes so). No byte more than the segment had. Each daemon says, under each keypair,
+# that it takes them: a transport message whose plaintext is CHUNKS_BEACON, padded,
+# sent with the first rounds of the keypair (an IP version of 0 again: dropped by any
+# other peer).
+CHUNK_VERSION = {4: 0x00, 6: 0x10}
+
+
+def sealed_chunk_header(packet, l4, gso_size):
+    """The headers every sealed chunk of TCP super-packet packet starts with (the
+    urgent pointer, the offset, left zero), or None when it does not go in chunks."""
+    header_len = l4 + (packet[l4 + 12] >> 4) * 4
+    if (len(packet) - header_len <= gso_size or len(packet) > MAX_IP_PACKET
+            or packet[l4 + 13] & TCP_URG or packet[l4 + 18] or packet[l4 + 19]):
+        return None
+    header = bytearray(packet[:header_len])
+    if packet[0] >> 4 == 4:
+        struct.pack_into("!H", header, 2, len(packet))
+    else:
+        struct.pack_into("!H", header, 4, len(packet) - 40)
+    header[0] = CHUNK_VERSION[packet[0] >> 4] | header[0] & 0x0F
+    struct.pack_into("!H", header, l4 + 16, gso_size)
+    return header
+
+
+def sealed_chunk_layout(plaintext):
+    """What an opened chunk says: (IP version, l4, header length, segment size, offset,
+    payload length, payload total), or None when it is no chunk that can be."""
+    size = len(plaintext)
+    if size < 40:
+        return None
+    version = 4 if plaintext[0] >> 4 == 0 else 6
+    if version == 4:
+        l4 = (plaintext[0] & 15) * 4
+        if l4 < 20 or plaintext[9] != TCP:
+            return None
+        total = plaintext[2] << 8 | plaintext[3]
+    else:
+        l4 = 40
+        if plaintext[6] != TCP:
+            return None
+        total = (plaintext[4] << 8 | plaintext[5]) + 40
+    if size < l4 + 20:
+        return None
+    header_len = l4 + (plaintext[l4 + 12] >> 4) * 4
+    gso_size = plaintext[l4 + 16] << 8 | plaintext[l4 + 17]
+    offset = plaintext[l4 + 18] << 8 | plaintext[l4 + 19]
+    total -= header_len
+    if header_len < l4 + 20 or gso_size == 0 or offset % gso_size or offset >= total:
+        return None
+    length = min(gso_size, total - offset)
+    if size < header_len + length:
+        return None
+    return version, l4, header_len, gso_size, offset, length, total
 
 
 def flow_of(packet):
@@ -2674,6 +2735,10 @@ class Keypair:
         self.remote_index = remote_index  # the receiver index we put on what we send the peer
         self.is_initiator = is_initiator
         self.created = created  # a time of the injected clock
+        # Super-packets in sealed chunks: whether the peer said, under this keypair, that
+        # it takes them (CHUNKS_BEACON), and how many times we said it.
+        self.peer_takes_chunks = False
+        self.beacons_sent = 0
         self.send_counter = 0  # the counter the next message sent gets
         self.replay_window = ReplayWindow()
         # The AEADs of each direction, made once (transport_cipher) by whoever uses them.
@@ -3084,6 +3149,12 @@ class WireGuardPeer:
         self.wakeup = None  # when its timers are next looked at, unless touched before
 
 
+# What an encrypted tunnel says to a peer of ours that it takes sealed chunks (above
+# sealed_chunk_header), in the first rounds of each keypair.
+CHUNKS_BEACON = bytes((0, PI_TAKES_CHUNKS, 0, 0)) + bytes(12)
+BEACONS = 3
+
+
 class WireGuardCodec:
     """WireGuard's transport messages (the paper's 5.4.6) for one tunnel: every packet the
     device gives sealed into one to the peer under the current keypair, every one that
@@ -3102,18 +3173,40 @@ class WireGuardCodec:
         self.staged_now = False  # whether this round staged a packet
         self.sent_super = False  # whether this round sent the messages of a super-packet
         self.sealed_len = self.sealed_stride = 0  # messages waiting in buffers.sealed
+        # Whether this end takes super-packets in sealed chunks (a device with offloads),
+        # and says so to the peer under each keypair.
+        self.chunking = bool(batch) and tunnel.device.takes_chunks
 
     # Outbound: what the device hands over, sealed, to the wire.
 
     def encode_begin(self):
-        self.keypair = self.wg_peer.keypairs.current_for_sending()
+        self.keypair = keypair = self.wg_peer.keypairs.current_for_sending()
         if self.tunnel.endpoint is None:
             self.keypair = None  # nowhere to send: what comes waits, as for a session
+        elif self.chunking and keypair is not None and keypair.beacons_sent < BEACONS:
+            keypair.beacons_sent += 1
+            try:
+                counter = keypair.next_counter()
+            except KeypairExhausted:
+                self.keypair = None
+            else:
+                self.tunnel.send_one([seal_transport(keypair.send_cipher, keypair.remote_index,
+                                                     counter, CHUNKS_BEACON)])
         self.staged_now = self.sent_super = False
 
     def encode_super_packet(self, packet, proto, l4_start, gso_size):
         """A super-packet cut into packets with full checksums, each sealed, all sent in
-        one GSO send (the messages of a round are of one size but the last)."""
+        one GSO send (the messages of a round are of one size but the last); to a peer of
+        ours that takes them, cut into chunks, each sealed."""
+        keypair = self.keypair
+        if (keypair is not None and keypair.peer_takes_chunks and proto == TCP
+                and transport_start(packet) == (l4_start, TCP)):
+            header = sealed_chunk_header(packet, l4_start, gso_size)
+            count = -(-(len(packet) - len(header)) // gso_size) if header else 0
+            if header is not None and keypair.send_counter + count < REJECT_AFTER_MESSAGES:
+                self._send_sealed()
+                self._seal_chunks(packet, l4_start, gso_size, header, keypair)
+                return
         buffers, done = self.buffers, 0
         while done is not None:  # several rounds only for small segments: IPv4 MTU < 502
             stride, total, done = split_gso(packet, proto, l4_start, gso_size, buffers.out, done)
@@ -3146,6 +3239,36 @@ class WireGuardCodec:
             if at:
                 self.sent_super = True
                 self.tunnel.send(sealed[:at], message_stride)
+
+    def _seal_chunks(self, packet, l4, gso_size, header, keypair):
+        """The chunks of a super-packet (sealed_chunk_header), each sealed, sent in GSO
+        sends: no header rewritten or payload summed a chunk."""
+        cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.mtu
+        sealed, padded = self.buffers.sealed_view, self.buffers.padded_view
+        header_len = len(header)
+        padded[:header_len] = header
+        # Room for one more message of the largest size after at: else send those so far.
+        limit = len(sealed) - (TRANSPORT_HEADER_SIZE + max(mtu, header_len + gso_size)
+                               + PADDING_MULTIPLE + TAG_LEN)
+        at = stride = 0
+        for offset in range(0, len(packet) - header_len, gso_size):
+            start = header_len + offset
+            size = min(gso_size, len(packet) - start)
+            struct.pack_into("!H", padded, l4 + 18, offset)
+            padded[header_len:header_len + size] = packet[start:start + size]
+            length = header_len + size
+            padded_len = transport_size(length, mtu)
+            if padded_len != length:
+                padded[length:padded_len] = bytes(padded_len - length)
+            at += seal_transport_into(cipher, receiver, keypair.next_counter(),
+                                      padded[:padded_len], sealed, at)
+            stride = stride or at
+            if at > limit:
+                self.tunnel.send(sealed[:at], stride)
+                at = 0
+        if at:
+            self.tunnel.send(sealed[:at], stride)
+        self.sent_super = True
 
     def encode_packet(self, packet, partial_sum):
         """A packet alone (partial_sum: where its checksum is left partial, if it is, to be
@@ -3248,6 +3371,7 @@ class WireGuardCodec:
         device, drops, owner = tunnel.device, tunnel.counters.drops, self.wireguard.routing.owner
         authenticated = data = 0
         opened = self.buffers.opened_view  # each packet where its message was: a run's own
+        run = None  # chunks of a super-packet being gathered (SealedRun)
         try:
             for start in range(0, len(messages), stride):
                 message = messages[start:start + stride]
@@ -3261,6 +3385,11 @@ class WireGuardCodec:
                     if not packet:
                         continue  # a keepalive
                     data += 1
+                    if packet[0] < 0x20:  # IP version 0 or 1: a chunk, or the beacon
+                        run = self._take_chunk(keypair, packet, len(message), run)
+                        continue
+                    if run is not None:
+                        run = run.write(device)
                     length = ip_length(packet)
                     if length is None:
                         drops["malformed"] += 1
@@ -3272,11 +3401,38 @@ class WireGuardCodec:
                     drops["not_authentic"] += 1
                 except Exception:
                     _count_bug(tunnel.counters, tunnel.name)
+            if run is not None:
+                run.write(device)
         finally:
             device.flush()
         if authenticated:
             self._authenticated(keypair, data, source)
         return True
+
+    def _take_chunk(self, keypair, plaintext, size, run):
+        """An opened chunk (size bytes on the wire) added to run, or starting a run of its
+        own, the run before written; the beacon marks keypair. Returns the run now."""
+        if plaintext[:len(CHUNKS_BEACON)] == CHUNKS_BEACON and len(plaintext) == len(
+                CHUNKS_BEACON):
+            keypair.peer_takes_chunks = True
+            return run
+        drops = self.tunnel.counters.drops
+        if not self.chunking:
+            drops["unwanted_chunk"] += 1
+            return run
+        layout = sealed_chunk_layout(plaintext)
+        if layout is None:
+            drops["bad_chunk"] += 1
+            return run
+        if run is not None and run.continues(plaintext, layout, size):
+            return run
+        if run is not None:
+            run.write(self.tunnel.device)
+        run = SealedRun(plaintext, layout, size)
+        if self.wireguard.routing.owner(run.header) is not self.tunnel:  # cryptokey routing
+            drops["not_allowed_source"] += 1
+            return None
+        return run
 
     def _authenticated(self, keypair, data, source):
         """Messages came authenticated with keypair, data of them with a packet, from source:
@@ -3297,13 +3453,15 @@ class WireGuardCodec:
         if endpoint is not None:
             address = plain_address(endpoint[0])
             endpoint = ("[%s]:%d" if address.version == 6 else "%s:%d") % (address, endpoint[1])
+        keypair = self.wg_peer.keypairs.current
+        chunks = keypair is not None and keypair.peer_takes_chunks
         described = {"latestHandshake": self.wg_peer.latest_handshake, "endpoint": endpoint,
+                     "superPackets": "chunks" if chunks else "segments",
                      "state": self.state()}
         spec = self.tunnel.spec
         if spec.preshared_key is not None and spec.preshared_key_file is None:
             described["presharedKey"] = "(hidden)"
         return described
-
 
     def state(self):
         """down: our handshake has had no answer for CONNECTING_TIME (and the timers may
@@ -3316,6 +3474,41 @@ class WireGuardCodec:
         if keypair is not None and not keypair.expired(now):
             return "up"
         return "idle" if timers.trying_since is None else "connecting"
+
+
+class SealedRun:
+    """Opened chunks of one super-packet, contiguous, being gathered for one write: their
+    headers as the super-packet's (the IP version given back, the urgent pointer zero),
+    and views of their payloads."""
+
+    def __init__(self, plaintext, layout, size):
+        version, self.l4, header_len, self.gso_size, self.first, length, self.total = layout
+        l4 = self.l4
+        self.head, self.tail = bytes(plaintext[:l4 + 18]), bytes(plaintext[l4 + 20:header_len])
+        header = bytearray(plaintext[:header_len])
+        header[0] = version << 4 | header[0] & 0x0F
+        header[l4 + 18:l4 + 20] = b"\0\0"
+        self.header = header
+        self.parts = [plaintext[header_len:header_len + length]]
+        self.expected = self.first + length
+        self.wire = size
+
+    def continues(self, plaintext, layout, size):
+        """Add the chunk if it is the next of this run's super-packet."""
+        if (layout[4] != self.expected or layout[3] != self.gso_size
+                or plaintext[:self.l4 + 18] != self.head
+                or plaintext[self.l4 + 20:layout[2]] != self.tail):
+            return False
+        self.parts.append(plaintext[layout[2]:layout[2] + layout[5]])
+        self.expected += layout[5]
+        self.wire += size
+        return True
+
+    def write(self, device):
+        """Into device, as one packet; returns None, the run done."""
+        device.write_chunks(bytes(self.header), self.l4, self.gso_size, self.first, self.parts,
+                            self.wire, self.expected == self.total)
+        return None
 
 
 class CryptokeyRouting:

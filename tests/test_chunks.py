@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lab import transfer, wait_until
+from lab import key_file, transfer, wait_until
 
 MEGABYTES = 64 << 20
 
@@ -78,3 +78,27 @@ def test_mtu_changed_both_ends_mid_transfer_loses_nothing(lab):
     assert results and results[0][1] == results[0][0]
     assert a.tunnels()["udp2"]["mtu"] == 1400
     assert not {"bad_chunk", "internal_error"} & set(b.tunnels()["udp1"]["drops"])
+
+
+@pytest.mark.parametrize("loss", [0, 1])
+def test_encrypted_tcp_crosses_in_sealed_chunks_intact_with_and_without_loss(lab, loss):
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    keys = {}
+    for host in (a, b):
+        path, keys[host.name] = key_file(lab, host)
+        host.start_daemon("--key-file", path)
+    a.add_tunnel("wg2", "10.0.1.1", b, "--peer-key", keys["b"], "-m", "1420")
+    b.add_tunnel("wg1", "10.0.1.2", a, "--peer-key", keys["a"], "-m", "1420")
+    assert a.ping("10.0.1.2") and b.ping("10.0.1.1")
+    wait_until(lambda: a.tunnels()["wg2"]["superPackets"] == "chunks"
+               and b.tunnels()["wg1"]["superPackets"] == "chunks", "each end told")
+    if loss:
+        lose(a, loss)
+        lose(b, loss)
+    for sender, receiver, address in ((a, b, "10.0.1.2"), (b, a, "10.0.1.1")):
+        sent, received = transfer(sender, receiver, address, MEGABYTES)
+        assert received == sent
+    for host, name in ((a, "wg2"), (b, "wg1")):
+        drops = set(host.tunnels()[name]["drops"])
+        assert not {"bad_chunk", "unwanted_chunk", "internal_error", "not_allowed_source",
+                    "malformed"} & drops, drops

@@ -12,7 +12,9 @@ from hypothesis import example, given, settings, strategies as st
 
 import packets
 import udpProxyServer as ups
-from fakes import add_loopback_tunnel, deliver, fake_offload_server, fake_server, udp, vnet
+from fakes import (WirePeer, add, add_loopback_tunnel, deliver, drain, fake_offload_server,
+                   ipv4_packet,
+                   fake_server, receive, udp, vnet)
 
 SAYS = ups.PI_ACCEPTS_PARTIAL | ups.PI_TAKES_CHUNKS
 
@@ -214,3 +216,183 @@ def test_the_offset_and_size_in_a_chunk_are_checked_against_its_headers():
         deliver(tunnel, good[1][:-1], len(good[1]) - 1)  # a middle chunk cut short
         assert written(devices) == []
         assert tunnel.counters.drops["bad_chunk"] == 2
+
+
+# --- Encrypted tunnels: chunks sealed a message each -----------------------------------
+
+
+def sealed_chunks(packet, l4, mss):
+    """The plaintexts of a super-packet's sealed chunks, padded as a daemon pads them."""
+    header = ups.sealed_chunk_header(memoryview(bytes(packet)), l4, mss)
+    plaintexts = []
+    for offset in range(0, len(packet) - len(header), mss):
+        chunk = bytearray(header)
+        struct.pack_into("!H", chunk, l4 + 18, offset)
+        chunk += packet[len(header) + offset:len(header) + offset + mss]
+        plaintexts.append(bytes(chunk) + bytes(-len(chunk) % 16))
+    return plaintexts
+
+
+def encrypted_pair(offloads=True):
+    """A daemon with an encrypted tunnel to a WireGuard peer on loopback, the handshake
+    done; the peer sends from the tunnel's far end, 10.0.1.1."""
+    made = fake_server(offloads=offloads, private_key=ups.generate_private_key())
+    server, devices = made.__enter__()
+    peer = WirePeer(server.wireguard.local_public)
+    assert add(server, peer.entry("wgp", "10.0.1.2"))["ok"]
+    peer.handshake(server, server.data_port)
+    return made, server, devices, peer
+
+
+@given(length=st.integers(1, 20000), mss=st.integers(36, 1380), seq=st.integers(0, 2**32 - 1),
+       harm=st.lists(st.tuples(st.sampled_from(["drop", "dup", "swap", "twin"]),
+                               st.integers(0, 900)), max_size=4),
+       train=st.booleans())
+@settings(max_examples=100, deadline=None)
+@example(length=5000, mss=1000, seq=5, harm=[], train=True)
+def test_sealed_chunks_are_rebuilt_into_the_kernel_s_segments_or_nothing(length, mss, seq,
+                                                                         harm, train):
+    payload = os.urandom(length)
+    packet, l4 = packets.super_packet(4, ups.TCP, payload, seq=seq)
+    reference = segments(packet, l4, mss)
+    plaintexts = sealed_chunks(packet, l4, mss) if length > mss else []
+    allowed = list(reference)
+    for kind, at in harm:
+        if not plaintexts:
+            break
+        at %= len(plaintexts)
+        if kind == "drop":
+            del plaintexts[at]
+        elif kind == "dup":
+            plaintexts.insert(at, plaintexts[at])
+        elif kind == "swap":
+            plaintexts[at], plaintexts[-1] = plaintexts[-1], plaintexts[at]
+        else:
+            other, _ = packets.super_packet(4, ups.TCP, os.urandom(length), seq=seq ^ 0x8000)
+            twins = sealed_chunks(other, l4, mss)
+            if at < len(twins):
+                plaintexts[at] = twins[at]
+                allowed += segments(other, l4, mss)
+    made, server, devices, peer = encrypted_pair()
+    try:
+        tunnel = server.registry.by_name["wgp"]
+        written(devices, "wgp")
+        writes = []
+        for at in range(0, len(plaintexts), 64):  # as many as a dispatch reads
+            batch = plaintexts[at:at + 64]
+            one_size = all(len(p) == len(batch[0]) for p in batch[:-1]) and len(
+                batch[-1]) <= len(batch[0])  # what a GSO send takes
+            peer.send(batch, server.data_port, train=train and one_size)
+            receive(server)
+            writes += written(devices, "wgp")  # at once: the fake device's queue is short
+        got = [segment for write in writes for segment in as_the_kernel_takes(write)]
+        assert not {"internal_error", "bug", "bad_chunk"} & set(tunnel.counters.drops)
+    finally:
+        made.__exit__(None, None, None)
+    if not harm and length > mss:
+        assert got == reference
+    else:
+        assert all(segment in allowed for segment in got)
+
+
+def test_an_encrypted_tunnel_says_it_takes_chunks_and_sends_them_once_told():
+    made, server, devices, peer = encrypted_pair()
+    try:
+        tunnel = server.registry.by_name["wgp"]
+        receive_cipher = ups.transport_cipher(peer.keys.receive_key)
+
+        def send_super_packet():
+            packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(5000), flags=ups.TCP_ACK)
+            packet[12:20] = bytes([10, 0, 1, 2, 10, 0, 1, 1])
+            devices.outer["wgp"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
+                                      + bytes(packet))
+            server.loop.dispatch(tunnel.fd)
+            return [bytes(ups.open_transport(receive_cipher, m)[1]) for m in drain(peer.sock)]
+
+        first = send_super_packet()
+        assert ups.CHUNKS_BEACON in first  # said, under this keypair
+        assert [p[0] >> 4 for p in first if p != ups.CHUNKS_BEACON] == [4] * 5  # not told yet
+        assert tunnel.describe()["superPackets"] == "segments"
+        peer.send([ups.CHUNKS_BEACON], server.data_port)
+        receive(server)
+        assert tunnel.describe()["superPackets"] == "chunks"
+        chunked = [p for p in send_super_packet() if p != ups.CHUNKS_BEACON]
+        assert [p[0] >> 4 for p in chunked] == [0] * 5  # chunks, IPv4's
+        assert [struct.unpack_from("!H", p, 20 + 18)[0] for p in chunked] == \
+            list(range(0, 5000, 1000))
+        assert "malformed" not in tunnel.counters.drops
+    finally:
+        made.__exit__(None, None, None)
+
+
+def test_sealed_chunks_from_outside_the_tunnel_or_to_a_daemon_without_offloads_go_nowhere():
+    packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(3000))
+    packet[12:16] = bytes([10, 9, 9, 9])  # a source the tunnel does not take
+    made, server, devices, peer = encrypted_pair()
+    try:
+        tunnel = server.registry.by_name["wgp"]
+        written(devices, "wgp")
+        peer.send(sealed_chunks(packet, l4, 1000), server.data_port)
+        receive(server)
+        assert written(devices, "wgp") == []
+        assert tunnel.counters.drops["not_allowed_source"] == 3
+    finally:
+        made.__exit__(None, None, None)
+    packet[12:16] = bytes([10, 0, 1, 1])
+    made, server, devices, peer = encrypted_pair(offloads=None)
+    try:
+        tunnel = server.registry.by_name["wgp"]
+        peer.send(sealed_chunks(packet, l4, 1000), server.data_port)
+        receive(server)
+        assert tunnel.counters.drops["unwanted_chunk"] == 3
+        assert tunnel.describe()["superPackets"] == "segments"
+    finally:
+        made.__exit__(None, None, None)
+
+
+@st.composite
+def broken_chunks(draw):
+    """A real sealed chunk of an IPv4 or IPv6 super-packet, then fields of its headers set
+    to anything, and perhaps cut short: past the first checks, as a fuzzer should be."""
+    version = draw(st.sampled_from([4, 6]))
+    packet, l4 = packets.super_packet(version, ups.TCP, bytes(3000), seq=draw(st.integers(0, 99)))
+    if version == 6:
+        packet[8:24] = bytes([0xFD] + [0] * 14 + [1])
+    chunk = bytearray(draw(st.sampled_from(sealed_chunks(packet, l4, 1000))))
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, l4 + 31))
+        chunk[at] = draw(st.integers(0, 255))
+    chunk[0] = chunk[0] & 0x1F  # still says chunk
+    # Cut anywhere, most often within or just after the headers.
+    return bytes(chunk[:draw(st.one_of(st.integers(1, l4 + 40), st.integers(1, len(chunk))))])
+
+
+def cut_v6_chunk():
+    packet, l4 = packets.super_packet(6, ups.TCP, bytes(3000))
+    return sealed_chunks(packet, l4, 1000)[1][:45]  # its TCP header cut in the middle
+
+
+@given(st.lists(broken_chunks(), min_size=1, max_size=12), st.booleans())
+@example(broken=[cut_v6_chunk()], train=False)
+@settings(max_examples=100, deadline=None)
+def test_an_authenticated_peer_sending_broken_chunks_costs_only_them(broken, train):
+    """Plaintexts that say chunk (an IP version of 0 or 1), their rest anything: each is
+    dropped, counted, or written as the super-packet it claims to be part of; never an
+    internal error, and the tunnel takes a good packet after them."""
+    made, server, devices, peer = encrypted_pair()
+    try:
+        tunnel = server.registry.by_name["wgp"]
+        plaintexts = list(broken)
+        if train:  # one size, as a GRO train wants them
+            size = max(len(p) for p in plaintexts)
+            plaintexts = [p + bytes(size - len(p)) for p in plaintexts]
+        peer.send(plaintexts, server.data_port, train=train)
+        receive(server)
+        good = ipv4_packet("10.0.1.1", "10.0.1.2", b"still here")
+        written(devices, "wgp")
+        peer.send([good], server.data_port)
+        receive(server)
+        assert [w[ups.VNET_HDR_LEN:] for w in written(devices, "wgp")] == [good]
+        assert not {"internal_error", "bug"} & set(tunnel.counters.drops)
+    finally:
+        made.__exit__(None, None, None)

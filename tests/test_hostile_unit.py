@@ -181,7 +181,8 @@ def test_a_responder_whose_initiation_crossed_the_peers_is_done_once_confirmed()
         peer.send([b""], server.data_port)  # a keepalive confirms it
         receive(server)
         assert server.registry.by_name["wgp"].describe()["latestHandshake"] is not None
-        assert [ups.message_type(d) for d in drain(peer.sock)] == [ups.MESSAGE_TRANSPORT]  # the staged packet
+        # The staged packet (after the beacon that says this daemon takes sealed chunks).
+        assert [ups.message_type(d) for d in drain(peer.sock)] == [ups.MESSAGE_TRANSPORT] * 2
         for _ in range(40):  # long past the retry of the daemon's own initiation
             clock.advance(0.5)
             peer.send([b""], server.data_port)
