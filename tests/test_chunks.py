@@ -102,3 +102,32 @@ def test_encrypted_tcp_crosses_in_sealed_chunks_intact_with_and_without_loss(lab
         drops = set(host.tunnels()[name]["drops"])
         assert not {"bad_chunk", "unwanted_chunk", "internal_error", "not_allowed_source",
                     "malformed"} & drops, drops
+
+
+def test_a_peer_replaced_by_a_2015_daemon_mid_transfer_loses_nothing(lab):
+    """b's daemon (no state file: its device goes with it) is stopped while chunks cross,
+    and the 2015 daemon takes its place: a learns from b's first datagram to send segments
+    again, and the transfer ends intact."""
+    a, b = lab.host("a", 1), lab.host("b", 2)
+    a.start_daemon()
+    b.start_daemon()
+    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
+    b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
+    assert a.ping("10.0.1.2")
+    results = []
+    mover = threading.Thread(target=lambda: results.append(
+        transfer(a, b, "10.0.1.2", 8 * MEGABYTES)))
+    mover.start()
+    try:
+        wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > MEGABYTES, "the transfer under way")
+        assert a.tunnels()["udp2"]["superPackets"] == "chunks"
+        b.stop_daemon()
+        b.start_2015_daemon()
+        b.control_2015("127.0.0.1", "add", "udp1", "10.0.1.2", a.address)
+        wait_until(lambda: b.link_exists("udp1"), "the 2015 daemon's device")
+        b.run("ip", "link", "set", "udp1", "mtu", "1400")
+        assert not results  # replaced while it ran
+    finally:
+        mover.join(150)
+    assert results and results[0][1] == results[0][0]
+    assert a.tunnels()["udp2"]["superPackets"] == "segments"
