@@ -956,6 +956,7 @@ def run_header(header, l4, gso_size, offset, run_len, last):
 # sent with the first rounds of the keypair (an IP version of 0 again: dropped by any
 # other peer).
 CHUNK_VERSION = {4: 0x00, 6: 0x10}
+OFFSET_FIELD = struct.Struct("!H")  # a sealed chunk's offset, in its TCP urgent pointer
 
 
 def sealed_chunk_header(packet, l4, gso_size):
@@ -3242,30 +3243,48 @@ class WireGuardCodec:
 
     def _seal_chunks(self, packet, l4, gso_size, header, keypair):
         """The chunks of a super-packet (sealed_chunk_header), each sealed, sent in GSO
-        sends: no header rewritten or payload summed a chunk."""
+        sends: no header rewritten or payload summed a chunk. The caller has made sure the
+        keypair has a counter for each. seal_transport_into's work inlined for the chunks
+        of full size, which pad alike: keep the two alike."""
         cipher, receiver, mtu = keypair.send_cipher, keypair.remote_index, self.mtu
         sealed, padded = self.buffers.sealed_view, self.buffers.padded_view
-        header_len = len(header)
+        header_len, payload_len = len(header), len(packet) - len(header)
         padded[:header_len] = header
-        # Room for one more message of the largest size after at: else send those so far.
-        limit = len(sealed) - (TRANSPORT_HEADER_SIZE + max(mtu, header_len + gso_size)
-                               + PADDING_MULTIPLE + TAG_LEN)
-        at = stride = 0
-        for offset in range(0, len(packet) - header_len, gso_size):
-            start = header_len + offset
-            size = min(gso_size, len(packet) - start)
-            struct.pack_into("!H", padded, l4 + 18, offset)
-            padded[header_len:header_len + size] = packet[start:start + size]
-            length = header_len + size
-            padded_len = transport_size(length, mtu)
-            if padded_len != length:
-                padded[length:padded_len] = bytes(padded_len - length)
-            at += seal_transport_into(cipher, receiver, keypair.next_counter(),
-                                      padded[:padded_len], sealed, at)
-            stride = stride or at
-            if at > limit:
+        full = header_len + gso_size
+        full_padded = transport_size(full, mtu)
+        padded[full:full_padded] = bytes(full_padded - full)
+        plaintext = padded[:full_padded]
+        stride = TRANSPORT_HEADER_SIZE + full_padded + TAG_LEN
+        # Whole messages as the buffer holds, the last chunk's too: else sent in rounds.
+        per_send = max(1, (len(sealed) - stride) // stride)
+        encrypt_into = getattr(cipher, "encrypt_into", None)
+        pack_header, pack_nonce = TRANSPORT_HEADER.pack_into, AEAD_NONCE.pack
+        counter, at = keypair.send_counter, 0
+        whole = payload_len - payload_len % gso_size if payload_len % gso_size else payload_len
+        for offset in range(0, whole, gso_size):
+            OFFSET_FIELD.pack_into(padded, l4 + 18, offset)
+            padded[header_len:full] = packet[header_len + offset:full + offset]
+            if encrypt_into is not None:
+                pack_header(sealed, at, MESSAGE_TRANSPORT, receiver, counter)
+                encrypt_into(pack_nonce(counter), plaintext, None,
+                             sealed[at + TRANSPORT_HEADER_SIZE:at + stride])
+            else:
+                seal_transport_into(cipher, receiver, counter, plaintext, sealed, at)
+            counter += 1
+            at += stride
+            if at >= per_send * stride:
                 self.tunnel.send(sealed[:at], stride)
                 at = 0
+        if whole < payload_len:  # the last chunk, shorter
+            size = payload_len - whole
+            OFFSET_FIELD.pack_into(padded, l4 + 18, whole)
+            padded[header_len:header_len + size] = packet[header_len + whole:]
+            length = header_len + size
+            padded_len = transport_size(length, mtu)
+            padded[length:padded_len] = bytes(padded_len - length)
+            at += seal_transport_into(cipher, receiver, counter, padded[:padded_len], sealed, at)
+            counter += 1
+        keypair.send_counter = counter
         if at:
             self.tunnel.send(sealed[:at], stride)
         self.sent_super = True
@@ -3412,8 +3431,9 @@ class WireGuardCodec:
     def _take_chunk(self, keypair, plaintext, size, run):
         """An opened chunk (size bytes on the wire) added to run, or starting a run of its
         own, the run before written; the beacon marks keypair. Returns the run now."""
-        if plaintext[:len(CHUNKS_BEACON)] == CHUNKS_BEACON and len(plaintext) == len(
-                CHUNKS_BEACON):
+        if run is not None and run.continues(plaintext, size):
+            return run
+        if len(plaintext) == len(CHUNKS_BEACON) and plaintext == CHUNKS_BEACON:
             keypair.peer_takes_chunks = True
             return run
         drops = self.tunnel.counters.drops
@@ -3423,8 +3443,6 @@ class WireGuardCodec:
         layout = sealed_chunk_layout(plaintext)
         if layout is None:
             drops["bad_chunk"] += 1
-            return run
-        if run is not None and run.continues(plaintext, layout, size):
             return run
         if run is not None:
             run.write(self.tunnel.device)
@@ -3483,7 +3501,7 @@ class SealedRun:
 
     def __init__(self, plaintext, layout, size):
         version, self.l4, header_len, self.gso_size, self.first, length, self.total = layout
-        l4 = self.l4
+        l4, self.header_len = self.l4, header_len
         self.head, self.tail = bytes(plaintext[:l4 + 18]), bytes(plaintext[l4 + 20:header_len])
         header = bytearray(plaintext[:header_len])
         header[0] = version << 4 | header[0] & 0x0F
@@ -3493,14 +3511,19 @@ class SealedRun:
         self.expected = self.first + length
         self.wire = size
 
-    def continues(self, plaintext, layout, size):
-        """Add the chunk if it is the next of this run's super-packet."""
-        if (layout[4] != self.expected or layout[3] != self.gso_size
-                or plaintext[:self.l4 + 18] != self.head
-                or plaintext[self.l4 + 20:layout[2]] != self.tail):
+    def continues(self, plaintext, size):
+        """Add the chunk if it is the next of this run's super-packet: its headers this
+        run's (so its layout is), but for the offset, which is the next."""
+        l4, header_len, expected = self.l4, self.header_len, self.expected
+        if (len(plaintext) <= header_len
+                or plaintext[l4 + 18] << 8 | plaintext[l4 + 19] != expected
+                or plaintext[:l4 + 18] != self.head or plaintext[l4 + 20:header_len] != self.tail):
             return False
-        self.parts.append(plaintext[layout[2]:layout[2] + layout[5]])
-        self.expected += layout[5]
+        length = min(self.gso_size, self.total - expected)
+        if length <= 0 or len(plaintext) < header_len + length:
+            return False
+        self.parts.append(plaintext[header_len:header_len + length])
+        self.expected = expected + length
         self.wire += size
         return True
 

@@ -5,6 +5,7 @@ as exactly the segments the sender's kernel would have made of it, or some of th
 nothing; never anything else, and never an internal error."""
 
 import os
+import socket
 import struct
 
 import pytest
@@ -17,6 +18,7 @@ from fakes import (WirePeer, add, add_loopback_tunnel, deliver, drain, fake_offl
                    fake_server, receive, udp, vnet)
 
 SAYS = ups.PI_ACCEPTS_PARTIAL | ups.PI_TAKES_CHUNKS
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 def segments(packet, l4, mss):
@@ -301,13 +303,21 @@ def test_an_encrypted_tunnel_says_it_takes_chunks_and_sends_them_once_told():
         tunnel = server.registry.by_name["wgp"]
         receive_cipher = ups.transport_cipher(peer.keys.receive_key)
 
-        def send_super_packet():
-            packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(5000), flags=ups.TCP_ACK)
+        def send_super_packet(length=5000, mss=1000):
+            packet, l4 = packets.super_packet(4, ups.TCP, os.urandom(length), flags=ups.TCP_ACK)
             packet[12:20] = bytes([10, 0, 1, 2, 10, 0, 1, 1])
-            devices.outer["wgp"].send(vnet(ups.GSO_TCPV4, 1000, l4, 16, ups.VNET_F_NEEDS_CSUM)
+            packet[2:4] = len(packet).to_bytes(2, "big")
+            devices.outer["wgp"].send(vnet(ups.GSO_TCPV4, mss, l4, 16, ups.VNET_F_NEEDS_CSUM)
                                       + bytes(packet))
             server.loop.dispatch(tunnel.fd)
+            sent.append((packet, l4))
             return [bytes(ups.open_transport(receive_cipher, m)[1]) for m in drain(peer.sock)]
+
+        sent, cases = [], [(5500, 1000), (60000, 40)]
+        try:  # room for the 1,500 chunks of the second case (root only)
+            peer.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
+        except PermissionError:
+            cases.pop()
 
         first = send_super_packet()
         assert ups.CHUNKS_BEACON in first  # said, under this keypair
@@ -320,6 +330,11 @@ def test_an_encrypted_tunnel_says_it_takes_chunks_and_sends_them_once_told():
         assert [p[0] >> 4 for p in chunked] == [0] * 5  # chunks, IPv4's
         assert [struct.unpack_from("!H", p, 20 + 18)[0] for p in chunked] == \
             list(range(0, 5000, 1000))
+        assert chunked == sealed_chunks(*sent[-1], 1000)
+        # A last chunk shorter than the others, and more chunks than one send takes.
+        for length, mss in cases:
+            chunked = [p for p in send_super_packet(length, mss) if p != ups.CHUNKS_BEACON]
+            assert chunked == sealed_chunks(*sent[-1], mss)
         assert "malformed" not in tunnel.counters.drops
     finally:
         made.__exit__(None, None, None)
@@ -372,8 +387,15 @@ def cut_v6_chunk():
     return sealed_chunks(packet, l4, 1000)[1][:45]  # its TCP header cut in the middle
 
 
+def a_run_then_a_cut_chunk():
+    packet, l4 = packets.super_packet(4, ups.TCP, bytes(3000))
+    first, second, _ = sealed_chunks(packet, l4, 1000)
+    return [first, second[:30]]  # the second cut before its offset
+
+
 @given(st.lists(broken_chunks(), min_size=1, max_size=12), st.booleans())
 @example(broken=[cut_v6_chunk()], train=False)
+@example(broken=a_run_then_a_cut_chunk(), train=True)
 @settings(max_examples=100, deadline=None)
 def test_an_authenticated_peer_sending_broken_chunks_costs_only_them(broken, train):
     """Plaintexts that say chunk (an IP version of 0 or 1), their rest anything: each is
@@ -383,9 +405,9 @@ def test_an_authenticated_peer_sending_broken_chunks_costs_only_them(broken, tra
     try:
         tunnel = server.registry.by_name["wgp"]
         plaintexts = list(broken)
-        if train:  # one size, as a GRO train wants them
+        if train:  # one size but the last, which may be shorter, as a GRO train has them
             size = max(len(p) for p in plaintexts)
-            plaintexts = [p + bytes(size - len(p)) for p in plaintexts]
+            plaintexts = [p + bytes(size - len(p)) for p in plaintexts[:-1]] + plaintexts[-1:]
         peer.send(plaintexts, server.data_port, train=train)
         receive(server)
         good = ipv4_packet("10.0.1.1", "10.0.1.2", b"still here")
