@@ -57,6 +57,16 @@ def ipv6(source, payload, next_header=17, payload_length=None):
                        socket.inet_pton(socket.AF_INET6, "fd00::1")) + payload
 
 
+def chunk(source, destination, marker, gso_size, offset, total=3000):
+    """A sealed chunk as a daemon of ours reads one (an IP version of 0: IPv4's chunk), of
+    a super-packet said to carry total payload bytes in segments of gso_size, carrying
+    marker at offset."""
+    tcp = struct.pack("!HHIIBBHHH", 4000, 4001, 1, 0, 0x50, 0x10, 0, gso_size, offset)
+    packet = bytearray(ipv4(source, destination, tcp + marker, proto=6, total=40 + total))
+    packet[0] = 0x05
+    return bytes(packet)
+
+
 def broken(kind, identity, marker):
     """An inner packet broken the kind-th way, carrying marker."""
     ours, theirs = identity["inner"], identity["theirs"]
@@ -81,7 +91,16 @@ def broken(kind, identity, marker):
         lambda: ipv4(ours, theirs, udp, frag=0x2000),  # a first fragment
         lambda: b"\x45\x00" + marker[:4],
         lambda: marker,
-    ][kind % 18]()
+        lambda: chunk(identity["victim"], theirs, marker, 1000, 0),  # from another's address
+        lambda: chunk(ours, theirs, marker, 0, 0),  # no segment size
+        lambda: chunk(ours, theirs, marker, 1000, 500),  # not on a segment's boundary
+        lambda: chunk(ours, theirs, marker, 1000, 3000),  # past the end
+        lambda: chunk(ours, theirs, marker, 1000, 2000)[:30],  # cut short
+        lambda: chunk(ours, theirs, marker, 1000, 1000),  # a chunk, of our own tunnel
+    ][kind % KINDS]()
+
+
+KINDS = 24  # the ways broken() breaks an inner packet
 
 
 class Identity:
@@ -123,7 +142,7 @@ class Identity:
                 packet = echo(self.config["inner"], self.config["theirs"], self.index, seq & 0xFFFF)
                 self.sent["valid"] += 1
             else:
-                packet = broken(rnd.randrange(18), self.config, self.marker)
+                packet = broken(rnd.randrange(KINDS), self.config, self.marker)
                 self.sent["broken"] += 1
             messages.append(self.message(packet))
         return messages

@@ -141,6 +141,7 @@ def test_a_malicious_peer_with_real_keys_reaches_no_other_tunnel(lab, figures):
     for tunnel in ("wgm1", "wgm2"):
         drops = tunnels[tunnel]["drops"]
         assert drops.get("malformed", 0) > 0 and drops.get("not_allowed_source", 0) > 0
+        assert drops.get("bad_chunk", 0) > 0  # and broken super-packet chunks
         assert "internal_error" not in drops
     assert all(identity["answered"] > identity["sent"]["valid"] // 2 for identity in sent)
     assert " 0% packet loss" in pings or " 0.0% packet loss" in pings
