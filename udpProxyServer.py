@@ -856,57 +856,62 @@ CHUNK_PI = struct.Struct("!2sH")  # PI header's first two bytes, the chunk's pay
 MSG_TRUNC = int(socket.MSG_TRUNC)
 
 
-def cut_chunks(packet, l4, gso_size, pi):
-    """The chunks of TCP super-packet packet (its TCP header at l4, no IPv6 extension
-    headers) laid end to end, each after pi (the PI header's first two bytes) and its
-    offset, and their stride; None when it makes one chunk. One join: nothing is done a
-    chunk but slicing."""
+def chunk_header(packet, l4, gso_size):
+    """The headers of TCP super-packet packet as its chunks carry them: its lengths the
+    whole super-packet's (the kernel's may say anything), which tell the receiver where
+    the last chunk ends, and the segment size in the TCP checksum field; None when it
+    makes one chunk, or is larger than an IP packet."""
     header_len = l4 + (packet[l4 + 12] >> 4) * 4
-    payload_len = len(packet) - header_len
-    if payload_len <= gso_size or len(packet) > MAX_IP_PACKET:
+    if len(packet) - header_len <= gso_size or len(packet) > MAX_IP_PACKET:
         return None
     header = bytearray(packet[:header_len])
-    # Its lengths as the whole super-packet's (the kernel's may say anything), which tell
-    # the receiver where the last chunk ends.
     if packet[0] >> 4 == 4:
         struct.pack_into("!H", header, 2, len(packet))
     else:
         struct.pack_into("!H", header, 4, len(packet) - 40)
     struct.pack_into("!H", header, l4 + 16, gso_size)
-    header, pack, parts = bytes(header), CHUNK_PI.pack, []
+    return header
+
+
+def cut_chunks(packet, l4, gso_size, pi):
+    """The chunks of TCP super-packet packet (its TCP header at l4, no IPv6 extension
+    headers) laid end to end, each after pi (the PI header's first two bytes) and its
+    offset, and their stride; None when it makes one chunk. One join: nothing is done a
+    chunk but slicing."""
+    header = chunk_header(packet, l4, gso_size)
+    if header is None:
+        return None
+    header_len, pack, parts = len(header), CHUNK_PI.pack, []
+    header = bytes(header)
     add = parts.extend
     for offset in range(header_len, len(packet), gso_size):
         add((pack(pi, offset - header_len), header, packet[offset:offset + gso_size]))
     return b"".join(parts), PI_HEADER_LEN + header_len + gso_size
 
 
-def chunk_layout(datagram):
-    """What a chunk's headers say: (l4, header length, segment size, payload length), or
-    None when they are not those of a TCP super-packet this chunk can belong to."""
-    size = len(datagram)
-    if size < PI_HEADER_LEN + 40:
+def chunk_layout(buffer, at, version):
+    """What the IP and TCP headers of a chunk at buffer[at:] say, read as an IPv4 or IPv6
+    packet of version: (l4, header length, segment size, payload total), or None when
+    they are not those of a TCP super-packet it can belong to, or no payload follows."""
+    size = len(buffer) - at
+    if size < 40:
         return None
-    version = datagram[4] >> 4
     if version == 4:
-        l4 = (datagram[4] & 15) * 4
-        if l4 < 20 or datagram[13] != TCP:
+        l4 = (buffer[at] & 15) * 4
+        if l4 < 20 or buffer[at + 9] != TCP:
             return None
-    elif version == 6 and datagram[10] == TCP:
+        total = buffer[at + 2] << 8 | buffer[at + 3]
+    elif version == 6 and buffer[at + 6] == TCP:
         l4 = 40
+        total = (buffer[at + 4] << 8 | buffer[at + 5]) + 40
     else:
         return None
-    if size < PI_HEADER_LEN + l4 + 20:
+    if size < l4 + 20:
         return None
-    header_len = l4 + (datagram[PI_HEADER_LEN + l4 + 12] >> 4) * 4
-    if header_len < l4 + 20 or size <= PI_HEADER_LEN + header_len:
-        return None
-    at = PI_HEADER_LEN + l4 + 16
-    gso_size = datagram[at] << 8 | datagram[at + 1]
-    if version == 4:
-        total = (datagram[6] << 8 | datagram[7]) - header_len
-    else:
-        total = (datagram[8] << 8 | datagram[9]) + 40 - header_len
-    if gso_size == 0 or total <= 0:
+    header_len = l4 + (buffer[at + l4 + 12] >> 4) * 4
+    gso_size = buffer[at + l4 + 16] << 8 | buffer[at + l4 + 17]
+    total -= header_len
+    if header_len < l4 + 20 or size <= header_len or gso_size == 0 or total <= 0:
         return None
     return l4, header_len, gso_size, total
 
@@ -962,47 +967,27 @@ OFFSET_FIELD = struct.Struct("!H")  # a sealed chunk's offset, in its TCP urgent
 def sealed_chunk_header(packet, l4, gso_size):
     """The headers every sealed chunk of TCP super-packet packet starts with (the
     urgent pointer, the offset, left zero), or None when it does not go in chunks."""
-    header_len = l4 + (packet[l4 + 12] >> 4) * 4
-    if (len(packet) - header_len <= gso_size or len(packet) > MAX_IP_PACKET
-            or packet[l4 + 13] & TCP_URG or packet[l4 + 18] or packet[l4 + 19]):
+    if packet[l4 + 13] & TCP_URG or packet[l4 + 18] or packet[l4 + 19]:
         return None
-    header = bytearray(packet[:header_len])
-    if packet[0] >> 4 == 4:
-        struct.pack_into("!H", header, 2, len(packet))
-    else:
-        struct.pack_into("!H", header, 4, len(packet) - 40)
-    header[0] = CHUNK_VERSION[packet[0] >> 4] | header[0] & 0x0F
-    struct.pack_into("!H", header, l4 + 16, gso_size)
+    header = chunk_header(packet, l4, gso_size)
+    if header is not None:
+        header[0] = CHUNK_VERSION[packet[0] >> 4] | header[0] & 0x0F
     return header
 
 
 def sealed_chunk_layout(plaintext):
     """What an opened chunk says: (IP version, l4, header length, segment size, offset,
     payload length, payload total), or None when it is no chunk that can be."""
-    size = len(plaintext)
-    if size < 40:
-        return None
     version = 4 if plaintext[0] >> 4 == 0 else 6
-    if version == 4:
-        l4 = (plaintext[0] & 15) * 4
-        if l4 < 20 or plaintext[9] != TCP:
-            return None
-        total = plaintext[2] << 8 | plaintext[3]
-    else:
-        l4 = 40
-        if plaintext[6] != TCP:
-            return None
-        total = (plaintext[4] << 8 | plaintext[5]) + 40
-    if size < l4 + 20:
+    layout = chunk_layout(plaintext, 0, version)
+    if layout is None:
         return None
-    header_len = l4 + (plaintext[l4 + 12] >> 4) * 4
-    gso_size = plaintext[l4 + 16] << 8 | plaintext[l4 + 17]
+    l4, header_len, gso_size, total = layout
     offset = plaintext[l4 + 18] << 8 | plaintext[l4 + 19]
-    total -= header_len
-    if header_len < l4 + 20 or gso_size == 0 or offset % gso_size or offset >= total:
+    if offset % gso_size or offset >= total:
         return None
     length = min(gso_size, total - offset)
-    if size < header_len + length:
+    if len(plaintext) < header_len + length:
         return None
     return version, l4, header_len, gso_size, offset, length, total
 
@@ -1908,7 +1893,7 @@ class PlainCodec:
             if parts:
                 device.write_chunks(header, l4, gso_size, first, parts, wire, expected == total)
                 parts, expected = [], -1
-            layout = chunk_layout(datagram)
+            layout = chunk_layout(datagram, PI_HEADER_LEN, datagram[4] >> 4)
             if layout is None:
                 drops["bad_chunk"] += 1
                 continue
@@ -1930,7 +1915,9 @@ class PlainCodec:
         super-packet, in order, none missing), written at once, checked column by column
         rather than chunk by chunk; None once written, else the train, for the general
         case."""
-        layout = chunk_layout(datagrams[:stride])
+        if stride <= PI_HEADER_LEN:
+            return datagrams
+        layout = chunk_layout(datagrams[:stride], PI_HEADER_LEN, datagrams[4] >> 4)
         if layout is None:
             return datagrams
         l4, header_len, gso_size, total = layout
