@@ -1705,11 +1705,9 @@ class PlainCodec:
         # sends several datagrams a send; one without offloads does neither, as in 2015.
         self.flags = PI_ACCEPTS_PARTIAL | PI_TAKES_CHUNKS if offloads else 0
         self.batch = offloads
-        # Whether the peer's last datagram said it takes partial checksums (a daemon of
-        # ours with offloads), None until one comes, and when its datagrams last came;
-        # and whether it said it takes super-packets in chunks.
-        self.peer_takes_partial = None
-        self.peer_takes_chunks = False
+        # The PI flags of the peer's last datagram (what it takes: partial checksums,
+        # super-packets in chunks), None until one comes, and when its datagrams last came.
+        self.peer_flags = None
         self.peer_heard_at = float("-inf")
         self.partial = False  # in this round of sends: whether checksums go partial
         self.chunks = False  # and whether TCP super-packets go in chunks
@@ -1812,8 +1810,7 @@ class PlainCodec:
                 drops["short"] += 1
                 return
             flags = datagrams[1]
-            self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
-            self.peer_takes_chunks = bool(flags & PI_TAKES_CHUNKS)
+            self.peer_flags = flags
             try:
                 if flags & PI_CHUNK:
                     self._decode_chunks(datagrams, stride)
@@ -1830,8 +1827,7 @@ class PlainCodec:
         flags = datagrams[1]
         if flags & PI_CHUNK and datagrams[1::stride].tobytes().count(flags) == -(
                 -len(datagrams) // stride):  # a train of chunks
-            self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
-            self.peer_takes_chunks = bool(flags & PI_TAKES_CHUNKS)
+            self.peer_flags = flags
             try:
                 self._decode_chunks(datagrams, stride)
             except Exception:
@@ -1846,8 +1842,7 @@ class PlainCodec:
                     drops["short"] += 1
                     continue
                 flags = datagram[1]
-                self.peer_takes_partial = bool(flags & PI_ACCEPTS_PARTIAL)
-                self.peer_takes_chunks = bool(flags & PI_TAKES_CHUNKS)
+                self.peer_flags = flags
                 try:
                     if flags & PI_CHUNK:
                         self._decode_chunks(datagram, stride)
@@ -1860,6 +1855,15 @@ class PlainCodec:
             device.flush()
         if self.flags:  # a daemon with offloads: partial sums go while the peer is heard
             self.peer_heard_at = self.clock()
+
+    @property
+    def peer_takes_partial(self):
+        """Whether the peer's last datagram said it takes partial checksums; None before any."""
+        return None if self.peer_flags is None else bool(self.peer_flags & PI_ACCEPTS_PARTIAL)
+
+    @property
+    def peer_takes_chunks(self):
+        return bool(self.peer_flags and self.peer_flags & PI_TAKES_CHUNKS)
 
     def _decode_chunks(self, datagrams, stride):
         """Super-packet chunks from the peer, stride bytes apart: each run of contiguous

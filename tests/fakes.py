@@ -299,7 +299,7 @@ def vnet(gso_type=ups.GSO_NONE, gso_size=0, start=0, offset=0, flags=0):
 
 def told_partial(tunnel, partial):
     """As if the peer's datagram had just said whether it takes partial checksums."""
-    tunnel.codec.peer_takes_partial = partial
+    tunnel.codec.peer_flags = ups.PI_ACCEPTS_PARTIAL if partial else 0
     tunnel.codec.peer_heard_at = tunnel.clock()
 
 
