@@ -21,15 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LOSSES = (0, 0.1, 1)
 
 
-def drop(host, percent):
-    """Drop percent of the datagrams host receives on the data port, at random."""
-    if percent:
-        host.run("nft", "-f", "-", input=(
-            "table inet loss {\n chain input {\n  type filter hook input priority 0;\n"
-            "  udp dport %d numgen random mod 1000 < %d drop\n }\n}\n"
-            % (tunnels.DATA_PORT, round(percent * 10))))
-
-
 def measure_tcp(daemon, percent, seconds):
     with lablib.Lab(show_logs=False) as lab:
         if daemon:
@@ -39,7 +30,7 @@ def measure_tcp(daemon, percent, seconds):
         processes = tunnels.start_udpproxy(pair)
         lablib.wait_until(lambda: pair.a.ping(pair.b.tunnel_address, count=1), "ping through")
         for host in pair.hosts():
-            drop(host, percent)
+            lablib.lose(host, percent, tunnels.DATA_PORT)
         tcp = measure.tcp_throughput(pair, processes, seconds)
         listed = pair.a.tunnels()["udp0"]
         return tcp["mbit_s"], tcp["retransmits"], listed.get("superPackets", "segments")

@@ -282,6 +282,16 @@ def tunnel_pair(lab, mtu=None):
     return a, b
 
 
+def lose(host, percent, port=5000):
+    """Drop that share of the datagrams host receives on port, at random (nftables
+    numgen); nothing for 0."""
+    if percent:
+        host.run("nft", "-f", "-", input=(
+            "table inet loss {\n chain input {\n  type filter hook input priority 0;\n"
+            "  udp dport %d numgen random mod 1000 < %d drop\n }\n}\n"
+            % (port, round(percent * 10))))
+
+
 def transfer(sender, receiver, address, size, port=7000):
     """Send size bytes over TCP from sender to receiver's address; return both (size, sha256)."""
     helper = os.path.join(HELPERS, "transfer.py")

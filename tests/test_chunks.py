@@ -6,30 +6,18 @@ import threading
 
 import pytest
 
-from lab import key_file, transfer, wait_until
+from lab import key_file, lose, transfer, tunnel_pair, wait_until
 
 MEGABYTES = 64 << 20
 
 
-def lose(host, percent):
-    """Drop that share of the datagrams host receives on the data port, at random."""
-    host.run("nft", "-f", "-", input=(
-        "table inet loss {\n chain input {\n  type filter hook input priority 0;\n"
-        "  udp dport 5000 numgen random mod 1000 < %d drop\n }\n}\n" % (percent * 10)))
-
-
 @pytest.mark.parametrize("loss", [0, 0.1, 1])
 def test_tcp_crosses_in_chunks_intact_with_and_without_loss(lab, loss):
-    a, b = lab.host("a", 1), lab.host("b", 2)
-    a.start_daemon()
-    b.start_daemon()
-    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
-    b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
+    a, b = tunnel_pair(lab, 1400)
     assert a.ping("10.0.1.2") and b.ping("10.0.1.1")
     assert a.tunnels()["udp2"]["superPackets"] == "chunks"
-    if loss:
-        lose(a, loss)
-        lose(b, loss)
+    for host in (a, b):
+        lose(host, loss)
     for sender, receiver, address in ((a, b, "10.0.1.2"), (b, a, "10.0.1.1")):
         sent, received = transfer(sender, receiver, address, MEGABYTES)
         assert received == sent
@@ -56,11 +44,7 @@ def test_a_2015_daemon_gets_segments_and_tcp_crosses_intact(lab):
 def test_mtu_changed_both_ends_mid_transfer_loses_nothing(lab):
     """The MTU set in place on both ends (-o set) while 512 MiB cross in chunks, down and
     back up: chunks of the old size and the new meet on the way."""
-    a, b = lab.host("a", 1), lab.host("b", 2)
-    a.start_daemon()
-    b.start_daemon()
-    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
-    b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
+    a, b = tunnel_pair(lab, 1400)
     assert a.ping("10.0.1.2")
     results = []
     mover = threading.Thread(target=lambda: results.append(
@@ -92,9 +76,8 @@ def test_encrypted_tcp_crosses_in_sealed_chunks_intact_with_and_without_loss(lab
     assert a.ping("10.0.1.2") and b.ping("10.0.1.1")
     wait_until(lambda: a.tunnels()["wg2"]["superPackets"] == "chunks"
                and b.tunnels()["wg1"]["superPackets"] == "chunks", "each end told")
-    if loss:
-        lose(a, loss)
-        lose(b, loss)
+    for host in (a, b):
+        lose(host, loss)
     for sender, receiver, address in ((a, b, "10.0.1.2"), (b, a, "10.0.1.1")):
         sent, received = transfer(sender, receiver, address, MEGABYTES)
         assert received == sent
@@ -108,11 +91,7 @@ def test_a_peer_replaced_by_a_2015_daemon_mid_transfer_loses_nothing(lab):
     """b's daemon (no state file: its device goes with it) is stopped while chunks cross,
     and the 2015 daemon takes its place: a learns from b's first datagram to send segments
     again, and the transfer ends intact."""
-    a, b = lab.host("a", 1), lab.host("b", 2)
-    a.start_daemon()
-    b.start_daemon()
-    a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
-    b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
+    a, b = tunnel_pair(lab, 1400)
     assert a.ping("10.0.1.2")
     results = []
     mover = threading.Thread(target=lambda: results.append(
