@@ -3,13 +3,15 @@
     barrage.py control|data|wireguard ADDRESS PORT COUNT SEED
 
 control: broken JSON, wrong types, fake envelopes, deep nesting and plain noise;
-data: noise, datagrams too short for a packet, and a PI header before noise.
+data: noise, datagrams too short for a packet, a PI header before noise, and super-packet
+chunks with headers of anything.
 Prints "<datagrams sent> <seconds>".
 """
 
 import json
 import random
 import socket
+import struct
 import sys
 import time
 
@@ -47,12 +49,25 @@ def request(rnd):
 
 
 def data_datagram(rnd):
-    kind = rnd.randrange(3)
+    kind = rnd.randrange(4)
     if kind == 0:
         return rnd.randbytes(rnd.randrange(0, 5))
     if kind == 1:
         return b"\x00\x00\x08\x00" + rnd.randbytes(rnd.randrange(0, 1400))
+    if kind == 2:
+        return chunk_datagram(rnd)
     return rnd.randbytes(rnd.randrange(0, 1500))
+
+
+def chunk_datagram(rnd):
+    """A super-packet chunk past the first checks: the PI header says chunk, an IPv4 and
+    TCP header follow, the lengths, segment size and offset anything, then noise."""
+    pi = bytes((0, 0xB0 | rnd.randrange(16))) + rnd.randrange(0, 1 << 16).to_bytes(2, "big")
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, rnd.randrange(40, 1 << 16), 1, 0x4000, 64, 6, 0,
+                     bytes([10, 0, 1, 2]), bytes([10, 0, 1, 1]))
+    tcp = struct.pack("!HHIIBBHHH", 5201, 40000, rnd.randrange(1 << 32), 1, 0x50, 0x10, 500,
+                      rnd.choice((0, 1, rnd.randrange(1 << 16))), 0)
+    return pi + ip + tcp + rnd.randbytes(rnd.randrange(0, 1400))
 
 
 # WireGuard messages' first four bytes (types 1 to 4) and sizes: 148, 92, 64, transport.
