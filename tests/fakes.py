@@ -167,6 +167,15 @@ def add(server, *entries):
     return answer(server, request, ("127.0.0.1", 9))[0]
 
 
+def internal_errors(reply):
+    """The daemon's own word for a bug in a control reply, where it puts it: in a tunnel's
+    result, or as the reply's error when it has none. (Not anywhere in the reply: a tunnel
+    may be named "internal error", and its name comes back.)"""
+    said = ([result.get("error", "") for result in reply["results"]] if "results" in reply
+            else [reply.get("error", "")])
+    return [error for error in said if str(error).startswith("internal error")]
+
+
 def drain(sock):
     """Every datagram waiting on sock."""
     sock.setblocking(False)
