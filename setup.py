@@ -2,7 +2,7 @@ from setuptools import setup
 
 setup(
     name="udpProxyServer",
-    version="2.0.0",
+    version="2.1.0",
     description="A UDP tunnel mesh for Linux: TUN devices carried to peers over UDP",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",

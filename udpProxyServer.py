@@ -126,7 +126,7 @@ except ImportError:  # needed only for encrypted tunnels: need_cryptography() sa
 # --- Constants shared by the sections, exceptions, the logger -----------------
 
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 
 DATA_PORT = 5000
 CONTROL_PORT = 5001
@@ -5903,7 +5903,8 @@ SIGHUP re-reads the secret file, the key file and the state file.
 """
 
 
-def parse_args(argv):
+def build_parser():
+    """The command line, as --help and the man page give it."""
     parser = argparse.ArgumentParser(
         description="UDP tunnel proxy server: carries TUN device packets to peers over UDP.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -5946,6 +5947,11 @@ def parse_args(argv):
                         help="plain reads and writes: no TUN, GSO or GRO offloads")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.generate_key or args.public_key) and not args.key_file:
         parser.error("--generate-key and --public-key go with --key-file")

@@ -50,7 +50,7 @@ import time
 # --- Constants ------------------------------------------------------------------
 
 
-__version__ = "2.0.0"
+__version__ = "2.1.0"
 
 CONTROL_PORT = 5001
 DATA_PORT = 5000
@@ -1280,9 +1280,11 @@ def timeout(text):
     return value
 
 
-def parse_args(argv):
+def build_parser():
+    """The command line, as --help and the man page give it."""
     parser = argparse.ArgumentParser(
-        description="Add, delete or list the tunnels of a udpProxyServer daemon.",
+        description="Add, delete or list the tunnels of udpProxyServer daemons, one by one or a"
+                    " whole mesh from one file.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("server_arg", nargs="?", metavar="SERVER",
                         help="the daemon's host (the same as -s)")
@@ -1317,7 +1319,7 @@ def parse_args(argv):
                         help="with --peer-key: send a keepalive this often (0: never), to keep"
                              " a NAT's mapping open")
     parser.add_argument("--mesh", metavar="FILE",
-                        help="configure every daemon of the mesh in FILE (see README)")
+                        help="configure every daemon of the mesh in FILE (its fields: docs/reference.md)")
     parser.add_argument("--down", action="store_true",
                         help="with --mesh: delete the mesh's tunnels (those the file names) on"
                              " every host, leaving the others")
@@ -1326,11 +1328,11 @@ def parse_args(argv):
                              " would change, changing nothing")
     parser.add_argument("--status", action="store_true",
                         help="with --mesh: print the state of every host's tunnel to every"
-                             " other (up, down, missing, differs, no answer), changing nothing;"
-                             " exit 0 when all are up")
-    parser.add_argument("--timeout", type=timeout, default=TIMEOUT,
-                        help="seconds to wait for each reply; 0 sends without waiting, not"
-                             " with --mesh (default %(default)s)")
+                             " other (up, idle, connecting, down, missing, differs, no answer),"
+                             " changing nothing; exit 0 when every one is up or idle")
+    parser.add_argument("--timeout", type=timeout, default=TIMEOUT, metavar="SECONDS",
+                        help="seconds to wait for each reply (default %(default)s); 0 sends once"
+                             " without waiting, for a 2015 daemon, and is refused with --mesh")
     parser.add_argument("--secret-file", metavar="PATH",
                         help="authenticate with the shared secret in PATH (mode 600), as the"
                              " daemon's --secret-file")
@@ -1343,6 +1345,11 @@ def parse_args(argv):
                         help="print the daemon's reply (or with --mesh --status, the states)"
                              " as JSON instead of for a person")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.mesh:
         for flag in ("down", "dry_run"):
