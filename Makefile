@@ -4,11 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # command:Debian package, for what the tests and the demo run.
 TOOLS := ip:iproute2 ping:iputils-ping socat:socat setpriv:util-linux unshare:util-linux \
-         wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ethtool:ethtool
+         wireguard-go:wireguard-go wg:wireguard-tools nft:nftables ethtool:ethtool man:man-db
 # What only the bench runs: the load generator and the tunnel daemon it is compared with.
 BENCH_TOOLS := iperf3:iperf3 fastd:fastd sysctl:procps
 
-.PHONY: test demo bench tools bench-tools venv bench-venv clean
+.PHONY: test demo bench man tools bench-tools venv bench-venv clean
 
 test: tools venv
 	$(PY) -m pytest
@@ -18,6 +18,19 @@ demo: tools venv
 
 bench: bench-tools venv bench-venv
 	$(PY) bench/bench.py
+
+# The man pages, from each script's argparse parser; tests/test_readme.py checks they are
+# up to date with the parsers, and setup.py installs them.
+MANPAGE = $(VENV)/bin/argparse-manpage --project-name udpProxyServer --manual-section 8 \
+          --manual-title "System Manager's Manual" --function build_parser
+man: venv
+	$(MANPAGE) --pyfile udpProxyServer.py --prog udpProxyServer --output man/udpProxyServer.8 \
+	  --version $$($(PY) udpProxyServer.py --version | cut -d' ' -f2) \
+	  --description "$$(sed -n 1p man/udpProxyServer.description)"
+	$(MANPAGE) --pyfile udpProxyServerControl.py --prog udpProxyServerControl \
+	  --output man/udpProxyServerControl.8 \
+	  --version $$($(PY) udpProxyServerControl.py --version | cut -d' ' -f2) \
+	  --description "$$(sed -n 1p man/udpProxyServerControl.description)"
 
 # The same check and install as tools, with the bench's tools added to the list for this run only.
 bench-tools:

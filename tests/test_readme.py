@@ -1,7 +1,8 @@
-"""The README against the scripts it documents: its command reference against each
-script's --help, both ways; its sizing table and 30-host example against the mesh's
-own checks; the tests and headings it names; and, for real, its firewall rules and
-sysctls on hosts in namespaces."""
+"""The README and the docs against the scripts they document: the reference's flag tables
+against each script's --help, both ways, and the man pages against the parsers; the
+mesh file's table, the sizing table and the 30-host example against the mesh's own
+checks; the tests and links they name; and, for real, the firewall rules and sysctls
+of the operations guide on hosts in namespaces."""
 
 import json
 import os
@@ -11,15 +12,18 @@ import sys
 
 import pytest
 
+import udpProxyServer as ups
 import udpProxyServerControl as ctl
 from lab import MESH_HOSTS, REPO, Host, mesh_file
 
 README = os.path.join(REPO, "README.md")
+REFERENCE = os.path.join(REPO, "docs", "reference.md")
+OPERATIONS = os.path.join(REPO, "docs", "operations.md")
 DOCS = [README] + [os.path.join(REPO, "docs", name)
                    for name in sorted(os.listdir(os.path.join(REPO, "docs"))) if name.endswith(".md")]
 # The reference section of each script, by its heading.
-REFERENCES = {"udpProxyServer.py": "### The daemon: udpProxyServer.py",
-              "udpProxyServerControl.py": "### The control script: udpProxyServerControl.py"}
+REFERENCES = {"udpProxyServer.py": "## The daemon: udpProxyServer.py",
+              "udpProxyServerControl.py": "## The control script: udpProxyServerControl.py"}
 FLAG = re.compile(r"(?:^|, )(--?[A-Za-z][\w-]*)")
 
 
@@ -28,9 +32,9 @@ def read(path):
         return f.read()
 
 
-def section(heading):
-    """The README's text under heading, up to the next heading of any level."""
-    text = read(README)
+def section(heading, path=README):
+    """The text of the doc at path under heading, up to the next heading of any level."""
+    text = read(path)
     start = text.index("\n%s\n" % heading) + len(heading) + 2
     following = re.search(r"^#+ ", text[start:], re.M)
     return text[start:start + following.start()] if following else text[start:]
@@ -62,7 +66,7 @@ def help_options(script):
 
 def reference(script):
     """The README's reference table of script: flags -> its default cell."""
-    rows = table_rows(section(REFERENCES[script]))[1:]
+    rows = table_rows(section(REFERENCES[script], REFERENCE))[1:]
     return {tuple(re.findall(r"`(-[^`]+)`", row[0])): row[1] for row in rows}
 
 
@@ -86,7 +90,7 @@ def test_the_mesh_file_table_names_every_field_and_no_other():
 
 
 def test_the_sizing_table_holds():
-    rows = table_rows(section("### Sizing `tunnelNet`"))[1:]
+    rows = table_rows(section("### Sizing `tunnelNet`", OPERATIONS))[1:]
     assert rows
     for hosts, pairs, for_30, for_31 in rows:
         n = int(hosts)
@@ -105,6 +109,25 @@ def test_the_30_host_example_is_a_valid_encrypted_mesh_of_435_pairs():
     assert (len(mesh.hosts), mesh.encrypt, mesh.mtu) == (30, True, 1420)
     assert len(ctl.mesh_plan(mesh, {}, keys=dict.fromkeys((h.name for h in mesh.hosts), "k"))
                ["host-01"]) == 29
+
+
+@pytest.mark.parametrize("script", sorted(REFERENCES))
+def test_the_man_pages_are_made_from_the_parsers(script, tmp_path):
+    """man/*.8 as make man makes them from the scripts' parsers now (but for the date)."""
+    command = script[:-len(".py")]
+    page = os.path.join(REPO, "man", command + ".8")
+    description = read(os.path.join(REPO, "man", command + ".description")).strip()
+    made = tmp_path / (command + ".8")
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "argparse-manpage"),
+                    "--pyfile", os.path.join(REPO, script), "--function", "build_parser",
+                    "--prog", command, "--project-name", "udpProxyServer",
+                    "--version", ups.__version__, "--manual-section", "8",
+                    "--manual-title", "System Manager's Manual", "--description", description,
+                    "--output", str(made)], check=True, capture_output=True)
+
+    def undated(text):
+        return re.sub(r'^(\.TH \S+ "8") "[^"]*"', r"\1", text, flags=re.M)
+    assert undated(read(page)) == undated(read(made)), "man/%s.8 is stale: make man" % command
 
 
 @pytest.mark.parametrize("path", DOCS, ids=os.path.basename)
@@ -148,15 +171,22 @@ def mesh_of_two(lab):
     return hosts, manager
 
 
-def test_the_readme_firewall_keeps_the_mesh_and_shuts_out_others(lab, mesh_of_two):
+def firewall_rules(mesh_hosts, managers):
+    """The operations guide's nftables rules, its IPv4 sets holding these addresses."""
+    rules = code_block(section("### Firewall", OPERATIONS))
+    for name, addresses in (("mesh_hosts", mesh_hosts), ("managers", managers)):
+        rules, count = re.subn(r"(set %s \{ type ipv4_addr; elements = \{ )[^}]*\}" % name,
+                               r"\g<1>%s }" % ", ".join(addresses), rules)
+        assert count == 1, name
+    return rules
+
+
+def test_the_operations_firewall_keeps_the_mesh_shuts_out_others_and_lets_a_new_host_in(
+        lab, mesh_of_two):
     hosts, manager = mesh_of_two
-    rules = code_block(section("### Firewall"))
-    rules = re.sub(r"define mesh_hosts = \{.*?\}", "define mesh_hosts = { %s }"
-                   % ", ".join(h.address for h in hosts), rules)
-    rules = re.sub(r"define managers = \{.*?\}", "define managers = { %s }" % manager.address,
-                   rules)
     for host in hosts:
-        host.run("nft", "-f", "-", input=rules)
+        host.run("nft", "-f", "-", input=firewall_rules([h.address for h in hosts],
+                                                        [manager.address]))
     one, two = hosts
     assert one.ping(two.lan, source=one.lan) and two.ping(one.lan, source=two.lan)
 
@@ -171,6 +201,20 @@ def test_the_readme_firewall_keeps_the_mesh_and_shuts_out_others(lab, mesh_of_tw
     after = listed()
     assert "unknown_source" not in after["drops"]
     assert after["control"]["requests"] == before + 2  # the manager's cookie and list alone
+
+    # Adding a host, as the guide says: its own rules, then each other host lets it in.
+    name, index = MESH_HOSTS[2]
+    new = lab.host(name, index)
+    new.start_daemon()
+    everyone = hosts + [new]
+    new.run("nft", "-f", "-", input=firewall_rules([h.address for h in everyone],
+                                                   [manager.address]))
+    letting_in = re.search(r"sudo (nft add element .*)", section("### Adding and removing a host",
+                                                                 OPERATIONS)).group(1)
+    for host in hosts:
+        host.run("sh", "-c", letting_in.replace("172.100.2.4", new.address))
+    manager.control("--mesh", mesh_file(lab, everyone, mtu=None))
+    assert new.ping(one.lan, source=new.lan) and two.ping(new.lan, source=two.lan)
 
 
 def lan_machine(lab, host, index):
@@ -192,7 +236,7 @@ def test_machines_behind_the_hosts_reach_each_other_with_forwarding_on(lab, mesh
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=0")  # as a fresh host has it
     assert not machines[0].ping(machines[1].address, count=1)
 
-    settings = re.findall(r"^\s*(net\.[\w.]+) = (\S+)", section("### Sysctls"), re.M)
+    settings = re.findall(r"^\s*(net\.[\w.]+) = (\S+)", section("### Sysctls", OPERATIONS), re.M)
     assert ("net.ipv4.ip_forward", "1") in settings
     for host in (one, two):
         for key, value in settings:

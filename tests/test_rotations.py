@@ -1,5 +1,5 @@
 """The control secret and a host's key rotated on a running mesh, host by host, as the
-README's operations section gives it: no flag day, no request refused, no restart."""
+operations guide (docs/operations.md) gives it: no flag day, no request refused, no restart."""
 
 import json
 import os

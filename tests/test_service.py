@@ -73,21 +73,47 @@ def test_version(script):
     assert result.stdout == "%s %s\n" % (script, ups.__version__)
 
 
-def test_pip_install_gives_both_commands(tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+def readme_install_commands():
+    """The README's install lines, as a root shell runs them."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        block = f.read().split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    return [line.strip()[len("sudo "):] for line in block.splitlines()
+            if line.startswith("    sudo ")]
+
+
+def test_the_readme_install_puts_every_command_and_man_page_in_reach(tmp_path):
+    """The README's install, into a venv and a /usr/local of the test's own: the two
+    commands and the two scripts under their 2015 names run from the PATH, and man finds
+    both pages; pip shows the requirements and the license."""
+    commands = readme_install_commands()
+    venv, local = commands[1].split()[-1], "/usr/local"
+    assert commands[0].startswith("apt install") and commands[2] == "%s/bin/pip install ." % venv
     build = tmp_path / "build"  # a copy, so the checkout gets no build files
     shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(
         ".venv", ".git", "__pycache__", ".hypothesis", ".pytest_cache", "bench"))
-    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-deps", str(build)],
-                   check=True, capture_output=True)
-    for command in ("udpProxyServer", "udpProxyServerControl", "udpProxyServerControl.py"):
-        result = subprocess.run([str(venv / "bin" / command), "--version"], capture_output=True,
-                                text=True, check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
+    (tmp_path / "local" / "bin").mkdir(parents=True)
+    for command in commands[2:]:
+        command = command.replace(venv, str(tmp_path / "venv")).replace(local, str(tmp_path / "local"))
+        if "pip install" in command:
+            command += " --quiet --no-deps"
+        subprocess.run(command, shell=True, cwd=build, check=True, capture_output=True)
+    path = str(tmp_path / "local" / "bin")
+    for command in ("udpProxyServer", "udpProxyServerControl", "udpProxyServer.py",
+                    "udpProxyServerControl.py"):
+        found = shutil.which(command, path=path)
+        assert found, command
+        result = subprocess.run([found, "--version"], capture_output=True, text=True, check=True)
         assert result.stdout.endswith(" %s\n" % ups.__version__)
-    shown = subprocess.run([str(venv / "bin" / "pip"), "show", "udpProxyServer"],
+    for page in ("udpProxyServer", "udpProxyServerControl"):
+        shown = subprocess.run(["man", "-M", str(tmp_path / "local" / "share" / "man"), "-P",
+                                "cat", page], capture_output=True, text=True, check=True,
+                               env=dict(os.environ, MANWIDTH="80"))
+        assert "%s(8)" % page.upper() in shown.stdout and "--secret-file" in shown.stdout
+    shown = subprocess.run([str(tmp_path / "venv" / "bin" / "pip"), "show", "udpProxyServer"],
                            capture_output=True, text=True, check=True).stdout
     assert "Requires: cryptography, pyroute2, python-pytun" in shown
+    assert "License: MIT" in shown
 
 
 def test_the_systemd_unit_runs_the_installed_command_as_a_notify_service():

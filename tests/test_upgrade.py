@@ -1,4 +1,4 @@
-"""Upgrading from the 2015 scripts one host at a time, as the README's upgrade section
+"""Upgrading from the 2015 scripts one host at a time, as docs/upgrading-from-2015.md
 does it: each cell of its table (a 2015 or new daemon, managed by the 2015 or the new
 control script, with a secret or without) and its steps, run for real. The 2015 daemon
 is its stand-in, tests/daemon2015.py; the 2015 control script's request is one
