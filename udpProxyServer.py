@@ -43,26 +43,30 @@ NoOffloadDevice where named:
 
     A plain tunnel, outbound (the loop: the device's fd is ready):
         Server._forward -> Tunnel.forward_from_device -> OffloadDevice.read
-        -> PlainCodec.encode_super_packet (split_gso) or PlainCodec.encode_packet (queued)
+        -> PlainCodec.encode_super_packet (cut_chunks to a daemon that takes chunks, else
+        split_gso) or PlainCodec.encode_packet (queued)
         -> PlainCodec.encode_end -> Tunnel.send (sendmsg with UDP GSO)
         NoOffloadDevice.read -> PlainCodec.encode_packet (one sendto, the PI header in the
         room before the packet)
     A plain tunnel, inbound (the loop: the data socket is ready):
         DataPort.receive (recvmsg_into: one datagram, or a GRO train)
         -> PlainCodec.decode -> OffloadDevice.write (Joiner.continues, Joiner.offer)
-        -> OffloadDevice.flush (one writev)
+        -> OffloadDevice.flush (one writev); chunks: PlainCodec._decode_chunks
+        -> OffloadDevice.write_chunks (a run of them, one writev)
         DataPort._receive_one_by_one -> PlainCodec.decode -> NoOffloadDevice.write
     An encrypted tunnel, outbound:
         Server._forward -> Tunnel.forward_from_device -> OffloadDevice.read
         -> WireGuardCodec.encode_begin (Keypairs.current_for_sending)
-        -> WireGuardCodec.encode_super_packet (split_gso, each segment sealed:
+        -> WireGuardCodec.encode_super_packet (WireGuardCodec._seal_chunks to a daemon
+           that takes chunks, else split_gso, each chunk or segment sealed:
            seal_transport_into) or WireGuardCodec.encode_packet (WireGuardCodec._seal)
         -> WireGuardCodec.encode_end -> Tunnel.send
     An encrypted tunnel, inbound:
         DataPort.receive -> DataPort._receive_wireguard -> WireGuard.receive (the tunnel of
         the receiver index) -> WireGuardCodec.decode (Keypairs.lookup, open_transport_into,
         ReplayWindow.accept, ip_length, CryptokeyRouting.owner) -> OffloadDevice.write
-        -> OffloadDevice.flush
+        -> OffloadDevice.flush; chunks: WireGuardCodec._take_chunk -> SealedRun.write
+        -> OffloadDevice.write_chunks
     Handshakes: DataPort.receive -> DataPort._receive_wireguard -> WireGuard.receive
         -> WireGuard.handshake_message (size, mac1, mac2 under load, the loop's share,
         the source's bucket) -> WireGuard._take_initiation (open_initiation, the peer by

@@ -2,6 +2,7 @@
 in that order, and every class, method and function it names on a path exists."""
 
 import inspect
+import os
 import re
 
 import pytest
@@ -62,3 +63,13 @@ def test_every_copy_the_map_names_is_marked_at_both_places():
     for cls, method in named:
         text = " ".join(inspect.getsource(getattr(getattr(ups, cls), method)).split())
         assert "keep the two alike" in text, "%s.%s" % (cls, method)
+
+
+@pytest.mark.parametrize("module", [ups, ctl], ids=["daemon", "control"])
+def test_the_design_doc_holds_each_map_as_its_docstring_has_it(module):
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                           "design.md")) as f:
+        design = f.read()
+    map_text = module.__doc__[module.__doc__.index("The map."):].rstrip("\n")
+    indented = "\n".join(("    " + line) if line else "" for line in map_text.splitlines())
+    assert indented in design, "docs/design.md's copy of the map differs from the docstring's"
