@@ -126,6 +126,17 @@ examples:
   %(prog)s --mesh mesh.json --secret-file /etc/udpProxyServer/secret
   %(prog)s --mesh mesh.json --down --secret-file /etc/udpProxyServer/secret
   %(prog)s --mesh mesh.json --status --secret-file /etc/udpProxyServer/secret
+
+a mesh file (JSON; the README's "The mesh file" says what each field means):
+  {"tunnelNet": "10.0.0.0/24", "encrypt": true,
+   "hosts": [{"name": "minion-1", "address": "172.100.1.1", "lan": ["192.168.1.0/24"]},
+             {"name": "minion-2", "address": "172.100.1.2", "lan": ["192.168.2.0/24"]}]}
+  mesh-wide: tunnelNet, tunnelPrefix, mtu, encrypt, controlPort, persistentKeepalive;
+  each host: name, address, lan, publicKey, persistentKeepalive
+
+exit status: 0 done; 1 refused (the reason printed), or with --mesh a host not done,
+or with --status a tunnel end neither up nor idle; 2 bad arguments or a bad mesh file;
+3 no reply
 """
 
 
@@ -1319,7 +1330,7 @@ def build_parser():
                         help="with --peer-key: send a keepalive this often (0: never), to keep"
                              " a NAT's mapping open")
     parser.add_argument("--mesh", metavar="FILE",
-                        help="configure every daemon of the mesh in FILE (its fields: docs/reference.md)")
+                        help="configure every daemon of the mesh in FILE (see below)")
     parser.add_argument("--down", action="store_true",
                         help="with --mesh: delete the mesh's tunnels (those the file names) on"
                              " every host, leaving the others")

@@ -89,6 +89,15 @@ def test_the_mesh_file_table_names_every_field_and_no_other():
         sorted(set(ctl.MESH_FIELDS + ctl.MESH_HOST_FIELDS))  # persistentKeepalive is both
 
 
+def test_the_help_names_every_mesh_field_and_no_other():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "udpProxyServerControl.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    listed = {where: re.search(r"^  %s: (.*?);?$" % where, out, re.M).group(1).split(", ")
+              for where in ("mesh-wide", "each host")}
+    assert sorted(listed["mesh-wide"] + ["hosts"]) == sorted(ctl.MESH_FIELDS)
+    assert sorted(listed["each host"]) == sorted(ctl.MESH_HOST_FIELDS)
+
+
 def test_the_sizing_table_holds():
     rows = table_rows(section("### Sizing `tunnelNet`", OPERATIONS))[1:]
     assert rows
