@@ -6,6 +6,7 @@ run also proves each script works when copied alone to a host. close() tears it
 all down, whatever happened before.
 """
 
+import contextlib
 import itertools
 import json
 import os
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,6 +312,20 @@ def transfer(sender, receiver, address, size, port=7000):
             server.kill()
             server.wait()
     return (int(sent[0]), sent[1]), (int(received[0]), received[1])
+
+
+@contextlib.contextmanager
+def meanwhile(work):
+    """work() run in a thread while the with block runs (a transfer(), a ping): yields the
+    list its result goes into when it ends, empty until then, and waits for it when the
+    block ends. The work's own timeouts bound the wait."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(work()))
+    thread.start()
+    try:
+        yield results
+    finally:
+        thread.join()
 
 
 def key_file(lab, host, name=None):

@@ -6,10 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 from conftest import cannot_run
-from lab import HELPERS, Host, sh, transfer, wait_until
+from lab import HELPERS, Host, meanwhile, sh, transfer, wait_until
 
 MEGABYTES = 64 << 20
 # Host c sits behind host b on a LAN of its own, reached from a through the tunnel.
@@ -73,18 +72,12 @@ def test_a_peer_restarted_without_offloads_mid_transfer_gets_full_checksums(lab)
     a.add_tunnel("udp2", "10.0.1.1", b, "-m", "1400")
     b.add_tunnel("udp1", "10.0.1.2", a, "-m", "1400")
     assert a.ping("10.0.1.2")
-    results = []
-    flow = threading.Thread(target=lambda: results.append(
-        transfer(a, b, "10.0.1.2", MEGABYTES)))
-    flow.start()
-    try:
+    with meanwhile(lambda: transfer(a, b, "10.0.1.2", MEGABYTES)) as results:
         wait_until(lambda: a.tunnels()["udp2"]["superPackets"] == "chunks",
                    "partial checksums and super-packets in chunks while b is new")
         wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > MEGABYTES // 4, "a quarter sent")
         b.stop_daemon()
         b.start_daemon("--no-offload", "--state-file", state)
-    finally:
-        flow.join(150)
     assert results and results[0][1] == results[0][0]
     assert a.ping("10.0.1.2")  # a hears from b as it is now, should the transfer have ended first
     tunnel = a.tunnels()["udp2"]

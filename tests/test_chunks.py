@@ -2,11 +2,10 @@
 with and without loss on the underlay, and the older kinds of peer (a 2015 daemon, a
 daemon without offloads) still get per-segment datagrams only."""
 
-import threading
 
 import pytest
 
-from lab import key_file, lose, transfer, tunnel_pair, wait_until
+from lab import key_file, lose, meanwhile, transfer, tunnel_pair, wait_until
 
 MEGABYTES = 64 << 20
 
@@ -46,19 +45,13 @@ def test_mtu_changed_both_ends_mid_transfer_loses_nothing(lab):
     back up: chunks of the old size and the new meet on the way."""
     a, b = tunnel_pair(lab, 1400)
     assert a.ping("10.0.1.2")
-    results = []
-    mover = threading.Thread(target=lambda: results.append(
-        transfer(a, b, "10.0.1.2", 8 * MEGABYTES)))
-    mover.start()
-    try:
+    with meanwhile(lambda: transfer(a, b, "10.0.1.2", 8 * MEGABYTES)) as results:
         for mtu, part in (("1200", 1), ("1400", 3)):
             wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > part * MEGABYTES,
                        "the transfer under way")
             for host, name in ((a, "udp2"), (b, "udp1")):
                 host.control("127.0.0.1", "-o", "set", "-n", name, "--mtu", mtu)
             assert not results  # changed while it ran
-    finally:
-        mover.join(150)
     assert results and results[0][1] == results[0][0]
     assert a.tunnels()["udp2"]["mtu"] == 1400
     assert not {"bad_chunk", "internal_error"} & set(b.tunnels()["udp1"]["drops"])
@@ -93,11 +86,7 @@ def test_a_peer_replaced_by_a_2015_daemon_mid_transfer_loses_nothing(lab):
     again, and the transfer ends intact."""
     a, b = tunnel_pair(lab, 1400)
     assert a.ping("10.0.1.2")
-    results = []
-    mover = threading.Thread(target=lambda: results.append(
-        transfer(a, b, "10.0.1.2", 8 * MEGABYTES)))
-    mover.start()
-    try:
+    with meanwhile(lambda: transfer(a, b, "10.0.1.2", 8 * MEGABYTES)) as results:
         wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > MEGABYTES, "the transfer under way")
         assert a.tunnels()["udp2"]["superPackets"] == "chunks"
         b.stop_daemon()
@@ -106,7 +95,5 @@ def test_a_peer_replaced_by_a_2015_daemon_mid_transfer_loses_nothing(lab):
         wait_until(lambda: b.link_exists("udp1"), "the 2015 daemon's device")
         b.run("ip", "link", "set", "udp1", "mtu", "1400")
         assert not results  # replaced while it ran
-    finally:
-        mover.join(150)
     assert results and results[0][1] == results[0][0]
     assert a.tunnels()["udp2"]["superPackets"] == "segments"

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import cannot_run
-from lab import HELPERS, key_file, transfer, wait_until
+from lab import HELPERS, key_file, meanwhile, transfer, wait_until
 
 MEGABYTES = 16 << 20
 # What fits a 1500-byte underlay with WireGuard's 60 bytes (IPv4, UDP, its header and tag).
@@ -228,14 +228,8 @@ def test_a_flood_of_initiations_gets_cookies_and_the_tunnel_keeps_working(lab):
              "                                       ups.tai64n(time.time_ns()))\n"
              "    socks[n %% 10].sendto(ups.add_macs(message, target), (%r, 5000))\n"
              % (lab.workdir, keys["a"], a.address))
-    mover = []
-    thread = __import__("threading").Thread(
-        target=lambda: mover.append(transfer(b, a, "10.0.1.1", MEGABYTES)))
-    thread.start()
-    try:
+    with meanwhile(lambda: transfer(b, a, "10.0.1.1", MEGABYTES)) as mover:
         c.run(sys.executable, "-c", flood, timeout=120)
-    finally:
-        thread.join()
     (sent, received), = [mover[0]]
     assert received == sent
     listed = json.loads(a.control("127.0.0.1", "-o", "list", "--json").stdout)
@@ -260,11 +254,7 @@ def test_wireguard_go_restarted_mid_transfer(lab, wireguard_go):
     a, b, device = wireguard_go
     assert a.ping("10.0.1.2")
     config = b.run("wg", "showconf", device).stdout
-    mover = []
-    thread = __import__("threading").Thread(
-        target=lambda: mover.append(transfer(a, b, "10.0.1.2", MEGABYTES)))
-    thread.start()
-    try:
+    with meanwhile(lambda: transfer(a, b, "10.0.1.2", MEGABYTES)) as mover:
         wait_until(lambda: wg_tunnel(a)["tx_bytes"] > 1 << 20, "the transfer is under way")
         for proc in lab.processes:
             if proc.args[3:4] == ["wireguard-go"]:
@@ -279,8 +269,6 @@ def test_wireguard_go_restarted_mid_transfer(lab, wireguard_go):
         b.run("wg", "setconf", device, conf)
         b.ip("addr", "replace", "10.0.1.2/30", "dev", device)
         b.ip("link", "set", device, "mtu", str(MTU), "up")
-    finally:
-        thread.join()
     (sent, received), = [mover[0]]
     assert received == sent
     # wireguard-go never says it takes sealed chunks: one message a segment throughout.

@@ -3,9 +3,8 @@
 import os
 import subprocess
 import sys
-import threading
 
-from lab import HELPERS, transfer, wait_until
+from lab import HELPERS, meanwhile, transfer, wait_until
 
 BARRAGE = os.path.join(HELPERS, "barrage.py")
 DATAGRAMS = 100000
@@ -27,15 +26,10 @@ def test_a_control_barrage_during_a_transfer_harms_nothing(lab, pair, figures):
     a, b = pair
     c = lab.host("c", 3)
     before = shape(a)
-    results = []
-    mover = threading.Thread(target=lambda: results.append(transfer(a, b, "10.0.1.2", MEGABYTES)))
-    mover.start()
-    try:
+    with meanwhile(lambda: transfer(a, b, "10.0.1.2", MEGABYTES)) as results:
         sent, seconds = barrage(c, "control", a.address, 5001, seed=1)
         # From loopback, trusted: every reply but the rate limit's.
         local_sent, _ = barrage(a, "control", "127.0.0.1", 5001, seed=2)
-    finally:
-        mover.join()
     (sent_bytes, sent_sum), (got_bytes, got_sum) = results[0]
     assert (got_bytes, got_sum) == (sent_bytes, sent_sum) == (MEGABYTES, sent_sum)
     assert a.daemon.poll() is None

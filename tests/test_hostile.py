@@ -9,11 +9,10 @@ import json
 import os
 import signal
 import sys
-import threading
 
 import pytest
 
-from lab import HELPERS, transfer, wait_until
+from lab import HELPERS, meanwhile, transfer, wait_until
 from test_encrypted import MTU, encrypted_pair, wg_tunnel
 
 MEGABYTES = 16 << 20
@@ -33,19 +32,6 @@ def flood(lab, attacker, target, public, sources, *flags):
 
 def listed(host):
     return json.loads(host.control("127.0.0.1", "-o", "list", "--json").stdout)
-
-
-def in_background(work):
-    """Run work in a thread; returns a function that joins it and gives its result."""
-    result = []
-    thread = threading.Thread(target=lambda: result.append(work()))
-    thread.start()
-
-    def join():
-        thread.join()
-        assert result, "the work in the background failed (see above)"
-        return result[0]
-    return join
 
 
 @pytest.mark.parametrize("sources", [1, 100])
@@ -121,11 +107,12 @@ def test_a_malicious_peer_with_real_keys_reaches_no_other_tunnel(lab, figures):
     assert a.ping("10.0.1.2")
     watchers = {device: watch(lab, a, device, "EVIL-ONE", "EVIL-TWO")
                 for device in ("wg2", "wgm1", "wgm2")}
-    pinging = in_background(lambda: b.run("ping", "-n", "-q", "-c", "200", "-i", "0.02",
-                                          "10.0.1.1", check=False).stdout)
-    evil = m.run(sys.executable, os.path.join(HELPERS, "evilpeer.py"), lab.workdir, config,
-                 timeout=300)
-    pings = pinging()
+    with meanwhile(lambda: b.run("ping", "-n", "-q", "-c", "200", "-i", "0.02", "10.0.1.1",
+                                 check=False).stdout) as pinging:
+        evil = m.run(sys.executable, os.path.join(HELPERS, "evilpeer.py"), lab.workdir, config,
+                     timeout=300)
+    assert pinging, "the pings in the background failed (see above)"
+    pings = pinging[0]
     seen = {device: counts(proc) for device, proc in watchers.items()}
     sent = json.loads(evil.stdout)
     tunnels = {t["name"]: t for t in listed(a)["tunnels"]}
@@ -157,9 +144,11 @@ def test_plain_and_encrypted_tunnels_to_one_peer_daemon_carry_tcp_at_once(lab, f
     a.add_tunnel("udp2", "10.0.2.1", b, "-m", str(PLAIN_MTU))
     b.add_tunnel("udp1", "10.0.2.2", a, "-m", str(PLAIN_MTU))
     assert a.ping("10.0.1.2") and a.ping("10.0.2.2")
-    plain = in_background(lambda: transfer(b, a, "10.0.2.1", MEGABYTES, port=7001))
-    sealed = in_background(lambda: transfer(b, a, "10.0.1.1", MEGABYTES, port=7002))
-    for sent, received in (plain(), sealed()):
+    with meanwhile(lambda: transfer(b, a, "10.0.2.1", MEGABYTES, port=7001)) as plain:
+        with meanwhile(lambda: transfer(b, a, "10.0.1.1", MEGABYTES, port=7002)) as sealed:
+            pass
+    assert plain and sealed, "a transfer in the background failed (see above)"
+    for sent, received in (plain[0], sealed[0]):
         assert received == sent
     listing = listed(a)
     tunnels = {t["name"]: t for t in listing["tunnels"]}

@@ -2,12 +2,11 @@
 speaks it, and between daemons with and without offloads."""
 
 import shutil
-import threading
 
 import pytest
 
 from conftest import cannot_run
-from lab import transfer, wait_until
+from lab import meanwhile, transfer, wait_until
 
 MEGABYTES = 64 << 20
 MODES = {"offload": (), "no-offload": ("--no-offload",)}
@@ -68,16 +67,10 @@ def test_offload_and_no_offload_daemons_carry_tcp_both_ways(lab, mtu):
 
 def test_control_is_answered_while_the_data_path_is_saturated(pair):
     a, b = pair
-    results = []
-    flood = threading.Thread(target=lambda: results.append(
-        transfer(a, b, "10.0.1.2", 8 * MEGABYTES)))
-    flood.start()
-    try:
+    with meanwhile(lambda: transfer(a, b, "10.0.1.2", 8 * MEGABYTES)) as results:
         wait_until(lambda: a.tunnels()["udp2"]["tx_bytes"] > MEGABYTES, "the transfer is under way")
         for _ in range(5):
             assert a.control("127.0.0.1", "-o", "list", "--timeout", "10").returncode == 0
             assert b.control("127.0.0.1", "-o", "list", "--timeout", "10").returncode == 0
-    finally:
-        flood.join()
     (sent, received), = results
     assert received == sent
