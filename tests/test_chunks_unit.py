@@ -65,6 +65,20 @@ def written(devices, name="udp2"):
         outer.settimeout(timeout)
 
 
+def reorder(items, kind, at):
+    """What the network does to a list of datagrams in place: drop the one at at, send it
+    twice, or swap it with the last; False for any other kind of harm."""
+    if kind == "drop":
+        del items[at]
+    elif kind == "dup":
+        items.insert(at, items[at])
+    elif kind == "swap":
+        items[at], items[-1] = items[-1], items[at]
+    else:
+        return False
+    return True
+
+
 def trains(datagrams):
     """The datagrams as UDP GRO hands them over: runs of one size (the last may be
     shorter), at most 64 a run."""
@@ -111,13 +125,9 @@ def test_chunks_are_rebuilt_into_the_kernel_s_segments_or_nothing(version, lengt
         if not datagrams:
             break
         at %= len(datagrams)
-        if kind == "drop":
-            del datagrams[at]
-        elif kind == "dup":
-            datagrams.insert(at, datagrams[at])
-        elif kind == "swap":
-            datagrams[at], datagrams[-1] = datagrams[-1], datagrams[at]
-        elif kind == "cut":
+        if reorder(datagrams, kind, at):
+            continue
+        if kind == "cut":
             datagrams[at] = datagrams[at][:value % max(len(datagrams[at]), 1)]
         elif kind == "flip":  # a bit changed in the PI header or the headers (the UDP
             # checksum keeps a payload changed on the way from arriving)
@@ -263,13 +273,7 @@ def test_sealed_chunks_are_rebuilt_into_the_kernel_s_segments_or_nothing(length,
         if not plaintexts:
             break
         at %= len(plaintexts)
-        if kind == "drop":
-            del plaintexts[at]
-        elif kind == "dup":
-            plaintexts.insert(at, plaintexts[at])
-        elif kind == "swap":
-            plaintexts[at], plaintexts[-1] = plaintexts[-1], plaintexts[at]
-        else:
+        if not reorder(plaintexts, kind, at):  # twin
             other, _ = packets.super_packet(4, ups.TCP, os.urandom(length), seq=seq ^ 0x8000)
             twins = sealed_chunks(other, l4, mss)
             if at < len(twins):
